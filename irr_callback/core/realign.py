@@ -1,0 +1,185 @@
+"""IRR on one weight matrix, or on several that read the same input (q/k/v, gate/up).
+
+Modules that share an input share H, so they share one factorisation, and because the OBS
+update is independent per output row they can be swept together as one stacked matrix. The
+identification (ranking by importance) is still done per module, exactly as for one matrix.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from ..report import ModuleStats
+from .identify import removal_mask, sign_conflicts
+from .obs import NumericalError, SelectFn, inverse_hessian_factor, masked_removal, obs_sweep, output_error
+
+
+def realign_matrix(
+    delta: torch.Tensor,
+    safety: torch.Tensor,
+    importance: Optional[torch.Tensor] = None,
+    hessian: Optional[torch.Tensor] = None,
+    *,
+    remove_ratio: float = 1.0,
+    remove_more: bool = False,
+    recalibrate: bool = True,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    mode: str = "sign",
+    seed: int = 0,
+    max_damping_retries: int = 6,
+    fallback_to_removal: bool = False,
+    removal_error: bool = True,
+    name: str = "weight",
+) -> tuple[torch.Tensor, ModuleStats]:
+    """Identify, remove and recalibrate one delta matrix (rows = outputs, columns = inputs).
+
+    Computes in float64 when `delta` is float64, otherwise in float32; returns the new delta in
+    that dtype. `hessian=None` is allowed only with `recalibrate=False`.
+    """
+    [(new_delta, stats)] = realign_group(
+        [delta], [safety], [importance], hessian, names=[name], remove_ratio=remove_ratio,
+        remove_more=remove_more, recalibrate=recalibrate, blocksize=blocksize, percdamp=percdamp,
+        mode=mode, seed=seed, max_damping_retries=max_damping_retries,
+        fallback_to_removal=fallback_to_removal, removal_error=removal_error,
+    )
+    return new_delta, stats
+
+
+def realign_group(
+    deltas: Sequence[torch.Tensor],
+    safeties: Sequence[torch.Tensor],
+    importances: Sequence[Optional[torch.Tensor]],
+    hessian: Optional[torch.Tensor],
+    *,
+    names: Sequence[str],
+    remove_ratio: float = 1.0,
+    remove_more: bool = False,
+    recalibrate: bool = True,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    mode: str = "sign",
+    seed: int = 0,
+    max_damping_retries: int = 6,
+    fallback_to_removal: bool = False,
+    removal_error: bool = True,
+) -> list[tuple[torch.Tensor, ModuleStats]]:
+    """`realign_matrix` for matrices with the same input dimension and the same H."""
+    start = time.perf_counter()
+    _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode)
+    dtype = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
+    device = deltas[0].device
+    original = torch.cat([d.to(device=device, dtype=dtype) for d in deltas], dim=0)
+    signs = torch.cat([torch.sign(s.to(device=device)).to(torch.int8) for s in safeties], dim=0)
+    uses_importance = mode in ("sign", "no_sign") and remove_ratio < 1.0
+    scores = (torch.cat([f.to(device=device, dtype=dtype) for f in importances], dim=0)
+              if uses_importance else None)
+    bounds = _row_bounds(deltas)
+
+    def make_select() -> SelectFn:
+        generators = [torch.Generator().manual_seed(seed) for _ in deltas]
+
+        def select(i1: int, i2: int, block: torch.Tensor) -> torch.Tensor:
+            parts = []
+            for k, (r0, r1) in enumerate(bounds):
+                parts.append(removal_mask(
+                    block[r0:r1], signs[r0:r1, i1:i2],
+                    None if scores is None else scores[r0:r1, i1:i2],
+                    remove_ratio=remove_ratio, remove_more=remove_more, mode=mode, generator=generators[k],
+                ))
+            return torch.cat(parts, dim=0)
+
+        return select
+
+    h = hessian.to(device=device, dtype=dtype) if hessian is not None else None
+    plain, plain_mask = masked_removal(original, make_select(), blocksize=blocksize)
+    err_plain = output_error(-original * plain_mask, h) if (h is not None and removal_error) else None
+
+    damping, retries, dead = None, 0, torch.zeros(original.shape[1], dtype=torch.bool, device=device)
+    if recalibrate:
+        factor = inverse_hessian_factor(h, percdamp=percdamp, max_retries=max_damping_retries,
+                                        name=_group_name(names))
+        damping, retries, dead = factor.damping, factor.retries, factor.dead
+        start_delta = original.clone()
+        start_delta[:, dead] = 0.0
+        new, err_sq, mask = obs_sweep(start_delta, factor.upper, make_select(), blocksize=blocksize)
+        change = new - start_delta
+        # Σe² is the error under H + λI (+1 on dead diagonals); subtract those to get it under H.
+        err_recal = err_sq - damping * change.square().sum(dim=1) - change[:, dead].square().sum(dim=1)
+        err_recal = err_recal.clamp_min(0.0)
+    else:
+        new, err_recal, mask = plain, None, plain_mask
+
+    results = []
+    for k, (r0, r1) in enumerate(bounds):
+        name = names[k]
+        module_new = new[r0:r1]
+        e_recal = None if err_recal is None else float(err_recal[r0:r1].sum())
+        e_plain = None if err_plain is None else float(err_plain[r0:r1].sum())
+        fell_back = bool(recalibrate and fallback_to_removal and e_plain is not None and e_recal is not None
+                         and e_plain < e_recal)
+        if fell_back:
+            module_new = plain[r0:r1]
+        if not torch.isfinite(module_new).all():
+            raise NumericalError(f"{name}: the realigned delta contains NaN or Inf")
+        removed_count = int((plain_mask if fell_back else mask)[r0:r1].sum())
+        stats = ModuleStats(
+            name=name, shape=tuple(deltas[k].shape), entries=deltas[k].numel(),
+            conflicts=int(sign_conflicts(original[r0:r1], signs[r0:r1]).sum()),
+            removed=removed_count, dead_columns=int(dead.sum()),
+            error_recalibrated=e_recal, error_removal=e_plain,
+            damping=damping, damping_retries=retries,
+            recalibrated=recalibrate and not fell_back, fell_back_to_removal=fell_back,
+        )
+        results.append((module_new.clone() if len(bounds) > 1 else module_new, stats))
+    elapsed = time.perf_counter() - start
+    for _, stats in results:
+        stats.seconds = elapsed / len(results)
+    return results
+
+
+def _row_bounds(deltas: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    bounds, r = [], 0
+    for d in deltas:
+        bounds.append((r, r + d.shape[0]))
+        r += d.shape[0]
+    return bounds
+
+
+def _group_name(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else "+".join(names)
+
+
+def _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode) -> None:
+    if not (len(deltas) == len(safeties) == len(importances) == len(names)) or not deltas:
+        raise ValueError("realign_group needs one safety, importance and name per delta")
+    if not 0.0 <= remove_ratio <= 1.0:
+        raise ValueError(f"remove_ratio must be in [0, 1], got {remove_ratio}")
+    cols = deltas[0].shape[-1]
+    for d, s, f, n in zip(deltas, safeties, importances, names):
+        if d.dim() != 2:
+            raise ValueError(f"{n}: delta must be 2-D (out, in), got shape {tuple(d.shape)}")
+        if d.shape[1] != cols:
+            raise ValueError(f"{n}: input dimension {d.shape[1]} differs from the group's {cols}")
+        if tuple(s.shape) != tuple(d.shape):
+            raise ValueError(f"{n}: safety vector shape {tuple(s.shape)} != delta shape {tuple(d.shape)}")
+        if f is not None and tuple(f.shape) != tuple(d.shape):
+            raise ValueError(f"{n}: importance shape {tuple(f.shape)} != delta shape {tuple(d.shape)}")
+        needs_f = remove_ratio < 1.0 and mode in ("sign", "no_sign")
+        if needs_f and f is None:
+            raise ValueError(f"{n}: remove_ratio={remove_ratio} < 1 ranks by importance (Fisher), "
+                             "but no importance was given")
+        for label, t in (("delta", d), ("safety vector", s), ("importance", f)):
+            if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{n}: the {label} contains NaN or Inf")
+    if hessian is None:
+        if recalibrate:
+            raise ValueError(f"{_group_name(names)}: recalibrate=True needs a Hessian (got hessian=None)")
+    else:
+        if tuple(hessian.shape) != (cols, cols):
+            raise ValueError(f"{_group_name(names)}: Hessian shape {tuple(hessian.shape)} != ({cols}, {cols})")
+        if not torch.isfinite(hessian).all():
+            raise ValueError(f"{_group_name(names)}: the Hessian contains NaN or Inf")
