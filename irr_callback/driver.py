@@ -1,0 +1,300 @@
+"""The layer-by-layer IRR driver: `realign(model, base=..., safety_vector=..., calibration=...)`.
+
+Capture the inputs of every decoder layer once, then for each layer: one calibration pass through
+the unmodified layer with hooks that accumulate H (real tokens only), identify/remove/recalibrate
+every target, and one pass through the modified layer to produce the next layer's inputs. Only
+one layer's Hessians live on the compute device at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .calibration import calibration_batches
+from .config import IRRConfig
+from .core import HessianAccumulator, realign_group
+from .report import IRRReport
+from .targets import Target, TargetError, find_targets
+from .tensors import as_tensor_mapping, tensor_shape
+
+logger = logging.get_logger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the last decoder layer's inputs are recorded."""
+
+
+def realign(
+    model: nn.Module,
+    *,
+    base: Any = None,
+    safety_vector: Any,
+    calibration: Any,
+    importance: Any = None,
+    config: Optional[IRRConfig] = None,
+    progress: bool = True,
+) -> IRRReport:
+    """Realign a fine-tuned causal LM in place and return what was done.
+
+    `base`: the aligned model (`PreTrainedModel`), a name → tensor mapping or a safetensors path;
+    optional only when every target is a LoRA layer (its frozen weight is the base).
+    `safety_vector` / `importance`: name → tensor mappings (or safetensors paths), keyed like
+    `model.named_parameters()`; entries for non-targets are ignored. `calibration`: batches with
+    `input_ids` (+ `attention_mask`), e.g. a DataLoader, or a `datasets.Dataset` with `input_ids`.
+
+    All or nothing: on any error every weight is restored before the error propagates.
+    """
+    config = config or IRRConfig()
+    started = time.perf_counter()
+    _, layers, targets = find_targets(model, config.target_modules)
+    base_map = as_tensor_mapping(base, what="base") if base is not None else None
+    safety_map = as_tensor_mapping(safety_vector, what="safety_vector")
+    importance_map = as_tensor_mapping(importance, what="importance") if importance is not None else None
+    if config.needs_importance and importance_map is None:
+        raise ValueError(f"IRRConfig.remove_ratio={config.remove_ratio} < 1 ranks deltas by importance, "
+                         "but no importance (Fisher) was given")
+    validate_inputs(targets, base_map, safety_map, importance_map if config.needs_importance else None)
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    batches = calibration_batches(calibration, max_samples=config.num_calibration_samples,
+                                  max_length=config.calibration_max_length,
+                                  batch_size=config.calibration_batch_size,
+                                  pad_token_id=pad if isinstance(pad, int) else 0)
+    report = IRRReport(config=config.to_dict(), num_layers=len(layers),
+                       calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
+                       calibration_tokens=sum(int(b["attention_mask"].sum()) for b in batches))
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer, []).append(t)
+
+    backup = _Backup()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            hidden, layer_args = _capture_layer_inputs(model, layers, batches)
+            masks = [b["attention_mask"] for b in batches]
+            for index in logging.tqdm(range(len(layers)), desc="IRR layers", disable=not progress):
+                layer = layers[index]
+                if index in by_layer:
+                    hessians = _collect_hessians(layer, by_layer[index], hidden, layer_args[index], masks, config)
+                    for group, (h, tokens) in hessians:
+                        _realign_group(group, h, tokens, base_map, safety_map, importance_map, config, backup,
+                                       report)
+                if index + 1 < len(layers):
+                    hidden = [_run_layer(layer, x, *layer_args[index][b]) for b, x in enumerate(hidden)]
+    except BaseException as exc:
+        backup.restore()
+        report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        model.train(was_training)
+    report.seconds = time.perf_counter() - started
+    logger.info(report.summary())
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+def validate_inputs(targets: list[Target], base: Optional[Mapping], safety: Mapping,
+                    importance: Optional[Mapping]) -> None:
+    """Every target has a base, a safety vector and (when needed) an importance of its shape, all finite."""
+    for t in targets:
+        shape = tuple(t.weight.shape)
+        if t.kind == "lora":
+            _check_lora_supported(t)
+        sources = [("safety_vector", safety)]
+        if t.kind != "lora":
+            if base is None:
+                raise ValueError(f"base is required: '{t.name}' is a fully fine-tuned weight (no LoRA)")
+            sources.insert(0, ("base", base))
+        if importance is not None:
+            sources.append(("importance", importance))
+        if not torch.isfinite(t.weight).all():
+            raise ValueError(f"the model's '{t.name}' contains NaN or Inf")
+        for label, mapping in sources:
+            if t.name not in mapping:
+                raise KeyError(f"{label} has no entry for target '{t.name}' "
+                               f"(it has {len(mapping)} entries, e.g. {list(mapping)[:3]})")
+            got = tensor_shape(mapping, t.name)
+            if got != shape:
+                raise ValueError(f"{label}['{t.name}'] has shape {got}, the model's weight has shape {shape}")
+            tensor = mapping[t.name]
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{label}['{t.name}'] contains NaN or Inf")
+
+
+def _check_lora_supported(t: Target) -> None:
+    module = t.module
+    if getattr(module, "use_dora", {}).get(t.adapter, False):
+        raise TargetError(f"{t.name}: DoRA adapters are not supported; merge the adapter "
+                          "(model.merge_and_unload()) and realign the merged model with `base`")
+    if getattr(module, "lora_bias", {}).get(t.adapter, False):
+        raise TargetError(f"{t.name}: LoRA with lora_bias=True is not supported; merge the adapter first")
+
+
+def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict[str, torch.Tensor]]):
+    """One forward pass per batch recording every layer's non-hidden arguments (masks, rotary
+    embeddings, positions: they may differ per layer) and the hidden states entering layer 0."""
+    hidden: list[torch.Tensor] = []
+    layer_args: list[list[tuple[tuple, dict, bool]]] = [[] for _ in layers]
+    last = len(layers) - 1
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            in_kwargs = not args
+            x = kwargs["hidden_states"] if in_kwargs else args[0]
+            rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            layer_args[index].append((tuple(args[1:]), rest_kwargs, in_kwargs))
+            if index == 0:
+                hidden.append(x)
+            if index == last:
+                raise _StopForward
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    device = _input_device(model)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                      use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, layer_args
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    try:
+        return model.get_input_embeddings().weight.device
+    except Exception:
+        return next(model.parameters()).device
+
+
+def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, in_kwargs: bool) -> torch.Tensor:
+    out = layer(hidden_states=x, *args, **kwargs) if in_kwargs else layer(x, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _collect_hessians(layer, targets, hidden, args, masks, config):
+    """Run the calibration batches through the unmodified layer; one H per distinct input."""
+    device = torch.device(config.device) if config.device else targets[0].weight.device
+    first_inputs: dict[int, torch.Tensor] = {}
+    accumulators: dict[int, HessianAccumulator] = {}
+    state = {"batch": 0}
+
+    def make_hook(k: int, target: Target):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if state["batch"] == 0:
+                first_inputs[k] = x
+            elif k in accumulators:
+                accumulators[k].add(x.detach().to(device), _token_mask(target, x, masks[state["batch"]]))
+        return hook
+
+    handles = [t.module.register_forward_hook(make_hook(k, t)) for k, t in enumerate(targets)]
+    try:
+        for b, x in enumerate(hidden):
+            state["batch"] = b
+            _run_layer(layer, x, *args[b])
+            if b == 0:
+                groups = _group_by_input(targets, first_inputs)
+                for k, _ in groups:
+                    cols = targets[k].out_in_shape[1]
+                    accumulators[k] = HessianAccumulator(cols, device=device)
+                    accumulators[k].add(first_inputs[k].detach().to(device),
+                                        _token_mask(targets[k], first_inputs[k], masks[0]))
+                first_inputs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return [([targets[i] for i in members], (accumulators[k].finalize(), accumulators[k].tokens))
+            for k, members in groups]
+
+
+def _group_by_input(targets: list[Target], inputs: dict[int, torch.Tensor]) -> list[tuple[int, list[int]]]:
+    """Targets fed the very same tensor (q/k/v, gate/up) share one H and one factorisation."""
+    groups: list[tuple[int, list[int]]] = []
+    for k in range(len(targets)):
+        if k not in inputs:
+            raise TargetError(f"{targets[k].name}: the module was not called during the layer's forward pass")
+        for rep, members in groups:
+            if inputs[rep] is inputs[k]:
+                members.append(k)
+                break
+        else:
+            groups.append((k, [k]))
+    return groups
+
+
+def _token_mask(target: Target, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if x.shape[:-1].numel() != mask.numel():
+        raise TargetError(f"{target.name}: its input has {x.shape[:-1].numel()} token positions but the batch has "
+                          f"{mask.numel()}; cannot exclude padding (exclude this module via target_modules)")
+    return mask.reshape(x.shape[:-1])
+
+
+def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base, safety, importance,
+                   config: IRRConfig, backup: "_Backup", report: IRRReport) -> None:
+    device = hessian.device
+    dtype = torch.float64 if all(t.weight.dtype == torch.float64 for t in group) else torch.float32
+    bases, deltas, safeties, scores = [], [], [], []
+    for t in group:
+        current = t.to_out_in(t.weight.detach()).to(device=device, dtype=dtype)
+        if t.kind == "lora":
+            bases.append(current)
+            deltas.append(t.to_out_in(t.lora_delta().detach()).to(device=device, dtype=dtype))
+        else:
+            w_a = t.to_out_in(base[t.name]).to(device=device, dtype=dtype)
+            bases.append(w_a)
+            deltas.append(current - w_a)
+        safeties.append(t.to_out_in(safety[t.name]).to(device))
+        scores.append(t.to_out_in(importance[t.name]).to(device) if config.needs_importance else None)
+    results = realign_group(
+        deltas, safeties, scores, hessian, names=[t.name for t in group],
+        remove_ratio=config.remove_ratio, remove_more=config.remove_more, recalibrate=config.recalibrate,
+        blocksize=config.blocksize, percdamp=config.percdamp, mode=config.identify_mode, seed=config.seed,
+        max_damping_retries=config.max_damping_retries, fallback_to_removal=config.fallback_to_removal,
+        removal_error=config.fallback_to_removal,
+    )
+    for t, w_a, (new_delta, stats) in zip(group, bases, results):
+        _write(t, w_a + new_delta, backup)
+        stats.layer, stats.hessian_tokens = t.layer, tokens
+        report.modules.append(stats)
+
+
+def _write(target: Target, new_weight: torch.Tensor, backup: "_Backup") -> None:
+    """W' = W_A + Δ' computed in float32, cast once; a LoRA layer's adapter is switched off (B = 0)."""
+    param = target.weight
+    backup.save(param)
+    param.data.copy_(target.from_out_in(new_weight).to(dtype=param.dtype, device=param.device))
+    if target.kind == "lora":
+        lora_b = target.module.lora_B[target.adapter].weight
+        backup.save(lora_b)
+        lora_b.data.zero_()
+
+
+class _Backup:
+    """Original values of every tensor written, on CPU, to restore on failure."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ids: set[int] = set()
+
+    def save(self, param: torch.Tensor) -> None:
+        if id(param) not in self._ids:
+            self._ids.add(id(param))
+            self._saved.append((param, param.detach().to("cpu", copy=True)))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for param, original in reversed(self._saved):
+                param.data.copy_(original.to(param.device))
+        self._saved.clear()
+        self._ids.clear()

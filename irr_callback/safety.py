@@ -1,0 +1,112 @@
+"""The two safety inputs of IRR: the safety vector v = W_aligned − W_unaligned and the Fisher importance."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .tensors import as_tensor_mapping, canonical_name, tensor_shape
+
+logger = logging.get_logger(__name__)
+
+
+def safety_vector(
+    aligned: Any,
+    unaligned: Any,
+    *,
+    names: Optional[Sequence[str]] = None,
+    sign_only: bool = False,
+    dtype: Optional[torch.dtype] = None,
+) -> dict[str, torch.Tensor]:
+    """v = W_aligned − W_unaligned, one tensor at a time (models, mappings or safetensors paths).
+
+    `sign_only=True` keeps int8 signs (1 byte per entry): all IRR ever uses is sign(v), whatever the
+    remove_ratio; baselines such as RESTA need the values. `names` restricts to those parameters
+    (default: every floating-point tensor the two have in common, excluding embeddings' mismatches).
+    """
+    a_map = as_tensor_mapping(aligned, what="aligned")
+    u_map = as_tensor_mapping(unaligned, what="unaligned")
+    keys = list(names) if names is not None else [k for k in a_map if k in u_map]
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        for label, mapping in (("aligned", a_map), ("unaligned", u_map)):
+            if key not in mapping:
+                raise KeyError(f"{label} model has no parameter '{key}'")
+        if tensor_shape(a_map, key) != tensor_shape(u_map, key):
+            raise ValueError(f"'{key}': aligned shape {tensor_shape(a_map, key)} != unaligned shape "
+                             f"{tensor_shape(u_map, key)} (different architectures?)")
+        a, u = a_map[key], u_map[key]
+        if not a.is_floating_point():
+            continue
+        diff = a.detach().float().cpu() - u.detach().float().cpu()
+        if sign_only:
+            out[key] = torch.sign(diff).to(torch.int8)
+        else:
+            out[key] = diff.to(dtype or a.dtype)
+    if not out:
+        raise ValueError("the aligned and unaligned models share no floating-point parameter")
+    return out
+
+
+def fisher(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    names: Optional[Sequence[str]] = None,
+    max_batches: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher F = mean over mini-batches of (∇ mean loss)², as the IRR reference computes it.
+
+    Each batch needs `input_ids`, `attention_mask` and `labels` with -100 on tokens that carry no
+    loss (prompt, padding): the loss is on the labelled (response) tokens only. The model is left
+    as found: grads None, the same train/eval mode, the same `requires_grad` flags.
+    """
+    params = {canonical_name(n): p for n, p in model.named_parameters()}
+    wanted = list(names) if names is not None else [n for n, p in params.items() if p.is_floating_point()]
+    missing = [n for n in wanted if n not in params]
+    if missing:
+        raise KeyError(f"fisher: the model has no parameter(s) {missing[:3]}")
+    flags = {n: p.requires_grad for n, p in params.items()}
+    was_training = model.training
+    sums = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=params[n].device) for n in wanted}
+    count = 0
+    device = next(model.parameters()).device
+    model.eval()  # no dropout: the Fisher of the deterministic model
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        for n in wanted:
+            params[n].requires_grad_(True)
+        for batch in logging.tqdm(batches, desc="Fisher", disable=not progress):
+            if max_batches is not None and count >= max_batches:
+                break
+            if "labels" not in batch:
+                raise ValueError("fisher: every batch needs 'labels' (-100 on prompt and padding tokens)")
+            if int((torch.as_tensor(batch["labels"]) != -100).sum()) == 0:
+                raise ValueError(f"fisher: batch #{count} has no labelled token")
+            model.zero_grad(set_to_none=True)
+            inputs = {k: torch.as_tensor(batch[k]).to(device) for k in ("input_ids", "attention_mask", "labels")
+                      if k in batch}
+            loss = model(**inputs, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fisher: non-finite loss on batch #{count}")
+            loss.backward()
+            for n in wanted:
+                grad = params[n].grad
+                if grad is not None:
+                    sums[n].add_(grad.detach().float().square())
+            count += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("fisher: no batch was given")
+    logger.info(f"Fisher importance from {count} mini-batches over {len(wanted)} parameters")
+    return {n: (s / count).to(dtype).cpu() for n, s in sums.items()}

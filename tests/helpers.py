@@ -1,0 +1,69 @@
+"""Tiny models built from configs (no hub), and the triple base / fine-tuned / unaligned."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 96
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0)
+        model = Qwen2ForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    return model.to(dtype).eval()
+
+
+def perturbed(model, scale: float, seed: int):
+    """A copy with every parameter moved by Gaussian noise: a stand-in for a fine-tune."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_((scale * torch.randn(p.shape, generator=g)).to(p.dtype))
+    return out
+
+
+def triple(arch: str = "llama", dtype: torch.dtype = torch.float32, layers: int = 2):
+    base = tiny_model(arch, dtype=dtype, layers=layers)
+    return base, perturbed(base, 0.02, seed=1), perturbed(base, 0.02, seed=2)
+
+
+def calibration(n: int = 6, length: int = 10, seed: int = 0, pad_right: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    if pad_right:
+        ids = torch.cat([ids, torch.zeros(n, pad_right, dtype=torch.long)], dim=1)
+        mask = torch.cat([mask, torch.zeros(n, pad_right, dtype=torch.long)], dim=1)
+    return [{"input_ids": ids, "attention_mask": mask}]
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
