@@ -27,15 +27,15 @@ class IRRFileError(ValueError):
 
 def fingerprint(tensors: Mapping[str, torch.Tensor], names: Optional[Iterable[str]] = None,
                 sample: int = 256) -> str:
-    """Short hash of names, shapes, dtypes and a strided sample of values: identifies a base model
-    cheaply (reads `sample` values per tensor, not the whole model)."""
+    """Short hash of names, shapes and a strided sample of values (as float32, so loading a bf16
+    checkpoint in float32 keeps the fingerprint): identifies a base model cheaply."""
     digest = hashlib.sha256()
     for name in sorted(names if names is not None else tensors.keys()):
         t = tensors[name].detach()
         flat = t.reshape(-1)
         step = max(1, flat.numel() // sample)
         values = flat[::step][:sample].to(torch.float32).cpu().contiguous()
-        digest.update(f"{name}|{tuple(t.shape)}|{str(t.dtype)}|".encode())
+        digest.update(f"{name}|{tuple(t.shape)}|".encode())
         digest.update(values.numpy().tobytes())
     return digest.hexdigest()[:32]
 

@@ -118,7 +118,11 @@ def _matches(full_name: str, patterns: Optional[Sequence[str]]) -> bool:
 
 
 def find_targets(model: nn.Module, target_modules: Optional[Sequence[str]] = None) -> tuple[str, nn.ModuleList, list[Target]]:
-    """Decoder layers and the targets inside them, in forward order per layer."""
+    """Decoder layers and the targets inside them, in forward order per layer.
+
+    Default targets: every Linear/Conv1D in the decoder layers, or, for a PEFT LoRA model, every
+    LoRA-wrapped layer (the only weights the fine-tune changed).
+    """
     prefix, layers = find_decoder_layers(model)
     targets: list[Target] = []
     for index, layer in enumerate(layers):
@@ -138,6 +142,9 @@ def find_targets(model: nn.Module, target_modules: Optional[Sequence[str]] = Non
             elif _is_linear(module) and rel and _matches(full, target_modules):
                 kind = "linear" if isinstance(module, nn.Linear) else "conv1d"
                 targets.append(Target(f"{full}.weight", module, index, kind))
+    if target_modules is None and any(t.kind == "lora" for t in targets):
+        # a LoRA fine-tune only moved its adapters' weights: those are the default targets
+        targets = [t for t in targets if t.kind == "lora"]
     if not targets:
         wanted = "every Linear/Conv1D" if target_modules is None else f"target_modules={list(target_modules)}"
         raise TargetError(f"{wanted} matched no module inside the decoder layers '{prefix}' "

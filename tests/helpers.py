@@ -67,3 +67,47 @@ def state(model) -> dict[str, torch.Tensor]:
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SPECIAL = ["<pad>", "<s>", "</s>"]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over VOCAB tokens (w3 ... w95), built in-process."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL), VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="w3")
+
+
+def save_triple(tmp_path, arch: str = "llama"):
+    """base / finetuned / unaligned checkpoints (+ tokenizer) in tmp_path; returns their paths."""
+    base, ft, unaligned = triple(arch)
+    tok = tiny_tokenizer()
+    paths = {}
+    for name, model in (("base", base), ("finetuned", ft), ("unaligned", unaligned)):
+        path = str(tmp_path / name)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        paths[name] = path
+    return paths, (base, ft, unaligned)
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def text_rows(n: int = 8, length: int = 12, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"text": " ".join(f"w{int(i)}" for i in torch.randint(4, VOCAB, (length,), generator=g))}
+            for _ in range(n)]

@@ -1,0 +1,143 @@
+"""Shared pieces of the subcommands: IRRConfig flags, path checks, model loading, atomic output."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import typing
+from typing import Any, Iterator, Optional
+
+import torch
+
+from ..config import IRRConfig
+
+# IRRConfig fields that make sense on the command line of `irr apply` / `irr sweep`; the
+# callback-only fields (snapshot, realign_checkpoints, ...) and the safety-input paths, which
+# have their own --dashed flags, are left out.
+CORE_FIELDS = ("remove_ratio", "remove_more", "identify_mode", "seed", "recalibrate", "blocksize", "percdamp",
+               "max_damping_retries", "fallback_to_removal", "target_modules", "num_calibration_samples",
+               "calibration_max_length", "calibration_batch_size", "device")
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CLIError(Exception):
+    """Printed as `irr <command>: error: ...` with exit status 2."""
+
+
+def _to_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "y", "t"):
+        return True
+    if lowered in ("0", "false", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One `--field` flag per core IRRConfig field, typed and documented from the dataclass."""
+    group = parser.add_argument_group("IRR settings (IRRConfig)")
+    hints = typing.get_type_hints(IRRConfig)
+    for f in dataclasses.fields(IRRConfig):
+        if f.name not in CORE_FIELDS or f.name in exclude:
+            continue
+        hint = hints[f.name]
+        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
+        if hint is bool:
+            kwargs.update(type=_to_bool, metavar="BOOL")
+        elif hint in (int, float, str):
+            kwargs["type"] = hint
+        elif typing.get_origin(hint) is typing.Union:  # Optional[...]
+            inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+            if typing.get_origin(inner) is list:
+                kwargs["nargs"] = "+"
+            else:
+                kwargs["type"] = inner
+        group.add_argument(f"--{f.name}", f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> IRRConfig:
+    values = {name: getattr(args, name) for name in CORE_FIELDS if hasattr(args, name)}
+    values.update(overrides)
+    return IRRConfig(**values)
+
+
+def check_exists(path: Optional[str], flag: str, *, allow_hub_id: bool = False) -> None:
+    """Refuse a missing local path early, naming the flag; a hub id (`org/name`) is passed through."""
+    if path is None or os.path.exists(path):
+        return
+    if allow_hub_id and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        return
+    raise CLIError(f"{flag}: '{path}' does not exist")
+
+
+def check_output(path: str, flag: str, overwrite: bool) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise CLIError(f"{flag}: '{path}' already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.access(parent, os.W_OK):
+        raise CLIError(f"{flag}: cannot write into '{parent}'")
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def adapter_base_name(path: str) -> Optional[str]:
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as fh:
+        return json.load(fh).get("base_model_name_or_path")
+
+
+def load_causal_lm(path: str, dtype: str = "auto", device: Optional[str] = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    if device:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(*paths: Optional[str]):
+    from transformers import AutoTokenizer
+
+    errors = []
+    for path in paths:
+        if not path:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # a model dir without tokenizer files: try the next one
+            errors.append(f"{path}: {exc}")
+    raise CLIError("no tokenizer found in " + "; ".join(errors or ["(no path)"]))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temp dir beside `target`; on success it replaces `target`, on failure it vanishes.
+
+    An interrupted run (even SIGKILL) leaves at most a `.irr-tmp-*` sibling, never a half-written
+    `target`; the previous `target`, if any, stays until the new one is complete.
+    """
+    target = os.path.abspath(target)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.exists(target) and not overwrite:
+        raise CLIError(f"'{target}' already exists (pass --overwrite to replace it)")
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.irr-tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(target):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.irr-old-", dir=parent)
+            os.replace(target, os.path.join(old, "x"))
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

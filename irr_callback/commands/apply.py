@@ -1,0 +1,173 @@
+"""Post-hoc IRR on saved checkpoints.
+
+  irr apply --base ALIGNED --finetuned FT_DIR --unaligned UNALIGNED_DIR \\
+            --calibration-data train.jsonl --output FT_DIR-irr
+
+`--finetuned` may be a full model directory or a LoRA adapter directory (its base must be
+`--base`). The safety vector comes from `--unaligned` (streamed from its safetensors) or from a
+file written by `irr safety-vector`; Fisher importance (only for --remove_ratio < 1) from
+`--fisher` or `--safety-data`. The output directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from transformers.utils import logging
+
+from ..io import load_irr_file
+from ..tensors import SafetensorsMapping, as_tensor_mapping
+from ._common import (
+    CLIError,
+    add_config_arguments,
+    adapter_base_name,
+    atomic_directory,
+    check_exists,
+    check_output,
+    config_from_args,
+    is_adapter_dir,
+    load_causal_lm,
+    load_tokenizer,
+)
+
+logger = logging.get_logger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="The aligned model the fine-tune started from (directory or hub id).")
+    p.add_argument("--finetuned", required=True, help="The fine-tuned model directory, or a LoRA adapter directory.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--unaligned", help="Unaligned model (directory or hub id); v = base - unaligned, streamed.")
+    src.add_argument("--safety-vector", help="A safety-vector .safetensors file from `irr safety-vector`.")
+    imp = p.add_mutually_exclusive_group()
+    imp.add_argument("--fisher", help="A Fisher .safetensors file from `irr fisher` (needed for --remove_ratio < 1).")
+    imp.add_argument("--safety-data", help="Harmful prompts with safe responses (json/jsonl/hub id) to compute Fisher.")
+    p.add_argument("--safety-prompt-column", default="prompt", help="Prompt column of --safety-data.")
+    p.add_argument("--safety-response-column", default="response", help="Response column of --safety-data.")
+    p.add_argument("--calibration-data", required=True,
+                   help="Downstream training data (json/jsonl/hub id): input_ids, a text column, or prompt/response.")
+    p.add_argument("--calibration-text-column", default=None, help="Text column of --calibration-data.")
+    p.add_argument("--output", required=True, help="Where the realigned model is written (atomically).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="Dtype to load the models in.")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="Accept a LoRA adapter whose recorded base differs from --base (shapes are still checked).")
+    add_config_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import realign
+    from ..safety import safety_vector
+    from ..targets import find_targets
+
+    config = config_from_args(args)
+    # ---- every check before any heavy work --------------------------------------------------
+    check_exists(args.base, "--base", allow_hub_id=True)
+    check_exists(args.finetuned, "--finetuned")
+    check_exists(args.unaligned, "--unaligned", allow_hub_id=True)
+    check_exists(args.safety_vector, "--safety-vector")
+    check_exists(args.fisher, "--fisher")
+    check_exists(args.safety_data, "--safety-data", allow_hub_id=True)
+    check_exists(args.calibration_data, "--calibration-data", allow_hub_id=True)
+    check_output(args.output, "--output", args.overwrite)
+    if config.needs_importance and not (args.fisher or args.safety_data):
+        raise CLIError(f"--remove_ratio {config.remove_ratio} < 1 ranks by Fisher importance: pass --fisher or "
+                       "--safety-data")
+    lora = is_adapter_dir(args.finetuned)
+    if lora and not args.allow_base_mismatch:
+        recorded = adapter_base_name(args.finetuned)
+        if recorded and not _same_model(recorded, args.base):
+            raise CLIError(f"--finetuned: the LoRA adapter was trained on '{recorded}', not on --base "
+                           f"'{args.base}' (pass --allow-base-mismatch if it is the same model moved)")
+
+    # ---- models -----------------------------------------------------------------------------
+    tokenizer = load_tokenizer(args.finetuned, args.base)
+    base_model = load_causal_lm(args.base, args.dtype, config.device)
+    if lora:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(base_model, args.finetuned)
+        except RuntimeError as exc:  # size mismatch: the adapter does not fit this base
+            raise CLIError(f"--finetuned: the LoRA adapter does not fit --base ({exc})") from exc
+        base_map = None
+    else:
+        model = load_causal_lm(args.finetuned, args.dtype, config.device)
+        base_map = as_tensor_mapping(base_model, what="base")
+        if type(model.config) is not type(base_model.config):
+            raise CLIError(f"--finetuned is a {type(model.config).__name__} model but --base is a "
+                           f"{type(base_model.config).__name__}")
+    _, _, targets = find_targets(model, config.target_modules)
+    names = [t.name for t in targets]
+    reference = base_map if base_map is not None else as_tensor_mapping(model, what="base")
+
+    # ---- safety inputs ----------------------------------------------------------------------
+    if args.safety_vector:
+        v = load_irr_file(args.safety_vector, kind="safety_vector", base=reference)
+    else:
+        v = safety_vector(reference, _local_or_download(args.unaligned), names=names, sign_only=True)
+    importance = None
+    if config.needs_importance:
+        importance = (load_irr_file(args.fisher, kind="fisher", base=reference) if args.fisher
+                      else _fisher_from_data(base_model if not lora else model, tokenizer, args, names, config))
+
+    # ---- calibration, realign, save -----------------------------------------------------------
+    from ..data import calibration_rows
+
+    calib = calibration_rows(args.calibration_data, tokenizer, max_samples=config.num_calibration_samples,
+                             max_length=config.calibration_max_length, text_column=args.calibration_text_column)
+    report = realign(model, base=base_map, safety_vector=v, calibration=calib, importance=importance,
+                     config=config)
+    if lora:
+        model = model.merge_and_unload()
+    with atomic_directory(args.output, overwrite=args.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        report.extra.update({"base_model": args.base, "finetuned": args.finetuned, "lora": lora})
+        report.save(os.path.join(tmp, "irr_report.json"))
+        _write_card(tmp, args, report)
+    print(report.summary())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _same_model(recorded: str, given: str) -> bool:
+    norm = lambda s: os.path.normpath(os.path.abspath(s)) if os.path.exists(s) else s.rstrip("/")  # noqa: E731
+    return norm(recorded) == norm(given) or os.path.basename(recorded.rstrip("/")) == os.path.basename(given.rstrip("/"))
+
+
+def _local_or_download(path: str):
+    if os.path.isdir(path):
+        return SafetensorsMapping(path)
+    from huggingface_hub import snapshot_download
+
+    return SafetensorsMapping(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+
+
+def _fisher_from_data(model, tokenizer, args, names, config):
+    from ..data import batched, load_rows, require_columns, tokenize_pairs
+    from ..safety import fisher
+
+    rows = load_rows(args.safety_data, what="--safety-data")
+    require_columns(rows, [args.safety_prompt_column, args.safety_response_column], what="--safety-data")
+    pairs = tokenize_pairs(tokenizer, rows[args.safety_prompt_column], rows[args.safety_response_column],
+                           max_length=config.calibration_max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return fisher(model, batched(pairs, 8, pad), names=names)
+
+
+def _write_card(directory: str, args, report) -> None:
+    from huggingface_hub import ModelCard
+
+    t = report.totals
+    text = (f"---\nbase_model: {args.base}\ntags:\n- irr\n- safety-realignment\n---\n\n"
+            f"# {os.path.basename(os.path.abspath(args.output))}\n\n"
+            f"`{args.finetuned}` realigned with IRR (identify, remove, recalibrate) against the aligned base "
+            f"`{args.base}` using irr-callback.\n\n"
+            f"- removed {t['removed']:,} of {t['entries']:,} fine-tuning deltas ({100 * t['removed_fraction']:.2f}%) "
+            f"in {t['modules']} modules\n- settings: remove_ratio={report.config['remove_ratio']}, "
+            f"recalibrate={report.config['recalibrate']}, blocksize={report.config['blocksize']}\n"
+            f"- per-module statistics: `irr_report.json`\n")
+    ModelCard(text).save(os.path.join(directory, "README.md"))
