@@ -43,7 +43,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        classes = {type(m).__name__ for m in module}
+        # FSDP2's fully_shard swaps a module's class for "FSDP<Name>": match the original name
+        classes = {type(m).__name__.removeprefix("FSDP") for m in module}
         if len(classes) != 1:
             continue
         if no_split and not classes & no_split:
