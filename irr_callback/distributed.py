@@ -151,7 +151,11 @@ class SingleProcess:
         """Raw Σxxᵀ and token count of one input, summed over ranks before `finalize`."""
 
     def solve_layer(self, groups: list, solve: SolveFn, backup: Any) -> None:
-        """Realign every group of one layer; on return every rank holds the same new weights."""
+        """Realign every group of one layer; on return every rank holds the same new weights.
+
+        `solve` is a `functools.partial` of the driver's group solver (`solve(group, hessian, tokens)`);
+        backends that solve differently read its keywords (base, safety, importance, config, backup, report).
+        """
         for group, (hessian, tokens) in groups:
             solve(group, hessian, tokens)
 
@@ -244,7 +248,7 @@ def context_for(model: torch.nn.Module, targets: Sequence[Any]) -> SingleProcess
     if _is_fsdp1(model):
         from .backends.fsdp1 import FSDP1
 
-        return FSDP1()
+        return FSDP1(model)
     return Replicated()
 
 
@@ -294,3 +298,75 @@ def check_local_gradients(model: torch.nn.Module) -> None:
                              "squared gradients cannot be formed; compute the Fisher once per base model "
                              "with DDP or one GPU (`irr fisher`) and pass the file (IRRConfig.fisher)")
         break
+
+
+# ---- saving --------------------------------------------------------------------------------------
+def full_state_dict(model: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
+    """The full (unsharded) CPU state dict on the main process, None elsewhere. Collective: call on every rank.
+
+    FSDP2 and FSDP1: `torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True,
+    cpu_offload=True)`; ZeRO-3: one parameter gathered at a time (16-bit, the model's dtype);
+    replicated / single process: the local state dict.
+    """
+    from .targets import unwrap
+
+    rank, _ = rank_and_world()
+    params = list(model.parameters())
+    if is_distributed() and any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        for name, p in unwrap(model).named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank == 0:
+                    out[name] = p.detach().to("cpu", copy=True)
+        if rank == 0:
+            for name, buf in unwrap(model).named_buffers():
+                out[name] = buf.detach().to("cpu", copy=True)
+        return out if rank == 0 else None
+    if is_distributed() and (any(type(p).__name__ == "DTensor" for p in params) or _is_fsdp1(model)):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if rank == 0 else None
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()} if rank == 0 else None
+
+
+def save_realigned(model: torch.nn.Module, output_dir: str, *, processing_class: Any = None,
+                   report: Any = None) -> None:
+    """Save the (realigned) model as a plain `from_pretrained` directory, correctly under any backend.
+
+    Call on EVERY rank (gathering is collective). A barrier first (every rank has finished writing),
+    then the main process writes `save_pretrained` output (+ tokenizer, + `irr_report.json`) into a
+    temporary directory next to `output_dir` and renames it into place, so a reader never sees a
+    half-written directory; a final barrier returns only once it is there. ZeRO-3 under the Trainer /
+    accelerate: this gathers parameter by parameter, so `zero3_save_16bit_model` is not required.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from .targets import unwrap
+
+    if is_distributed():
+        dist.barrier()
+    state = full_state_dict(model)
+    if state is not None:
+        target = os.path.abspath(output_dir)
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".irr-save-", dir=parent)
+        try:
+            unwrap(model).save_pretrained(tmp, state_dict=state)
+            if processing_class is not None:
+                processing_class.save_pretrained(tmp)
+            if report is not None:
+                report.save(os.path.join(tmp, "irr_report.json"))
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if is_distributed():
+        dist.barrier()

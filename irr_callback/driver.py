@@ -109,7 +109,7 @@ def validate_inputs(targets: list[Target], base: Optional[Mapping], safety: Mapp
                     importance: Optional[Mapping]) -> None:
     """Every target has a base, a safety vector and (when needed) an importance of its shape, all finite."""
     for t in targets:
-        shape = tuple(t.weight.shape)
+        shape = tuple(getattr(t.weight, "ds_shape", t.weight.shape))  # ZeRO-3 keeps a flat partition
         if t.kind == "lora":
             _check_lora_supported(t)
         sources = [("safety_vector", safety)]

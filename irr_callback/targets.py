@@ -82,7 +82,7 @@ class Target:
 
     @property
     def out_in_shape(self) -> tuple[int, int]:
-        shape = tuple(self.weight.shape)
+        shape = tuple(getattr(self.weight, "ds_shape", self.weight.shape))  # ZeRO-3: partitioned
         return (shape[1], shape[0]) if self.transposed else shape  # type: ignore[return-value]
 
     def to_out_in(self, tensor: torch.Tensor) -> torch.Tensor:

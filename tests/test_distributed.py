@@ -4,6 +4,7 @@ One torchrun launch runs every case (tests/dist_workers/worker.py); each test co
 per-rank outputs with the same case computed here, in one process with no process group.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -17,9 +18,15 @@ from irr_callback.distributed import assign_owners
 from tests.dist_workers import cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ["fisher", "hessian", "realign", "realign_ranked", "fsdp2", "fsdp2_ranked"]
+CASES = ["fisher", "hessian", "realign", "realign_ranked", "fsdp2_ranked", "fsdp2_save"]
 
 pytestmark = pytest.mark.distributed
+
+
+@functools.lru_cache(maxsize=None)
+def reference(ratio):
+    """The single-process result (no process group), computed once per ratio."""
+    return cases.realign_case(ratio)
 
 
 def torchrun(out_dir, script, *args, nproc=2, timeout=240):
@@ -42,6 +49,7 @@ def two_ranks(tmp_path_factory):
         extras = [json.load(open(out / f"{case}.rank{r}.json")) for r in range(2)]
         return ranks, extras
 
+    load.out = out
     return load
 
 
@@ -75,18 +83,18 @@ def test_hessian_sums_match_one_process(two_ranks):
 @pytest.mark.parametrize("case,ratio", [("realign", 1.0), ("realign_ranked", 0.5)])
 def test_realign_two_processes_equals_one(two_ranks, case, ratio):
     ranks, extras = two_ranks(case)
-    expected, totals = cases.realign_case(ratio)
+    expected, totals = reference(ratio)
     assert_identical_ranks(ranks)
     assert extras[0] == extras[1] == totals  # merged report: every module once, global token count
     for k, v in expected.items():
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case,ratio", [("fsdp2", 1.0), ("fsdp2_ranked", 0.5)])
+@pytest.mark.parametrize("case,ratio", [("fsdp2_save", 1.0), ("fsdp2_ranked", 0.5)])
 def test_fsdp2_row_sharded_equals_full_solve(two_ranks, case, ratio):
     """fully_shard on a CPU mesh: row-local solve (ratio 1) and score-gather path (ratio 0.5)."""
     ranks, extras = two_ranks(case)
-    expected, totals = cases.realign_case(ratio)
+    expected, totals = reference(ratio)
     assert_identical_ranks(ranks)
     assert extras[0] == totals  # row-shard statistics summed back to whole modules
     for k, v in expected.items():
@@ -100,3 +108,17 @@ def test_owner_assignment_balances_and_is_deterministic():
     assert owners == assign_owners(sizes, 2)
     assert abs(loads[0] - loads[1]) <= max(sizes) and min(loads) > 0
     assert assign_owners([5], 4) == [0]
+
+
+def test_save_realigned_under_fsdp2_writes_full_model(two_ranks):
+    """Gathered full state dict, written once, loadable as a plain model equal to one process's result."""
+    from transformers import AutoModelForCausalLM
+
+    saved_dir = two_ranks.out / "fsdp2_saved"
+    assert sorted(p.name for p in saved_dir.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
+    assert not [p for p in two_ranks.out.iterdir() if p.name.startswith(".irr-save-")]  # no temp dir left
+    loaded = AutoModelForCausalLM.from_pretrained(str(saved_dir))
+    expected, _ = reference(1.0)
+    state = loaded.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5)

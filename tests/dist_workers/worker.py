@@ -28,8 +28,28 @@ CASES = {
 }
 
 
+def fsdp2_save(out_dir: str):
+    """Realign under FSDP2, then `save_realigned` (full state dict gathered, written by rank 0 only)."""
+    from irr_callback.distributed import save_realigned
+
+    holder = {}
+
+    def shard(model):
+        holder["model"] = cases.fsdp2_shard(model)
+        return holder["model"]
+
+    weights, totals = cases.realign_case(1.0, model_fn=shard)
+    save_realigned(holder["model"], os.path.join(out_dir, "fsdp2_saved"))
+    return weights, totals
+
+
+CASES["fsdp2_save"] = lambda: fsdp2_save(OUT[0])
+OUT: list = []
+
+
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
+    OUT.append(out_dir)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for name in names:
