@@ -8,6 +8,7 @@ one layer's Hessians live on the compute device at a time.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Mapping, Optional
 
@@ -18,6 +19,7 @@ from transformers.utils import logging
 from .calibration import calibration_batches
 from .config import IRRConfig
 from .core import HessianAccumulator, realign_group
+from .distributed import context_for
 from .report import IRRReport
 from .targets import Target, TargetError, find_targets
 from .tensors import as_tensor_mapping, tensor_shape
@@ -67,6 +69,8 @@ def realign(
     report = IRRReport(config=config.to_dict(), num_layers=len(layers),
                        calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
                        calibration_tokens=sum(int(b["attention_mask"].sum()) for b in batches))
+    dist_ctx = context_for(model, targets)  # SingleProcess without a process group: no collectives
+    batches = dist_ctx.shard_calibration(batches)  # this rank's share, padded with zero-weight batches
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
@@ -77,22 +81,24 @@ def realign(
     try:
         with torch.no_grad():
             hidden, layer_args = _capture_layer_inputs(model, layers, batches)
-            masks = [b["attention_mask"] for b in batches]
+            masks = [b.get("irr_token_mask", b["attention_mask"]) for b in batches]  # padding batches: 0
             for index in logging.tqdm(range(len(layers)), desc="IRR layers", disable=not progress):
                 layer = layers[index]
                 if index in by_layer:
-                    hessians = _collect_hessians(layer, by_layer[index], hidden, layer_args[index], masks, config)
-                    for group, (h, tokens) in hessians:
-                        _realign_group(group, h, tokens, base_map, safety_map, importance_map, config, backup,
-                                       report)
+                    hessians = _collect_hessians(layer, by_layer[index], hidden, layer_args[index], masks, config,
+                                                 reduce=dist_ctx.reduce_hessian)
+                    solve = functools.partial(_realign_group, base=base_map, safety=safety_map,
+                                              importance=importance_map, config=config, backup=backup, report=report)
+                    dist_ctx.solve_layer(hessians, solve, backup)
                 if index + 1 < len(layers):
                     hidden = [_run_layer(layer, x, *layer_args[index][b]) for b, x in enumerate(hidden)]
     except BaseException as exc:
-        backup.restore()
+        dist_ctx.restore(backup)
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
         model.train(was_training)
+    report.modules = dist_ctx.merge_stats(report.modules, [t.name for t in targets])
     report.seconds = time.perf_counter() - started
     logger.info(report.summary())
     return report
@@ -103,7 +109,7 @@ def validate_inputs(targets: list[Target], base: Optional[Mapping], safety: Mapp
                     importance: Optional[Mapping]) -> None:
     """Every target has a base, a safety vector and (when needed) an importance of its shape, all finite."""
     for t in targets:
-        shape = tuple(t.weight.shape)
+        shape = tuple(getattr(t.weight, "ds_shape", t.weight.shape))  # ZeRO-3 keeps a flat partition
         if t.kind == "lora":
             _check_lora_supported(t)
         sources = [("safety_vector", safety)]
@@ -182,8 +188,10 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, in_
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _collect_hessians(layer, targets, hidden, args, masks, config):
-    """Run the calibration batches through the unmodified layer; one H per distinct input."""
+def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda accumulator: None):
+    """Run the calibration batches through the unmodified layer; one H per distinct input.
+
+    `reduce` sums each raw accumulator over processes before it is normalised (no-op in one process)."""
     device = torch.device(config.device) if config.device else targets[0].weight.device
     first_inputs: dict[int, torch.Tensor] = {}
     accumulators: dict[int, HessianAccumulator] = {}
@@ -214,6 +222,8 @@ def _collect_hessians(layer, targets, hidden, args, masks, config):
     finally:
         for h in handles:
             h.remove()
+    for k, _ in groups:
+        reduce(accumulators[k])
     return [([targets[i] for i in members], (accumulators[k].finalize(), accumulators[k].tokens))
             for k, members in groups]
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from . import distributed
 from .tensors import as_tensor_mapping, canonical_name, tensor_shape
 
 logger = logging.get_logger(__name__)
@@ -65,7 +66,14 @@ def fisher(
     Each batch needs `input_ids`, `attention_mask` and `labels` with -100 on tokens that carry no
     loss (prompt, padding): the loss is on the labelled (response) tokens only. The model is left
     as found: grads None, the same train/eval mode, the same `requires_grad` flags.
+
+    Inside a process group every rank passes the same batches; each takes its share (padding with
+    zero-weight batches) and the raw sums Σ grad² and batch counts are summed over ranks.
     """
+    sharded = distributed.is_distributed()
+    if sharded:
+        distributed.check_local_gradients(model)
+        batches, max_batches = distributed.shard_fisher_batches(batches, max_batches), None
     params = {canonical_name(n): p for n, p in model.named_parameters()}
     wanted = list(names) if names is not None else [n for n, p in params.items() if p.is_floating_point()]
     missing = [n for n in wanted if n not in params]
@@ -95,17 +103,20 @@ def fisher(
             loss = model(**inputs, use_cache=False).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fisher: non-finite loss on batch #{count}")
-            loss.backward()
+            weight = float(batch.get("irr_weight", 1.0))  # 0 on padding batches of a process group
+            (loss * weight if weight != 1.0 else loss).backward()
             for n in wanted:
                 grad = params[n].grad
                 if grad is not None:
                     sums[n].add_(grad.detach().float().square())
-            count += 1
+            count += 1 if weight else 0
     finally:
         model.zero_grad(set_to_none=True)
         for n, p in params.items():
             p.requires_grad_(flags[n])
         model.train(was_training)
+    if sharded:
+        count = distributed.reduce_fisher_(sums, count)
     if count == 0:
         raise ValueError("fisher: no batch was given")
     logger.info(f"Fisher importance from {count} mini-batches over {len(wanted)} parameters")

@@ -43,7 +43,8 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        classes = {type(m).__name__ for m in module}
+        # FSDP2's fully_shard swaps a module's class for "FSDP<Name>": match the original name
+        classes = {type(m).__name__.removeprefix("FSDP") for m in module}
         if len(classes) != 1:
             continue
         if no_split and not classes & no_split:
@@ -81,7 +82,7 @@ class Target:
 
     @property
     def out_in_shape(self) -> tuple[int, int]:
-        shape = tuple(self.weight.shape)
+        shape = tuple(getattr(self.weight, "ds_shape", self.weight.shape))  # ZeRO-3: partitioned
         return (shape[1], shape[0]) if self.transposed else shape  # type: ignore[return-value]
 
     def to_out_in(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""The distributed test cases, shared by the torchrun worker and the single-process references.
+
+Each case builds its inputs deterministically from seeds, so every rank and the reference process
+see the same models and data.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import irr_callback as irr
+from irr_callback import IRRConfig, realign
+from irr_callback.driver import _capture_layer_inputs, _collect_hessians
+from irr_callback.calibration import calibration_batches
+from irr_callback.distributed import context_for
+from irr_callback.targets import find_targets
+
+from tests.helpers import VOCAB, calibration, triple
+
+CALIBRATION = dict(n=10, length=8, seed=3)  # batch size 2 -> 5 batches: 3 + 2 (+1 padding) on 2 ranks
+CONFIG = dict(calibration_batch_size=2, fallback_to_removal=True)
+
+
+def safety_batches(n: int = 5, seed: int = 7) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (2, 7), generator=g)
+        labels = ids.clone()
+        labels[:, :3] = -100  # loss on the "response" only
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def fisher_case() -> dict[str, torch.Tensor]:
+    base, _, _ = triple("llama")
+    names = [n for n, _ in base.named_parameters() if "layers.0" in n]
+    return irr.fisher(base, safety_batches(), names=names, progress=False)
+
+
+def hessian_case() -> dict[str, torch.Tensor]:
+    """Σxxᵀ-based H and token counts of layer 0's inputs (q/k/v, o, gate/up, down)."""
+    _, ft, _ = triple("llama")
+    config = IRRConfig(**CONFIG)
+    _, layers, targets = find_targets(ft)
+    batches = calibration_batches(calibration(**CALIBRATION), max_samples=128, max_length=512, batch_size=2)
+    ctx = context_for(ft, targets)
+    batches = ctx.shard_calibration(batches)
+    masks = [b.get("irr_token_mask", b["attention_mask"]) for b in batches]
+    with torch.no_grad():
+        hidden, args = _capture_layer_inputs(ft, layers, batches)
+        groups = _collect_hessians(layers[0], [t for t in targets if t.layer == 0], hidden, args[0], masks, config,
+                                   reduce=ctx.reduce_hessian)
+    out = {}
+    for group, (h, tokens) in groups:
+        out[group[0].name] = h
+        out[group[0].name + ".tokens"] = torch.tensor([tokens])
+    return out
+
+
+def realign_case(remove_ratio: float = 1.0, model_fn=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Realigned target weights and the report's totals."""
+    base, ft, unaligned = triple("llama")
+    v = irr.safety_vector(base, unaligned)
+    importance = {k: t.abs() + 0.01 for k, t in v.items()} if remove_ratio < 1 else None
+    model = model_fn(ft) if model_fn else ft
+    report = realign(model, base=base, safety_vector=v, importance=importance, calibration=calibration(**CALIBRATION),
+                     config=IRRConfig(remove_ratio=remove_ratio, **CONFIG), progress=False)
+    _, _, targets = find_targets(model)
+    weights = {t.name: _full(t.weight).detach().clone() for t in targets}
+    totals = {"removed": sum(m.removed for m in report.modules), "entries": sum(m.entries for m in report.modules),
+              "modules": len(report.modules), "tokens": report.calibration_tokens}
+    return weights, totals
+
+
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    return weight.full_tensor() if type(weight).__name__ == "DTensor" else weight
+
+
+def fsdp2_shard(model: torch.nn.Module) -> torch.nn.Module:
+    """Raw FSDP2 on a CPU device mesh: each decoder layer and the root are `fully_shard` units."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    model = copy.deepcopy(model)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
