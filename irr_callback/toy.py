@@ -107,9 +107,9 @@ SIZES: dict[str, dict[str, Any]] = {
         batch_size=32, n_eval=16,
     ),
     "demo": dict(
-        hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=192,
-        align_steps=1200, align_lr=2e-3, unalign_steps=150, unalign_lr=1e-3,
-        downstream_n=1024, downstream_steps=300, downstream_lr=1e-3, lora_steps=300, lora_lr=5e-3,
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+        align_steps=800, align_lr=3e-3, unalign_steps=150, unalign_lr=1e-3,
+        downstream_n=1024, downstream_steps=250, downstream_lr=1e-3, lora_steps=250, lora_lr=5e-3,
         batch_size=32, n_eval=32,
     ),
 }
