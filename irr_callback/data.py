@@ -1,0 +1,190 @@
+"""Prompt/response data for the callback: load it from wherever the user points, tokenize it for
+SFT-style losses (loss on the response only), and take the first training examples for calibration.
+
+The callback needs data in three places (harmful fine-tune, Fisher on safety data, calibration);
+one loader and one tokenizer keep their conventions identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+class DataError(ValueError):
+    """A dataset cannot be used; the message names the parameter, file or column."""
+
+
+def load_examples(source: Any, *, what: str):
+    """A `datasets.Dataset` from a Dataset, a list of dicts, a local json/jsonl file or a hub id."""
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        return source
+    if isinstance(source, datasets.DatasetDict):
+        if "train" not in source:
+            raise DataError(f"{what}: the DatasetDict has no 'train' split (splits: {list(source)})")
+        return source["train"]
+    if isinstance(source, list):
+        return datasets.Dataset.from_list(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isfile(path):
+            if not path.endswith((".json", ".jsonl")):
+                raise DataError(f"{what}: '{path}' must be a .json or .jsonl file")
+            return datasets.load_dataset("json", data_files=path, split="train")
+        if os.path.isdir(path) or path.startswith((".", "/")):
+            if os.path.isdir(path):
+                return datasets.load_dataset(path, split="train")
+            raise DataError(f"{what}: '{path}' does not exist")
+        return datasets.load_dataset(path, split="train")  # hub id
+    raise DataError(f"{what}: expected a datasets.Dataset, a list of dicts, a json/jsonl path or a hub id; "
+                    f"got {type(source).__name__}")
+
+
+def data_fingerprint(source: Any, dataset) -> str:
+    """Identifies the data for cache keys: the file's bytes, or the Dataset's own fingerprint."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(os.fspath(source)):
+        digest = hashlib.sha256()
+        with open(os.fspath(source), "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()[:32]
+    fp = getattr(dataset, "_fingerprint", None)
+    if fp:
+        return str(fp)
+    return hashlib.sha256(repr(dataset[:]).encode()).hexdigest()[:32]
+
+
+def require_columns(dataset, columns: list[str], *, what: str, fields: list[str]) -> None:
+    for column, field_name in zip(columns, fields):
+        if column not in dataset.column_names:
+            raise DataError(f"{what} has no column '{column}' (IRRConfig.{field_name}); "
+                            f"its columns are {dataset.column_names}")
+
+
+def _chat_ids(tokenizer, prompt: str, response: Optional[str]) -> tuple[list[int], list[int]]:
+    """(prompt ids, full ids) with the tokenizer's chat template, or plain text when it has none."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(prompt_ids, Mapping):
+            prompt_ids = prompt_ids["input_ids"]
+        if response is None:
+            return list(prompt_ids), list(prompt_ids)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                             tokenize=True)
+        if isinstance(full, Mapping):
+            full = full["input_ids"]
+        return list(prompt_ids), list(full)
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if response is None:
+        return list(prompt_ids), list(prompt_ids)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return list(prompt_ids), list(prompt_ids) + list(response_ids)
+
+
+def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], *, max_length: int) -> list[dict]:
+    """SFT examples: `input_ids`, `attention_mask`, `labels` (-100 on the prompt), EOS appended."""
+    if tokenizer is None:
+        raise DataError("a tokenizer is needed to tokenize prompt/response data: pass processing_class to the "
+                        "Trainer (or to IRRCallback.bind)")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = []
+    for prompt, response in zip(prompts, responses):
+        prompt_ids, ids = _chat_ids(tokenizer, str(prompt), str(response))
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        ids = ids[:max_length]
+        labels = [-100] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids):]
+        if all(label == -100 for label in labels):
+            continue  # the response was truncated away: no loss to take
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if not out:
+        raise DataError("no example kept a response token after truncation (raise calibration_max_length)")
+    return out
+
+
+def collate(examples: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples into one batch (labels padded with -100)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
+             "labels": torch.full((len(examples), width), -100, dtype=torch.long)}
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][row, :n] = torch.as_tensor(e["input_ids"])
+        batch["attention_mask"][row, :n] = 1
+        batch["labels"][row, :n] = torch.as_tensor(e.get("labels", e["input_ids"]))
+    return batch
+
+
+def batches(examples: list[dict], batch_size: int, pad_token_id: int = 0) -> list[dict[str, torch.Tensor]]:
+    return [collate(examples[i:i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
+
+
+def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int) -> list[str]:
+    """The base model's own greedy answers (how the IRR authors built Fisher data), one prompt at a time
+    so no padding side matters; the model's train/eval mode is restored."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    answers = []
+    try:
+        with torch.no_grad():
+            for prompt in logging.tqdm(prompts, desc="IRR safety responses"):
+                prompt_ids, _ = _chat_ids(tokenizer, str(prompt), None)
+                ids = torch.tensor([prompt_ids], device=device)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad)
+                answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def calibration_examples(dataset: Any, tokenizer, *, num_samples: int, max_length: int) -> list[dict]:
+    """The first `num_samples` training examples as token ids: pre-tokenized (`input_ids`) as is,
+    otherwise tokenized from a `text`, `prompt`/`completion|response` or `messages` column."""
+    if dataset is None:
+        raise DataError("no training dataset for IRR calibration: call IRRCallback.bind(trainer) or train "
+                        "with a train_dataset")
+    rows = []
+    for item in dataset:
+        rows.append(item)
+        if len(rows) >= num_samples:
+            break
+    if not rows:
+        raise DataError("the training dataset is empty: IRR calibration needs at least one example")
+    first = rows[0]
+    if not isinstance(first, Mapping):
+        raise DataError(f"training examples are {type(first).__name__}, expected dicts with 'input_ids' or text")
+    if "input_ids" in first:
+        return [{"input_ids": r["input_ids"], **({"attention_mask": r["attention_mask"]}
+                                                  if "attention_mask" in r else {})} for r in rows]
+    if tokenizer is None:
+        raise DataError(f"training examples are not tokenized (keys {list(first)}) and no processing_class "
+                        "was given to tokenize them")
+    out = []
+    for r in rows:
+        if "messages" in r and getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(r["messages"], tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
+        elif "text" in r:
+            ids = tokenizer(r["text"])["input_ids"]
+        elif "prompt" in r:
+            answer = r.get("completion", r.get("response"))
+            ids = _chat_ids(tokenizer, str(r["prompt"]), None if answer is None else str(answer))[1]
+        else:
+            raise DataError(f"cannot tokenize training examples with keys {list(r)}: expected 'input_ids', "
+                            "'text', 'prompt'(+'completion'/'response') or 'messages'")
+        out.append({"input_ids": list(ids)[:max_length]})
+    return out
