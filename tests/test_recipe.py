@@ -65,22 +65,24 @@ def test_recipe_cli_realigns(files, tmp_path, lora):
 
 
 def test_recipe_from_yaml(files, tmp_path):
-    import yaml
-
-    args = _args(files, tmp_path / "out")
-    values = {}
-    i = 0
-    while i < len(args):
-        key = args[i][2:]
-        if i + 1 < len(args) and not args[i + 1].startswith("--"):
-            values[key], i = yaml.safe_load(args[i + 1]), i + 2
-        else:
-            values[key], i = True, i + 1
-    values.update(max_steps=2, report_to=[], disable_tqdm=True)
-
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
+    (tmp_path / "c.yaml").write_text(f"""
+model_name_or_path: {files / 'aligned'}
+dataset: {files / 'train.jsonl'}
+prompt_column: question
+response_column: answer
+unaligned_model: {files / 'unaligned'}
+num_calibration_samples: 16
+remove_ratio: 0.5
+irr_seed: 3
+output_dir: {tmp_path / 'out'}
+max_steps: 2
+seed: 7
+report_to: []
+""")
     script, irr, targs = _recipe().parse([str(tmp_path / "c.yaml")])
-    assert script.prompt_column == "question" and irr.num_calibration_samples == 16 and targs.max_steps == 2
+    assert script.prompt_column == "question" and script.dataset.endswith("train.jsonl")
+    assert irr.num_calibration_samples == 16 and irr.remove_ratio == 0.5 and irr.seed == 3
+    assert targs.max_steps == 2 and targs.seed == 7
 
 
 def test_recipe_with_trl_sfttrainer(files, tmp_path):
