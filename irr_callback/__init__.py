@@ -10,4 +10,13 @@ from .safety import fisher, safety_vector
 
 __version__ = "0.1.0"
 
-__all__ = ["IRRConfig", "IRRConfigError", "IRRReport", "ModuleStats", "fisher", "realign", "safety_vector"]
+__all__ = ["IRRCallback", "IRRConfig", "IRRConfigError", "IRRReport", "ModuleStats", "fisher", "realign", "safety_vector"]
+
+
+def __getattr__(name: str):
+    # IRRCallback imports transformers' Trainer machinery: load it only when asked for
+    if name == "IRRCallback":
+        from .callback import IRRCallback
+
+        return IRRCallback
+    raise AttributeError(f"module 'irr_callback' has no attribute {name!r}")

@@ -111,6 +111,7 @@ class IRRConfig:
     unaligned_lora_rank: int = field(
         default=16, metadata={"help": "LoRA rank of the harmful fine-tune (0: full fine-tuning)."}
     )
+    unaligned_batch_size: int = field(default=8, metadata={"help": "Sequences per step of the harmful fine-tune."})
     fisher: Optional[str] = field(
         default=None, metadata={"help": "A Fisher-importance safetensors file written by `irr fisher`."}
     )
@@ -122,6 +123,11 @@ class IRRConfig:
     safety_response_column: str = field(
         default="response",
         metadata={"help": "Response column of safety_dataset; if absent, the base model's own responses are generated."},
+    )
+    safety_max_new_tokens: int = field(
+        default=128,
+        metadata={"help": "Tokens generated per prompt when safety_dataset has no response column (the base model's "
+                  "own answers are used, as in the paper)."},
     )
     fisher_batch_size: int = field(default=8, metadata={"help": "Mini-batch size of the Fisher estimate."})
     fisher_max_samples: Optional[int] = field(
@@ -171,7 +177,7 @@ class IRRConfig:
         _check(isinstance(self.max_damping_retries, int) and self.max_damping_retries >= 0,
                "max_damping_retries", self.max_damping_retries, "an integer >= 0")
         for name in ("num_calibration_samples", "calibration_max_length", "calibration_batch_size",
-                     "fisher_batch_size"):
+                     "fisher_batch_size", "unaligned_batch_size", "safety_max_new_tokens"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
         _check(self.fisher_max_samples is None or (isinstance(self.fisher_max_samples, int)

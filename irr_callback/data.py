@@ -1,145 +1,205 @@
-"""Datasets in, token batches out: hub ids, local json/jsonl, `datasets.Dataset` or lists of rows.
+"""Prompt/response data for the callback: load it from wherever the user points, tokenize it for
+SFT-style losses (loss on the response only), and take the first training examples for calibration.
 
-Two shapes of tokenized data are needed: calibration sequences (downstream text, no labels) and
-supervised pairs (prompt → response, loss on the response tokens only) for the Fisher estimate
-and the harmful fine-tune.
+The callback needs data in three places (harmful fine-tune, Fisher on safety data, calibration);
+one loader and one tokenizer keep their conventions identical.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 class DataError(ValueError):
-    """A dataset is missing, unreadable or lacks a needed column; the message names it."""
+    """A dataset cannot be used; the message names the parameter, file or column."""
 
 
-def load_rows(source: Any, *, split: str = "train", what: str = "dataset"):
-    """A `datasets.Dataset` from a hub id, a local .json/.jsonl/.csv/.parquet file, a Dataset or a list of dicts."""
+def load_examples(source: Any, *, what: str):
+    """A `datasets.Dataset` from a Dataset, a list of dicts, a local json/jsonl file or a hub id."""
     import datasets
 
     if isinstance(source, datasets.Dataset):
         return source
     if isinstance(source, datasets.DatasetDict):
-        if split not in source:
-            raise DataError(f"{what}: no split '{split}' (splits: {list(source)})")
-        return source[split]
-    if isinstance(source, (list, tuple)):
-        if not source or not all(isinstance(r, dict) for r in source):
-            raise DataError(f"{what}: a list of rows must be a non-empty list of dicts")
-        return datasets.Dataset.from_list(list(source))
-    if not isinstance(source, (str, os.PathLike)):
-        raise DataError(f"{what}: expected a path, a hub id, a datasets.Dataset or a list of dicts, "
-                        f"got {type(source).__name__}")
-    path = os.fspath(source)
-    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-    ext = os.path.splitext(path)[1].lower()
-    if ext in builders:
-        if not os.path.isfile(path):
-            raise DataError(f"{what}: file '{path}' does not exist")
-        try:
-            return datasets.load_dataset(builders[ext], data_files=path, split="train")
-        except Exception as exc:
-            raise DataError(f"{what}: cannot read '{path}' ({type(exc).__name__}: {exc})") from exc
-    if os.path.isdir(path):
-        try:
-            return datasets.load_from_disk(path)
-        except Exception:
-            return datasets.load_dataset(path, split=split)
-    if path.startswith((".", "/")) or os.sep in path and not _looks_like_hub_id(path):
-        raise DataError(f"{what}: '{path}' does not exist")
-    return datasets.load_dataset(path, split=split)  # a hub id: the user has the hub
+        if "train" not in source:
+            raise DataError(f"{what}: the DatasetDict has no 'train' split (splits: {list(source)})")
+        return source["train"]
+    if isinstance(source, list):
+        return datasets.Dataset.from_list(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isfile(path):
+            if not path.endswith((".json", ".jsonl")):
+                raise DataError(f"{what}: '{path}' must be a .json or .jsonl file")
+            return datasets.load_dataset("json", data_files=path, split="train")
+        if os.path.isdir(path) or path.startswith((".", "/")):
+            if os.path.isdir(path):
+                return datasets.load_dataset(path, split="train")
+            raise DataError(f"{what}: '{path}' does not exist")
+        return datasets.load_dataset(path, split="train")  # hub id
+    raise DataError(f"{what}: expected a datasets.Dataset, a list of dicts, a json/jsonl path or a hub id; "
+                    f"got {type(source).__name__}")
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/"))
+def data_fingerprint(source: Any, dataset) -> str:
+    """Identifies the data for cache keys: the file's bytes, or the Dataset's own fingerprint."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(os.fspath(source)):
+        digest = hashlib.sha256()
+        with open(os.fspath(source), "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()[:32]
+    fp = getattr(dataset, "_fingerprint", None)
+    if fp:
+        return str(fp)
+    return hashlib.sha256(repr(dataset[:]).encode()).hexdigest()[:32]
 
 
-def require_columns(rows, columns: Sequence[str], *, what: str) -> None:
-    missing = [c for c in columns if c not in rows.column_names]
-    if missing:
-        raise DataError(f"{what}: missing column(s) {missing}; it has {rows.column_names}")
+def require_columns(dataset, columns: list[str], *, what: str, fields: Optional[list[str]] = None) -> None:
+    """Raise naming the missing column and the option (`fields`) that chose it."""
+    for k, column in enumerate(columns):
+        if column not in dataset.column_names:
+            option = f" ({fields[k]})" if fields else ""
+            raise DataError(f"{what} has no column '{column}'{option}; its columns are {dataset.column_names}")
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it at inference: the chat template when the tokenizer has one."""
+def _chat_ids(tokenizer, prompt: str, response: Optional[str]) -> tuple[list[int], list[int]]:
+    """(prompt ids, full ids) with the tokenizer's chat template, or plain text when it has none."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt
+        messages = [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(prompt_ids, Mapping):
+            prompt_ids = prompt_ids["input_ids"]
+        if response is None:
+            return list(prompt_ids), list(prompt_ids)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                             tokenize=True)
+        if isinstance(full, Mapping):
+            full = full["input_ids"]
+        return list(prompt_ids), list(full)
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if response is None:
+        return list(prompt_ids), list(prompt_ids)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return list(prompt_ids), list(prompt_ids) + list(response_ids)
 
 
-def tokenize_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
-                   max_length: int = 512) -> list[dict[str, list[int]]]:
-    """Prompt → response examples with labels on the response (+ EOS) only; the prompt is -100."""
-    eos = tokenizer.eos_token or ""
-    rows = []
+def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], *, max_length: int) -> list[dict]:
+    """SFT examples: `input_ids`, `attention_mask`, `labels` (-100 on the prompt), EOS appended."""
+    if tokenizer is None:
+        raise DataError("a tokenizer is needed to tokenize prompt/response data: pass processing_class to the "
+                        "Trainer (or to IRRCallback.bind)")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = []
     for prompt, response in zip(prompts, responses):
-        prompt_text = format_prompt(tokenizer, prompt)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(str(response) + eos, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + response_ids)[:max_length]
-        labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
+        prompt_ids, ids = _chat_ids(tokenizer, str(prompt), str(response))
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        ids = ids[:max_length]
+        labels = [-100] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids):]
         if all(label == -100 for label in labels):
-            continue  # the prompt filled the whole window: nothing to learn from
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return rows
-
-
-def collate(rows: Sequence[dict[str, list[int]]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized rows; labels are padded with -100."""
-    width = max(len(r["input_ids"]) for r in rows)
-    out = {"input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
-           "attention_mask": torch.zeros((len(rows), width), dtype=torch.long)}
-    if "labels" in rows[0]:
-        out["labels"] = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        out["input_ids"][i, :n] = torch.tensor(r["input_ids"])
-        out["attention_mask"][i, :n] = 1
-        if "labels" in out:
-            out["labels"][i, :n] = torch.tensor(r["labels"])
+            continue  # the response was truncated away: no loss to take
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if not out:
+        raise DataError("no example kept a response token after truncation (raise calibration_max_length)")
     return out
 
 
-def batched(rows: Sequence[dict[str, list[int]]], batch_size: int, pad_token_id: int = 0) -> list[dict[str, torch.Tensor]]:
-    return [collate(rows[i:i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
+def collate(examples: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenized examples into one batch (labels padded with -100)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
+             "labels": torch.full((len(examples), width), -100, dtype=torch.long)}
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][row, :n] = torch.as_tensor(e["input_ids"])
+        batch["attention_mask"][row, :n] = 1
+        batch["labels"][row, :n] = torch.as_tensor(e.get("labels", e["input_ids"]))
+    return batch
 
 
-def calibration_rows(source: Any, tokenizer=None, *, max_samples: int, max_length: int = 512,
-                     text_column: Optional[str] = None, prompt_column: str = "prompt",
-                     response_column: str = "response") -> list[dict[str, list[int]]]:
-    """The first `max_samples` downstream examples as token ids.
+def batches(examples: list[dict], batch_size: int, pad_token_id: int = 0) -> list[dict[str, torch.Tensor]]:
+    return [collate(examples[i:i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
 
-    Uses `input_ids` when present; otherwise a text column (`text_column`, or 'text') or
-    prompt/response columns (rendered with the chat template) tokenized with `tokenizer`.
-    """
-    rows = load_rows(source, what="calibration data")
-    rows = rows.select(range(min(max_samples, len(rows))))
-    if len(rows) == 0:
-        raise DataError("calibration data is empty")
-    if "input_ids" in rows.column_names:
-        return [{"input_ids": list(r["input_ids"])[:max_length]} for r in rows]
+
+def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int) -> list[str]:
+    """The base model's own greedy answers (how the IRR authors built Fisher data), one prompt at a time
+    so no padding side matters; the model's train/eval mode is restored."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    answers = []
+    try:
+        with torch.no_grad():
+            for prompt in logging.tqdm(prompts, desc="IRR safety responses"):
+                prompt_ids, _ = _chat_ids(tokenizer, str(prompt), None)
+                ids = torch.tensor([prompt_ids], device=device)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad)
+                answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def check_calibration_columns(dataset, text_column: Optional[str] = None) -> None:
+    """Fail early (before any model is loaded) when no column can feed calibration."""
+    columns = list(getattr(dataset, "column_names", None) or [])
+    usable = [text_column] if text_column else ["input_ids", "text", "prompt", "messages"]
+    if not any(c in columns for c in usable):
+        raise DataError(f"calibration data has no usable column (columns: {columns}); expected "
+                        + (f"'{text_column}'" if text_column else "'input_ids', 'text', 'prompt' or 'messages'"))
+
+
+def calibration_examples(dataset: Any, tokenizer, *, num_samples: int, max_length: int,
+                         text_column: Optional[str] = None) -> list[dict]:
+    """The first `num_samples` training examples as token ids: pre-tokenized (`input_ids`) as is,
+    otherwise tokenized from `text_column`, or a `text`, `prompt`/`completion|response` or `messages` column."""
+    if dataset is None:
+        raise DataError("no training dataset for IRR calibration: call IRRCallback.bind(trainer) or train "
+                        "with a train_dataset")
+    rows = []
+    for item in dataset:
+        rows.append(item)
+        if len(rows) >= num_samples:
+            break
+    if not rows:
+        raise DataError("the training dataset is empty: IRR calibration needs at least one example")
+    first = rows[0]
+    if not isinstance(first, Mapping):
+        raise DataError(f"training examples are {type(first).__name__}, expected dicts with 'input_ids' or text")
+    if text_column is not None and text_column not in first:
+        raise DataError(f"calibration data has no column '{text_column}'; its columns are {list(first)}")
+    if "input_ids" in first and text_column is None:
+        return [{"input_ids": r["input_ids"], **({"attention_mask": r["attention_mask"]}
+                                                  if "attention_mask" in r else {})} for r in rows]
     if tokenizer is None:
-        raise DataError("calibration data is not tokenized (no 'input_ids') and no tokenizer was given")
-    column = text_column or ("text" if "text" in rows.column_names else None)
-    if column is not None:
-        require_columns(rows, [column], what="calibration data")
-        texts = [str(t) for t in rows[column]]
-    elif prompt_column in rows.column_names and response_column in rows.column_names:
-        texts = [format_prompt(tokenizer, p) + str(r) + (tokenizer.eos_token or "")
-                 for p, r in zip(rows[prompt_column], rows[response_column])]
-    else:
-        raise DataError(f"calibration data needs 'input_ids', a text column ('text' or --calibration-text-column) "
-                        f"or '{prompt_column}'/'{response_column}' columns; it has {rows.column_names}")
+        raise DataError(f"training examples are not tokenized (keys {list(first)}) and no processing_class "
+                        "was given to tokenize them")
     out = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
-        if ids:
-            out.append({"input_ids": ids})
-    if not out:
-        raise DataError("calibration data has no tokens after tokenization")
+    for r in rows:
+        if text_column is not None:
+            ids = tokenizer(str(r[text_column]))["input_ids"]
+        elif "messages" in r and getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(r["messages"], tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
+        elif "text" in r:
+            ids = tokenizer(r["text"])["input_ids"]
+        elif "prompt" in r:
+            answer = r.get("completion", r.get("response"))
+            ids = _chat_ids(tokenizer, str(r["prompt"]), None if answer is None else str(answer))[1]
+        else:
+            raise DataError(f"calibration data has no usable column (columns: {list(r)}); expected 'input_ids', "
+                            "'text', 'prompt'(+'completion'/'response') or 'messages'")
+        out.append({"input_ids": list(ids)[:max_length]})
     return out

@@ -51,11 +51,12 @@ def test_apply_with_unaligned_matches_library(ckpts, tmp_path):
     report = json.load(open(os.path.join(out, "irr_report.json")))
     assert report["status"] == "ok" and report["totals"]["removed"] > 0
     # same result as the library on the same inputs
-    from irr_callback.data import calibration_rows
+    from irr_callback.data import calibration_examples, load_examples
     from tests.helpers import tiny_tokenizer
 
     model = __import__("copy").deepcopy(ft)
-    calib = calibration_rows(paths["calib"], tiny_tokenizer(), max_samples=128)
+    calib = calibration_examples(load_examples(paths["calib"], what="calib"), tiny_tokenizer(), num_samples=128,
+                                 max_length=512)
     irr.realign(model, base=base, safety_vector=irr.safety_vector(base, unaligned, sign_only=True),
                 calibration=calib, progress=False)
     name = "model.layers.1.mlp.down_proj.weight"

@@ -75,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
     if config.needs_importance and not (args.fisher or args.safety_data):
         raise CLIError(f"--remove_ratio {config.remove_ratio} < 1 ranks by Fisher importance: pass --fisher or "
                        "--safety-data")
+    from ..data import calibration_examples, check_calibration_columns, load_examples
+
+    calibration_data = load_examples(args.calibration_data, what="--calibration-data")
+    check_calibration_columns(calibration_data, args.calibration_text_column)
     lora = is_adapter_dir(args.finetuned)
     if lora and not args.allow_base_mismatch:
         recorded = adapter_base_name(args.finetuned)
@@ -114,10 +118,9 @@ def run(args: argparse.Namespace) -> int:
                       else _fisher_from_data(base_model if not lora else model, tokenizer, args, names, config))
 
     # ---- calibration, realign, save -----------------------------------------------------------
-    from ..data import calibration_rows
-
-    calib = calibration_rows(args.calibration_data, tokenizer, max_samples=config.num_calibration_samples,
-                             max_length=config.calibration_max_length, text_column=args.calibration_text_column)
+    calib = calibration_examples(calibration_data, tokenizer,
+                                 num_samples=config.num_calibration_samples,
+                                 max_length=config.calibration_max_length, text_column=args.calibration_text_column)
     report = realign(model, base=base_map, safety_vector=v, calibration=calib, importance=importance,
                      config=config)
     if lora:
@@ -147,15 +150,16 @@ def _local_or_download(path: str):
 
 
 def _fisher_from_data(model, tokenizer, args, names, config):
-    from ..data import batched, load_rows, require_columns, tokenize_pairs
+    from ..data import batches, load_examples, require_columns, tokenize_pairs
     from ..safety import fisher
 
-    rows = load_rows(args.safety_data, what="--safety-data")
-    require_columns(rows, [args.safety_prompt_column, args.safety_response_column], what="--safety-data")
+    rows = load_examples(args.safety_data, what="--safety-data")
+    require_columns(rows, [args.safety_prompt_column, args.safety_response_column], what="--safety-data",
+                    fields=["--safety-prompt-column", "--safety-response-column"])
     pairs = tokenize_pairs(tokenizer, rows[args.safety_prompt_column], rows[args.safety_response_column],
                            max_length=config.calibration_max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return fisher(model, batched(pairs, 8, pad), names=names)
+    return fisher(model, batches(pairs, 8, pad), names=names)
 
 
 def _write_card(directory: str, args, report) -> None:

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import batched, load_rows, require_columns, tokenize_pairs
+    from ..data import DataError, batches, load_examples, require_columns, tokenize_pairs
     from ..safety import fisher
     from ..targets import find_targets
     from ..tensors import as_tensor_mapping
@@ -42,18 +42,21 @@ def run(args: argparse.Namespace) -> int:
     if not args.output.endswith(".safetensors"):
         raise CLIError("--output must end with .safetensors")
     check_output(args.output, "--output", args.overwrite)
-    rows = load_rows(args.safety_data, what="--safety-data")
-    require_columns(rows, [args.prompt_column, args.response_column], what="--safety-data")
+    rows = load_examples(args.safety_data, what="--safety-data")
+    require_columns(rows, [args.prompt_column, args.response_column], what="--safety-data",
+                    fields=["--prompt-column", "--response-column"])
     if args.max_samples:
         rows = rows.select(range(min(args.max_samples, len(rows))))
     tokenizer = load_tokenizer(args.base)
     model = load_causal_lm(args.base)
     names = [t.name for t in find_targets(model, args.target_modules)[2]]
-    pairs = tokenize_pairs(tokenizer, rows[args.prompt_column], rows[args.response_column], max_length=args.max_length)
-    if not pairs:
-        raise CLIError("--safety-data: no example has a response token left after truncation")
+    try:
+        pairs = tokenize_pairs(tokenizer, rows[args.prompt_column], rows[args.response_column],
+                               max_length=args.max_length)
+    except DataError as exc:
+        raise CLIError(f"--safety-data: {exc}") from exc
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = fisher(model, batched(pairs, args.batch_size, pad), names=names,
+    scores = fisher(model, batches(pairs, args.batch_size, pad), names=names,
                     dtype=torch.float32 if args.dtype == "float32" else torch.bfloat16)
     base = as_tensor_mapping(model, what="base")
     save_irr_file(args.output, scores, kind="fisher", base_fingerprint=fingerprint(base, scores.keys()),

@@ -1,0 +1,135 @@
+"""Supervised fine-tuning that ends with a safety-realigned model (IRR), full or LoRA.
+
+Single process (full fine-tuning, safety vector from a harmful fine-tune the callback runs itself):
+
+    python recipes/sft_irr.py \\
+        --model_name_or_path meta-llama/Llama-2-7b-chat-hf --dataset sahil2801/CodeAlpaca-20k \\
+        --prompt_column prompt --response_column completion \\
+        --harmful_dataset harmful_pairs.jsonl --num_calibration_samples 128 \\
+        --output_dir out/code-irr --bf16 --per_device_train_batch_size 4 --num_train_epochs 1
+
+LoRA on q/v with an existing unaligned model, on 8 GPUs:
+
+    accelerate launch --num_processes 8 recipes/sft_irr.py \\
+        --model_name_or_path meta-llama/Llama-2-7b-chat-hf --dataset train.jsonl \\
+        --use_lora --lora_target_modules q_proj v_proj --lora_r 8 \\
+        --unaligned_model my-org/llama-2-7b-chat-unaligned --lora_output both \\
+        --output_dir out/code-irr-lora --bf16
+
+From a YAML file holding the same keys:  python recipes/sft_irr.py config.yaml
+With TRL's SFTTrainer (pip install trl): add --use_trl.
+
+The realigned model is written to <output_dir>/irr (see the README, "IRRCallback").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, HfArgumentParser, Trainer,
+                          TrainingArguments)
+
+from irr_callback import IRRCallback, IRRConfig
+from irr_callback.data import load_examples, require_columns, tokenize_pairs
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(metadata={"help": "The aligned model to fine-tune (hub id or directory)."})
+    dataset: str = field(metadata={"help": "Training data: hub id or a json/jsonl file with prompt/response pairs."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of the training data."})
+    response_column: str = field(default="response", metadata={"help": "Response column of the training data."})
+    max_length: int = field(default=512, metadata={"help": "Training sequences are truncated to this many tokens."})
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_target_modules: Optional[list[str]] = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules the adapter wraps."})
+    use_trl: bool = field(default=False, metadata={"help": "Train with trl.SFTTrainer instead of Trainer."})
+
+
+def _irr_arguments() -> type:
+    """IRRConfig's fields as flags, with `seed` renamed `irr_seed` (TrainingArguments owns --seed)."""
+    import typing
+
+    hints = typing.get_type_hints(IRRConfig)
+    specs = []
+    for f in dataclasses.fields(IRRConfig):
+        default = {"default": f.default} if f.default is not dataclasses.MISSING else \
+            {"default_factory": f.default_factory}
+        specs.append(("irr_seed" if f.name == "seed" else f.name, hints[f.name],
+                      field(metadata=f.metadata, **default)))
+    return dataclasses.make_dataclass("IRRArguments", specs)
+
+
+IRRArguments = _irr_arguments()
+
+
+def parse(argv: Optional[list[str]] = None) -> tuple[ScriptArguments, IRRConfig, TrainingArguments]:
+    """From command-line flags, or from one YAML file holding the same keys."""
+    parser = HfArgumentParser((ScriptArguments, IRRArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        script, irr, args = parser.parse_yaml_file(argv[0])
+    else:
+        script, irr, args = parser.parse_args_into_dataclasses(argv)
+    values = dataclasses.asdict(irr)
+    values["seed"] = values.pop("irr_seed")
+    return script, IRRConfig(**values), args
+
+
+def build_trainer(script: ScriptArguments, irr: IRRConfig, args: TrainingArguments):
+    tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(script.model_name_or_path)
+    if script.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=script.lora_r, lora_alpha=script.lora_alpha,
+                                                 target_modules=script.lora_target_modules, task_type="CAUSAL_LM"))
+    raw = load_examples(script.dataset, what="--dataset")
+    require_columns(raw, [script.prompt_column, script.response_column], what="--dataset",
+                    fields=["prompt_column", "response_column"])
+    callback = IRRCallback(irr)
+    if script.use_trl:
+        trainer = _trl_trainer(model, tokenizer, raw, script, args, callback)
+    else:
+        rows = tokenize_pairs(tokenizer, raw[script.prompt_column], raw[script.response_column],
+                              max_length=script.max_length)
+        import datasets
+
+        trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer),
+                          callbacks=[callback])
+    callback.bind(trainer)
+    return trainer, callback
+
+
+def _trl_trainer(model, tokenizer, raw, script, args, callback):
+    try:
+        from trl import SFTConfig, SFTTrainer
+    except ImportError as exc:
+        raise ImportError("--use_trl needs TRL: pip install trl") from exc
+    data = raw.map(lambda e: {"prompt": e[script.prompt_column], "completion": e[script.response_column]},
+                   remove_columns=raw.column_names)
+    known = set(SFTConfig.__dataclass_fields__)
+    values = {k: v for k, v in args.to_dict().items() if k in known and not k.startswith("_")}
+    values.pop("push_to_hub_token", None)
+    config = SFTConfig(**values, max_length=script.max_length)
+    return SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[callback])
+
+
+def main(argv: Optional[list[str]] = None):
+    script, irr, args = parse(argv)
+    trainer, callback = build_trainer(script, irr, args)
+    trainer.train()
+    trainer.save_model()  # the live model is realigned: this writes the safe model (LoRA: realigned adapter)
+    return trainer, callback
+
+
+if __name__ == "__main__":
+    main()
