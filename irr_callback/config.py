@@ -49,7 +49,10 @@ class IRRConfig:
             "importance) or 'random' (ablation: remove a random `remove_ratio` share of all entries)."
         },
     )
-    seed: int = field(default=0, metadata={"help": "Seed for identify_mode='random'."})
+    irr_seed: int = field(
+        default=0,
+        metadata={"help": "Seed for identify_mode='random' (named irr_seed so it never clashes with TrainingArguments.seed)."},
+    )
     recalibrate: bool = field(
         default=True,
         metadata={"help": "Compensate removals with the OBS update on the kept deltas (False: plain removal)."},

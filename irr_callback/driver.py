@@ -269,7 +269,7 @@ def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base
     results = realign_group(
         deltas, safeties, scores, hessian, names=[t.name for t in group],
         remove_ratio=config.remove_ratio, remove_more=config.remove_more, recalibrate=config.recalibrate,
-        blocksize=config.blocksize, percdamp=config.percdamp, mode=config.identify_mode, seed=config.seed,
+        blocksize=config.blocksize, percdamp=config.percdamp, mode=config.identify_mode, seed=config.irr_seed,
         max_damping_retries=config.max_damping_retries, fallback_to_removal=config.fallback_to_removal,
         removal_error=config.fallback_to_removal,
     )

@@ -163,7 +163,7 @@ def _from_harmful_dataset(source: Any, config: IRRConfig, ctx: BaseContext) -> R
     key = _key("harmful_dataset", data_fingerprint(source, dataset), config.harmful_prompt_column,
                config.harmful_response_column, config.unaligned_steps, config.unaligned_learning_rate,
                config.unaligned_lora_rank, config.unaligned_batch_size, config.calibration_max_length,
-               config.seed, ctx.names)
+               config.irr_seed, ctx.names)
     path = _cache_path(config, ctx, "safety_vector", key)
     label = source if isinstance(source, str) else type(source).__name__
     hit = _cached(path, "safety_vector", ctx)

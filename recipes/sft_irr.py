@@ -24,7 +24,6 @@ The realigned model is written to <output_dir>/irr (see the README, "IRRCallback
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -51,34 +50,15 @@ class ScriptArguments:
     use_trl: bool = field(default=False, metadata={"help": "Train with trl.SFTTrainer instead of Trainer."})
 
 
-def _irr_arguments() -> type:
-    """IRRConfig's fields as flags, with `seed` renamed `irr_seed` (TrainingArguments owns --seed)."""
-    import typing
-
-    hints = typing.get_type_hints(IRRConfig)
-    specs = []
-    for f in dataclasses.fields(IRRConfig):
-        default = {"default": f.default} if f.default is not dataclasses.MISSING else \
-            {"default_factory": f.default_factory}
-        specs.append(("irr_seed" if f.name == "seed" else f.name, hints[f.name],
-                      field(metadata=f.metadata, **default)))
-    return dataclasses.make_dataclass("IRRArguments", specs)
-
-
-IRRArguments = _irr_arguments()
-
-
 def parse(argv: Optional[list[str]] = None) -> tuple[ScriptArguments, IRRConfig, TrainingArguments]:
     """From command-line flags, or from one YAML file holding the same keys."""
-    parser = HfArgumentParser((ScriptArguments, IRRArguments, TrainingArguments))
+    parser = HfArgumentParser((ScriptArguments, IRRConfig, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         script, irr, args = parser.parse_yaml_file(argv[0])
     else:
         script, irr, args = parser.parse_args_into_dataclasses(argv)
-    values = dataclasses.asdict(irr)
-    values["seed"] = values.pop("irr_seed")
-    return script, IRRConfig(**values), args
+    return script, irr, args
 
 
 def build_trainer(script: ScriptArguments, irr: IRRConfig, args: TrainingArguments):

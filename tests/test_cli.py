@@ -118,7 +118,7 @@ def test_bad_input_exits_nonzero_with_message_and_no_output(ckpts, tmp_path, cap
         assert _listing(out) == ["keep.txt"]
     else:
         assert not out.exists()
-    assert not [p for p in os.listdir(tmp_path) if ".irr-tmp-" in p]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
 def test_lora_adapter_apply_and_base_mismatch(ckpts, tmp_path, capsys):

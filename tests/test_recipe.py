@@ -81,7 +81,7 @@ report_to: []
 """)
     script, irr, targs = _recipe().parse([str(tmp_path / "c.yaml")])
     assert script.prompt_column == "question" and script.dataset.endswith("train.jsonl")
-    assert irr.num_calibration_samples == 16 and irr.remove_ratio == 0.5 and irr.seed == 3
+    assert irr.num_calibration_samples == 16 and irr.remove_ratio == 0.5 and irr.irr_seed == 3
     assert targs.max_steps == 2 and targs.seed == 7
 
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import typing
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -19,7 +16,7 @@ from ..config import IRRConfig
 # IRRConfig fields that make sense on the command line of `irr apply` / `irr sweep`; the
 # callback-only fields (snapshot, realign_checkpoints, ...) and the safety-input paths, which
 # have their own --dashed flags, are left out.
-CORE_FIELDS = ("remove_ratio", "remove_more", "identify_mode", "seed", "recalibrate", "blocksize", "percdamp",
+CORE_FIELDS = ("remove_ratio", "remove_more", "identify_mode", "irr_seed", "recalibrate", "blocksize", "percdamp",
                "max_damping_retries", "fallback_to_removal", "target_modules", "num_calibration_samples",
                "calibration_max_length", "calibration_batch_size", "device")
 
@@ -114,30 +111,3 @@ def load_tokenizer(*paths: Optional[str]):
         except Exception as exc:  # a model dir without tokenizer files: try the next one
             errors.append(f"{path}: {exc}")
     raise CLIError("no tokenizer found in " + "; ".join(errors or ["(no path)"]))
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temp dir beside `target`; on success it replaces `target`, on failure it vanishes.
-
-    An interrupted run (even SIGKILL) leaves at most a `.irr-tmp-*` sibling, never a half-written
-    `target`; the previous `target`, if any, stays until the new one is complete.
-    """
-    target = os.path.abspath(target)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(target) and not overwrite:
-        raise CLIError(f"'{target}' already exists (pass --overwrite to replace it)")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.irr-tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.irr-old-", dir=parent)
-            os.replace(target, os.path.join(old, "x"))
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

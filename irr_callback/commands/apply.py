@@ -17,12 +17,12 @@ import os
 from transformers.utils import logging
 
 from ..io import load_irr_file
+from ..saving import atomic_directory
 from ..tensors import SafetensorsMapping, as_tensor_mapping
 from ._common import (
     CLIError,
     add_config_arguments,
     adapter_base_name,
-    atomic_directory,
     check_exists,
     check_output,
     config_from_args,
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                      config=config)
     if lora:
         model = model.merge_and_unload()
-    with atomic_directory(args.output, overwrite=args.overwrite) as tmp:
+    with atomic_directory(args.output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         report.extra.update({"base_model": args.base, "finetuned": args.finetuned, "lora": lora})
