@@ -321,7 +321,7 @@ def test_callback_never_executes_a_pickled_safety_vector(tmp_path):
 
 
 def test_resume_refuses_a_pickled_or_foreign_snapshot(ckpts, tmp_path):
-    paths, (base, _, _), _ = ckpts
+    paths, (base, _, _), names = ckpts
     cfg = IRRConfig(safety_vector=paths["v"], snapshot="disk")
     _begin(IRRCallback(cfg), copy.deepcopy(base), tmp_path, save_strategy="steps")
     snapshot = tmp_path / "run" / "irr_run" / "snapshot.safetensors"
@@ -330,6 +330,11 @@ def test_resume_refuses_a_pickled_or_foreign_snapshot(ckpts, tmp_path):
     with pytest.raises(IRRFileError, match="not a safetensors file"):
         _begin(IRRCallback(cfg), copy.deepcopy(base), tmp_path, step=4, save_strategy="steps")
     assert not marker.exists()
+    # a genuine snapshot of another run's base: the persisted safety vector's fingerprint disagrees
+    save_irr_file(str(snapshot), {n: base.state_dict()[n] for n in names}, kind="snapshot",
+                  base_fingerprint="0" * 32)
+    with pytest.raises(IRRFileError, match="was made for base .*this run's base is 0{32}"):
+        _begin(IRRCallback(cfg), copy.deepcopy(base), tmp_path, step=4, save_strategy="steps")
 
 
 def test_tampered_and_corrupt_safety_vector_files(ckpts, tmp_path, capsys):
