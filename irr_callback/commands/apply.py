@@ -40,6 +40,14 @@ logger = logging.get_logger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_input_arguments(p)
+    p.add_argument("--output", required=True, help="Where the realigned model is written (atomically).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    add_config_arguments(p)
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """Models, safety inputs and calibration data (shared with `irr sweep`)."""
     p.add_argument("--base", required=True, help="The aligned model the fine-tune started from (directory or hub id).")
     p.add_argument("--finetuned", required=True, help="The fine-tuned model directory, or a LoRA adapter directory.")
     src = p.add_mutually_exclusive_group(required=True)
@@ -53,13 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-data", required=True,
                    help="Downstream training data (json/jsonl/hub id): input_ids, a text column, or prompt/response.")
     p.add_argument("--calibration-text-column", default=None, help="Text column of --calibration-data.")
-    p.add_argument("--output", required=True, help="Where the realigned model is written (atomically).")
-    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="Dtype to load the models in.")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="Accept a LoRA adapter whose recorded base differs from --base (shapes are still checked).")
-    add_config_arguments(p)
 
 
 @dataclass

@@ -75,12 +75,13 @@ def run(args: argparse.Namespace) -> int:
             rows = [{"model": "aligned", **world.evaluate(world.aligned_model)},
                     {"model": "fine-tuned", **world.evaluate(finetuned)},
                     {"model": "fine-tuned + IRR", **world.evaluate(realigned)}]
+            del realigned
             totals = callback.report.totals
             print("[4/4] writing the table and the plot")
             results = _results(world, args, rows, totals, callback, train_seconds, time.perf_counter() - started)
             results = json.loads(json.dumps(results).replace(tmp, target))  # paths as they will be
             _write_results(tmp, results, rows)
-    _print_summary(target, rows, totals, time.perf_counter() - started)
+    _print_summary(target, rows, totals, results, time.perf_counter() - started)
     return 0
 
 
@@ -141,7 +142,7 @@ def _save_inputs(world, directory: str) -> None:
 
 def _finetune_with_irr(world, directory: str, args: argparse.Namespace):
     """The product: a Trainer run whose end realigns the live model (IRRCallback)."""
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     from ..callback import IRRCallback
     from ..config import IRRConfig
@@ -199,7 +200,10 @@ def _finetune_with_irr(world, directory: str, args: argparse.Namespace):
     finetuned.save_pretrained(os.path.join(directory, "finetuned"))
     world.tokenizer.save_pretrained(os.path.join(directory, "finetuned"))
     shutil.rmtree(os.path.join(directory, "trainer"), ignore_errors=True)  # only the run's irr_report.json
-    return finetuned, trainer.model, callback, seconds
+    # The saved model is the one measured. (After a LoRA run the live PeftModel holds the adapter
+    # re-factored at rank lora_refactor_rank, an approximation; the saved merged model is exact.)
+    realigned = AutoModelForCausalLM.from_pretrained(os.path.join(directory, "finetuned-irr")).eval()
+    return finetuned, realigned, callback, seconds
 
 
 def _results(world, args, rows, totals, callback, train_seconds: float, seconds: float) -> dict[str, Any]:
@@ -208,7 +212,9 @@ def _results(world, args, rows, totals, callback, train_seconds: float, seconds:
 
     return {
         "command": "irr demo " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                          (("seed", args.seed), ("size", args.size))) + (" --lora" if args.lora else ""),
+                                          (("seed", args.seed), ("size", args.size))) + (" --lora" if args.lora else "")
+                   + (f" --steps {args.steps}" if args.steps else "")
+                   + (f" --safety-source {args.safety_source}" if args.safety_source != "vector" else ""),
         "rows": rows,
         "irr": {"removed": totals["removed"], "entries": totals["entries"], "conflicts": totals["conflicts"],
                 "removed_fraction": totals["removed_fraction"], "safety_inputs": callback.sources},
@@ -242,7 +248,8 @@ def _write_results(directory: str, results: dict[str, Any], rows: list[dict[str,
         json.dump(results, fh, indent=2)
 
 
-def _print_summary(target: str, rows: list[dict[str, Any]], totals: dict[str, Any], seconds: float) -> None:
+def _print_summary(target: str, rows: list[dict[str, Any]], totals: dict[str, Any], results: dict[str, Any],
+                   seconds: float) -> None:
     from ..plotting import markdown_table
 
     print()
@@ -257,5 +264,7 @@ def _print_summary(target: str, rows: list[dict[str, Any]], totals: dict[str, An
     if os.path.exists(os.path.join(target, "pareto.png")):
         print(f"  plot:   {os.path.join(target, 'pareto.png')}")
     print(f"  table:  {os.path.join(target, 'results.md')}")
-    print(f"  models: aligned/ unaligned/ finetuned/ finetuned-irr/  (try: irr eval --toy --models "
-          f"{os.path.join(target, 'finetuned')} {os.path.join(target, 'finetuned-irr')})")
+    j = lambda name: os.path.join(target, name)  # noqa: E731
+    print(f"  models: aligned/ unaligned/ finetuned/ finetuned-irr/; compare them with\n"
+          f"    irr eval --toy --toy-size {results['world']['size']} --toy-seed {results['world']['seed']} --threads 1 "
+          f"--models {j('finetuned')} {j('finetuned-irr')}" + (f" --base {j('aligned')}" if results["lora"] else ""))
