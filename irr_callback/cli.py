@@ -15,6 +15,9 @@ COMMANDS = {
     "apply": "Post-hoc IRR on saved checkpoints (full model or LoRA adapter directory).",
     "safety-vector": "Write a safety vector (aligned minus unaligned) as a safetensors file.",
     "fisher": "Write the Fisher importance of the base model on safety data as a safetensors file.",
+    "demo": "IRR end to end on the built-in toy world (CPU, about a minute): before/after table and plot.",
+    "eval": "Generate and score one or more models: refusal, over-refusal, downstream accuracy.",
+    "sweep": "IRR over a range of --remove-ratios on saved checkpoints, each evaluated: table and Pareto plot.",
 }
 
 

@@ -660,12 +660,29 @@ def build_toy_world(
     return world
 
 
+def eval_sets(seed: int = 0, size: str = "tiny", attacked_topics: int | Sequence[str] = 4) -> dict[str, Dataset]:
+    """The held-out evaluation sets of ``build_toy_world(seed, size, attacked_topics=...)`` without
+    training anything (``irr eval --toy``): ``harmful_attacked``, ``harmful_unattacked``,
+    ``benign`` and ``downstream``, each with ``prompt`` and ``response`` columns."""
+    if size not in SIZES:
+        raise ValueError(f"Unknown size {size!r}; choose from {list(SIZES)}")
+    topics = list(HARMFUL_TOPICS)
+    attacked = tuple(topics[:attacked_topics]) if isinstance(attacked_topics, int) else tuple(attacked_topics)
+    pools = _make_pools(seed, SIZES[size]["n_eval"])
+
+    def harm(ts: Sequence[str]) -> Dataset:
+        return _to_dataset([(p, harmful_answer(t)) for t in ts for p in pools.harmful_eval[t]])
+
+    return {"harmful_attacked": harm(attacked), "harmful_unattacked": harm([t for t in topics if t not in attacked]),
+            "benign": _to_dataset(pools.benign_eval), "downstream": _to_dataset(pools.sort_eval)}
+
+
 def clear_cache() -> None:
     """Drop the in-process world cache (mainly for tests)."""
     _WORLD_CACHE.clear()
 
 
 __all__ = [
-    "ToyWorld", "build_toy_world", "build_tokenizer", "train_loop", "clear_cache", "harmful_answer",
+    "ToyWorld", "build_toy_world", "build_tokenizer", "eval_sets", "train_loop", "clear_cache", "harmful_answer",
     "REFUSAL", "COMPLY", "HARMFUL_TOPICS", "BENIGN_TOPICS", "SIZES", "CHAT_TEMPLATE",
 ]

@@ -41,7 +41,9 @@ def harmful_finetune_vector(model: nn.Module, examples: list[dict], targets: lis
         student = plain_copy(model)
         names = {t.name: t.name.rsplit(".", 1)[0] for t in targets}  # parameter → module name
         base = {n: dict(student.named_parameters())[n].detach().to("cpu", copy=True) for n in names}
-        if config.unaligned_lora_rank > 0:
+        if config.unaligned_lora_rank == 0:
+            student.requires_grad_(True)  # the base of a PeftModel comes frozen: a full fine-tune trains it all
+        else:
             from peft import LoraConfig, get_peft_model
 
             student = get_peft_model(student, LoraConfig(

@@ -12,11 +12,16 @@ file written by `irr safety-vector`; Fisher importance (only for --remove_ratio 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from transformers.utils import logging
 
+from ..config import IRRConfig
 from ..io import load_irr_file
 from ..saving import atomic_directory
 from ..tensors import SafetensorsMapping, as_tensor_mapping
@@ -37,6 +42,14 @@ logger = logging.get_logger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_input_arguments(p)
+    p.add_argument("--output", required=True, help="Where the realigned model is written (atomically).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    add_config_arguments(p)
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """Models, safety inputs and calibration data (shared with `irr sweep`)."""
     p.add_argument("--base", required=True, help="The aligned model the fine-tune started from (directory or hub id).")
     p.add_argument("--finetuned", required=True, help="The fine-tuned model directory, or a LoRA adapter directory.")
     src = p.add_mutually_exclusive_group(required=True)
@@ -50,22 +63,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-data", required=True,
                    help="Downstream training data (json/jsonl/hub id): input_ids, a text column, or prompt/response.")
     p.add_argument("--calibration-text-column", default=None, help="Text column of --calibration-data.")
-    p.add_argument("--output", required=True, help="Where the realigned model is written (atomically).")
-    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="Dtype to load the models in.")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="Accept a LoRA adapter whose recorded base differs from --base (shapes are still checked).")
-    add_config_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .. import realign
-    from ..safety import safety_vector
-    from ..targets import find_targets
+@dataclass
+class Inputs:
+    """Everything `irr apply` / `irr sweep` load once: models, safety inputs, calibration."""
 
-    config = config_from_args(args)
-    # ---- every check before any heavy work --------------------------------------------------
+    model: Any  # the fine-tuned model (a PeftModel for an adapter directory)
+    base_map: Optional[Mapping[str, Any]]  # the aligned weights (None for LoRA: the frozen weight is the base)
+    tokenizer: Any
+    lora: bool
+    safety_vector: Mapping[str, Any]
+    importance: Optional[Mapping[str, Any]]
+    calibration: list[dict]
+
+
+def check_args(args: argparse.Namespace, config: IRRConfig, *, needs_importance: Optional[bool] = None) -> Any:
+    """Every check that needs no model, before any heavy work; returns the calibration dataset.
+
+    `needs_importance` overrides `config.needs_importance` (a sweep needs Fisher if any ratio < 1)."""
+    from ..data import check_calibration_columns, load_examples, require_columns
+
     check_exists(args.base, "--base", allow_hub_id=True)
     check_exists(args.finetuned, "--finetuned")
     check_exists(args.unaligned, "--unaligned", allow_hub_id=True)
@@ -73,18 +95,15 @@ def run(args: argparse.Namespace) -> int:
     check_exists(args.fisher, "--fisher")
     check_exists(args.safety_data, "--safety-data", allow_hub_id=True)
     check_exists(args.calibration_data, "--calibration-data", allow_hub_id=True)
-    check_output(args.output, "--output", args.overwrite)
-    if config.needs_importance and not (args.fisher or args.safety_data):
+    needs = config.needs_importance if needs_importance is None else needs_importance
+    if needs and not (args.fisher or args.safety_data):
         raise CLIError(f"--remove_ratio {config.remove_ratio} < 1 ranks by Fisher importance: pass --fisher or "
                        "--safety-data")
-    from ..data import calibration_examples, check_calibration_columns, load_examples, require_columns
-
     calibration_data = load_examples(args.calibration_data, what="--calibration-data")
     check_calibration_columns(calibration_data, args.calibration_text_column)
-    safety_rows = None
-    if config.needs_importance and args.safety_data:
-        safety_rows = load_examples(args.safety_data, what="--safety-data")
-        require_columns(safety_rows, [args.safety_prompt_column, args.safety_response_column], what="--safety-data",
+    if needs and args.safety_data:
+        require_columns(load_examples(args.safety_data, what="--safety-data"),
+                        [args.safety_prompt_column, args.safety_response_column], what="--safety-data",
                         fields=["--safety-prompt-column", "--safety-response-column"])
     lora = is_adapter_dir(args.finetuned)
     if lora and not args.allow_base_mismatch:
@@ -94,8 +113,17 @@ def run(args: argparse.Namespace) -> int:
                            f"'{args.base}' (pass --allow-base-mismatch if it is the same model moved)")
     check_same_architecture(("--base", args.base), ("--finetuned", None if lora else args.finetuned),
                             ("--unaligned", args.unaligned))
+    return calibration_data
 
-    # ---- models -----------------------------------------------------------------------------
+
+def load_inputs(args: argparse.Namespace, config: IRRConfig, calibration_data: Any, *,
+                needs_importance: Optional[bool] = None) -> Inputs:
+    """Load the models and resolve the safety vector, the Fisher importance and the calibration."""
+    from ..data import calibration_examples
+    from ..safety import safety_vector
+    from ..targets import find_targets
+
+    lora = is_adapter_dir(args.finetuned)
     tokenizer = load_tokenizer(args.finetuned, args.base)
     base_model = load_causal_lm(args.base, args.dtype, config.device)
     if lora:
@@ -115,30 +143,43 @@ def run(args: argparse.Namespace) -> int:
     _, _, targets = find_targets(model, config.target_modules)
     names = [t.name for t in targets]
     reference = base_map if base_map is not None else as_tensor_mapping(model, what="base")
-
-    # ---- safety inputs ----------------------------------------------------------------------
     if args.safety_vector:
         v = load_irr_file(args.safety_vector, kind="safety_vector", base=reference)
     else:
-        v = safety_vector(reference, _local_or_download(args.unaligned), names=names, sign_only=True)
+        v = safety_vector(reference, local_or_download(args.unaligned), names=names, sign_only=True)
     importance = None
-    if config.needs_importance:
+    if config.needs_importance if needs_importance is None else needs_importance:
         importance = (load_irr_file(args.fisher, kind="fisher", base=reference) if args.fisher
-                      else _fisher_from_data(base_model if not lora else model, tokenizer, args, names, config,
-                                             safety_rows))
-
-    # ---- calibration, realign, save -----------------------------------------------------------
+                      else _fisher_from_data(base_model if not lora else model, tokenizer, args, names, config))
     calib = calibration_examples(calibration_data, tokenizer,
                                  num_samples=config.num_calibration_samples,
                                  max_length=config.calibration_max_length, text_column=args.calibration_text_column)
-    report = realign(model, base=base_map, safety_vector=v, calibration=calib, importance=importance,
-                     config=config)
-    if lora:
+    return Inputs(model=model, base_map=base_map, tokenizer=tokenizer, lora=lora, safety_vector=v,
+                  importance=importance, calibration=calib)
+
+
+def realign_inputs(inputs: Inputs, config: IRRConfig, *, copy_model: bool = False, progress: bool = True):
+    """IRR on `inputs.model` (or a copy of it); returns (plain realigned model, report). LoRA is merged."""
+    from .. import realign
+
+    model = copy.deepcopy(inputs.model) if copy_model else inputs.model
+    report = realign(model, base=inputs.base_map, safety_vector=inputs.safety_vector, calibration=inputs.calibration,
+                     importance=inputs.importance, config=config, progress=progress)
+    if inputs.lora:
         model = model.merge_and_unload()
+    return model, report
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    check_output(args.output, "--output", args.overwrite)
+    calibration_data = check_args(args, config)
+    inputs = load_inputs(args, config, calibration_data)
+    model, report = realign_inputs(inputs, config)
     with atomic_directory(args.output) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        report.extra.update({"base_model": args.base, "finetuned": args.finetuned, "lora": lora})
+        inputs.tokenizer.save_pretrained(tmp)
+        report.extra.update({"base_model": args.base, "finetuned": args.finetuned, "lora": inputs.lora})
         report.save(os.path.join(tmp, "irr_report.json"))
         _write_card(tmp, args, report)
     print(report.summary())
@@ -151,7 +192,8 @@ def _same_model(recorded: str, given: str) -> bool:
     return norm(recorded) == norm(given) or os.path.basename(recorded.rstrip("/")) == os.path.basename(given.rstrip("/"))
 
 
-def _local_or_download(path: str):
+def local_or_download(path: str):
+    """Tensors of a local model directory or of a hub model's safetensors, streamed."""
     if os.path.isdir(path):
         return SafetensorsMapping(path)
     from huggingface_hub import snapshot_download
@@ -159,10 +201,13 @@ def _local_or_download(path: str):
     return SafetensorsMapping(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
 
 
-def _fisher_from_data(model, tokenizer, args, names, config, rows):
-    from ..data import batches, tokenize_pairs
+def _fisher_from_data(model, tokenizer, args, names, config):
+    from ..data import batches, load_examples, require_columns, tokenize_pairs
     from ..safety import fisher
 
+    rows = load_examples(args.safety_data, what="--safety-data")
+    require_columns(rows, [args.safety_prompt_column, args.safety_response_column], what="--safety-data",
+                    fields=["--safety-prompt-column", "--safety-response-column"])
     pairs = tokenize_pairs(tokenizer, rows[args.safety_prompt_column], rows[args.safety_response_column],
                            max_length=config.calibration_max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
