@@ -98,8 +98,9 @@ def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], *, max_l
         raise DataError("a tokenizer is needed to tokenize prompt/response data: pass processing_class to the "
                         "Trainer (or to IRRCallback.bind)")
     eos = getattr(tokenizer, "eos_token_id", None)
-    out = []
+    out, given = [], 0
     for prompt, response in zip(prompts, responses):
+        given += 1
         prompt_ids, ids = _chat_ids(tokenizer, str(prompt), str(response))
         if eos is not None and (not ids or ids[-1] != eos):
             ids = ids + [eos]
@@ -109,7 +110,8 @@ def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], *, max_l
             continue  # the response was truncated away: no loss to take
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     if not out:
-        raise DataError("no example kept a response token after truncation (raise calibration_max_length)")
+        raise DataError(f"none of the {given} prompt/response examples kept a response token after truncation "
+                        "(empty data, or raise calibration_max_length)")
     return out
 
 

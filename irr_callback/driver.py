@@ -19,7 +19,8 @@ from transformers.utils import logging
 from .calibration import calibration_batches
 from .config import IRRConfig
 from .core import HessianAccumulator, realign_group
-from .distributed import context_for
+from .core.obs import NumericalError
+from .distributed import context_for, raise_if_any_failed
 from .report import IRRReport
 from .targets import Target, TargetError, find_targets
 from .tensors import as_tensor_mapping, tensor_shape
@@ -53,7 +54,7 @@ def realign(
     """
     config = config or IRRConfig()
     started = time.perf_counter()
-    _, layers, targets = find_targets(model, config.target_modules)
+    prefix, layers, targets = find_targets(model, config.target_modules)
     base_map = as_tensor_mapping(base, what="base") if base is not None else None
     safety_map = as_tensor_mapping(safety_vector, what="safety_vector")
     importance_map = as_tensor_mapping(importance, what="importance") if importance is not None else None
@@ -82,6 +83,7 @@ def realign(
         with torch.no_grad():
             hidden, layer_args = _capture_layer_inputs(model, layers, batches, stop_early=dist_ctx.stop_capture_early)
             masks = [b.get("irr_token_mask", b["attention_mask"]) for b in batches]  # padding batches: 0
+            _check_finite(hidden, masks, f"the input of decoder layer '{prefix}.0' (the embedding output)", dist_ctx)
             for index in logging.tqdm(range(len(layers)), desc="IRR layers", disable=not progress):
                 layer = layers[index]
                 if index in by_layer:
@@ -92,6 +94,8 @@ def realign(
                     dist_ctx.solve_layer(hessians, solve, backup)
                 if index + 1 < len(layers):
                     hidden = [_run_layer(layer, x, *layer_args[index][b]) for b, x in enumerate(hidden)]
+                    _check_finite(hidden, masks, f"the output of decoder layer '{prefix}.{index}'"
+                                  + (" after realignment" if index in by_layer else ""), dist_ctx)
     except BaseException as exc:
         dist_ctx.restore(backup)
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -198,6 +202,24 @@ def _input_device(model: nn.Module) -> torch.device:
         return model.get_input_embeddings().weight.device
     except Exception:
         return next(model.parameters()).device
+
+
+def _check_finite(hidden: list[torch.Tensor], masks: list[torch.Tensor], what: str, dist_ctx) -> None:
+    """Stop at the layer where NaN/Inf first appears on real tokens, instead of failing later with a
+    NaN Hessian blamed on the next layer's modules (or, worse, writing weights computed from it).
+    Under a process group every rank agrees (one flag reduction) so no rank is left waiting."""
+    error = None
+    for b, (x, mask) in enumerate(zip(hidden, masks)):
+        real = x[mask.to(x.device).bool()] if mask.shape == x.shape[:-1] else x
+        if not torch.isfinite(real).all():
+            error = NumericalError(f"{what} contains NaN or Inf on calibration batch {b}; every weight was "
+                                   "restored. Check the model in float32, or exclude the layer's modules via "
+                                   "target_modules")
+            break
+    if dist_ctx.kind != "single":
+        raise_if_any_failed(error)
+    elif error is not None:
+        raise error
 
 
 def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, in_kwargs: bool) -> torch.Tensor:

@@ -3,15 +3,30 @@
 Everything is written into a temporary directory beside the target, which replaces the target with
 `os.replace` only once complete. A previous directory at the target is moved aside first and
 deleted only after the new one is in place.
+
+A writer killed outright (SIGKILL, OOM killer, preemption) cannot clean up, so the sibling names
+record who made them: `.<name>.tmp-<host>-<pid>-<random>` (being written) and
+`.<name>.old-<host>-<pid>-<random>` (the previous output, moved aside for the final rename).
+`recover_interrupted` runs before every write: siblings of dead processes on this host are removed,
+and if the writer died between the two renames (target gone, previous output moved aside) the
+previous output is put back. Siblings of live processes or of other hosts are left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
-from typing import Iterator
+from typing import Iterator, Optional
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+_OWNER = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")  # mkdtemp's random part has no '-'
 
 
 @contextlib.contextmanager
@@ -20,7 +35,8 @@ def atomic_directory(target: str) -> Iterator[str]:
     target = os.path.abspath(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    recover_interrupted(target)
+    tmp = _sibling(target, "tmp")
     try:
         yield tmp
     except BaseException:
@@ -28,8 +44,8 @@ def atomic_directory(target: str) -> Iterator[str]:
         raise
     old = None
     if os.path.lexists(target):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-        os.rmdir(old)
+        old = _sibling(target, "old")
+        os.rmdir(old)  # only the unique name is needed (the target may be a file)
         os.replace(target, old)
     try:
         os.replace(tmp, target)
@@ -40,3 +56,66 @@ def atomic_directory(target: str) -> Iterator[str]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted(target: str) -> list[str]:
+    """Undo what a killed writer of `target` left behind; returns what was done, one line per action.
+
+    Safe to call at any time: only siblings made on this host by processes that no longer run are
+    touched, so a concurrent writer's temp directory survives.
+    """
+    target = os.path.abspath(target)
+    parent, name = os.path.dirname(target), os.path.basename(target)
+    if not os.path.isdir(parent):
+        return []
+    stale: dict[str, list[str]] = {"tmp": [], "old": []}
+    for entry in os.listdir(parent):
+        for kind in stale:
+            prefix = f".{name}.{kind}-"
+            if entry.startswith(prefix) and _dead_local_owner(entry[len(prefix):]):
+                stale[kind].append(os.path.join(parent, entry))
+    actions = []
+    if not os.path.lexists(target) and stale["old"]:
+        newest = max(stale["old"], key=os.path.getmtime)
+        os.replace(newest, target)
+        stale["old"].remove(newest)
+        actions.append(f"restored the previous output {target} (its writer was killed while replacing it)")
+    for path in stale["tmp"] + stale["old"]:
+        shutil.rmtree(path, ignore_errors=True)
+        actions.append(f"removed {path} left by a killed writer")
+    for line in actions:
+        logger.warning(f"IRR: {line}")
+    return actions
+
+
+def _sibling(target: str, kind: str) -> str:
+    prefix = f".{os.path.basename(target)}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+    return tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(target))
+
+
+def _dead_local_owner(suffix: str) -> bool:
+    match = _OWNER.match(suffix)
+    if match is None or match["host"] != socket.gethostname():
+        return False  # not ours to judge (older naming, or another machine on a shared filesystem)
+    return not _alive(int(match["pid"]))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    state = _proc_state(pid)
+    return state != "Z"  # a killed child not yet reaped by its parent is a zombie: dead for our purpose
+
+
+def _proc_state(pid: int) -> Optional[str]:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None

@@ -37,7 +37,7 @@ def harmful_finetune_vector(model: nn.Module, examples: list[dict], targets: lis
         raise ValueError("harmful_dataset: no example to fine-tune on")
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.irr_seed)
         student = plain_copy(model)
         names = {t.name: t.name.rsplit(".", 1)[0] for t in targets}  # parameter → module name
         base = {n: dict(student.named_parameters())[n].detach().to("cpu", copy=True) for n in names}

@@ -74,6 +74,9 @@ def check_exists(path: Optional[str], flag: str, *, allow_hub_id: bool = False) 
 
 
 def check_output(path: str, flag: str, overwrite: bool) -> None:
+    from ..saving import recover_interrupted
+
+    recover_interrupted(path)  # a previous run killed mid-save: put its predecessor back, drop its temp dir
     if os.path.exists(path) and not overwrite:
         raise CLIError(f"{flag}: '{path}' already exists (pass --overwrite to replace it)")
     parent = os.path.dirname(os.path.abspath(path))
@@ -90,10 +93,49 @@ def adapter_base_name(path: str) -> Optional[str]:
         return json.load(fh).get("base_model_name_or_path")
 
 
+# Fields of config.json that decide every target's name and shape; vocab_size is left out on purpose
+# (fine-tunes often add tokens, and embeddings are not IRR targets).
+ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "n_embd", "n_inner", "n_layer", "n_head")
+
+
+def check_same_architecture(reference: tuple[str, str], *others: tuple[str, Optional[str]]) -> None:
+    """Compare the config.json of (flag, path) pairs with the reference's before any weight is loaded."""
+    ref_flag, ref_path = reference
+    ref = _config_dict(ref_path, ref_flag)
+    for flag, path in others:
+        if path is None:
+            continue
+        cfg = _config_dict(path, flag)
+        diffs = [f"{k} {cfg.get(k)!r} vs {ref.get(k)!r}" for k in ARCHITECTURE_FIELDS if cfg.get(k) != ref.get(k)]
+        if diffs:
+            raise CLIError(f"{flag} '{path}' is not the same architecture as {ref_flag} '{ref_path}' "
+                           f"({'; '.join(diffs)}): IRR compares weights entry by entry, so both must be the "
+                           f"same model family and size")
+
+
+def _config_dict(path: str, flag: str) -> dict:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path).to_dict()
+    except Exception as exc:  # missing/invalid config.json, unknown model_type, hub unreachable
+        raise CLIError(f"{flag}: cannot read the model config of '{path}' ({type(exc).__name__}: {exc})") from exc
+
+
 def load_causal_lm(path: str, dtype: str = "auto", device: Optional[str] = None):
+    """safetensors checkpoints, or .bin ones through torch.load(weights_only=True): a pickle that
+    would run code is refused, never executed."""
+    import pickle
+
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CLIError(f"'{path}': its pickled checkpoint (.bin) holds more than plain tensors and was refused "
+                       "(loaded with weights_only=True, nothing executed). If you trust it, convert it to "
+                       "safetensors yourself; irr never unpickles arbitrary objects") from exc
     if device:
         model.to(device)
     return model.eval()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 
 from transformers.utils import logging
 
@@ -25,6 +26,7 @@ from ._common import (
     adapter_base_name,
     check_exists,
     check_output,
+    check_same_architecture,
     config_from_args,
     is_adapter_dir,
     load_causal_lm,
@@ -75,16 +77,23 @@ def run(args: argparse.Namespace) -> int:
     if config.needs_importance and not (args.fisher or args.safety_data):
         raise CLIError(f"--remove_ratio {config.remove_ratio} < 1 ranks by Fisher importance: pass --fisher or "
                        "--safety-data")
-    from ..data import calibration_examples, check_calibration_columns, load_examples
+    from ..data import calibration_examples, check_calibration_columns, load_examples, require_columns
 
     calibration_data = load_examples(args.calibration_data, what="--calibration-data")
     check_calibration_columns(calibration_data, args.calibration_text_column)
+    safety_rows = None
+    if config.needs_importance and args.safety_data:
+        safety_rows = load_examples(args.safety_data, what="--safety-data")
+        require_columns(safety_rows, [args.safety_prompt_column, args.safety_response_column], what="--safety-data",
+                        fields=["--safety-prompt-column", "--safety-response-column"])
     lora = is_adapter_dir(args.finetuned)
     if lora and not args.allow_base_mismatch:
         recorded = adapter_base_name(args.finetuned)
         if recorded and not _same_model(recorded, args.base):
             raise CLIError(f"--finetuned: the LoRA adapter was trained on '{recorded}', not on --base "
                            f"'{args.base}' (pass --allow-base-mismatch if it is the same model moved)")
+    check_same_architecture(("--base", args.base), ("--finetuned", None if lora else args.finetuned),
+                            ("--unaligned", args.unaligned))
 
     # ---- models -----------------------------------------------------------------------------
     tokenizer = load_tokenizer(args.finetuned, args.base)
@@ -96,13 +105,13 @@ def run(args: argparse.Namespace) -> int:
             model = PeftModel.from_pretrained(base_model, args.finetuned)
         except RuntimeError as exc:  # size mismatch: the adapter does not fit this base
             raise CLIError(f"--finetuned: the LoRA adapter does not fit --base ({exc})") from exc
+        except pickle.UnpicklingError as exc:  # adapter_model.bin is read with weights_only=True
+            raise CLIError(f"--finetuned: the pickled adapter in '{args.finetuned}' holds more than plain tensors "
+                           "and was refused (nothing executed); convert it to safetensors if you trust it") from exc
         base_map = None
     else:
         model = load_causal_lm(args.finetuned, args.dtype, config.device)
         base_map = as_tensor_mapping(base_model, what="base")
-        if type(model.config) is not type(base_model.config):
-            raise CLIError(f"--finetuned is a {type(model.config).__name__} model but --base is a "
-                           f"{type(base_model.config).__name__}")
     _, _, targets = find_targets(model, config.target_modules)
     names = [t.name for t in targets]
     reference = base_map if base_map is not None else as_tensor_mapping(model, what="base")
@@ -115,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     importance = None
     if config.needs_importance:
         importance = (load_irr_file(args.fisher, kind="fisher", base=reference) if args.fisher
-                      else _fisher_from_data(base_model if not lora else model, tokenizer, args, names, config))
+                      else _fisher_from_data(base_model if not lora else model, tokenizer, args, names, config,
+                                             safety_rows))
 
     # ---- calibration, realign, save -----------------------------------------------------------
     calib = calibration_examples(calibration_data, tokenizer,
@@ -149,13 +159,10 @@ def _local_or_download(path: str):
     return SafetensorsMapping(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
 
 
-def _fisher_from_data(model, tokenizer, args, names, config):
-    from ..data import batches, load_examples, require_columns, tokenize_pairs
+def _fisher_from_data(model, tokenizer, args, names, config, rows):
+    from ..data import batches, tokenize_pairs
     from ..safety import fisher
 
-    rows = load_examples(args.safety_data, what="--safety-data")
-    require_columns(rows, [args.safety_prompt_column, args.safety_response_column], what="--safety-data",
-                    fields=["--safety-prompt-column", "--safety-response-column"])
     pairs = tokenize_pairs(tokenizer, rows[args.safety_prompt_column], rows[args.safety_response_column],
                            max_length=config.calibration_max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
