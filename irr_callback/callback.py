@@ -122,7 +122,8 @@ class IRRCallback(TrainerCallback):
         state = _partial_state()
         with state.main_process_first():  # the main process computes; the others then hit the cache
             safety = resolve_safety_vector(config, ctx)
-            importance = resolve_fisher(config, ctx, safety_dataset=self.safety_dataset)
+        # the Fisher is sharded over the processes (collectives inside): every rank at once, not main first
+        importance = resolve_fisher(config, ctx, safety_dataset=self.safety_dataset)
         self.sources = {"safety_vector": safety.describe(), "importance": importance.describe()}
         persist = self.config.snapshot == "disk" or str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
         if persist:  # resume could matter: keep the base and the safety inputs under output_dir

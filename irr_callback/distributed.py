@@ -143,6 +143,7 @@ class SingleProcess:
 
     kind = "single"
     rank, world_size = 0, 1
+    stop_capture_early = True  # the input capture may end each forward at the last layer (see driver)
 
     def shard_calibration(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         return batches
@@ -315,14 +316,17 @@ def full_state_dict(model: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]
     if is_distributed() and any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
+        module = unwrap(model)
+        keys = set(module.state_dict().keys())  # persistent buffers only (no rotary caches)
         out: dict[str, torch.Tensor] = {}
-        for name, p in unwrap(model).named_parameters():
+        for name, p in module.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 if rank == 0:
                     out[name] = p.detach().to("cpu", copy=True)
         if rank == 0:
-            for name, buf in unwrap(model).named_buffers():
-                out[name] = buf.detach().to("cpu", copy=True)
+            for name, buf in module.named_buffers():
+                if name in keys:
+                    out[name] = buf.detach().to("cpu", copy=True)
         return out if rank == 0 else None
     if is_distributed() and (any(type(p).__name__ == "DTensor" for p in params) or _is_fsdp1(model)):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -338,35 +342,31 @@ def save_realigned(model: torch.nn.Module, output_dir: str, *, processing_class:
 
     Call on EVERY rank (gathering is collective). A barrier first (every rank has finished writing),
     then the main process writes `save_pretrained` output (+ tokenizer, + `irr_report.json`) into a
-    temporary directory next to `output_dir` and renames it into place, so a reader never sees a
-    half-written directory; a final barrier returns only once it is there. ZeRO-3 under the Trainer /
+    temporary directory next to `output_dir` and renames it into place (`saving.atomic_directory`), so
+    a reader never sees a half-written directory; a final flag reduction returns only once it is there,
+    and raises on every rank if the write failed. ZeRO-3 under the Trainer /
     accelerate: this gathers parameter by parameter, so `zero3_save_16bit_model` is not required.
     """
     import os
-    import shutil
-    import tempfile
 
+    from .saving import atomic_directory
     from .targets import unwrap
 
     if is_distributed():
         dist.barrier()
     state = full_state_dict(model)
+    error: Optional[BaseException] = None
     if state is not None:
-        target = os.path.abspath(output_dir)
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".irr-save-", dir=parent)
         try:
-            unwrap(model).save_pretrained(tmp, state_dict=state)
-            if processing_class is not None:
-                processing_class.save_pretrained(tmp)
-            if report is not None:
-                report.save(os.path.join(tmp, "irr_report.json"))
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with atomic_directory(output_dir) as tmp:
+                unwrap(model).save_pretrained(tmp, state_dict=state)
+                if processing_class is not None:
+                    processing_class.save_pretrained(tmp)
+                if report is not None:
+                    report.save(os.path.join(tmp, "irr_report.json"))
+        except Exception as exc:  # agreed on below: the other ranks must not wait forever
+            error = exc
     if is_distributed():
-        dist.barrier()
+        raise_if_any_failed(error)  # also the final barrier: returns once the directory is in place
+    elif error is not None:
+        raise error

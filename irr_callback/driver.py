@@ -81,7 +81,7 @@ def realign(
     model.eval()
     try:
         with torch.no_grad():
-            hidden, layer_args = _capture_layer_inputs(model, layers, batches)
+            hidden, layer_args = _capture_layer_inputs(model, layers, batches, stop_early=dist_ctx.stop_capture_early)
             masks = [b.get("irr_token_mask", b["attention_mask"]) for b in batches]  # padding batches: 0
             _check_finite(hidden, masks, f"the input of decoder layer '{prefix}.0' (the embedding output)", dist_ctx)
             for index in logging.tqdm(range(len(layers)), desc="IRR layers", disable=not progress):
@@ -146,9 +146,16 @@ def _check_lora_supported(t: Target) -> None:
         raise TargetError(f"{t.name}: LoRA with lora_bias=True is not supported; merge the adapter first")
 
 
-def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict[str, torch.Tensor]]):
+def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict[str, torch.Tensor]],
+                          stop_early: bool = True):
     """One forward pass per batch recording every layer's non-hidden arguments (masks, rotary
-    embeddings, positions: they may differ per layer) and the hidden states entering layer 0."""
+    embeddings, positions: they may differ per layer) and the hidden states entering layer 0.
+
+    `stop_early`: end each pass with an exception at the last layer's pre-hook (saves the last layer
+    and the LM head). Sharded backends (ZeRO-3, FSDP) pass False: their forward hooks gather and
+    release parameters and keep per-pass bookkeeping (DeepSpeed's module stack and prefetch trace)
+    that an interrupted forward leaves mid-pass; the pass then completes, with logits for one
+    position only where the model accepts `logits_to_keep` (docs/distributed.md)."""
     hidden: list[torch.Tensor] = []
     layer_args: list[list[tuple[tuple, dict, bool]]] = [[] for _ in layers]
     last = len(layers) - 1
@@ -161,23 +168,33 @@ def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list
             layer_args[index].append((tuple(args[1:]), rest_kwargs, in_kwargs))
             if index == 0:
                 hidden.append(x)
-            if index == last:
+            if index == last and stop_early:
                 raise _StopForward
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = _input_device(model)
+    extra = {} if stop_early or not _accepts(model, "logits_to_keep") else {"logits_to_keep": 1}
     try:
         for batch in batches:
             try:
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                      use_cache=False)
+                      use_cache=False, **extra)
             except _StopForward:
                 pass
     finally:
         for h in handles:
             h.remove()
     return hidden, layer_args
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _input_device(model: nn.Module) -> torch.device:

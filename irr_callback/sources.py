@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from . import distributed
 from .config import IRRConfig, IRRConfigError
 from .data import (data_fingerprint, generate_responses, load_examples, require_columns, tokenize_pairs,
                    batches as make_batches)
@@ -211,6 +212,8 @@ def resolve_fisher(config: IRRConfig, ctx: BaseContext, *, safety_dataset: Any =
     path = _cache_path(config, ctx, "fisher", key)
     label = source if isinstance(source, str) else type(source).__name__
     hit = _cached(path, "fisher", ctx)
+    if distributed.is_distributed() and distributed.all_reduce_count(hit is None):
+        hit = None  # the computation below is collective: every rank takes the same branch
     if hit is not None:
         logger.info(f"IRR: reusing cached Fisher importance {path}")
         return Resolved(hit, "safety_dataset", cached=True, path=path, info={"safety_dataset": label})
@@ -226,7 +229,9 @@ def resolve_fisher(config: IRRConfig, ctx: BaseContext, *, safety_dataset: Any =
     examples = tokenize_pairs(ctx.tokenizer, prompts, responses, max_length=config.calibration_max_length)
     scores = compute_fisher(ctx.model, make_batches(examples, config.fisher_batch_size, _pad_id(ctx.tokenizer)),
                             names=ctx.names)
-    mapping = _store(path, scores, "fisher", ctx, {"source": "safety_dataset", "safety_dataset": label,
-                                                   "generated_responses": not has_response})
+    mapping: Mapping[str, torch.Tensor] = scores  # the same sums on every rank; the main process caches them
+    if distributed.rank_and_world()[0] == 0:
+        mapping = _store(path, scores, "fisher", ctx, {"source": "safety_dataset", "safety_dataset": label,
+                                                       "generated_responses": not has_response})
     return Resolved(mapping, "safety_dataset", path=path,
                     info={"safety_dataset": label, "examples": len(examples), "generated_responses": not has_response})

@@ -1,10 +1,13 @@
 """Multi-process IRR on CPU: 2 torchrun processes (gloo) against the single-process result.
 
-One torchrun launch runs every case (tests/dist_workers/worker.py); each test compares its case's
-per-rank outputs with the same case computed here, in one process with no process group.
+One torchrun launch runs every case (tests/dist_workers/worker.py): a Trainer + IRRCallback run under
+DDP, the statistics, `realign` replicated / FSDP2 / ZeRO-3 (when deepspeed is installed) and
+`save_realigned`; each test compares its case's per-rank outputs with the same case computed here,
+in one process with no process group.
 """
 
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,10 +18,15 @@ import torch
 from safetensors.torch import load_file
 
 from irr_callback.distributed import assign_owners
-from tests.dist_workers import cases
+from tests.dist_workers import cases, trainer_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ["fisher", "hessian", "realign", "realign_ranked", "fsdp2_ranked", "fsdp2_save"]
+DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+ZERO3_CASES = ["zero3", "zero3_ranked", "zero3_failure"]
+CASES = ["trainer", "fisher", "hessian", "realign", "realign_ranked", "fsdp2_ranked", "fsdp2_save",
+         *(ZERO3_CASES if DEEPSPEED else [])]
+needs_deepspeed = pytest.mark.skipif(not DEEPSPEED, reason="deepspeed is not installed (an optional extra, not in "
+                                     "the test extra): pip install deepspeed to run the ZeRO-3 cases on CPU")
 
 pytestmark = pytest.mark.distributed
 
@@ -31,7 +39,7 @@ def reference(ratio):
 
 def torchrun(out_dir, script, *args, nproc=2, timeout=240):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
            os.path.join(ROOT, "tests", "dist_workers", script), str(out_dir), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -42,6 +50,7 @@ def torchrun(out_dir, script, *args, nproc=2, timeout=240):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
+    trainer_case.save_models(str(out / "models"))
     torchrun(out, "worker.py", *CASES)
 
     def load(case):
@@ -116,9 +125,109 @@ def test_save_realigned_under_fsdp2_writes_full_model(two_ranks):
 
     saved_dir = two_ranks.out / "fsdp2_saved"
     assert sorted(p.name for p in saved_dir.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
-    assert not [p for p in two_ranks.out.iterdir() if p.name.startswith(".irr-save-")]  # no temp dir left
+    assert not [p for p in two_ranks.out.iterdir() if p.name.startswith(".")]  # no temp dir left
     loaded = AutoModelForCausalLM.from_pretrained(str(saved_dir))
     expected, _ = reference(1.0)
     state = loaded.state_dict()
     for k, v in expected.items():
         torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5)
+
+
+# ---- Trainer + IRRCallback under DDP ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_process_trainer(two_ranks, tmp_path_factory):
+    """The same Trainer run in this process (no process group), from the same saved models."""
+    out = tmp_path_factory.mktemp("trainer1")
+    models = {name: str(two_ranks.out / "models" / name) for name in ("aligned", "unaligned")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared cores: one thread is faster for this tiny model
+    try:
+        return trainer_case.run(models, str(out), 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_trainer_ddp_callback_equals_one_process(two_ranks, one_process_trainer):
+    """Compared: a 3-step SGD fine-tune + IRRCallback (remove_ratio 0.5, so the Fisher is computed in the
+    run, sharded) on 2 DDP processes with 4 sequences each vs 1 process with 8 (the same global batches).
+
+    The fine-tuned weights just before IRR agree to float summation order, and so do the realigned
+    live weights (tolerance 1e-5, IRR amplifies summation noise through H⁻¹); both ranks end with
+    bitwise-identical live weights; the report matches; IRR really changed the model.
+    """
+    ranks, extras = two_ranks("trainer")
+    ref = one_process_trainer
+    assert_identical_ranks(ranks)
+    assert all(e["distributed"] for e in extras)  # the Trainer really ran a 2-process group
+    for key in ("finetuned", "live"):
+        for name, value in ref[key].items():
+            torch.testing.assert_close(ranks[0][f"{key}.{name}"], value, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{key}.{name}: {m}")
+    changed = [n for n in ref["live"] if not torch.equal(ranks[0][f"live.{n}"], ranks[0][f"finetuned.{n}"])]
+    assert changed and all(".layers." in n for n in changed)  # only decoder targets were realigned
+    for extra in extras:
+        assert extra["status"] == "ok"
+        assert (extra["removed"], extra["modules"], extra["tokens"]) == (ref["removed"], ref["modules"], ref["tokens"])
+        assert extra["removed"] > 0
+        assert extra["sources"]["importance"]["source"] == "safety_dataset"
+
+
+def test_trainer_ddp_callback_saves_once_and_output_reloads(two_ranks):
+    """The main process alone writes <irr_output_dir> (once); it reloads as the live realigned model."""
+    from transformers import AutoModelForCausalLM
+
+    ranks, extras = two_ranks("trainer")
+    target = str(two_ranks.out / "irr")
+    assert [e["writes"] for e in extras] == [[target], []]
+    assert not [p for p in two_ranks.out.iterdir() if p.name.startswith(".")]  # no temp dir left
+    assert (two_ranks.out / "irr" / "irr_report.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(target).state_dict()
+    live = {k[len("live."):]: v for k, v in ranks[0].items() if k.startswith("live.")}
+    assert loaded.keys() == live.keys()
+    for k, v in live.items():
+        assert torch.equal(loaded[k], v), k
+
+
+# ---- ZeRO-3 (DeepSpeed on CPU, gloo) ---------------------------------------------------------------
+@needs_deepspeed
+@pytest.mark.parametrize("case,ratio", [("zero3", 1.0), ("zero3_ranked", 0.5)])
+def test_zero3_equals_one_process(two_ranks, case, ratio):
+    """`deepspeed.initialize` (stage 3, every weight partitioned): per-group gather, owner solve, DeepSpeed
+    broadcast on exit; the gathered weights equal the single-process result on both ranks."""
+    ranks, extras = two_ranks(case)
+    expected, totals = reference(ratio)
+    assert_identical_ranks(ranks)
+    for extra in extras:
+        assert extra.pop("partitioned")  # the weights really were ZeRO-3 partitions (empty local tensors)
+        assert extra.pop("unfinished_forwards") == 0  # every capture forward ran to the end (DeepSpeed hooks)
+        assert extra == totals
+    for k, v in expected.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
+
+
+@needs_deepspeed
+def test_zero3_failure_on_one_rank_restores_every_rank(two_ranks):
+    """A solver error on rank 1 at layer 1 (layer 0 already written): both ranks raise and restore."""
+    ranks, extras = two_ranks("zero3_failure")
+    _, finetuned, _ = cases.triple("llama")
+    state = finetuned.state_dict()
+    assert extras[1]["error"] == "injected failure"
+    assert "failed on 1 other process" in extras[0]["error"]
+    for r in ranks:
+        assert r.keys() and all(torch.equal(v, state[k]) for k, v in r.items())
+
+
+@needs_deepspeed
+def test_save_realigned_under_zero3_writes_full_model(two_ranks):
+    """Parameter-by-parameter gather (no `zero3_save_16bit_model`), one directory, a plain loadable model."""
+    from transformers import AutoModelForCausalLM
+
+    saved_dir = two_ranks.out / "zero3_saved"
+    assert sorted(p.name for p in saved_dir.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
+    loaded = AutoModelForCausalLM.from_pretrained(str(saved_dir))
+    expected, _ = reference(1.0)
+    _, finetuned, _ = cases.triple("llama")
+    state = loaded.state_dict()
+    assert state.keys() == finetuned.state_dict().keys()  # persistent tensors only, none missing
+    for k, v in finetuned.state_dict().items():
+        torch.testing.assert_close(state[k], expected.get(k, v), rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@ from .. import distributed as d
 
 class FSDP1(d.Replicated):
     kind = "fsdp1"
+    stop_capture_early = False  # its forward hooks gather/release parameters: let every pass complete
 
     def __init__(self, model) -> None:
         super().__init__()

@@ -49,6 +49,7 @@ class _View:
 
 class RowSharded(d.Replicated):
     kind = "fsdp2"
+    stop_capture_early = False  # its forward hooks gather/release parameters: let every pass complete
 
     def __init__(self) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ from .. import distributed as d
 
 class Zero3(d.Replicated):
     kind = "zero3"
+    stop_capture_early = False  # its forward hooks gather/release parameters: let every pass complete
 
     def solve_layer(self, groups, solve, backup) -> None:
         import deepspeed

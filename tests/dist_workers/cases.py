@@ -76,6 +76,8 @@ def realign_case(remove_ratio: float = 1.0, model_fn=None) -> tuple[dict[str, to
 
 
 def _full(weight: torch.Tensor) -> torch.Tensor:
+    if hasattr(weight, "ds_id"):
+        return zero3_full(weight)
     return weight.full_tensor() if type(weight).__name__ == "DTensor" else weight
 
 
@@ -90,3 +92,26 @@ def fsdp2_shard(model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+# ---- ZeRO-3 (DeepSpeed on CPU) ----------------------------------------------------------------
+ZERO3_CONFIG = {
+    "train_micro_batch_size_per_gpu": 1,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # every weight partitioned
+}
+
+
+def zero3_engine(model: torch.nn.Module):
+    """`deepspeed.initialize` with a minimal ZeRO-3 config (no optimizer: IRR needs no training state)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=copy.deepcopy(model), config=ZERO3_CONFIG)
+    return engine
+
+
+def zero3_full(weight: torch.nn.Parameter) -> torch.Tensor:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        return weight.detach().clone()

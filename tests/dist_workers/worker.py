@@ -1,6 +1,8 @@
 """torchrun worker: runs every case under the process group and saves each rank's results.
 
 Usage: torchrun --nproc_per_node 2 tests/dist_workers/worker.py OUT_DIR CASE [CASE ...]
+"trainer" (if given, first) needs OUT_DIR/models from `trainer_case.save_models`; "zero3*" need deepspeed
+(DS_ACCELERATOR=cpu).
 """
 
 from __future__ import annotations
@@ -43,16 +45,94 @@ def fsdp2_save(out_dir: str):
     return weights, totals
 
 
+def zero3(remove_ratio: float, save: bool = False):
+    """Realign a ZeRO-3 engine's module (deepspeed on CPU); optionally `save_realigned` it afterwards."""
+    from irr_callback.distributed import save_realigned
+
+    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+
+    engines, depth = [], []
+
+    def shard(model):
+        engines.append(cases.zero3_engine(model))
+        depth.append(len(FWD_MODULE_STACK))
+        return engines[-1].module
+
+    weights, totals = cases.realign_case(remove_ratio, model_fn=shard)
+    # DeepSpeed pushes a module in its pre-forward hook and pops it in its post-forward hook: a forward
+    # interrupted mid-model (as the input capture once did) leaves entries behind
+    totals["unfinished_forwards"] = len(FWD_MODULE_STACK) - depth[0]
+    totals["partitioned"] = all(hasattr(p, "ds_id") and p.numel() == 0 for p in engines[0].module.parameters())
+    if save:
+        save_realigned(engines[0].module, os.path.join(OUT[0], "zero3_saved"))
+    return weights, totals
+
+
+def zero3_failure():
+    """Rank 1's solver fails at layer 1 (after layer 0 was written): every rank raises and restores."""
+    import irr_callback as irr
+    import irr_callback.driver as driver
+    from irr_callback import IRRConfig, realign
+    from irr_callback.targets import find_targets
+    from tests.helpers import calibration, triple
+
+    base, ft, unaligned = triple("llama")
+    module = cases.zero3_engine(ft).module
+    original = driver.realign_group
+
+    def failing(deltas, *args, names, **kwargs):
+        if dist.get_rank() == 1 and "layers.1." in names[0]:
+            raise RuntimeError("injected failure")
+        return original(deltas, *args, names=names, **kwargs)
+
+    driver.realign_group = failing
+    try:
+        realign(module, base=base, safety_vector=irr.safety_vector(base, unaligned),
+                calibration=calibration(**cases.CALIBRATION), config=IRRConfig(**cases.CONFIG), progress=False)
+        error = "no error"
+    except RuntimeError as exc:
+        error = str(exc)
+    finally:
+        driver.realign_group = original
+    _, _, targets = find_targets(module)
+    return {t.name: cases.zero3_full(t.weight) for t in targets}, {"error": error}
+
+
+def trainer():
+    """Trainer + IRRCallback under DDP; accelerate initialises the process group (run first)."""
+    from tests.dist_workers import trainer_case
+
+    models = os.path.join(OUT[0], "models")
+    result = trainer_case.run({name: os.path.join(models, name) for name in ("aligned", "unaligned")}, OUT[0],
+                              int(os.environ["WORLD_SIZE"]))
+    result["distributed"] = dist.is_initialized() and dist.get_world_size() == int(os.environ["WORLD_SIZE"])
+    tensors = {f"{key}.{k}": v for key in ("finetuned", "live") for k, v in result.pop(key).items()}
+    return tensors, result
+
+
+CASES["trainer"] = trainer
 CASES["fsdp2_save"] = lambda: fsdp2_save(OUT[0])
+CASES["zero3_failure"] = zero3_failure
+CASES["zero3"] = lambda: zero3(1.0, save=True)
+CASES["zero3_ranked"] = lambda: zero3(0.5)
 OUT: list = []
 
 
 def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
     OUT.append(out_dir)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank = int(os.environ["RANK"])
+    if any(name.startswith("zero3") for name in names):
+        import deepspeed.ops
+
+        # DeepSpeed's optional CPU shared-memory all-reduce op is JIT-compiled (~4 min on 2 cores) on first
+        # use; marked incompatible, DeepSpeed's collectives go through torch.distributed (gloo) instead
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
     for name in names:
+        if not dist.is_initialized() and name != "trainer":  # "trainer" lets accelerate initialise it
+            dist.init_process_group("gloo")
         try:
             tensors, extra = CASES[name]()
             save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, f"{name}.rank{rank}.safetensors"))
