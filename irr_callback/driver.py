@@ -8,6 +8,7 @@ one layer's Hessians live on the compute device at a time.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import Any, Mapping, Optional
 
@@ -71,7 +72,7 @@ def realign(
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
 
-    backup = _Backup()
+    backup = make_backup(config.backup)
     was_training = model.training
     model.eval()
     try:
@@ -80,18 +81,16 @@ def realign(
             masks = [b["attention_mask"] for b in batches]
             for index in logging.tqdm(range(len(layers)), desc="IRR layers", disable=not progress):
                 layer = layers[index]
-                if index in by_layer:
-                    hessians = _collect_hessians(layer, by_layer[index], hidden, layer_args[index], masks, config)
-                    for group, (h, tokens) in hessians:
-                        _realign_group(group, h, tokens, base_map, safety_map, importance_map, config, backup,
-                                       report)
+                realign_layer(layer, by_layer.get(index, []), hidden, layer_args[index], masks, base_map, safety_map,
+                              importance_map, config, backup, report)
                 if index + 1 < len(layers):
-                    hidden = [_run_layer(layer, x, *layer_args[index][b]) for b, x in enumerate(hidden)]
+                    hidden = propagate(layer, hidden, layer_args[index])
     except BaseException as exc:
         backup.restore()
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        backup.close()
         model.train(was_training)
     report.seconds = time.perf_counter() - started
     logger.info(report.summary())
@@ -99,6 +98,23 @@ def realign(
 
 
 # ------------------------------------------------------------------------------------------------
+def realign_layer(layer: nn.Module, targets: list[Target], hidden: list[torch.Tensor], args: list, masks: list,
+                  base: Optional[Mapping], safety: Mapping, importance: Optional[Mapping], config: IRRConfig,
+                  backup: "_Backup", report: IRRReport) -> None:
+    """One decoder layer: H per distinct input from one pass of the unmodified layer, then every group
+    of targets identified, removed, recalibrated and written (originals saved to `backup` first)."""
+    if not targets:
+        return
+    hessians = _collect_hessians(layer, targets, hidden, args, masks, config)
+    for group, (h, tokens) in hessians:
+        _realign_group(group, h, tokens, base, safety, importance, config, backup, report)
+
+
+def propagate(layer: nn.Module, hidden: list[torch.Tensor], args: list) -> list[torch.Tensor]:
+    """The next layer's inputs: the calibration batches run through the (realigned) layer."""
+    return [_run_layer(layer, x, *args[b]) for b, x in enumerate(hidden)]
+
+
 def validate_inputs(targets: list[Target], base: Optional[Mapping], safety: Mapping,
                     importance: Optional[Mapping]) -> None:
     """Every target has a base, a safety vector and (when needed) an importance of its shape, all finite."""
@@ -280,6 +296,18 @@ def _write(target: Target, new_weight: torch.Tensor, backup: "_Backup") -> None:
         lora_b.data.zero_()
 
 
+def make_backup(where: str) -> "_Backup":
+    """The all-or-nothing backup: 'cpu' (RAM), 'disk' (a temp file: no RAM) or 'none' (callers that
+    discard the model on failure, e.g. the offline path)."""
+    if where == "cpu":
+        return _Backup()
+    if where == "disk":
+        return _DiskBackup()
+    if where == "none":
+        return _NoBackup()
+    raise ValueError(f"backup must be 'cpu', 'disk' or 'none', got {where!r}")
+
+
 class _Backup:
     """Original values of every tensor written, on CPU, to restore on failure."""
 
@@ -298,3 +326,48 @@ class _Backup:
                 param.data.copy_(original.to(param.device))
         self._saved.clear()
         self._ids.clear()
+
+    def close(self) -> None:
+        self._saved.clear()
+        self._ids.clear()
+
+
+class _DiskBackup(_Backup):
+    """Like `_Backup`, but the originals are appended as raw bytes to an unlinked-on-close temp file
+    (under $TMPDIR), so the backup costs disk, not RAM: one tensor in memory at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._file = tempfile.TemporaryFile(prefix="irr-backup-")
+        self._entries: list[tuple[torch.Tensor, int, int]] = []
+
+    def save(self, param: torch.Tensor) -> None:
+        if id(param) in self._ids:
+            return
+        self._ids.add(id(param))
+        raw = param.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+        offset = self._file.tell()
+        self._file.write(memoryview(raw.numpy()))
+        self._entries.append((param, offset, raw.numel()))
+
+    def restore(self) -> None:
+        self._file.flush()
+        with torch.no_grad():
+            for param, offset, size in reversed(self._entries):
+                self._file.seek(offset)
+                raw = torch.frombuffer(bytearray(self._file.read(size)), dtype=torch.uint8)
+                param.data.copy_(raw.view(param.dtype).view(param.shape).to(param.device))
+        self._entries.clear()
+        self._ids.clear()
+
+    def close(self) -> None:
+        self._entries.clear()
+        self._ids.clear()
+        self._file.close()
+
+
+class _NoBackup(_Backup):
+    """No rollback: for callers whose model copy is thrown away on failure."""
+
+    def save(self, param: torch.Tensor) -> None:
+        pass
