@@ -29,7 +29,7 @@ def machine() -> dict[str, Any]:
 
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "ram_gb": round(_total_ram() / 2**30, 1)}
+                            "ram_gb": round(_total_ram() / 2**30, 1), "load_average": list(os.getloadavg())}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     versions = {}

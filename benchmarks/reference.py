@@ -15,10 +15,10 @@ from torch import nn
 
 
 def reference_matrix(delta: torch.Tensor, safety: torch.Tensor, hessian: torch.Tensor, *, blocksize: int = 128,
-                     percdamp: float = 0.01) -> torch.Tensor:
+                     percdamp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """IRR (remove every sign conflict) + OBS recalibration of one (out, in) delta, column by column."""
-    w = delta.clone().float()
-    h = hessian.clone().float()
+    w = delta.clone().to(dtype)
+    h = hessian.clone().to(dtype)
     rows, cols = w.shape
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -29,8 +29,8 @@ def reference_matrix(delta: torch.Tensor, safety: torch.Tensor, hessian: torch.T
     hinv = torch.linalg.cholesky(h)
     hinv = torch.cholesky_inverse(hinv)
     hinv = torch.linalg.cholesky(hinv, upper=True)
-    losses = torch.zeros(rows)
-    sign_v = torch.sign(safety.float())
+    losses = torch.zeros(rows, dtype=dtype)
+    sign_v = torch.sign(safety.to(dtype))
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1

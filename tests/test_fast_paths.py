@@ -17,24 +17,6 @@ def _spd(n, seed=0, dtype=torch.float64):
     return x @ x.t() / n + 0.05 * torch.eye(n, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_triangular_inverse_lapack_equals_solve(dtype):
-    pytest.importorskip("scipy", reason="the LAPACK trtri fast path needs SciPy (in the [test] extra)")
-    lower = torch.linalg.cholesky(_spd(200, dtype=dtype))
-    fast = obs.triangular_inverse(lower)
-    simple = torch.linalg.solve_triangular(lower, torch.eye(200, dtype=dtype), upper=False)
-    tol = 1e-4 if dtype == torch.float32 else 1e-10
-    torch.testing.assert_close(fast, simple, rtol=tol, atol=tol)
-    assert torch.count_nonzero(torch.triu(fast, 1)) == 0
-
-
-def test_triangular_inverse_without_scipy_equals_lapack(monkeypatch):
-    lower = torch.linalg.cholesky(_spd(150))
-    with_scipy = obs.triangular_inverse(lower)
-    monkeypatch.setattr(obs, "_scipy_trtri", lambda dtype: None)
-    torch.testing.assert_close(obs.triangular_inverse(lower), with_scipy, rtol=1e-10, atol=1e-10)
-
-
 def test_upper_factor_equals_reference_chain():
     h = _spd(300)
     reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)

@@ -46,31 +46,14 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor) -> torch.Tensor:
 
 
 def triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """L⁻¹ of a lower-triangular matrix.
+    """L⁻¹ of a lower-triangular matrix (a triangular solve against the identity).
 
-    On CPU, LAPACK's trtri (through SciPy, when installed) costs n³/3 flops; a triangular solve
-    against the identity costs n³ and, in torch's CPU build, runs 4x slower than trtri at n = 4096.
-    Elsewhere (CUDA) the triangular solve is used.
+    Measured and rejected: LAPACK trtri through SciPy does a third of the flops and is 2x faster
+    single-threaded, but its OpenBLAS thread pool fights torch's OpenMP pool on a busy machine
+    (30x slower at n = 512 under load); see benchmarks/README.md.
     """
-    if lower.device.type == "cpu" and lower.dtype in (torch.float32, torch.float64):
-        trtri = _scipy_trtri(lower.dtype)
-        if trtri is not None:
-            # A C-ordered L is an F-ordered Lᵀ (upper): invert that in place, read back transposed.
-            work = lower.contiguous().clone()
-            inv_t, info = trtri(work.numpy().T, lower=0, overwrite_c=1)
-            if info != 0:
-                raise torch.linalg.LinAlgError(f"triangular inverse failed (info={info})")
-            return work if inv_t.T.ctypes.data == work.data_ptr() else torch.from_numpy(inv_t.T.copy())
     eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
     return torch.linalg.solve_triangular(lower, eye, upper=False)
-
-
-def _scipy_trtri(dtype: torch.dtype):
-    try:
-        from scipy.linalg import lapack
-    except ImportError:  # SciPy is optional: fall back to the triangular solve
-        return None
-    return lapack.strtri if dtype == torch.float32 else lapack.dtrtri
 
 
 def inverse_hessian_factor(
