@@ -96,6 +96,43 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_anon_bytes() -> int:
+    """Anonymous resident memory (heap, tensors): excludes clean file-backed pages such as the
+    read-only memory maps of safetensors files, which the kernel can drop under pressure."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class AnonPeak:
+    """Samples RssAnon every few milliseconds in a thread (the kernel keeps no peak for it)."""
+
+    def __init__(self, interval: float = 0.005):
+        import threading
+
+        self.interval, self.peak, self._stop = interval, rss_anon_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "AnonPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon_bytes())
+
+
 def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
     """Best wall time over `repeat` runs and the last result."""
     best, out = float("inf"), None

@@ -55,3 +55,39 @@ def calibration_batches(workdir: str, batch: int, device: str = "cpu") -> list[d
     ids = load_file(os.path.join(workdir, "calibration.safetensors"))["input_ids"]
     return [{"input_ids": ids[i:i + batch].to(device), "attention_mask": torch.ones_like(ids[i:i + batch]).to(device)}
             for i in range(0, len(ids), batch)]
+
+
+def warm_up(kind: str) -> None:
+    """Run the pipeline once on a 1-layer toy model so that one-time costs (code pages of torch's
+    LAPACK/BLAS kernels, lazy imports, thread pools) are paid before the peak-memory baseline."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(64, 1, inter=128, vocab=256)
+    base = LlamaForCausalLM(cfg).eval()
+    ft = copy.deepcopy(base)
+    safety = {n: torch.sign(torch.randn(p.shape)).to(torch.int8) for n, p in base.named_parameters()
+              if ".layers." in n and p.dim() == 2}
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.01 * torch.randn(p.shape))
+    ids = torch.randint(3, 256, (2, 32))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    if kind == "reference":
+        from reference import reference_realign
+
+        reference_realign(ft, dict(base.state_dict()), safety, batches)
+    elif kind == "offline":
+        import tempfile
+
+        from irr_callback.offline import realign_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ft.save_pretrained(tmp + "/ft")
+            realign_checkpoint(tmp + "/ft", base=base, safety_vector=safety, calibration=batches,
+                               output_dir=tmp + "/out", progress=False)
+    else:
+        from irr_callback import realign
+
+        realign(ft, base=base, safety_vector=safety, calibration=batches, progress=False)

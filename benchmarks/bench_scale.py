@@ -21,8 +21,8 @@ import time
 
 import _common  # noqa: F401
 import torch
-from _common import gib, peak_rss_bytes, reset_peak_rss, rss_bytes, run_worker, write_results
-from _models import build_checkpoints, calibration_batches, llama_config
+from _common import AnonPeak, gib, peak_rss_bytes, reset_peak_rss, rss_anon_bytes, rss_bytes, run_worker, write_results
+from _models import build_checkpoints, calibration_batches, llama_config, warm_up
 
 HERE = os.path.abspath(__file__)
 
@@ -40,9 +40,12 @@ def worker(kind: str, workdir: str, batch: int, seqs: int, tokens: int) -> dict:
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM.from_pretrained(os.path.join(workdir, "ft")).eval()
+    warm_up(kind)
     gc.collect()
     baseline = rss_bytes()
+    anon_baseline = rss_anon_bytes()
     reset_peak_rss()
+    sampler = AnonPeak().__enter__()
     start = time.perf_counter()
     if kind == "realign":
         realign(model, base=os.path.join(workdir, "base"), safety_vector=os.path.join(workdir, "safety.safetensors"),
@@ -53,9 +56,10 @@ def worker(kind: str, workdir: str, batch: int, seqs: int, tokens: int) -> dict:
                            safety_vector=os.path.join(workdir, "safety.safetensors"), calibration=batches,
                            output_dir=out, config=cfg, progress=False)
     seconds = time.perf_counter() - start
+    sampler.__exit__()
     peak = peak_rss_bytes()
     result = {"kind": kind, "seconds": seconds, "baseline_rss": baseline, "peak_rss": peak,
-              "extra_rss": peak - baseline}
+              "extra_rss": peak - baseline, "extra_anon": sampler.peak - anon_baseline}
     if kind == "offline":
         shutil.rmtree(os.path.join(workdir, "out"), ignore_errors=True)
     return result
@@ -73,7 +77,8 @@ def point(label: str, hidden: int, layers: int, seqs: int, tokens: int, kinds: l
         shutil.rmtree(workdir, ignore_errors=True)
     row = {"label": label, "hidden": hidden, "layers": layers, "seqs": seqs, "tokens": tokens,
            "dtype": str(dtype), **sizes, "runs": runs}
-    msg = ", ".join(f"{k} {r['seconds']:.1f}s +{gib(r['extra_rss'])}" for k, r in runs.items())
+    msg = ", ".join(f"{k} {r['seconds']:.1f}s +{gib(r['extra_rss'])} (anon +{gib(r['extra_anon'])})"
+                    for k, r in runs.items())
     print(f"{label}: hidden {hidden} layers {layers} calib {seqs}x{tokens}: {msg}  "
           f"(checkpoint {gib(sizes['checkpoint_bytes'])})", flush=True)
     return row
@@ -107,17 +112,18 @@ def main() -> None:
     if args.big or args.big_only:
         rows.append(point("larger than RAM", args.big_hidden, args.big_layers, 8, 256, ["offline"]))
     md = ["| sweep | hidden | layers | calibration | checkpoint | target params | realign: wall | realign: extra "
-          "RSS (B/target param) | offline: wall | offline: peak RSS | checkpoint / offline peak |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "RSS (B/target param) | realign: extra anonymous (B/target param) | offline: wall | offline: peak RSS | "
+          "offline: peak anonymous | checkpoint / offline peak RSS |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rr, ro = r["runs"].get("realign"), r["runs"].get("offline")
         md.append(
             f"| {r['label']} | {r['hidden']} | {r['layers']} | {r['seqs']}×{r['tokens']} | {gib(r['checkpoint_bytes'])} | "
             f"{r['target_params'] / 1e6:.1f} M | "
             + (f"{rr['seconds']:.1f} s | {gib(rr['extra_rss'])} ({rr['extra_rss'] / r['target_params']:.2f}) | "
-               if rr else "- | - | ")
-            + (f"{ro['seconds']:.1f} s | {gib(ro['extra_rss'])} | {r['checkpoint_bytes'] / ro['extra_rss']:.1f}× |"
-               if ro else "- | - | - |"))
+               f"{gib(rr['extra_anon'])} ({rr['extra_anon'] / r['target_params']:.2f}) | " if rr else "- | - | - | ")
+            + (f"{ro['seconds']:.1f} s | {gib(ro['extra_rss'])} | {gib(ro['extra_anon'])} | "
+               f"{r['checkpoint_bytes'] / ro['extra_rss']:.1f}× |" if ro else "- | - | - | - |"))
     md.append("\nfloat32 checkpoints; base and sign-only safety vector read lazily from safetensors; default "
               "IRRConfig (disk backup, fallback_to_removal on). offline peak RSS is everything the call allocates "
               "(one layer, its Hessians and factors, calibration activations).")
