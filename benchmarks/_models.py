@@ -91,3 +91,12 @@ def warm_up(kind: str) -> None:
         from irr_callback import realign
 
         realign(ft, base=base, safety_vector=safety, calibration=batches, progress=False)
+
+
+def materialise(model) -> None:
+    """Copy every weight into anonymous memory. `from_pretrained` leaves CPU weights as copy-on-write
+    pages of the memory-mapped checkpoint: the first write to a weight (which realignment does to all
+    of them) would otherwise count the model itself as memory used by the pipeline."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()

@@ -25,6 +25,7 @@ import tempfile
 import time
 
 import _common  # noqa: F401
+from _models import materialise
 import torch
 from _common import AnonPeak, gib, peak_rss_bytes, reset_peak_rss, rss_anon_bytes, rss_bytes, run_worker, write_results
 
@@ -67,6 +68,7 @@ def worker(kind: str, workdir: str, args) -> dict:
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     model = LlamaForCausalLM.from_pretrained(os.path.join(workdir, "ft"), dtype=torch.float32).to(device).eval()
+    materialise(model)
     ids = load_file(os.path.join(workdir, "calibration.safetensors"))["input_ids"]
     batch = args.batch
     batches = [{"input_ids": ids[i:i + batch].to(device), "attention_mask": torch.ones_like(ids[i:i + batch]).to(device)}

@@ -22,7 +22,7 @@ import time
 import _common  # noqa: F401
 import torch
 from _common import AnonPeak, gib, peak_rss_bytes, reset_peak_rss, rss_anon_bytes, rss_bytes, run_worker, write_results
-from _models import build_checkpoints, calibration_batches, llama_config, warm_up
+from _models import materialise, build_checkpoints, calibration_batches, llama_config, warm_up
 
 HERE = os.path.abspath(__file__)
 
@@ -40,6 +40,7 @@ def worker(kind: str, workdir: str, batch: int, seqs: int, tokens: int) -> dict:
         from transformers import LlamaForCausalLM
 
         model = LlamaForCausalLM.from_pretrained(os.path.join(workdir, "ft")).eval()
+        materialise(model)
     warm_up(kind)
     gc.collect()
     baseline = rss_bytes()
