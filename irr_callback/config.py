@@ -14,6 +14,7 @@ IDENTIFY_MODES = ("sign", "no_sign", "random")
 LORA_OUTPUTS = ("merged", "adapter", "both")
 ON_ERROR = ("raise", "warn")
 SNAPSHOT_LOCATIONS = ("cpu", "disk")
+BACKUP_LOCATIONS = ("disk", "cpu")
 
 
 class IRRConfigError(ValueError):
@@ -95,6 +96,14 @@ class IRRConfig:
     device: Optional[str] = field(
         default=None,
         metadata={"help": "Device for the IRR math (default: the device of each decoder layer)."},
+    )
+    backup: str = field(
+        default="disk",
+        metadata={
+            "help": "Where `realign` keeps the original of every weight it writes, to restore all of them on "
+            "failure: 'disk' (a temp file under $TMPDIR, deleted at the end; no RAM) or 'cpu' (RAM: model-size "
+            "extra memory, no disk writes)."
+        },
     )
     # ---- safety inputs (used by the callback and the CLI) -----------------------------------
     safety_vector: Optional[str] = field(
@@ -192,6 +201,7 @@ class IRRConfig:
                "unaligned_lora_rank", self.unaligned_lora_rank, "an integer >= 0")
         _check(self.unaligned_learning_rate > 0, "unaligned_learning_rate", self.unaligned_learning_rate, "> 0")
         _check(self.snapshot in SNAPSHOT_LOCATIONS, "snapshot", self.snapshot, f"one of {SNAPSHOT_LOCATIONS}")
+        _check(self.backup in BACKUP_LOCATIONS, "backup", self.backup, f"one of {BACKUP_LOCATIONS}")
         _check(self.lora_output in LORA_OUTPUTS, "lora_output", self.lora_output, f"one of {LORA_OUTPUTS}")
         _check(self.lora_refactor_rank is None or (isinstance(self.lora_refactor_rank, int)
                                                    and self.lora_refactor_rank >= 1),

@@ -9,6 +9,7 @@ one layer's Hessians live on the compute device at a time.
 from __future__ import annotations
 
 import functools
+import tempfile
 import time
 from typing import Any, Mapping, Optional
 
@@ -20,7 +21,7 @@ from .calibration import calibration_batches
 from .config import IRRConfig
 from .core import HessianAccumulator, realign_group
 from .core.obs import NumericalError
-from .distributed import context_for, raise_if_any_failed
+from .distributed import SingleProcess, context_for, raise_if_any_failed
 from .report import IRRReport
 from .targets import Target, TargetError, find_targets
 from .tensors import as_tensor_mapping, tensor_shape
@@ -76,7 +77,7 @@ def realign(
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
 
-    backup = _Backup()
+    backup = make_backup(config.backup)
     was_training = model.training
     model.eval()
     try:
@@ -86,14 +87,10 @@ def realign(
             _check_finite(hidden, masks, f"the input of decoder layer '{prefix}.0' (the embedding output)", dist_ctx)
             for index in logging.tqdm(range(len(layers)), desc="IRR layers", disable=not progress):
                 layer = layers[index]
-                if index in by_layer:
-                    hessians = _collect_hessians(layer, by_layer[index], hidden, layer_args[index], masks, config,
-                                                 reduce=dist_ctx.reduce_hessian)
-                    solve = functools.partial(_realign_group, base=base_map, safety=safety_map,
-                                              importance=importance_map, config=config, backup=backup, report=report)
-                    dist_ctx.solve_layer(hessians, solve, backup)
+                realign_layer(layer, by_layer.get(index, []), hidden, layer_args[index], masks, base_map, safety_map,
+                              importance_map, config, backup, report, dist_ctx)
                 if index + 1 < len(layers):
-                    hidden = [_run_layer(layer, x, *layer_args[index][b]) for b, x in enumerate(hidden)]
+                    hidden = propagate(layer, hidden, layer_args[index])
                     _check_finite(hidden, masks, f"the output of decoder layer '{prefix}.{index}'"
                                   + (" after realignment" if index in by_layer else ""), dist_ctx)
     except BaseException as exc:
@@ -101,6 +98,7 @@ def realign(
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        backup.close()
         model.train(was_training)
     report.modules = dist_ctx.merge_stats(report.modules, [t.name for t in targets])
     report.seconds = time.perf_counter() - started
@@ -109,6 +107,27 @@ def realign(
 
 
 # ------------------------------------------------------------------------------------------------
+def realign_layer(layer: nn.Module, targets: list[Target], hidden: list[torch.Tensor], args: list, masks: list,
+                  base: Optional[Mapping], safety: Mapping, importance: Optional[Mapping], config: IRRConfig,
+                  backup: "_Backup", report: IRRReport, dist_ctx: Optional[SingleProcess] = None) -> None:
+    """One decoder layer: H per distinct input from one pass of the unmodified layer, then every group
+    of targets identified, removed, recalibrated and written (originals saved to `backup` first).
+
+    `dist_ctx` sums H over processes and divides the solves (default: one process, no collectives)."""
+    if not targets:
+        return
+    dist_ctx = dist_ctx or SingleProcess()
+    hessians = _collect_hessians(layer, targets, hidden, args, masks, config, reduce=dist_ctx.reduce_hessian)
+    solve = functools.partial(_realign_group, base=base, safety=safety, importance=importance, config=config,
+                              backup=backup, report=report)
+    dist_ctx.solve_layer(hessians, solve, backup)
+
+
+def propagate(layer: nn.Module, hidden: list[torch.Tensor], args: list) -> list[torch.Tensor]:
+    """The next layer's inputs: the calibration batches run through the (realigned) layer."""
+    return [_run_layer(layer, x, *args[b]) for b, x in enumerate(hidden)]
+
+
 def validate_inputs(targets: list[Target], base: Optional[Mapping], safety: Mapping,
                     importance: Optional[Mapping]) -> None:
     """Every target has a base, a safety vector and (when needed) an importance of its shape, all finite."""
@@ -329,6 +348,18 @@ def _write(target: Target, new_weight: torch.Tensor, backup: "_Backup") -> None:
         lora_b.data.zero_()
 
 
+def make_backup(where: str) -> "_Backup":
+    """The all-or-nothing backup: 'cpu' (RAM), 'disk' (a temp file: no RAM) or 'none' (callers that
+    discard the model on failure, e.g. the offline path)."""
+    if where == "cpu":
+        return _Backup()
+    if where == "disk":
+        return _DiskBackup()
+    if where == "none":
+        return _NoBackup()
+    raise ValueError(f"backup must be 'cpu', 'disk' or 'none', got {where!r}")
+
+
 class _Backup:
     """Original values of every tensor written, on CPU, to restore on failure."""
 
@@ -341,9 +372,57 @@ class _Backup:
             self._ids.add(id(param))
             self._saved.append((param, param.detach().to("cpu", copy=True)))
 
+    def originals(self):
+        """(param, original CPU tensor) pairs, last written first: what `restore` puts back."""
+        for param, original in reversed(self._saved):
+            yield param, original
+
     def restore(self) -> None:
         with torch.no_grad():
-            for param, original in reversed(self._saved):
+            for param, original in self.originals():
                 param.data.copy_(original.to(param.device))
+        self.close()
+
+    def close(self) -> None:
         self._saved.clear()
         self._ids.clear()
+
+
+class _DiskBackup(_Backup):
+    """Like `_Backup`, but the originals are appended as raw bytes to an unlinked-on-close temp file
+    (under $TMPDIR), so the backup costs disk, not RAM: one tensor in memory at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._file = tempfile.TemporaryFile(prefix="irr-backup-")
+        self._entries: list[tuple[torch.Tensor, int, int, torch.Size, torch.dtype]] = []
+
+    def save(self, param: torch.Tensor) -> None:
+        if id(param) in self._ids:
+            return
+        self._ids.add(id(param))
+        value = param.detach().to("cpu").contiguous()
+        raw = value.view(-1).view(torch.uint8)
+        offset = self._file.tell()
+        self._file.write(memoryview(raw.numpy()))
+        # the shape at save time: a ZeRO-3 parameter is only full-shaped while gathered
+        self._entries.append((param, offset, raw.numel(), value.shape, value.dtype))
+
+    def originals(self):
+        self._file.flush()
+        for param, offset, size, shape, dtype in reversed(self._entries):
+            self._file.seek(offset)
+            raw = torch.frombuffer(bytearray(self._file.read(size)), dtype=torch.uint8)
+            yield param, raw.view(dtype).view(shape)
+
+    def close(self) -> None:
+        self._entries.clear()
+        self._ids.clear()
+        self._file.close()
+
+
+class _NoBackup(_Backup):
+    """No rollback: for callers whose model copy is thrown away on failure."""
+
+    def save(self, param: torch.Tensor) -> None:
+        pass

@@ -45,12 +45,11 @@ class Zero3(d.Replicated):
         """Write the saved full weights back through a gather (rank 0 modifies, all ranks take part)."""
         import deepspeed
 
-        for param, original in reversed(backup._saved):
+        for param, original in backup.originals():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if self.rank == 0:
                     param.data.copy_(original.to(param.device))
-        backup._saved.clear()
-        backup._ids.clear()
+        backup.close()
 
 
 def _numel(param) -> int:

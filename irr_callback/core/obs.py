@@ -38,12 +38,22 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor) -> torch.Tensor:
     lower, info = torch.linalg.cholesky_ex(hessian.flip(0, 1))
     if int(info) != 0:
         raise torch.linalg.LinAlgError(f"Cholesky failed at order {int(info)}")
-    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
-    lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+    lower_inv = triangular_inverse(lower)
     upper = lower_inv.flip(0, 1)
     if not torch.isfinite(upper).all():
         raise torch.linalg.LinAlgError("non-finite inverse factor")
     return upper
+
+
+def triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular matrix (a triangular solve against the identity).
+
+    Measured and rejected: LAPACK trtri through SciPy does a third of the flops and is 2x faster
+    single-threaded, but its OpenBLAS thread pool fights torch's OpenMP pool on a busy machine
+    (30x slower at n = 512 under load); see benchmarks/README.md.
+    """
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False)
 
 
 def inverse_hessian_factor(
@@ -77,7 +87,8 @@ SelectFn = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 
 def obs_sweep(
-    delta: torch.Tensor, upper: torch.Tensor, select: SelectFn, *, blocksize: int = 128, subblock: int = 16
+    delta: torch.Tensor, upper: torch.Tensor, select: SelectFn, *, blocksize: int = 128, subblock: int = 16,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Remove entries column by column and push each removal's error onto later columns.
 
@@ -87,9 +98,10 @@ def obs_sweep(
     re-association of the per-column update, done as few large matrix products.
 
     Returns the new delta (removed entries exactly 0), the per-row sum of squared scaled errors
-    Σ e² (the output error measured with the damped Hessian) and the removal mask.
+    Σ e² (the output error measured with the damped Hessian) and the removal mask. `inplace`
+    sweeps `delta` itself (saves one copy of the matrix).
     """
-    w = delta.clone()
+    w = delta if inplace else delta.clone()
     rows, cols = w.shape
     removed_all = torch.zeros_like(w, dtype=torch.bool)
     err_sq = torch.zeros(rows, dtype=w.dtype, device=w.device)
@@ -108,8 +120,8 @@ def obs_sweep(
             for c in range(j1, j2):
                 e = block[:, c] * mask[:, c] * inv_diag[i1 + c]
                 errors[:, c] = e
-                if c + 1 < j2:
-                    block[:, c + 1:j2].addr_(e, u_block[c, c + 1:j2], alpha=-1.0)
+                if c + 1 < j2:  # rank-1 update as addmm_: torch's CPU addr_ is ~75x slower here
+                    block[:, c + 1:j2].addmm_(e.unsqueeze(1), u_block[c:c + 1, c + 1:j2], alpha=-1.0)
             if j2 < count:
                 block[:, j2:].addmm_(errors[:, j1:j2], u_block[j1:j2, j2:], alpha=-1.0)
         block.masked_fill_(removed, 0.0)
@@ -121,13 +133,32 @@ def obs_sweep(
 
 def masked_removal(delta: torch.Tensor, select: SelectFn, *, blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain removal (no compensation): returns (new delta, removal mask) block by block."""
+    mask = removal_mask_plain(delta, select, blocksize=blocksize)
+    return delta.masked_fill(mask, 0.0), mask
+
+
+def removal_mask_plain(delta: torch.Tensor, select: SelectFn, *, blocksize: int = 128) -> torch.Tensor:
+    """The removal mask of plain removal (blocks selected on the unmodified delta), without the copy."""
     mask = torch.zeros_like(delta, dtype=torch.bool)
     for i1 in range(0, delta.shape[1], blocksize):
         i2 = min(i1 + blocksize, delta.shape[1])
         mask[:, i1:i2] = select(i1, i2, delta[:, i1:i2])
-    return delta.masked_fill(mask, 0.0), mask
+    return mask
 
 
-def output_error(change: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Per-row tr(X H Xᵀ) for a change X of the delta: the layer-output error it causes."""
-    return ((change @ hessian) * change).sum(dim=1)
+def output_error(change: torch.Tensor, hessian: torch.Tensor, *, blocksize: int = 512) -> torch.Tensor:
+    """Per-row xᵀHx for a change X of the delta: the layer-output error it causes.
+
+    H is symmetric, so only its upper block triangle is multiplied (off-diagonal blocks counted
+    twice): half the flops of the plain (X H) ⊙ X.
+    """
+    rows, cols = change.shape
+    out = torch.zeros(rows, dtype=change.dtype, device=change.device)
+    for b0 in range(0, cols, blocksize):
+        b1 = min(b0 + blocksize, cols)
+        x = change[:, b0:b1]
+        y = x @ hessian[b0:b1, b0:]
+        out += torch.linalg.vecdot(y[:, :b1 - b0], x, dim=1)
+        if b1 < cols:
+            out += 2.0 * torch.linalg.vecdot(y[:, b1 - b0:], change[:, b1:], dim=1)
+    return out

@@ -14,7 +14,7 @@ import torch
 
 from ..report import ModuleStats
 from .identify import removal_mask, sign_conflicts
-from .obs import NumericalError, SelectFn, inverse_hessian_factor, masked_removal, obs_sweep, output_error
+from .obs import NumericalError, SelectFn, inverse_hessian_factor, obs_sweep, output_error, removal_mask_plain
 
 
 def realign_matrix(
@@ -72,7 +72,9 @@ def realign_group(
     _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode)
     dtype = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
     device = deltas[0].device
-    original = torch.cat([d.to(device=device, dtype=dtype) for d in deltas], dim=0)
+    # one matrix of the group (no copy for a single delta already in the compute dtype: never written)
+    original = (deltas[0].to(device=device, dtype=dtype) if len(deltas) == 1
+                else torch.cat([d.to(device=device, dtype=dtype) for d in deltas], dim=0))
     signs = torch.cat([torch.sign(s.to(device=device)).to(torch.int8) for s in safeties], dim=0)
     uses_importance = mode in ("sign", "no_sign") and remove_ratio < 1.0
     scores = (torch.cat([f.to(device=device, dtype=dtype) for f in importances], dim=0)
@@ -95,23 +97,25 @@ def realign_group(
         return select
 
     h = hessian.to(device=device, dtype=dtype) if hessian is not None else None
-    plain, plain_mask = masked_removal(original, make_select(), blocksize=blocksize)
-    err_plain = output_error(-original * plain_mask, h) if (h is not None and removal_error) else None
+    plain_mask = removal_mask_plain(original, make_select(), blocksize=blocksize)
+    err_plain = (output_error(original.masked_fill(~plain_mask, 0.0).neg_(), h)
+                 if (h is not None and removal_error) else None)
 
     damping, retries, dead = None, 0, torch.zeros(original.shape[1], dtype=torch.bool, device=device)
     if recalibrate:
         factor = inverse_hessian_factor(h, percdamp=percdamp, max_retries=max_damping_retries,
                                         name=_group_name(names))
         damping, retries, dead = factor.damping, factor.retries, factor.dead
+        del h
         start_delta = original.clone()
         start_delta[:, dead] = 0.0
-        new, err_sq, mask = obs_sweep(start_delta, factor.upper, make_select(), blocksize=blocksize)
-        change = new - start_delta
+        new, err_sq, mask = obs_sweep(start_delta, factor.upper, make_select(), blocksize=blocksize, inplace=True)
+        del factor
         # Σe² is the error under H + λI (+1 on dead diagonals); subtract those to get it under H.
-        err_recal = err_sq - damping * change.square().sum(dim=1) - change[:, dead].square().sum(dim=1)
-        err_recal = err_recal.clamp_min(0.0)
+        change_sq, dead_sq = _change_norms(new, original, dead)
+        err_recal = (err_sq - damping * change_sq - dead_sq).clamp_min(0.0)
     else:
-        new, err_recal, mask = plain, None, plain_mask
+        new, err_recal, mask = original.masked_fill(plain_mask, 0.0), None, plain_mask
 
     results = []
     for k, (r0, r1) in enumerate(bounds):
@@ -122,7 +126,7 @@ def realign_group(
         fell_back = bool(recalibrate and fallback_to_removal and e_plain is not None and e_recal is not None
                          and e_plain < e_recal)
         if fell_back:
-            module_new = plain[r0:r1]
+            module_new = original[r0:r1].masked_fill(plain_mask[r0:r1], 0.0)
         if not torch.isfinite(module_new).all():
             raise NumericalError(f"{name}: the realigned delta contains NaN or Inf")
         removed_count = int((plain_mask if fell_back else mask)[r0:r1].sum())
@@ -134,11 +138,27 @@ def realign_group(
             damping=damping, damping_retries=retries,
             recalibrated=recalibrate and not fell_back, fell_back_to_removal=fell_back,
         )
-        results.append((module_new.clone() if len(bounds) > 1 else module_new, stats))
+        results.append((module_new, stats))  # a contiguous row slice of the stacked result
     elapsed = time.perf_counter() - start
     for _, stats in results:
         stats.seconds = elapsed / len(results)
     return results
+
+
+def _change_norms(new: torch.Tensor, original: torch.Tensor, dead: torch.Tensor,
+                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row Σ(new − start)² and its dead-column part, start = original with dead columns zeroed;
+    in row chunks so no full-size temporary is made."""
+    total = torch.empty(new.shape[0], dtype=new.dtype, device=new.device)
+    dead_part = torch.zeros_like(total)
+    for r0 in range(0, new.shape[0], chunk):
+        r1 = min(r0 + chunk, new.shape[0])
+        change = new[r0:r1] - original[r0:r1]
+        if dead.any():
+            change[:, dead] = new[r0:r1][:, dead]
+            dead_part[r0:r1] = change[:, dead].square().sum(dim=1)
+        total[r0:r1] = change.square().sum(dim=1)
+    return total, dead_part
 
 
 def _row_bounds(deltas: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
