@@ -147,3 +147,20 @@ def test_lora_adapter_apply_and_base_mismatch(ckpts, tmp_path, capsys):
     rc = main(["apply", "--base", paths["base"], "--finetuned", other, "--unaligned", paths["unaligned"],
                "--calibration-data", paths["calib"], "--output", str(tmp_path / "out2")])
     assert rc == 2 and "another-model" in capsys.readouterr().err
+
+
+def test_apply_low_memory_matches_in_memory_apply(ckpts, tmp_path):
+    paths, _ = ckpts
+    outs = {}
+    for mode in ("memory", "low"):
+        out = str(tmp_path / mode)
+        extra = ["--low-memory"] if mode == "low" else []
+        assert main(["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--unaligned",
+                     paths["unaligned"], "--calibration-data", paths["calib"], "--output", out, *extra]) == 0
+        outs[mode] = out
+    from irr_callback.tensors import SafetensorsMapping
+
+    memory, low = SafetensorsMapping(outs["memory"]), SafetensorsMapping(outs["low"])
+    name = "model.layers.1.self_attn.v_proj.weight"
+    assert torch.equal(memory[name], low[name])
+    assert {"irr_report.json", "README.md", "config.json"} <= set(_listing(outs["low"]))

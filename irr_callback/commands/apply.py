@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_input_arguments(p)
     p.add_argument("--output", required=True, help="Where the realigned model is written (atomically).")
     p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    p.add_argument("--low-memory", action="store_true",
+                   help="Checkpoints larger than RAM: load one decoder layer at a time from the safetensors shards "
+                        "(full fine-tunes in local directories; Fisher only from --fisher).")
     add_config_arguments(p)
 
 
@@ -174,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_output(args.output, "--output", args.overwrite)
     calibration_data = check_args(args, config)
+    if args.low_memory:
+        return _run_low_memory(args, config, calibration_data)
     inputs = load_inputs(args, config, calibration_data)
     model, report = realign_inputs(inputs, config)
     with atomic_directory(args.output) as tmp:
@@ -184,6 +189,43 @@ def run(args: argparse.Namespace) -> int:
         _write_card(tmp, args, report)
     print(report.summary())
     print(f"wrote {args.output}")
+    return 0
+
+
+def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_data: Any) -> int:
+    """`irr apply --low-memory`: sequential onloading through `irr_callback.offline.realign_checkpoint`."""
+    from ..data import calibration_examples
+    from ..offline import realign_checkpoint
+
+    if is_adapter_dir(args.finetuned):
+        raise CLIError("--low-memory: --finetuned is a LoRA adapter; adapters are small, run without --low-memory")
+    if args.safety_data:
+        raise CLIError("--low-memory: Fisher from --safety-data needs the whole model; compute it once with "
+                       "`irr fisher` and pass --fisher")
+    for flag, path in (("--base", args.base), ("--finetuned", args.finetuned)):
+        if not os.path.isdir(path):
+            raise CLIError(f"--low-memory: {flag} must be a local directory with safetensors shards, got '{path}'")
+    base = SafetensorsMapping(args.base)
+    v = (load_irr_file(args.safety_vector, kind="safety_vector", base=base) if args.safety_vector
+         else local_or_download(args.unaligned))
+    if not args.safety_vector:
+        from ..safety import safety_vector as make_vector
+        from .safety_vector import target_parameter_names
+
+        v = make_vector(base, v, names=target_parameter_names(args.finetuned, config.target_modules), sign_only=True)
+    importance = load_irr_file(args.fisher, kind="fisher", base=base) if config.needs_importance else None
+    tokenizer = load_tokenizer(args.finetuned, args.base)
+    calibration = calibration_examples(calibration_data, tokenizer, num_samples=config.num_calibration_samples,
+                                       max_length=config.calibration_max_length,
+                                       text_column=args.calibration_text_column)
+    with atomic_directory(args.output) as tmp:
+        os.rmdir(tmp)  # realign_checkpoint writes (atomically) into a fresh directory of its own
+        report = realign_checkpoint(args.finetuned, base=base, safety_vector=v, calibration=calibration,
+                                    output_dir=tmp, importance=importance, config=config)
+        tokenizer.save_pretrained(tmp)
+        _write_card(tmp, args, report)
+    print(report.summary())
+    print(f"wrote {args.output} (one layer at a time)")
     return 0
 
 
