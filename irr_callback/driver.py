@@ -56,21 +56,9 @@ def realign(
     config = config or IRRConfig()
     started = time.perf_counter()
     prefix, layers, targets = find_targets(model, config.target_modules)
-    base_map = as_tensor_mapping(base, what="base") if base is not None else None
-    safety_map = as_tensor_mapping(safety_vector, what="safety_vector")
-    importance_map = as_tensor_mapping(importance, what="importance") if importance is not None else None
-    if config.needs_importance and importance_map is None:
-        raise ValueError(f"IRRConfig.remove_ratio={config.remove_ratio} < 1 ranks deltas by importance, "
-                         "but no importance (Fisher) was given")
+    base_map, safety_map, importance_map = resolve_inputs(config, base, safety_vector, importance)
     validate_inputs(targets, base_map, safety_map, importance_map if config.needs_importance else None)
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    batches = calibration_batches(calibration, max_samples=config.num_calibration_samples,
-                                  max_length=config.calibration_max_length,
-                                  batch_size=config.calibration_batch_size,
-                                  pad_token_id=pad if isinstance(pad, int) else 0)
-    report = IRRReport(config=config.to_dict(), num_layers=len(layers),
-                       calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
-                       calibration_tokens=sum(int(b["attention_mask"].sum()) for b in batches))
+    batches, report = prepare_calibration(calibration, config, getattr(model, "config", None), len(layers))
     dist_ctx = context_for(model, targets)  # SingleProcess without a process group: no collectives
     batches = dist_ctx.shard_calibration(batches)  # this rank's share, padded with zero-weight batches
     by_layer: dict[int, list[Target]] = {}
@@ -107,6 +95,31 @@ def realign(
 
 
 # ------------------------------------------------------------------------------------------------
+def resolve_inputs(config: IRRConfig, base: Any, safety_vector: Any, importance: Any):
+    """(base, safety vector, importance) as name → tensor mappings; importance required when ranking."""
+    base_map = as_tensor_mapping(base, what="base") if base is not None else None
+    safety_map = as_tensor_mapping(safety_vector, what="safety_vector")
+    importance_map = as_tensor_mapping(importance, what="importance") if importance is not None else None
+    if config.needs_importance and importance_map is None:
+        raise ValueError(f"IRRConfig.remove_ratio={config.remove_ratio} < 1 ranks deltas by importance, "
+                         "but no importance (Fisher) was given")
+    return base_map, safety_map, importance_map
+
+
+def prepare_calibration(calibration: Any, config: IRRConfig, model_config: Any,
+                        num_layers: int) -> tuple[list[dict[str, torch.Tensor]], IRRReport]:
+    """Padded calibration batches, and the report that will record what is done with them."""
+    pad = getattr(model_config, "pad_token_id", None)
+    batches = calibration_batches(calibration, max_samples=config.num_calibration_samples,
+                                  max_length=config.calibration_max_length,
+                                  batch_size=config.calibration_batch_size,
+                                  pad_token_id=pad if isinstance(pad, int) else 0)
+    report = IRRReport(config=config.to_dict(), num_layers=num_layers,
+                       calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
+                       calibration_tokens=sum(int(b["attention_mask"].sum()) for b in batches))
+    return batches, report
+
+
 def realign_layer(layer: nn.Module, targets: list[Target], hidden: list[torch.Tensor], args: list, masks: list,
                   base: Optional[Mapping], safety: Mapping, importance: Optional[Mapping], config: IRRConfig,
                   backup: "_Backup", report: IRRReport, dist_ctx: Optional[SingleProcess] = None) -> None:

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .calibration import calibration_batches
 from .config import IRRConfig
-from .driver import _capture_layer_inputs, make_backup, propagate, realign_layer, validate_inputs
+from .driver import (_capture_layer_inputs, make_backup, prepare_calibration, propagate, realign_layer,
+                     resolve_inputs, validate_inputs)
 from .report import IRRReport
 from .targets import Target, find_targets
-from .tensors import SafetensorsMapping, as_tensor_mapping, tensor_shape
+from .tensors import SafetensorsMapping, tensor_shape
 
 logger = logging.get_logger(__name__)
 
@@ -75,22 +75,12 @@ def realign_checkpoint(
         model = AutoModelForCausalLM.from_config(model_config, dtype=_checkpoint_dtype(weights))
     model.eval()
     prefix, layers, targets = find_targets(model, config.target_modules)
-    base_map = as_tensor_mapping(base, what="base")
-    safety_map = as_tensor_mapping(safety_vector, what="safety_vector")
-    importance_map = as_tensor_mapping(importance, what="importance") if importance is not None else None
-    if config.needs_importance and importance_map is None:
-        raise ValueError(f"IRRConfig.remove_ratio={config.remove_ratio} < 1 ranks deltas by importance, "
-                         "but no importance (Fisher) was given")
+    if base is None:
+        raise ValueError("base is required: the offline path realigns full fine-tunes")
+    base_map, safety_map, importance_map = resolve_inputs(config, base, safety_vector, importance)
     _check_sources(model, prefix, len(layers), targets, weights, base_map, safety_map,
                    importance_map if config.needs_importance else None)
-    pad = getattr(model_config, "pad_token_id", None)
-    batches = calibration_batches(calibration, max_samples=config.num_calibration_samples,
-                                  max_length=config.calibration_max_length,
-                                  batch_size=config.calibration_batch_size,
-                                  pad_token_id=pad if isinstance(pad, int) else 0)
-    report = IRRReport(config=config.to_dict(), num_layers=len(layers),
-                       calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
-                       calibration_tokens=sum(int(b["attention_mask"].sum()) for b in batches))
+    batches, report = prepare_calibration(calibration, config, model_config, len(layers))
     report.extra["offline"] = {"finetuned_dir": finetuned_dir}
     by_layer: dict[int, list[Target]] = {}
     for t in targets:

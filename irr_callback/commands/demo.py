@@ -257,8 +257,8 @@ def _print_summary(target: str, rows: list[dict[str, Any]], totals: dict[str, An
     print()
     print(f"IRR removed {totals['removed']:,} of {totals['entries']:,} fine-tuning deltas "
           f"({100 * totals['removed_fraction']:.1f}%), recalibrated the rest.")
-    print(f"refusal_*: share of held-out harmful prompts refused (attacked = topics in the attack data); "
-          f"over_refusal_benign: benign prompts refused; *_accuracy: exact match.")
+    print("refusal_*: share of held-out harmful prompts refused (attacked = topics in the attack data); "
+          "over_refusal_benign: benign prompts refused; *_accuracy: exact match.")
     print(f"\nwrote {target}  ({seconds:.0f} s)")
     print(f"  report: {os.path.join(target, 'finetuned-irr', 'irr_report.json')}")
     if os.path.exists(os.path.join(target, "pareto.png")):

@@ -34,7 +34,6 @@ def upper_cholesky_of_inverse(hessian: torch.Tensor) -> torch.Tensor:
     Cholesky factor. Half the work of cholesky → cholesky_inverse → cholesky. Raises
     `torch.linalg.LinAlgError` when H is not positive definite.
     """
-    n = hessian.shape[0]
     lower, info = torch.linalg.cholesky_ex(hessian.flip(0, 1))
     if int(info) != 0:
         raise torch.linalg.LinAlgError(f"Cholesky failed at order {int(info)}")
