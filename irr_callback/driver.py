@@ -158,15 +158,20 @@ def validate_inputs(targets: list[Target], base: Optional[Mapping], safety: Mapp
         if not torch.isfinite(t.weight).all():
             raise ValueError(f"the model's '{t.name}' contains NaN or Inf")
         for label, mapping in sources:
-            if t.name not in mapping:
-                raise KeyError(f"{label} has no entry for target '{t.name}' "
-                               f"(it has {len(mapping)} entries, e.g. {list(mapping)[:3]})")
-            got = tensor_shape(mapping, t.name)
-            if got != shape:
-                raise ValueError(f"{label}['{t.name}'] has shape {got}, the model's weight has shape {shape}")
+            check_entry(label, mapping, t.name, shape)
             tensor = mapping[t.name]
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ValueError(f"{label}['{t.name}'] contains NaN or Inf")
+
+
+def check_entry(label: str, mapping: Mapping, name: str, shape: tuple[int, ...]) -> None:
+    """`mapping` (base, safety vector or importance) has `name` with the weight's shape."""
+    if name not in mapping:
+        raise KeyError(f"{label} has no entry for target '{name}' "
+                       f"(it has {len(mapping)} entries, e.g. {list(mapping)[:3]})")
+    got = tensor_shape(mapping, name)
+    if got != shape:
+        raise ValueError(f"{label}['{name}'] has shape {got}, the model's weight has shape {shape}")
 
 
 def _check_lora_supported(t: Target) -> None:

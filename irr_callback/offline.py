@@ -24,7 +24,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import IRRConfig
-from .driver import (_capture_layer_inputs, make_backup, prepare_calibration, propagate, realign_layer,
+from .driver import (_capture_layer_inputs, check_entry, make_backup, prepare_calibration, propagate, realign_layer,
                      resolve_inputs, validate_inputs)
 from .report import IRRReport
 from .targets import Target, find_targets
@@ -222,12 +222,7 @@ def _check_sources(model: nn.Module, prefix: str, num_layers: int, targets: list
     for t in targets:
         shape = tuple(t.weight.shape)
         for label, mapping in sources:
-            if t.name not in mapping:
-                raise KeyError(f"{label} has no entry for target '{t.name}' "
-                               f"(it has {len(mapping)} entries, e.g. {list(mapping)[:3]})")
-            got = tensor_shape(mapping, t.name)
-            if got != shape:
-                raise ValueError(f"{label}['{t.name}'] has shape {got}, the model's weight has shape {shape}")
+            check_entry(label, mapping, t.name, shape)
 
 
 class _ShardWriter:
