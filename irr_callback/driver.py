@@ -30,7 +30,7 @@ logger = logging.get_logger(__name__)
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once the last decoder layer's inputs are recorded."""
+    """Ends a forward pass early once everything it was run for is recorded."""
 
 
 def realign(
@@ -73,10 +73,11 @@ def realign(
             hidden, layer_args = _capture_layer_inputs(model, layers, batches, stop_early=dist_ctx.stop_capture_early)
             masks = [b.get("irr_token_mask", b["attention_mask"]) for b in batches]  # padding batches: 0
             _check_finite(hidden, masks, f"the input of decoder layer '{prefix}.0' (the embedding output)", dist_ctx)
+            stop_plan: dict = {}  # which target each layer shape calls last (shared across layers)
             for index in logging.tqdm(range(len(layers)), desc="IRR layers", disable=not progress):
                 layer = layers[index]
                 realign_layer(layer, by_layer.get(index, []), hidden, layer_args[index], masks, base_map, safety_map,
-                              importance_map, config, backup, report, dist_ctx)
+                              importance_map, config, backup, report, dist_ctx, stop_plan=stop_plan)
                 if index + 1 < len(layers):
                     hidden = propagate(layer, hidden, layer_args[index])
                     _check_finite(hidden, masks, f"the output of decoder layer '{prefix}.{index}'"
@@ -122,15 +123,20 @@ def prepare_calibration(calibration: Any, config: IRRConfig, model_config: Any,
 
 def realign_layer(layer: nn.Module, targets: list[Target], hidden: list[torch.Tensor], args: list, masks: list,
                   base: Optional[Mapping], safety: Mapping, importance: Optional[Mapping], config: IRRConfig,
-                  backup: "_Backup", report: IRRReport, dist_ctx: Optional[SingleProcess] = None) -> None:
+                  backup: "_Backup", report: IRRReport, dist_ctx: Optional[SingleProcess] = None,
+                  stop_plan: Optional[dict] = None) -> None:
     """One decoder layer: H per distinct input from one pass of the unmodified layer, then every group
     of targets identified, removed, recalibrated and written (originals saved to `backup` first).
 
-    `dist_ctx` sums H over processes and divides the solves (default: one process, no collectives)."""
+    `dist_ctx` sums H over processes and divides the solves (default: one process, no collectives).
+    `stop_plan`: a dict kept across layers lets the H pass stop after the last target (None: full passes)."""
     if not targets:
         return
     dist_ctx = dist_ctx or SingleProcess()
-    hessians = _collect_hessians(layer, targets, hidden, args, masks, config, reduce=dist_ctx.reduce_hessian)
+    if not dist_ctx.stop_capture_early:
+        stop_plan = None
+    hessians = _collect_hessians(layer, targets, hidden, args, masks, config, reduce=dist_ctx.reduce_hessian,
+                                 stop_plan=stop_plan)
     solve = functools.partial(_realign_group, base=base, safety=safety, importance=importance, config=config,
                               backup=backup, report=report)
     dist_ctx.solve_layer(hessians, solve, backup)
@@ -264,29 +270,46 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, in_
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda accumulator: None):
+def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda accumulator: None,
+                      stop_plan: Optional[dict] = None):
     """Run the calibration batches through the unmodified layer; one H per distinct input.
 
+    Pre-hooks on the targets accumulate H before each target runs. `stop_plan` (a dict shared
+    across layers, None to disable) remembers which target a layer of this shape calls last; once
+    it is reached and every target has been seen, the pass ends (the output of this pass is never
+    used, so the last module and whatever follows it are skipped: for Llama, down_proj).
     `reduce` sums each raw accumulator over processes before it is normalised (no-op in one process)."""
     device = torch.device(config.device) if config.device else targets[0].weight.device
     first_inputs: dict[int, torch.Tensor] = {}
     accumulators: dict[int, HessianAccumulator] = {}
-    state = {"batch": 0}
+    relative = {id(m): n for n, m in layer.named_modules()}
+    names = [relative.get(id(t.module)) for t in targets]
+    key = tuple(sorted(str(n) for n in names))
+    can_stop = stop_plan is not None and None not in names and not _has_offload_hooks(layer)
+    state = {"batch": 0, "stop_at": stop_plan.get(key) if can_stop else None, "calls": [0] * len(targets),
+             "order": []}
 
     def make_hook(k: int, target: Target):
-        def hook(module, inputs, output):
+        def hook(module, inputs):
             x = inputs[0]
             if state["batch"] == 0:
                 first_inputs[k] = x
+                state["calls"][k] += 1
+                state["order"].append(k)
             elif k in accumulators:
                 accumulators[k].add(x.detach().to(device), _token_mask(target, x, masks[state["batch"]]))
+            if names[k] == state["stop_at"] and (state["batch"] > 0 or len(first_inputs) == len(targets)):
+                raise _StopForward
         return hook
 
-    handles = [t.module.register_forward_hook(make_hook(k, t)) for k, t in enumerate(targets)]
+    handles = [t.module.register_forward_pre_hook(make_hook(k, t)) for k, t in enumerate(targets)]
     try:
         for b, x in enumerate(hidden):
             state["batch"] = b
-            _run_layer(layer, x, *args[b])
+            try:
+                _run_layer(layer, x, *args[b])
+            except _StopForward:
+                pass
             if b == 0:
                 groups = _group_by_input(targets, first_inputs)
                 for k, _ in groups:
@@ -295,6 +318,10 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
                     accumulators[k].add(first_inputs[k].detach().to(device),
                                         _token_mask(targets[k], first_inputs[k], masks[0]))
                 first_inputs.clear()
+                if can_stop:  # every target called once: stop later passes at the last one
+                    once = all(c == 1 for c in state["calls"])
+                    state["stop_at"] = names[state["order"][-1]] if once else None
+                    stop_plan[key] = state["stop_at"]
     finally:
         for h in handles:
             h.remove()
@@ -302,6 +329,11 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
         reduce(accumulators[k])
     return [([targets[i] for i in members], (accumulators[k].finalize(), accumulators[k].tokens))
             for k, members in groups]
+
+
+def _has_offload_hooks(layer: nn.Module) -> bool:
+    """accelerate's offload hooks move weights in and out around each forward: never interrupt one."""
+    return any(hasattr(m, "_hf_hook") for m in layer.modules())
 
 
 def _group_by_input(targets: list[Target], inputs: dict[int, torch.Tensor]) -> list[tuple[int, list[int]]]:

@@ -100,6 +100,7 @@ def realign_checkpoint(
             embeddings.to("meta")
             masks = [b["attention_mask"] for b in batches]
             backup = make_backup("none")  # a failure discards the temp directory instead
+            stop_plan: dict = {}
             for index in logging.tqdm(range(len(layers)), desc="IRR layers (offline)", disable=not progress):
                 layer = layers[index]
                 layer_prefix = f"{prefix}.{index}"
@@ -108,7 +109,7 @@ def realign_checkpoint(
                 validate_inputs(layer_targets, base_map, safety_map,
                                 importance_map if config.needs_importance else None)
                 realign_layer(layer, layer_targets, hidden, layer_args[index], masks, base_map, safety_map,
-                              importance_map, config, backup, report)
+                              importance_map, config, backup, report, stop_plan=stop_plan)
                 if index + 1 < len(layers):
                     hidden = propagate(layer, hidden, layer_args[index])
                 writer.write({f"{layer_prefix}.{k}": v for k, v in _persistent_state(layer).items()})

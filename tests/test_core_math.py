@@ -8,7 +8,7 @@ import torch
 from irr_callback.core import (
     HessianAccumulator,
     NumericalError,
-    inverse_hessian_factor,
+    factor_hessian,
     realign_group,
     realign_matrix,
     removal_mask,
@@ -222,10 +222,10 @@ def test_upper_cholesky_of_inverse_matches_reference_route():
 
 def test_cholesky_retries_with_more_damping_then_reports():
     h = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # indefinite
-    factor = inverse_hessian_factor(h, percdamp=0.01, max_retries=6, name="layers.0.q_proj")
+    factor = factor_hessian(h, percdamp=0.01, max_retries=6, name="layers.0.q_proj")
     assert factor.retries > 0 and factor.damping > 0.01
     with pytest.raises(NumericalError, match="layers.0.q_proj"):
-        inverse_hessian_factor(h, percdamp=0.01, max_retries=1, name="layers.0.q_proj")
+        factor_hessian(h, percdamp=0.01, max_retries=1, name="layers.0.q_proj")
 
 
 def test_removal_mask_ranking_keeps_lowest_importance():

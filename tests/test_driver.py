@@ -89,8 +89,8 @@ def test_modules_reading_the_same_input_share_one_factorisation(monkeypatch):
     import irr_callback.core.realign as core_realign
 
     calls = []
-    original = core_realign.inverse_hessian_factor
-    monkeypatch.setattr(core_realign, "inverse_hessian_factor",
+    original = core_realign.factor_hessian
+    monkeypatch.setattr(core_realign, "factor_hessian",
                         lambda h, **kw: calls.append(kw["name"]) or original(h, **kw))
     base, ft, unaligned = triple("llama")
     realign(ft, base=base, safety_vector=irr.safety_vector(base, unaligned), calibration=calibration(),

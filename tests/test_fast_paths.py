@@ -32,21 +32,45 @@ def test_symmetric_output_error_equals_dense(cols, block):
     torch.testing.assert_close(obs.output_error(change, h, blocksize=block), dense, rtol=1e-10, atol=1e-10)
 
 
-def test_inplace_sweep_equals_copying_sweep():
+def _right_looking_sweep(delta, upper, safety, blocksize):
+    """The textbook form: explicit U = chol(H⁻¹), every column's error pushed onto all later columns."""
+    w = delta.clone()
+    removed_all = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, w.shape[1], blocksize):
+        i2 = min(i1 + blocksize, w.shape[1])
+        removed = removal_mask(w[:, i1:i2], safety[:, i1:i2])
+        removed_all[:, i1:i2] = removed
+        for c in range(i1, i2):
+            e = w[:, c] * removed[:, c - i1] / upper[c, c]
+            w[:, c + 1:] -= torch.outer(e, upper[c, c + 1:])
+        w[:, i1:i2][removed] = 0.0
+    return w, removed_all
+
+
+@pytest.mark.parametrize("blocksize", [1, 16, 128])
+def test_left_looking_sweep_with_reversed_cholesky_equals_right_looking_with_inverse(blocksize):
     g = torch.Generator().manual_seed(3)
     delta = torch.randn(40, 300, generator=g, dtype=torch.float64)
     safety = torch.sign(torch.randn(40, 300, generator=g)).to(torch.int8)
-    upper = obs.upper_cholesky_of_inverse(_spd(300, seed=4))
+    h = _spd(300, seed=4)
+    expected, expected_mask = _right_looking_sweep(delta, obs.upper_cholesky_of_inverse(h), safety, blocksize)
 
     def select(i1, i2, block):
         return removal_mask(block, safety[:, i1:i2])
 
-    copy_out = obs.obs_sweep(delta, upper, select)
-    work = delta.clone()
-    inplace_out = obs.obs_sweep(work, upper, select, inplace=True)
-    for a, b in zip(copy_out, inplace_out):
-        assert torch.equal(a, b)
-    assert inplace_out[0].data_ptr() == work.data_ptr()
+    before = delta.clone()
+    new, err_sq, mask = obs.obs_sweep(delta, obs.reversed_cholesky(h), select, blocksize=blocksize)
+    torch.testing.assert_close(new, expected, rtol=1e-9, atol=1e-11)
+    assert torch.equal(mask, expected_mask) and torch.equal(new[mask], torch.zeros(int(mask.sum()), dtype=new.dtype))
+    assert torch.equal(delta, before)  # the input is never modified
+
+
+def test_reversed_cholesky_and_its_inverse():
+    h = _spd(300, seed=8)
+    root = obs.reversed_cholesky(h)
+    assert torch.equal(root, root.triu())
+    torch.testing.assert_close(root @ root.t(), h, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(obs.upper_cholesky_of_inverse(h) @ root, torch.eye(300, dtype=h.dtype), rtol=0, atol=1e-9)
 
 
 def test_group_results_equal_single_matrix_results_and_errors():
@@ -92,3 +116,69 @@ def test_backup_restores_every_weight_bit_for_bit(monkeypatch, where):
 def test_backup_field_is_validated():
     with pytest.raises(irr.IRRConfigError, match="backup"):
         IRRConfig(backup="gpu")
+
+
+@pytest.mark.parametrize("cols,block", [(700, 256), (96, 256), (300, 64)])
+def test_upper_block_triangle_hessian_equals_dense(cols, block):
+    from irr_callback.core import HessianAccumulator
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 11, cols, generator=g, dtype=torch.float64)
+    mask = (torch.rand(3, 11, generator=g) > 0.2).long()
+    acc = HessianAccumulator(cols, dtype=torch.float64, block=block)
+    acc.add(x[:2], mask[:2])
+    acc.add(x[2:], mask[2:])
+    real = x[mask.bool()]
+    h = acc.finalize()
+    torch.testing.assert_close(h, 2.0 * real.t() @ real / real.shape[0], rtol=1e-12, atol=1e-12)
+
+
+def _hessians(model, targets_layer, batches, stop_plan):
+    from irr_callback.driver import _capture_layer_inputs, _collect_hessians
+    from irr_callback.targets import find_targets
+
+    _, layers, targets = find_targets(model, None)
+    with torch.no_grad():
+        hidden, layer_args = _capture_layer_inputs(model, layers, batches)
+        out = _collect_hessians(layers[targets_layer], [t for t in targets if t.layer == targets_layer], hidden,
+                                layer_args[targets_layer], [b["attention_mask"] for b in batches], IRRConfig(),
+                                stop_plan=stop_plan)
+    return {tuple(t.name for t in group): h for group, (h, _) in out}
+
+
+def test_hessian_pass_stops_after_the_last_target_with_identical_hessians():
+    from tests.helpers import tiny_model
+
+    model = tiny_model("llama", layers=2)
+    batches = list(calibration(n=6, length=10))
+    batches = [{k: v[i:i + 2] for k, v in batches[0].items()} for i in range(0, 6, 2)] if len(batches) == 1 else batches
+    down_calls = {"n": 0}
+    model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *a: down_calls.__setitem__("n", down_calls["n"] + 1))
+    full = _hessians(model, 1, batches, stop_plan=None)
+    assert down_calls["n"] == len(batches)
+    down_calls["n"] = 0
+    plan: dict = {}
+    first = _hessians(model, 1, batches, stop_plan=plan)  # learns the order on batch 0, stops on later batches
+    assert down_calls["n"] == 1 and list(plan.values()) == ["mlp.down_proj"]
+    down_calls["n"] = 0
+    again = _hessians(model, 1, batches, stop_plan=plan)  # a known shape: stops from batch 0 on
+    assert down_calls["n"] == 0
+    assert full.keys() == first.keys() == again.keys() and len(full) == 4
+    for k in full:
+        assert torch.equal(full[k], first[k]) and torch.equal(full[k], again[k])
+
+
+def test_hessian_pass_never_stops_when_a_target_runs_twice():
+    from tests.helpers import tiny_model
+
+    model = tiny_model("llama", layers=1)
+    mlp = model.model.layers[0].mlp
+    inner = mlp.forward
+    mlp.forward = lambda x: inner(x) + 0.0 * mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    batches = list(calibration(n=4, length=8))
+    plan: dict = {}
+    stopped = _hessians(model, 0, batches, stop_plan=plan)
+    assert list(plan.values()) == [None]
+    full = _hessians(model, 0, batches, stop_plan=None)
+    for k in full:
+        assert torch.equal(full[k], stopped[k])

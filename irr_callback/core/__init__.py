@@ -2,13 +2,13 @@
 
 from .hessian import HessianAccumulator
 from .identify import removal_mask, sign_conflicts
-from .obs import NumericalError, inverse_hessian_factor, obs_sweep, output_error, upper_cholesky_of_inverse
+from .obs import NumericalError, factor_hessian, obs_sweep, output_error, upper_cholesky_of_inverse
 from .realign import realign_group, realign_matrix
 
 __all__ = [
     "HessianAccumulator",
     "NumericalError",
-    "inverse_hessian_factor",
+    "factor_hessian",
     "obs_sweep",
     "output_error",
     "realign_group",

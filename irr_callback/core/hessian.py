@@ -1,7 +1,8 @@
 """Hessian accumulation H = 2·XXᵀ/n over calibration tokens, padding excluded.
 
 Keeps the raw sum Σxxᵀ (float32) and the token count so that statistics from several batches or
-several processes can be added exactly and normalised once.
+several processes can be added exactly and normalised once. Σxxᵀ is symmetric, so only its upper
+block triangle is accumulated (~40% fewer flops at 1024–4096 columns) and mirrored once at the end.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import torch
 
 
 class HessianAccumulator:
-    """Running Σ xxᵀ and token count of one layer input."""
+    """Running Σ xxᵀ (upper block triangle: blocks below the diagonal stay zero until `finalize`)
+    and token count of one layer input."""
 
-    def __init__(self, columns: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, columns: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 block: int = 256):
         self.sum = torch.zeros(columns, columns, device=device, dtype=dtype)
         self.tokens = 0
+        self.block = block
 
     def add(self, inputs: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> None:
         """Add a batch of inputs (..., columns); `token_mask` (same leading shape) selects real tokens."""
@@ -29,7 +33,9 @@ class HessianAccumulator:
         if x.shape[0] == 0:
             return
         x = x.to(self.sum.dtype)
-        self.sum.addmm_(x.t(), x)
+        for b0 in range(0, x.shape[1], self.block):
+            b1 = min(b0 + self.block, x.shape[1])
+            self.sum[b0:b1, b0:].addmm_(x[:, b0:b1].t(), x[:, b0:])
         self.tokens += x.shape[0]
 
     def merge(self, other: "HessianAccumulator") -> None:
@@ -40,4 +46,8 @@ class HessianAccumulator:
         """H = 2·Σxxᵀ / n. Raises if no token was seen (e.g. calibration made only of padding)."""
         if self.tokens == 0:
             raise ValueError("no calibration tokens reached this layer (is the calibration data all padding?)")
-        return self.sum * (2.0 / self.tokens)
+        h = self.sum * (2.0 / self.tokens)
+        for b0 in range(0, h.shape[0], self.block):  # mirror the upper block triangle
+            b1 = min(b0 + self.block, h.shape[0])
+            h[b1:, b0:b1] = h[b0:b1, b1:].t()
+        return h

@@ -18,7 +18,7 @@ def sign_conflicts(delta: torch.Tensor, safety: torch.Tensor) -> torch.Tensor:
     `torch.sign(0) == 0`, so a zero on one side counts as a conflict (removing a zero delta is a
     no-op). `safety` may be int8 signs: only its sign is ever used.
     """
-    return torch.sign(delta) != torch.sign(safety.to(delta.dtype))
+    return torch.sign(delta) != torch.sign(safety)  # compared across dtypes: no float copy of int8 signs
 
 
 def kept_count(n: int, remove_ratio: float) -> int:

@@ -14,7 +14,7 @@ import torch
 
 from ..report import ModuleStats
 from .identify import removal_mask, sign_conflicts
-from .obs import NumericalError, SelectFn, inverse_hessian_factor, obs_sweep, output_error, removal_mask_plain
+from .obs import NumericalError, SelectFn, all_finite, factor_hessian, obs_sweep, output_error, removal_mask_plain
 
 
 def realign_matrix(
@@ -38,7 +38,8 @@ def realign_matrix(
     """Identify, remove and recalibrate one delta matrix (rows = outputs, columns = inputs).
 
     Computes in float64 when `delta` is float64, otherwise in float32; returns the new delta in
-    that dtype. `hessian=None` is allowed only with `recalibrate=False`.
+    that dtype, stored column-major after a recalibration (the sweep's layout; call `.contiguous()`
+    if you need row-major). `hessian=None` is allowed only with `recalibrate=False`.
     """
     [(new_delta, stats)] = realign_group(
         [delta], [safety], [importance], hessian, names=[name], remove_ratio=remove_ratio,
@@ -81,18 +82,20 @@ def realign_group(
               if uses_importance else None)
     bounds = _row_bounds(deltas)
 
-    def make_select() -> SelectFn:
+    def make_select(column_major: bool = False) -> SelectFn:
+        """Per-module identification of one column block; `column_major` matches the sweep's layout."""
         generators = [torch.Generator().manual_seed(seed) for _ in deltas]
+        sign_cols = signs.t().contiguous() if column_major else None
 
         def select(i1: int, i2: int, block: torch.Tensor) -> torch.Tensor:
-            parts = []
+            block_signs = sign_cols[i1:i2].t() if column_major else signs[:, i1:i2]
+            out = torch.empty_like(block, dtype=torch.bool)  # same layout as the block
             for k, (r0, r1) in enumerate(bounds):
-                parts.append(removal_mask(
-                    block[r0:r1], signs[r0:r1, i1:i2],
-                    None if scores is None else scores[r0:r1, i1:i2],
+                out[r0:r1] = removal_mask(
+                    block[r0:r1], block_signs[r0:r1], None if scores is None else scores[r0:r1, i1:i2],
                     remove_ratio=remove_ratio, remove_more=remove_more, mode=mode, generator=generators[k],
-                ))
-            return torch.cat(parts, dim=0)
+                )
+            return out
 
         return select
 
@@ -103,13 +106,11 @@ def realign_group(
 
     damping, retries, dead = None, 0, torch.zeros(original.shape[1], dtype=torch.bool, device=device)
     if recalibrate:
-        factor = inverse_hessian_factor(h, percdamp=percdamp, max_retries=max_damping_retries,
-                                        name=_group_name(names))
+        factor = factor_hessian(h, percdamp=percdamp, max_retries=max_damping_retries, name=_group_name(names))
         damping, retries, dead = factor.damping, factor.retries, factor.dead
         del h
-        start_delta = original.clone()
-        start_delta[:, dead] = 0.0
-        new, err_sq, mask = obs_sweep(start_delta, factor.upper, make_select(), blocksize=blocksize, inplace=True)
+        new, err_sq, mask = obs_sweep(original, factor.root, make_select(column_major=True), dead=dead,
+                                      blocksize=blocksize)
         del factor
         # Σe² is the error under H + λI (+1 on dead diagonals); subtract those to get it under H.
         change_sq, dead_sq = _change_norms(new, original, dead)
@@ -127,7 +128,7 @@ def realign_group(
                          and e_plain < e_recal)
         if fell_back:
             module_new = original[r0:r1].masked_fill(plain_mask[r0:r1], 0.0)
-        if not torch.isfinite(module_new).all():
+        if not all_finite(module_new):
             raise NumericalError(f"{name}: the realigned delta contains NaN or Inf")
         removed_count = int((plain_mask if fell_back else mask)[r0:r1].sum())
         stats = ModuleStats(
@@ -146,18 +147,18 @@ def realign_group(
 
 
 def _change_norms(new: torch.Tensor, original: torch.Tensor, dead: torch.Tensor,
-                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row Σ(new − start)² and its dead-column part, start = original with dead columns zeroed;
-    in row chunks so no full-size temporary is made."""
-    total = torch.empty(new.shape[0], dtype=new.dtype, device=new.device)
-    dead_part = torch.zeros_like(total)
-    for r0 in range(0, new.shape[0], chunk):
-        r1 = min(r0 + chunk, new.shape[0])
-        change = new[r0:r1] - original[r0:r1]
-        if dead.any():
-            change[:, dead] = new[r0:r1][:, dead]
-            dead_part[r0:r1] = change[:, dead].square().sum(dim=1)
-        total[r0:r1] = change.square().sum(dim=1)
+    in column chunks (contiguous in the column-major layout), no full-size temporary."""
+    total = torch.zeros(new.shape[0], dtype=new.dtype, device=new.device)
+    for c0 in range(0, new.shape[1], chunk):
+        c1 = min(c0 + chunk, new.shape[1])
+        change = new[:, c0:c1] - original[:, c0:c1]
+        if dead[c0:c1].any():
+            change[:, dead[c0:c1]] = new[:, c0:c1][:, dead[c0:c1]]
+        total += change.square().sum(dim=1)
+    dead_part = (new[:, dead].square().sum(dim=1) if bool(dead.any())
+                 else torch.zeros_like(total))
     return total, dead_part
 
 
@@ -193,7 +194,7 @@ def _validate(deltas, safeties, importances, hessian, names, recalibrate, remove
             raise ValueError(f"{n}: remove_ratio={remove_ratio} < 1 ranks by importance (Fisher), "
                              "but no importance was given")
         for label, t in (("delta", d), ("safety vector", s), ("importance", f)):
-            if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
+            if t is not None and t.is_floating_point() and not all_finite(t):
                 raise ValueError(f"{n}: the {label} contains NaN or Inf")
     if hessian is None:
         if recalibrate:
@@ -201,5 +202,5 @@ def _validate(deltas, safeties, importances, hessian, names, recalibrate, remove
     else:
         if tuple(hessian.shape) != (cols, cols):
             raise ValueError(f"{_group_name(names)}: Hessian shape {tuple(hessian.shape)} != ({cols}, {cols})")
-        if not torch.isfinite(hessian).all():
+        if not all_finite(hessian):
             raise ValueError(f"{_group_name(names)}: the Hessian contains NaN or Inf")
