@@ -9,6 +9,7 @@ one layer's Hessians live on the compute device at a time.
 from __future__ import annotations
 
 import functools
+import os
 import tempfile
 import time
 from typing import Any, Mapping, Optional
@@ -70,7 +71,10 @@ def realign(
     model.eval()
     try:
         with torch.no_grad():
-            hidden, layer_args = _capture_layer_inputs(model, layers, batches, stop_early=dist_ctx.stop_capture_early)
+            if dist_ctx.stop_capture_early:  # one process: layers stubbed out, the capture costs the embedding only
+                hidden, layer_args = capture_with_stub_layers(model, layers, batches)
+            else:
+                hidden, layer_args = _capture_layer_inputs(model, layers, batches, stop_early=False)
             masks = [b.get("irr_token_mask", b["attention_mask"]) for b in batches]  # padding batches: 0
             _check_finite(hidden, masks, f"the input of decoder layer '{prefix}.0' (the embedding output)", dist_ctx)
             stop_plan: dict = {}  # which target each layer shape calls last (shared across layers)
@@ -229,6 +233,41 @@ def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list
         for h in handles:
             h.remove()
     return hidden, layer_args
+
+
+class _ArgsRecorder(nn.Module):
+    """Stands in for a decoder layer during the capture pass: identity, so the model's forward
+    reaches every layer's pre-hook without computing any layer; attribute reads go to the real
+    layer (e.g. `attention_type`, which picks the mask a layer gets)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_layer", layer)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+
+def capture_with_stub_layers(model: nn.Module, layers: nn.ModuleList, batches: list[dict[str, torch.Tensor]]):
+    """`_capture_layer_inputs` with every decoder layer replaced by an identity stub.
+
+    The per-layer arguments (masks, rotary embeddings, positions) are built by the model before its
+    layer loop from the batch alone, not from earlier layers' outputs, so they come out the same
+    as from a real pass, for the cost of the embedding (a real pass costs a whole forward)."""
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _ArgsRecorder(layer)
+    try:
+        return _capture_layer_inputs(model, layers, batches)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -439,36 +478,76 @@ class _Backup:
 
 
 class _DiskBackup(_Backup):
-    """Like `_Backup`, but the originals are appended as raw bytes to an unlinked-on-close temp file
-    (under $TMPDIR), so the backup costs disk, not RAM: one tensor in memory at a time."""
+    """Like `_Backup`, but the originals are written as raw bytes to an unlinked-on-close temp file
+    (under $TMPDIR), so the backup costs disk, not RAM. The writes run on a background thread while
+    the next module is computed; each snapshot stays in RAM until its write succeeded (at most
+    `in_flight` pending), and one whose write failed (disk full) is kept in RAM, so a restore never
+    depends on a write that did not happen."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_flight: int = 2) -> None:
         super().__init__()
+        from concurrent.futures import ThreadPoolExecutor
+
         self._file = tempfile.TemporaryFile(prefix="irr-backup-")
-        self._entries: list[tuple[torch.Tensor, int, int, torch.Size, torch.dtype]] = []
+        # [param, offset, size, shape, dtype, snapshot kept in RAM until written (or if the write failed)]
+        self._entries: list[list] = []
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="irr-backup")
+        self._pending: list = []
+        self._in_flight = in_flight
+        self._offset = 0
 
     def save(self, param: torch.Tensor) -> None:
         if id(param) in self._ids:
             return
         self._ids.add(id(param))
-        value = param.detach().to("cpu").contiguous()
-        raw = value.view(-1).view(torch.uint8)
-        offset = self._file.tell()
-        self._file.write(memoryview(raw.numpy()))
+        value = param.detach().to("cpu", copy=True).contiguous()  # a snapshot: param is overwritten next
+        size = value.numel() * value.element_size()
         # the shape at save time: a ZeRO-3 parameter is only full-shaped while gathered
-        self._entries.append((param, offset, raw.numel(), value.shape, value.dtype))
+        entry = [param, self._offset, size, value.shape, value.dtype, value]
+        self._entries.append(entry)
+        self._offset += size
+        while len(self._pending) >= self._in_flight:
+            self._pending.pop(0).result()
+        self._pending.append(self._writer.submit(self._write, entry))
+
+    def _write(self, entry: list) -> None:
+        raw = memoryview(entry[5].view(-1).view(torch.uint8).numpy())
+        try:
+            written = 0
+            while written < len(raw):
+                written += os.pwrite(self._file.fileno(), raw[written:], entry[1] + written)
+        except OSError as exc:  # keep the RAM snapshot instead
+            logger.warning(f"IRR backup: writing to the temp file failed ({exc}); keeping that tensor in RAM")
+            return
+        entry[5] = None
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
 
     def originals(self):
-        self._file.flush()
-        for param, offset, size, shape, dtype in reversed(self._entries):
-            self._file.seek(offset)
-            raw = torch.frombuffer(bytearray(self._file.read(size)), dtype=torch.uint8)
-            yield param, raw.view(dtype).view(shape)
+        self._drain()
+        for param, offset, size, shape, dtype, in_ram in reversed(self._entries):
+            if in_ram is not None:
+                yield param, in_ram
+                continue
+            buffer = bytearray(size)
+            view, done = memoryview(buffer), 0
+            while done < size:  # pread may return less than asked (2 GiB per call on Linux)
+                chunk = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+                if chunk <= 0:
+                    raise OSError(f"IRR backup: the temp file ended early at byte {offset + done}")
+                done += chunk
+            yield param, torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
     def close(self) -> None:
-        self._entries.clear()
-        self._ids.clear()
-        self._file.close()
+        try:
+            self._drain()
+        finally:
+            self._writer.shutdown(wait=True)
+            self._entries.clear()
+            self._ids.clear()
+            self._file.close()
 
 
 class _NoBackup(_Backup):

@@ -24,7 +24,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import IRRConfig
-from .driver import (_capture_layer_inputs, check_entry, make_backup, prepare_calibration, propagate, realign_layer,
+from .driver import (capture_with_stub_layers, check_entry, make_backup, prepare_calibration, propagate, realign_layer,
                      resolve_inputs, validate_inputs)
 from .report import IRRReport
 from .targets import Target, find_targets
@@ -96,7 +96,7 @@ def realign_checkpoint(
             embeddings = model.get_input_embeddings()
             emb_name = _module_name(model, embeddings)
             _materialise(embeddings, emb_name, weights, device)
-            hidden, layer_args = _capture_with_stub_layers(model, layers, batches)
+            hidden, layer_args = capture_with_stub_layers(model, layers, batches)
             embeddings.to("meta")
             masks = [b["attention_mask"] for b in batches]
             backup = make_backup("none")  # a failure discards the temp directory instead
@@ -175,35 +175,6 @@ def _materialise(module: nn.Module, prefix: str, weights: Mapping[str, torch.Ten
             owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:
             owner._buffers[attr] = value
-
-
-class _ArgsRecorder(nn.Module):
-    """Stands in for a meta decoder layer during the capture pass: identity, so the model's forward
-    reaches every layer's pre-hook; attribute reads go to the real layer (e.g. `attention_type`)."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "_layer", layer)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_layer"), name)
-
-
-def _capture_with_stub_layers(model: nn.Module, layers: nn.ModuleList, batches: list[dict[str, torch.Tensor]]):
-    originals = list(layers)
-    for i, layer in enumerate(originals):
-        layers[i] = _ArgsRecorder(layer)
-    try:
-        return _capture_layer_inputs(model, layers, batches)
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
 
 
 def _check_sources(model: nn.Module, prefix: str, num_layers: int, targets: list[Target], weights: Mapping,

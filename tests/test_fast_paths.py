@@ -182,3 +182,66 @@ def test_hessian_pass_never_stops_when_a_target_runs_twice():
     full = _hessians(model, 0, batches, stop_plan=None)
     for k in full:
         assert torch.equal(full[k], stopped[k])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_capture_with_stub_layers_records_the_same_layer_arguments(arch):
+    from irr_callback.driver import _capture_layer_inputs, capture_with_stub_layers
+    from irr_callback.targets import find_targets
+    from tests.helpers import tiny_model
+
+    model = tiny_model(arch, layers=3)
+    batches = calibration(n=4, length=9, pad_right=3)
+    _, layers, _ = find_targets(model, None)
+    with torch.no_grad():
+        real_hidden, real_args = _capture_layer_inputs(model, layers, batches)
+        stub_hidden, stub_args = capture_with_stub_layers(model, layers, batches)
+    assert all(isinstance(layer, type(model.model.layers[0] if arch != "gpt2" else model.transformer.h[0]))
+               for layer in layers)  # the real layers are back
+    assert all(torch.equal(a, b) for a, b in zip(real_hidden, stub_hidden))
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+        if isinstance(a, (tuple, list)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a == b or type(a) is type(b)  # e.g. cache objects: same kind
+
+    for per_layer_real, per_layer_stub in zip(real_args, stub_args):
+        for real, stub in zip(per_layer_real, per_layer_stub):
+            assert same(real, stub)
+
+
+def test_disk_backup_keeps_a_tensor_in_ram_when_its_write_fails(monkeypatch):
+    """Writes are asynchronous: a failed one (disk full) must not make the restore lose that tensor."""
+    import os as _os
+
+    import irr_callback.driver as driver
+
+    base, ft, unaligned = triple("llama", dtype=torch.bfloat16)
+    v = irr.safety_vector(base, unaligned, sign_only=True)
+    before = state(ft)
+    real_pwrite, writes = _os.pwrite, {"n": 0}
+
+    def flaky_pwrite(fd, data, offset):
+        writes["n"] += 1
+        if writes["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(driver.os, "pwrite", flaky_pwrite)
+    original, calls = driver.realign_group, {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "realign_group", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        realign(ft, base=base, safety_vector=v, calibration=calibration(), config=IRRConfig(backup="disk"),
+                progress=False)
+    assert writes["n"] >= 3 and same_state(before, state(ft))

@@ -29,7 +29,8 @@ class HessianAccumulator:
             keep = token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
             if keep.numel() != x.shape[0]:
                 raise ValueError(f"token mask has {keep.numel()} positions but the input has {x.shape[0]} tokens")
-            x = x[keep]
+            if not bool(keep.all()):  # no copy of the activations when nothing is padding
+                x = x[keep]
         if x.shape[0] == 0:
             return
         x = x.to(self.sum.dtype)
