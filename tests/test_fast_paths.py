@@ -59,10 +59,11 @@ def test_left_looking_sweep_with_reversed_cholesky_equals_right_looking_with_inv
         return removal_mask(block, safety[:, i1:i2])
 
     before = delta.clone()
-    new, err_sq, mask = obs.obs_sweep(delta, obs.reversed_cholesky(h), select, blocksize=blocksize)
+    new, err_sq, change_sq, mask = obs.obs_sweep(delta, obs.reversed_cholesky(h), select, blocksize=blocksize)
     torch.testing.assert_close(new, expected, rtol=1e-9, atol=1e-11)
     assert torch.equal(mask, expected_mask) and torch.equal(new[mask], torch.zeros(int(mask.sum()), dtype=new.dtype))
     assert torch.equal(delta, before)  # the input is never modified
+    torch.testing.assert_close(change_sq, (new - delta).square().sum(dim=1), rtol=1e-10, atol=1e-14)
 
 
 def test_reversed_cholesky_and_its_inverse():

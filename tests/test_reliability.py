@@ -546,8 +546,8 @@ def test_nan_in_the_solved_delta_stops_naming_the_module(ckpts, monkeypatch):
     original = core_realign.obs_sweep
 
     def nan_sweep(delta, *args, **kwargs):
-        new, err, mask = original(delta, *args, **kwargs)
-        return new * float("nan") if delta.shape[1] == 64 else new, err, mask  # down_proj reads 64 inputs
+        result = original(delta, *args, **kwargs)
+        return result._replace(delta=result.delta * float("nan")) if delta.shape[1] == 64 else result  # down_proj
 
     monkeypatch.setattr(core_realign, "obs_sweep", nan_sweep)
     model = copy.deepcopy(ft)

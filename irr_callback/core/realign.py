@@ -100,24 +100,26 @@ def realign_group(
         return select
 
     h = hessian.to(device=device, dtype=dtype) if hessian is not None else None
-    plain_mask = removal_mask_plain(original, make_select(), blocksize=blocksize)
-    err_plain = (output_error(original.masked_fill(~plain_mask, 0.0).neg_(), h)
-                 if (h is not None and removal_error) else None)
+    wants_error = h is not None and removal_error
+    needs_plain = wants_error or fallback_to_removal or not recalibrate
+    plain_mask = removal_mask_plain(original, make_select(), blocksize=blocksize) if needs_plain else None
+    err_plain = output_error(original.masked_fill(~plain_mask, 0.0).neg_(), h) if wants_error else None
 
     damping, retries, dead = None, 0, torch.zeros(original.shape[1], dtype=torch.bool, device=device)
     if recalibrate:
         factor = factor_hessian(h, percdamp=percdamp, max_retries=max_damping_retries, name=_group_name(names))
         damping, retries, dead = factor.damping, factor.retries, factor.dead
         del h
-        new, err_sq, mask = obs_sweep(original, factor.root, make_select(column_major=True), dead=dead,
-                                      blocksize=blocksize)
+        new, err_sq, change_sq, mask = obs_sweep(original, factor.root, make_select(column_major=True), dead=dead,
+                                                 blocksize=blocksize)
         del factor
-        # Σe² is the error under H + λI (+1 on dead diagonals); subtract those to get it under H.
-        change_sq, dead_sq = _change_norms(new, original, dead)
-        err_recal = (err_sq - damping * change_sq - dead_sq).clamp_min(0.0)
+        # Σe² is the error under H + λI (dead columns neither change nor contribute): subtract λ‖Δ′ − Δ₀‖².
+        err_recal = (err_sq - damping * change_sq).clamp_min(0.0)
     else:
         new, err_recal, mask = original.masked_fill(plain_mask, 0.0), None, plain_mask
 
+    # with every conflict removed and nothing else, the plain removal mask IS the conflict mask
+    conflicts_are_plain = plain_mask is not None and mode == "sign" and not remove_more and remove_ratio >= 1.0
     results = []
     for k, (r0, r1) in enumerate(bounds):
         name = names[k]
@@ -133,7 +135,8 @@ def realign_group(
         removed_count = int((plain_mask if fell_back else mask)[r0:r1].sum())
         stats = ModuleStats(
             name=name, shape=tuple(deltas[k].shape), entries=deltas[k].numel(),
-            conflicts=int(sign_conflicts(original[r0:r1], signs[r0:r1]).sum()),
+            conflicts=(int(plain_mask[r0:r1].sum()) if conflicts_are_plain
+                       else int(sign_conflicts(original[r0:r1], signs[r0:r1]).sum())),
             removed=removed_count, dead_columns=int(dead.sum()),
             error_recalibrated=e_recal, error_removal=e_plain,
             damping=damping, damping_retries=retries,
@@ -144,22 +147,6 @@ def realign_group(
     for _, stats in results:
         stats.seconds = elapsed / len(results)
     return results
-
-
-def _change_norms(new: torch.Tensor, original: torch.Tensor, dead: torch.Tensor,
-                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row Σ(new − start)² and its dead-column part, start = original with dead columns zeroed;
-    in column chunks (contiguous in the column-major layout), no full-size temporary."""
-    total = torch.zeros(new.shape[0], dtype=new.dtype, device=new.device)
-    for c0 in range(0, new.shape[1], chunk):
-        c1 = min(c0 + chunk, new.shape[1])
-        change = new[:, c0:c1] - original[:, c0:c1]
-        if dead[c0:c1].any():
-            change[:, dead[c0:c1]] = new[:, c0:c1][:, dead[c0:c1]]
-        total += change.square().sum(dim=1)
-    dead_part = (new[:, dead].square().sum(dim=1) if bool(dead.any())
-                 else torch.zeros_like(total))
-    return total, dead_part
 
 
 def _row_bounds(deltas: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
