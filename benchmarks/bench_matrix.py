@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="best of N interleaved runs per shape (1 for the largest)")
     parser.add_argument("--shapes", default=None, help="e.g. 2048x2048,4096x4096 (rows x cols)")
     parser.add_argument("--name", default="bench_matrix", help="results file stem")
+    parser.add_argument("--check64-all", action="store_true",
+                        help="also compare with a float64 run above 4096x4096 (adds about a minute)")
     args = parser.parse_args()
     torch.manual_seed(0)
     shapes = SHAPES[:2] if args.quick else SHAPES
@@ -110,7 +112,8 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = []
     for r, c in shapes:
-        res = bench_shape(r, c, args.repeat if r * c <= 4096 * 4096 else 1, check64=r * c <= 4096 * 4096)
+        res = bench_shape(r, c, args.repeat if r * c <= 4096 * 4096 else 1,
+                          check64=args.check64_all or r * c <= 4096 * 4096)
         rows.append(res)
         print(f"{r}x{c}: reference {res['reference_s']:.3f}s  ours {res['ours_s']:.3f}s "
               f"({res['speedup']:.2f}x)  +removal_error {res['ours_with_removal_error_s']:.3f}s "

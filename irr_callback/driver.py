@@ -12,6 +12,7 @@ import functools
 import os
 import tempfile
 import time
+import weakref
 from typing import Any, Mapping, Optional
 
 import torch
@@ -86,6 +87,7 @@ def realign(
                     hidden = propagate(layer, hidden, layer_args[index])
                     _check_finite(hidden, masks, f"the output of decoder layer '{prefix}.{index}'"
                                   + (" after realignment" if index in by_layer else ""), dist_ctx)
+                release_free_memory()
     except BaseException as exc:
         dist_ctx.restore(backup)
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -144,6 +146,8 @@ def realign_layer(layer: nn.Module, targets: list[Target], hidden: list[torch.Te
     solve = functools.partial(_realign_group, base=base, safety=safety, importance=importance, config=config,
                               backup=backup, report=report)
     dist_ctx.solve_layer(hessians, solve, backup)
+    del hessians
+    release_free_memory()  # the solver's buffers
 
 
 def propagate(layer: nn.Module, hidden: list[torch.Tensor], args: list) -> list[torch.Tensor]:
@@ -235,6 +239,28 @@ def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list
     return hidden, layer_args
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the last layer back to the OS (glibc's malloc_trim).
+
+    Each layer frees tens of MB to hundreds of MB of solver buffers and activations; glibc keeps
+    freed blocks below its (self-raising) mmap threshold in the heap, where fragmentation makes the
+    next layer grow the process instead of reusing them. Costs milliseconds; a no-op elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class _ArgsRecorder(nn.Module):
     """Stands in for a decoder layer during the capture pass: identity, so the model's forward
     reaches every layer's pre-hook without computing any layer; attribute reads go to the real
@@ -313,14 +339,17 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
                       stop_plan: Optional[dict] = None):
     """Run the calibration batches through the unmodified layer; one H per distinct input.
 
-    Pre-hooks on the targets accumulate H before each target runs. `stop_plan` (a dict shared
+    Pre-hooks on the targets accumulate H before each target runs. Targets fed the very same
+    tensor object (q/k/v, gate/up) share one H; the first batch finds them through weak references,
+    so no target input is kept alive beyond the model's own use of it. `stop_plan` (a dict shared
     across layers, None to disable) remembers which target a layer of this shape calls last; once
     it is reached and every target has been seen, the pass ends (the output of this pass is never
     used, so the last module and whatever follows it are skipped: for Llama, down_proj).
     `reduce` sums each raw accumulator over processes before it is normalised (no-op in one process)."""
     device = torch.device(config.device) if config.device else targets[0].weight.device
-    first_inputs: dict[int, torch.Tensor] = {}
     accumulators: dict[int, HessianAccumulator] = {}
+    representative: dict[int, int] = {}  # target -> the target whose accumulator it shares
+    seen: dict[int, weakref.ref] = {}
     relative = {id(m): n for n, m in layer.named_modules()}
     names = [relative.get(id(t.module)) for t in targets]
     key = tuple(sorted(str(n) for n in names))
@@ -328,16 +357,27 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
     state = {"batch": 0, "stop_at": stop_plan.get(key) if can_stop else None, "calls": [0] * len(targets),
              "order": []}
 
+    def first_batch_group(k: int, x: torch.Tensor) -> None:
+        for j, ref in seen.items():
+            if ref() is x:
+                representative[k] = representative[j]
+                break
+        else:
+            representative[k] = k
+            accumulators[k] = HessianAccumulator(targets[k].out_in_shape[1], device=device)
+        seen[k] = weakref.ref(x)
+
     def make_hook(k: int, target: Target):
         def hook(module, inputs):
             x = inputs[0]
             if state["batch"] == 0:
-                first_inputs[k] = x
                 state["calls"][k] += 1
                 state["order"].append(k)
-            elif k in accumulators:
+                if k not in representative:
+                    first_batch_group(k, x)
+            if representative.get(k) == k:
                 accumulators[k].add(x.detach().to(device), _token_mask(target, x, masks[state["batch"]]))
-            if names[k] == state["stop_at"] and (state["batch"] > 0 or len(first_inputs) == len(targets)):
+            if names[k] == state["stop_at"] and (state["batch"] > 0 or len(representative) == len(targets)):
                 raise _StopForward
         return hook
 
@@ -350,13 +390,10 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
             except _StopForward:
                 pass
             if b == 0:
-                groups = _group_by_input(targets, first_inputs)
-                for k, _ in groups:
-                    cols = targets[k].out_in_shape[1]
-                    accumulators[k] = HessianAccumulator(cols, device=device)
-                    accumulators[k].add(first_inputs[k].detach().to(device),
-                                        _token_mask(targets[k], first_inputs[k], masks[0]))
-                first_inputs.clear()
+                seen.clear()
+                for k, t in enumerate(targets):
+                    if k not in representative:
+                        raise TargetError(f"{t.name}: the module was not called during the layer's forward pass")
                 if can_stop:  # every target called once: stop later passes at the last one
                     once = all(c == 1 for c in state["calls"])
                     state["stop_at"] = names[state["order"][-1]] if once else None
@@ -364,6 +401,7 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
     finally:
         for h in handles:
             h.remove()
+    groups = [(k, [i for i in range(len(targets)) if representative[i] == k]) for k in sorted(accumulators)]
     for k, _ in groups:
         reduce(accumulators[k])
     return [([targets[i] for i in members], (accumulators[k].finalize(), accumulators[k].tokens))
@@ -373,21 +411,6 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
 def _has_offload_hooks(layer: nn.Module) -> bool:
     """accelerate's offload hooks move weights in and out around each forward: never interrupt one."""
     return any(hasattr(m, "_hf_hook") for m in layer.modules())
-
-
-def _group_by_input(targets: list[Target], inputs: dict[int, torch.Tensor]) -> list[tuple[int, list[int]]]:
-    """Targets fed the very same tensor (q/k/v, gate/up) share one H and one factorisation."""
-    groups: list[tuple[int, list[int]]] = []
-    for k in range(len(targets)):
-        if k not in inputs:
-            raise TargetError(f"{targets[k].name}: the module was not called during the layer's forward pass")
-        for rep, members in groups:
-            if inputs[rep] is inputs[k]:
-                members.append(k)
-                break
-        else:
-            groups.append((k, [k]))
-    return groups
 
 
 def _token_mask(target: Target, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -401,16 +424,17 @@ def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base
                    config: IRRConfig, backup: "_Backup", report: IRRReport) -> None:
     device = hessian.device
     dtype = torch.float64 if all(t.weight.dtype == torch.float64 for t in group) else torch.float32
-    bases, deltas, safeties, scores = [], [], [], []
-    for t in group:
-        current = t.to_out_in(t.weight.detach()).to(device=device, dtype=dtype)
+    rows = [t.out_in_shape[0] for t in group]
+    stacked = torch.empty(sum(rows), group[0].out_in_shape[1], dtype=dtype, device=device)  # the group's Δ
+    deltas, safeties, scores = [], [], []
+    for t, (r0, r1) in zip(group, _spans(rows)):
+        delta = stacked[r0:r1]  # written in place: no per-module copy of Δ or W_A is kept
         if t.kind == "lora":
-            bases.append(current)
-            deltas.append(t.to_out_in(t.lora_delta().detach()).to(device=device, dtype=dtype))
+            delta.copy_(t.to_out_in(t.lora_delta().detach()))
         else:
-            w_a = t.to_out_in(base[t.name]).to(device=device, dtype=dtype)
-            bases.append(w_a)
-            deltas.append(current - w_a)
+            current = t.to_out_in(t.weight.detach()).to(device=device, dtype=dtype)
+            torch.sub(current, t.to_out_in(base[t.name]).to(device=device, dtype=dtype), out=delta)
+        deltas.append(delta)
         safeties.append(t.to_out_in(safety[t.name]).to(device))
         scores.append(t.to_out_in(importance[t.name]).to(device) if config.needs_importance else None)
     results = realign_group(
@@ -420,10 +444,21 @@ def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base
         max_damping_retries=config.max_damping_retries, fallback_to_removal=config.fallback_to_removal,
         removal_error=config.fallback_to_removal,
     )
-    for t, w_a, (new_delta, stats) in zip(group, bases, results):
-        _write(t, w_a + new_delta, backup)
+    del stacked, deltas
+    for t, (new_delta, stats) in zip(group, results):
+        # W_A read again (lazily, from the base mapping) rather than held through the solve
+        source = t.weight.detach() if t.kind == "lora" else base[t.name]
+        _write(t, t.to_out_in(source).to(device=device, dtype=dtype) + new_delta, backup)
         stats.layer, stats.hessian_tokens = t.layer, tokens
         report.modules.append(stats)
+
+
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    spans, r = [], 0
+    for n in sizes:
+        spans.append((r, r + n))
+        r += n
+    return spans
 
 
 def _write(target: Target, new_weight: torch.Tensor, backup: "_Backup") -> None:
@@ -484,7 +519,7 @@ class _DiskBackup(_Backup):
     `in_flight` pending), and one whose write failed (disk full) is kept in RAM, so a restore never
     depends on a write that did not happen."""
 
-    def __init__(self, in_flight: int = 2) -> None:
+    def __init__(self, in_flight: int = 1) -> None:
         super().__init__()
         from concurrent.futures import ThreadPoolExecutor
 

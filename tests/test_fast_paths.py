@@ -246,3 +246,22 @@ def test_disk_backup_keeps_a_tensor_in_ram_when_its_write_fails(monkeypatch):
         realign(ft, base=base, safety_vector=v, calibration=calibration(), config=IRRConfig(backup="disk"),
                 progress=False)
     assert writes["n"] >= 3 and same_state(before, state(ft))
+
+
+def test_group_given_as_row_blocks_of_one_buffer_is_not_copied_and_gives_the_same_result():
+    from irr_callback.core.realign import _one_matrix
+
+    g = torch.Generator().manual_seed(11)
+    h = _spd(64, seed=12)
+    buffer = torch.randn(48, 64, generator=g, dtype=torch.float64)
+    views = [buffer[0:32], buffer[32:48]]
+    copies = [v.clone() for v in views]
+    assert _one_matrix(views, torch.float64, "cpu") is buffer
+    assert _one_matrix(copies, torch.float64, "cpu") is not buffer
+    assert _one_matrix([buffer[32:48], buffer[0:32]], torch.float64, "cpu").data_ptr() != buffer.data_ptr()
+    safeties = [torch.sign(torch.randn(v.shape, generator=g)).to(torch.int8) for v in views]
+    from_views = realign_group(views, safeties, [None, None], h, names=["gate", "up"], fallback_to_removal=True)
+    from_copies = realign_group(copies, safeties, [None, None], h, names=["gate", "up"], fallback_to_removal=True)
+    for (a, sa), (b, sb) in zip(from_views, from_copies):
+        assert torch.equal(a, b) and sa.error_removal == sb.error_removal
+    assert torch.equal(buffer, torch.cat(copies))  # never written

@@ -73,9 +73,7 @@ def realign_group(
     _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode)
     dtype = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
     device = deltas[0].device
-    # one matrix of the group (no copy for a single delta already in the compute dtype: never written)
-    original = (deltas[0].to(device=device, dtype=dtype) if len(deltas) == 1
-                else torch.cat([d.to(device=device, dtype=dtype) for d in deltas], dim=0))
+    original = _one_matrix(deltas, dtype, device)  # never written
     signs = torch.cat([torch.sign(s.to(device=device)).to(torch.int8) for s in safeties], dim=0)
     uses_importance = mode in ("sign", "no_sign") and remove_ratio < 1.0
     scores = (torch.cat([f.to(device=device, dtype=dtype) for f in importances], dim=0)
@@ -103,7 +101,7 @@ def realign_group(
     wants_error = h is not None and removal_error
     needs_plain = wants_error or fallback_to_removal or not recalibrate
     plain_mask = removal_mask_plain(original, make_select(), blocksize=blocksize) if needs_plain else None
-    err_plain = output_error(original.masked_fill(~plain_mask, 0.0).neg_(), h) if wants_error else None
+    err_plain = _removal_error(original, plain_mask, h) if wants_error else None
 
     damping, retries, dead = None, 0, torch.zeros(original.shape[1], dtype=torch.bool, device=device)
     if recalibrate:
@@ -147,6 +145,32 @@ def realign_group(
     for _, stats in results:
         stats.seconds = elapsed / len(results)
     return results
+
+
+def _one_matrix(deltas: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+    """The group as one (rows, cols) matrix: the deltas themselves when they already are consecutive
+    row blocks of one contiguous buffer (the driver builds them so), else a concatenated copy."""
+    first = deltas[0]
+    if len(deltas) == 1:
+        return first.to(device=device, dtype=dtype)
+    whole = first._base
+    if (whole is not None and whole.dim() == 2 and whole.is_contiguous() and whole.dtype == dtype
+            and whole.device == torch.device(device) and whole.shape[1] == first.shape[1]
+            and whole.shape[0] == sum(d.shape[0] for d in deltas)
+            and all(d._base is whole and d.is_contiguous() and d.data_ptr() == whole[r0:r1].data_ptr()
+                    for d, (r0, r1) in zip(deltas, _row_bounds(deltas)))):
+        return whole
+    return torch.cat([d.to(device=device, dtype=dtype) for d in deltas], dim=0)
+
+
+def _removal_error(original: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor,
+                   chunk: int = 1024) -> torch.Tensor:
+    """Per-row layer-output error of plain removal, in row chunks (no full-size temporaries)."""
+    out = torch.empty(original.shape[0], dtype=original.dtype, device=original.device)
+    for r0 in range(0, original.shape[0], chunk):
+        r1 = min(r0 + chunk, original.shape[0])
+        out[r0:r1] = output_error(original[r0:r1].masked_fill(~mask[r0:r1], 0.0), hessian)
+    return out
 
 
 def _row_bounds(deltas: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
