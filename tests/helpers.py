@@ -111,3 +111,18 @@ def text_rows(n: int = 8, length: int = 12, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{"text": " ".join(f"w{int(i)}" for i in torch.randint(4, VOCAB, (length,), generator=g))}
             for _ in range(n)]
+
+
+def fail_at_call(monkeypatch, module, name: str, n: int, message: str = "boom") -> dict:
+    """Make `module.name` raise RuntimeError(message) on its n-th call (earlier calls run normally);
+    returns the call counter."""
+    original, calls = getattr(module, name), {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError(message)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+    return calls

@@ -8,7 +8,7 @@ from irr_callback import IRRConfig, realign
 from irr_callback.core import obs
 from irr_callback.core.identify import removal_mask
 from irr_callback.core.realign import realign_group, realign_matrix
-from tests.helpers import calibration, same_state, state, triple
+from tests.helpers import calibration, fail_at_call, same_state, state, triple
 
 
 def _spd(n, seed=0, dtype=torch.float64):
@@ -97,16 +97,7 @@ def test_backup_restores_every_weight_bit_for_bit(monkeypatch, where):
     base, ft, unaligned = triple("llama", dtype=torch.bfloat16)
     v = irr.safety_vector(base, unaligned, sign_only=True)
     before = state(ft)
-    original = driver.realign_group
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("boom")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(driver, "realign_group", failing)
+    calls = fail_at_call(monkeypatch, driver, "realign_group", 7)
     with pytest.raises(RuntimeError, match="boom"):
         realign(ft, base=base, safety_vector=v, calibration=calibration(), config=IRRConfig(backup=where),
                 progress=False)
@@ -233,15 +224,7 @@ def test_disk_backup_keeps_a_tensor_in_ram_when_its_write_fails(monkeypatch):
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(driver.os, "pwrite", flaky_pwrite)
-    original, calls = driver.realign_group, {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("boom")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(driver, "realign_group", failing)
+    fail_at_call(monkeypatch, driver, "realign_group", 6)
     with pytest.raises(RuntimeError, match="boom"):
         realign(ft, base=base, safety_vector=v, calibration=calibration(), config=IRRConfig(backup="disk"),
                 progress=False)

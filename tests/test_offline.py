@@ -11,7 +11,7 @@ import irr_callback as irr
 from irr_callback import IRRConfig, realign
 from irr_callback.offline import realign_checkpoint
 from irr_callback.tensors import SafetensorsMapping
-from tests.helpers import calibration, triple
+from tests.helpers import calibration, fail_at_call, triple
 
 
 def _save(model, path):
@@ -62,16 +62,7 @@ def test_offline_failure_leaves_no_output(tmp_path, monkeypatch):
     base, ft, unaligned = triple("llama", layers=2)
     v = irr.safety_vector(base, unaligned)
     ft_dir = _save(ft, str(tmp_path / "ft"))
-    original = driver.realign_group
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("boom")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(driver, "realign_group", failing)
+    fail_at_call(monkeypatch, driver, "realign_group", 6)
     with pytest.raises(RuntimeError, match="boom"):
         realign_checkpoint(ft_dir, base=base, safety_vector=v, calibration=calibration(),
                            output_dir=str(tmp_path / "out"), progress=False)
