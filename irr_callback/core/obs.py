@@ -39,18 +39,28 @@ class HessianFactor:
 
 
 def reversed_cholesky(hessian: torch.Tensor) -> torch.Tensor:
-    """V upper triangular with H = V Vᵀ, in one n×n buffer: if P H P = L Lᵀ (P reverses the index
-    order) then V = P L P. Raises `torch.linalg.LinAlgError` when H is not positive definite."""
-    return _reversed_cholesky_in_place(hessian.flip(0, 1).contiguous())
+    """V upper triangular with H = V Vᵀ: if P H P = L Lᵀ (P reverses the index order) then
+    V = P L P. Raises `torch.linalg.LinAlgError` when H is not positive definite."""
+    return _reversed_cholesky_in_place(_flipped_copy(hessian))
+
+
+def _flipped_copy(hessian: torch.Tensor) -> torch.Tensor:
+    """P H P in a new column-major buffer (LAPACK's layout, so the Cholesky below needs no second
+    n×n buffer), built without a flipped temporary: H is symmetric, so copying it into the
+    transposed view stores H, and reversing the storage in place gives P H P (only the lower
+    triangle is read from here on)."""
+    work = torch.empty_like(hessian, memory_format=torch.contiguous_format).t()
+    work.t().copy_(hessian)
+    return reverse_flat_(work)
 
 
 def _reversed_cholesky_in_place(work: torch.Tensor) -> torch.Tensor:
-    """P H P (contiguous, owned) → V = P L P in the same buffer."""
+    """P H P (column-major, owned) → V = P L P in the same buffer."""
     info = torch.empty((), dtype=torch.int32, device=work.device)
     torch.linalg.cholesky_ex(work, out=(work, info))
     if int(info) != 0:
         raise torch.linalg.LinAlgError(f"Cholesky failed at order {int(info)}")
-    reverse_flat_(work)  # for a square contiguous matrix, flip(0, 1) reverses the storage
+    reverse_flat_(work)
     if not all_finite(work):
         raise torch.linalg.LinAlgError("non-finite Cholesky factor")
     return work
@@ -90,8 +100,9 @@ def invert_lower_triangular_(lower: torch.Tensor, leaf: int = 256) -> torch.Tens
 
 
 def reverse_flat_(matrix: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
-    """`matrix.flip(0, 1)` in place for a contiguous matrix, in chunks (no full-size temporary)."""
-    flat = matrix.view(-1)
+    """`matrix.flip(0, 1)` in place, in chunks (no full-size temporary): for a square matrix stored
+    densely in either row- or column-major order, the flip reverses the storage."""
+    flat = matrix.view(-1) if matrix.is_contiguous() else matrix.t().view(-1)
     total = flat.numel()
     for s in range(0, total // 2, chunk):
         e = min(s + chunk, total // 2)
@@ -106,7 +117,8 @@ def factor_hessian(
 ) -> HessianFactor:
     """Damp H (λ = percdamp · mean diag H), handle dead inputs, factorise; retry with 10x damping.
 
-    H itself is not modified; the damped copy is made on the flipped working buffer. Never falls
+    H itself is not modified; its one n×n working copy is damped, factorised and flipped in place
+    (peak: one n×n buffer besides H; the reference's chain needs two to three). Never falls
     back to an identity inverse: after `max_retries` failures it raises `NumericalError` naming the
     module.
     """
@@ -115,7 +127,7 @@ def factor_hessian(
     mean_diag = float(torch.where(dead, torch.ones_like(diag), diag).mean())
     damping = percdamp * mean_diag
     for attempt in range(max_retries + 1):
-        work = hessian.flip(0, 1).contiguous()
+        work = _flipped_copy(hessian)
         flipped_diag = work.diagonal()  # diag of P H P = reversed diag of H
         flipped_diag.masked_fill_(dead.flip(0), 1.0)
         flipped_diag.add_(damping)
