@@ -22,6 +22,7 @@ from transformers.utils import logging
 from .calibration import calibration_batches
 from .config import IRRConfig
 from .core import HessianAccumulator, realign_group
+from .core.realign import row_spans
 from .core.obs import NumericalError
 from .distributed import SingleProcess, context_for, raise_if_any_failed
 from .report import IRRReport
@@ -427,7 +428,7 @@ def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base
     rows = [t.out_in_shape[0] for t in group]
     stacked = torch.empty(sum(rows), group[0].out_in_shape[1], dtype=dtype, device=device)  # the group's Δ
     deltas, safeties, scores = [], [], []
-    for t, (r0, r1) in zip(group, _spans(rows)):
+    for t, (r0, r1) in zip(group, row_spans(rows)):
         delta = stacked[r0:r1]  # written in place: no per-module copy of Δ or W_A is kept
         if t.kind == "lora":
             delta.copy_(t.to_out_in(t.lora_delta().detach()))
@@ -451,14 +452,6 @@ def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base
         _write(t, t.to_out_in(source).to(device=device, dtype=dtype) + new_delta, backup)
         stats.layer, stats.hessian_tokens = t.layer, tokens
         report.modules.append(stats)
-
-
-def _spans(sizes: list[int]) -> list[tuple[int, int]]:
-    spans, r = [], 0
-    for n in sizes:
-        spans.append((r, r + n))
-        r += n
-    return spans
 
 
 def _write(target: Target, new_weight: torch.Tensor, backup: "_Backup") -> None:

@@ -222,12 +222,6 @@ def obs_sweep(
     return SweepResult(work.t(), err_sq, change_sq, removed_t.t())
 
 
-def masked_removal(delta: torch.Tensor, select: SelectFn, *, blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain removal (no compensation): returns (new delta, removal mask) block by block."""
-    mask = removal_mask_plain(delta, select, blocksize=blocksize)
-    return delta.masked_fill(mask, 0.0), mask
-
-
 def removal_mask_plain(delta: torch.Tensor, select: SelectFn, *, blocksize: int = 128) -> torch.Tensor:
     """The removal mask of plain removal (blocks selected on the unmodified delta), without the copy."""
     mask = torch.zeros_like(delta, dtype=torch.bool)

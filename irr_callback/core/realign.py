@@ -173,12 +173,17 @@ def _removal_error(original: torch.Tensor, mask: torch.Tensor, hessian: torch.Te
     return out
 
 
+def row_spans(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """[(r0, r1)] of consecutive row blocks of the given sizes: where each module sits in its group."""
+    spans, r = [], 0
+    for n in sizes:
+        spans.append((r, r + n))
+        r += n
+    return spans
+
+
 def _row_bounds(deltas: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
-    bounds, r = [], 0
-    for d in deltas:
-        bounds.append((r, r + d.shape[0]))
-        r += d.shape[0]
-    return bounds
+    return row_spans([d.shape[0] for d in deltas])
 
 
 def _group_name(names: Sequence[str]) -> str:
