@@ -23,7 +23,7 @@ from .calibration import calibration_batches
 from .config import IRRConfig
 from .core import HessianAccumulator, realign_group
 from .core.realign import row_spans
-from .core.obs import NumericalError
+from .core.obs import NumericalError, all_finite
 from .distributed import SingleProcess, context_for, raise_if_any_failed
 from .report import IRRReport
 from .targets import Target, TargetError, find_targets
@@ -144,6 +144,7 @@ def realign_layer(layer: nn.Module, targets: list[Target], hidden: list[torch.Te
         stop_plan = None
     hessians = _collect_hessians(layer, targets, hidden, args, masks, config, reduce=dist_ctx.reduce_hessian,
                                  stop_plan=stop_plan)
+    release_free_memory()  # the pass's activations: the solves below start from a trimmed heap
     solve = functools.partial(_realign_group, base=base, safety=safety, importance=importance, config=config,
                               backup=backup, report=report)
     dist_ctx.solve_layer(hessians, solve, backup)
@@ -170,12 +171,12 @@ def validate_inputs(targets: list[Target], base: Optional[Mapping], safety: Mapp
             sources.insert(0, ("base", base))
         if importance is not None:
             sources.append(("importance", importance))
-        if not torch.isfinite(t.weight).all():
+        if not all_finite(t.weight.detach()):
             raise ValueError(f"the model's '{t.name}' contains NaN or Inf")
         for label, mapping in sources:
             check_entry(label, mapping, t.name, shape)
             tensor = mapping[t.name]
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise ValueError(f"{label}['{t.name}'] contains NaN or Inf")
 
 
@@ -452,6 +453,8 @@ def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base
         _write(t, t.to_out_in(source).to(device=device, dtype=dtype) + new_delta, backup)
         stats.layer, stats.hessian_tokens = t.layer, tokens
         report.modules.append(stats)
+    results = new_delta = None  # the last view keeps the whole solver output alive
+    release_free_memory()  # this group's solver buffers, before the next group allocates its own
 
 
 def _write(target: Target, new_weight: torch.Tensor, backup: "_Backup") -> None:

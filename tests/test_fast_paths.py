@@ -248,3 +248,21 @@ def test_group_given_as_row_blocks_of_one_buffer_is_not_copied_and_gives_the_sam
     for (a, sa), (b, sb) in zip(from_views, from_copies):
         assert torch.equal(a, b) and sa.error_removal == sb.error_removal
     assert torch.equal(buffer, torch.cat(copies))  # never written
+
+
+@pytest.mark.parametrize("remove_ratio", [1.0, 0.5])
+def test_group_counts_per_module_match_the_masks(remove_ratio):
+    """The per-module counts are taken from row blocks of column-major masks (no int64 widening):
+    they must equal plain counts on each module's own tensors."""
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(r, 48, generator=g) for r in (20, 36)]
+    safeties = [torch.sign(torch.randn(d.shape, generator=g)).to(torch.int8) for d in deltas]
+    scores = [torch.rand(d.shape, generator=g) for d in deltas]
+    x = torch.randn(300, 48, generator=g)
+    h = 2 * x.t() @ x / 300
+    results = realign_group(deltas, safeties, scores, h, names=["a", "b"], remove_ratio=remove_ratio,
+                            blocksize=16, fallback_to_removal=False)
+    for d, s, (new, stats) in zip(deltas, safeties, results):
+        assert stats.conflicts == int((torch.sign(d) != torch.sign(s)).sum())
+        assert stats.removed == int(((new == 0) & (d != 0)).sum()) > 0  # removed entries are exactly 0
+        assert stats.dead_columns == 0
