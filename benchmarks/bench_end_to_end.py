@@ -10,7 +10,7 @@ process (clean peak memory) on the same calibration tokens:
 Reports wall time, peak RSS above the loaded fine-tuned model (bytes per target parameter), CUDA
 peak when on GPU, and checks that both give the same weights (float32 tolerance).
 
-    python benchmarks/bench_end_to_end.py                       # hidden 1024, 8 layers, 16 x 256 tokens
+    python benchmarks/bench_end_to_end.py                       # hidden 1024, 8 layers, 16 x 256 tokens, batches of 4
     python benchmarks/bench_end_to_end.py --hidden 512 --layers 4 --seqs 8 --tokens 128   # quick
 """
 
@@ -62,10 +62,10 @@ def build(workdir: str, args) -> dict:
 def forward_floor(model, batches) -> None:
     """What any implementation of the method must compute besides the matrix work: per layer one
     pass of the unmodified layer with H accumulated for its targets (shared per input, upper block
-    triangle, stopped after the last target) and one propagation pass. No identification, no
-    solves, no writes: the time below which no pipeline can go on this machine."""
+    triangle, stopped after the last target) and one propagation pass, with the driver's heap trims.
+    No identification, no solves, no writes: the time below which no pipeline can go on this machine."""
     from irr_callback import IRRConfig
-    from irr_callback.driver import _collect_hessians, capture_with_stub_layers, propagate
+    from irr_callback.driver import _collect_hessians, capture_with_stub_layers, propagate, release_free_memory
     from irr_callback.targets import find_targets
 
     _, layers, targets = find_targets(model, None)
@@ -76,8 +76,10 @@ def forward_floor(model, batches) -> None:
         for index, layer in enumerate(layers):
             _collect_hessians(layer, [t for t in targets if t.layer == index], hidden, layer_args[index], masks,
                               IRRConfig(), stop_plan=plan)
+            release_free_memory()  # the same heap trims as the driver
             if index + 1 < len(layers):
                 hidden = propagate(layer, hidden, layer_args[index])
+            release_free_memory()
 
 
 def worker(kind: str, workdir: str, args) -> dict:
@@ -162,6 +164,8 @@ def compare(workdir: str, a: str, b: str) -> dict:
 
 
 def main() -> None:
+    from irr_callback import IRRConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--inter", type=int, default=None, help="default: 2.75 x hidden (rounded to 64)")
@@ -169,7 +173,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--seqs", type=int, default=16, help="calibration sequences")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per calibration sequence")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=IRRConfig().calibration_batch_size,
+                        help="calibration sequences per layer pass, for every pipeline (default: the library's)")
     parser.add_argument("--kinds", default="reference,ours,ours_cpu_backup,ours_no_removal_error,floor")
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds; best time, worst memory")

@@ -66,8 +66,11 @@ def worker(kind: str, workdir: str, batch: int, seqs: int, tokens: int) -> dict:
     return result
 
 
-def point(label: str, hidden: int, layers: int, seqs: int, tokens: int, kinds: list[str], batch: int = 8,
+def point(label: str, hidden: int, layers: int, seqs: int, tokens: int, kinds: list[str], batch: int | None = None,
           dtype: torch.dtype = torch.float32) -> dict:
+    from irr_callback import IRRConfig
+
+    batch = batch or IRRConfig().calibration_batch_size  # the library default, like every other setting here
     workdir = tempfile.mkdtemp(prefix="irr-bench-scale-")
     try:
         cfg = llama_config(hidden, layers, max_tokens=tokens)
@@ -94,7 +97,7 @@ def main() -> None:
     parser.add_argument("--name", default="bench_scale")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--seqs", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=128, help=argparse.SUPPRESS)
     args = parser.parse_args()
