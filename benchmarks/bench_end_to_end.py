@@ -208,7 +208,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     ref = runs.get("reference")
     md = [f"Llama-shaped model: hidden {args.hidden}, {args.layers} layers, {sizes['target_params'] / 1e6:.1f} M target "
-          f"parameters (all 7 linears per layer, float32 weights), calibration {args.seqs} × {args.tokens} tokens.\n",
+          f"parameters (all 7 linears per layer, float32 weights), calibration {args.seqs} × {args.tokens} tokens "
+          f"in batches of {args.batch}.\n",
           "| pipeline | wall | CPU time | speedup (wall) | peak RSS above the loaded model | per target parameter | "
           "peak anonymous memory above the model | per target parameter | rel. diff vs reference (of Δ') |",
           "|---|---|---|---|---|---|---|---|---|"]
