@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import _common  # noqa: F401  (puts the repository root on sys.path: runs without an install)
 import torch
 
 from irr_callback import IRRConfig, realign

@@ -253,11 +253,12 @@ def _malloc_trim():
 
 
 def release_free_memory() -> None:
-    """Hand memory freed by the last layer back to the OS (glibc's malloc_trim).
+    """Hand freed heap back to the OS (glibc's malloc_trim): called after each layer's H pass, after
+    each group's solve and at the end of each layer.
 
-    Each layer frees tens of MB to hundreds of MB of solver buffers and activations; glibc keeps
+    Each of those phases frees tens to hundreds of MB (activations, solver buffers); glibc keeps
     freed blocks below its (self-raising) mmap threshold in the heap, where fragmentation makes the
-    next layer grow the process instead of reusing them. Costs milliseconds; a no-op elsewhere."""
+    next phase grow the process instead of reusing them. Costs milliseconds; a no-op elsewhere."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
