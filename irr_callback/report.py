@@ -14,7 +14,9 @@ class ModuleStats:
     """Statistics of one realigned weight matrix.
 
     Errors are tr((Δ'−Δ) H (Δ'−Δ)ᵀ) with the undamped calibration Hessian H = 2XXᵀ/n, i.e. the
-    mean squared change of the layer output on calibration tokens (times 2).
+    mean squared change of the layer output on calibration tokens (times 2). With a safety weight
+    λ > 0, `error_safety` is tr(Δ' H_s Δ'ᵀ): how far the layer still is from the aligned one on the
+    safety stream's tokens, and `error_removal` is plain removal's task + λ · safety objective.
     """
 
     name: str
@@ -29,6 +31,8 @@ class ModuleStats:
     damping_retries: int = 0
     recalibrated: bool = False
     fell_back_to_removal: bool = False
+    safety_weight: float = 0.0
+    error_safety: Optional[float] = None
     layer: Optional[int] = None
     hessian_tokens: Optional[int] = None
     seconds: float = 0.0

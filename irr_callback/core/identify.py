@@ -58,7 +58,10 @@ def removal_mask(
     - remove_more (IRR_more): every entry is eligible, scored +F if conflicting, -F otherwise.
     - mode "no_sign" (ablation): every entry eligible, scored by F alone.
     - mode "random" (ablation): every entry eligible, scored uniformly at random (`generator`).
+    - mode "none": nothing is removed (the safety-regularised objective alone).
     """
+    if mode == "none":  # safety-regularised recalibration alone: nothing is reset
+        return torch.zeros_like(delta, dtype=torch.bool)
     if mode == "random":
         scores = torch.rand(delta.shape, generator=generator, dtype=torch.float64).to(delta.device)
         return _remove_highest(torch.ones_like(delta, dtype=torch.bool), scores, remove_ratio)
@@ -67,7 +70,7 @@ def removal_mask(
             return torch.ones_like(delta, dtype=torch.bool)
         return _remove_highest(torch.ones_like(delta, dtype=torch.bool), _need(importance, delta), remove_ratio)
     if mode != "sign":
-        raise ValueError(f"Unknown identify mode {mode!r}; expected 'sign', 'no_sign' or 'random'")
+        raise ValueError(f"Unknown identify mode {mode!r}; expected 'sign', 'no_sign', 'random' or 'none'")
 
     conflicts = sign_conflicts(delta, safety)
     if remove_more:

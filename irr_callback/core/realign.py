@@ -15,6 +15,7 @@ import torch
 from ..report import ModuleStats
 from .identify import removal_mask, sign_conflicts
 from .obs import NumericalError, SelectFn, all_finite, factor_hessian, obs_sweep, output_error, removal_mask_plain
+from .regularise import regularised_hessian, regularised_objective, regularised_start
 
 
 def realign_matrix(
@@ -34,6 +35,9 @@ def realign_matrix(
     fallback_to_removal: bool = False,
     removal_error: bool = True,
     name: str = "weight",
+    safety_hessian: Optional[torch.Tensor] = None,
+    safety_weight: float = 0.0,
+    ridge: float = 0.1,
 ) -> tuple[torch.Tensor, ModuleStats]:
     """Identify, remove and recalibrate one delta matrix (rows = outputs, columns = inputs).
 
@@ -46,6 +50,7 @@ def realign_matrix(
         remove_more=remove_more, recalibrate=recalibrate, blocksize=blocksize, percdamp=percdamp,
         mode=mode, seed=seed, max_damping_retries=max_damping_retries,
         fallback_to_removal=fallback_to_removal, removal_error=removal_error,
+        safety_hessian=safety_hessian, safety_weight=safety_weight, ridge=ridge,
     )
     return new_delta, stats
 
@@ -67,14 +72,27 @@ def realign_group(
     max_damping_retries: int = 6,
     fallback_to_removal: bool = False,
     removal_error: bool = True,
+    safety_hessian: Optional[torch.Tensor] = None,
+    safety_weight: float = 0.0,
+    ridge: float = 0.1,
 ) -> list[tuple[torch.Tensor, ModuleStats]]:
-    """`realign_matrix` for matrices with the same input dimension and the same H."""
+    """`realign_matrix` for matrices with the same input dimension and the same H.
+
+    `safety_hessian` (H_s) and `safety_weight` (λ > 0) switch on the safety-regularised objective
+    of `regularise.py` with a ridge of `ridge` · mean(diag H) toward the fine-tuned delta; λ = 0
+    is IRR exactly. `mode="none"` removes nothing (`safeties` may then be None): with λ > 0 that is
+    the closed-form merge.
+    """
     start = time.perf_counter()
     _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode)
+    regularised = safety_weight != 0  # a negative or NaN weight is refused by the check below
+    if regularised:
+        _validate_safety_hessian(safety_hessian, safety_weight, ridge, deltas[0].shape[1], names, recalibrate)
     dtype = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
     device = deltas[0].device
     original = _one_matrix(deltas, dtype, device)  # never written
-    signs = torch.cat([torch.sign(s.to(device=device)).to(torch.int8) for s in safeties], dim=0)
+    signs = (torch.zeros_like(original, dtype=torch.int8) if mode == "none"
+             else torch.cat([torch.sign(s.to(device=device)).to(torch.int8) for s in safeties], dim=0))
     uses_importance = mode in ("sign", "no_sign") and remove_ratio < 1.0
     scores = (torch.cat([f.to(device=device, dtype=dtype) for f in importances], dim=0)
               if uses_importance else None)
@@ -102,9 +120,25 @@ def realign_group(
     needs_plain = wants_error or fallback_to_removal or not recalibrate
     plain_mask = removal_mask_plain(original, make_select(), blocksize=blocksize) if needs_plain else None
     err_plain = _removal_error(original, plain_mask, h) if wants_error else None
+    safety_term = None
 
     damping, retries, dead = None, 0, torch.zeros(original.shape[1], dtype=torch.bool, device=device)
-    if recalibrate:
+    if recalibrate and regularised:
+        h_s = safety_hessian.to(device=device, dtype=dtype)
+        combined = regularised_hessian(h, h_s, weight=safety_weight, ridge=ridge)
+        factor = factor_hessian(combined, percdamp=percdamp, max_retries=max_damping_retries,
+                                name=_group_name(names))
+        del combined
+        damping, retries, dead = factor.damping, factor.retries, factor.dead
+        start_point = regularised_start(original, h_s, factor, weight=safety_weight)
+        new, _, _, mask = obs_sweep(start_point, factor.root, make_select(column_major=True), dead=dead,
+                                    blocksize=blocksize)
+        del factor, start_point
+        err_recal, safety_term = regularised_objective(new, original, h, h_s, weight=safety_weight)
+        if wants_error:  # plain removal is judged on the same objective: task + λ · safety
+            err_plain = err_plain + safety_weight * _removal_safety_term(original, plain_mask, h_s)
+        del h, h_s
+    elif recalibrate:
         factor = factor_hessian(h, percdamp=percdamp, max_retries=max_damping_retries, name=_group_name(names))
         damping, retries, dead = factor.damping, factor.retries, factor.dead
         del h
@@ -123,9 +157,11 @@ def realign_group(
         name = names[k]
         module_new = new[r0:r1]
         e_recal = None if err_recal is None else float(err_recal[r0:r1].sum())
+        e_safety = None if safety_term is None else float(safety_term[r0:r1].sum())
         e_plain = None if err_plain is None else float(err_plain[r0:r1].sum())
-        fell_back = bool(recalibrate and fallback_to_removal and e_plain is not None and e_recal is not None
-                         and e_plain < e_recal)
+        objective = None if e_recal is None else e_recal + safety_weight * (e_safety or 0.0)
+        fell_back = bool(recalibrate and fallback_to_removal and e_plain is not None and objective is not None
+                         and e_plain < objective)
         if fell_back:
             module_new = original[r0:r1].masked_fill(plain_mask[r0:r1], 0.0)
         if not all_finite(module_new):
@@ -133,12 +169,13 @@ def realign_group(
         removed_count = _count((plain_mask if fell_back else mask)[r0:r1])
         stats = ModuleStats(
             name=name, shape=tuple(deltas[k].shape), entries=deltas[k].numel(),
-            conflicts=(_count(plain_mask[r0:r1]) if conflicts_are_plain
+            conflicts=(0 if mode == "none" else _count(plain_mask[r0:r1]) if conflicts_are_plain
                        else _count(sign_conflicts(original[r0:r1], signs[r0:r1]))),
             removed=removed_count, dead_columns=_count(dead),
             error_recalibrated=e_recal, error_removal=e_plain,
             damping=damping, damping_retries=retries,
             recalibrated=recalibrate and not fell_back, fell_back_to_removal=fell_back,
+            safety_weight=safety_weight, error_safety=None if fell_back else e_safety,
         )
         results.append((module_new, stats))  # a contiguous row slice of the stacked result
     elapsed = time.perf_counter() - start
@@ -173,6 +210,16 @@ def _removal_error(original: torch.Tensor, mask: torch.Tensor, hessian: torch.Te
     return out
 
 
+def _removal_safety_term(original: torch.Tensor, mask: torch.Tensor, safety_hessian: torch.Tensor,
+                         chunk: int = 1024) -> torch.Tensor:
+    """Per-row ‖Δ_removed‖²_{H_s} of plain removal (the kept deltas on harmful inputs), in row chunks."""
+    out = torch.empty(original.shape[0], dtype=original.dtype, device=original.device)
+    for r0 in range(0, original.shape[0], chunk):
+        r1 = min(r0 + chunk, original.shape[0])
+        out[r0:r1] = output_error(original[r0:r1].masked_fill(mask[r0:r1], 0.0), safety_hessian)
+    return out
+
+
 def _count(mask: torch.Tensor) -> int:
     """True entries of a boolean mask. `mask.sum()` would first widen a strided view (a row block of
     the column-major sweep mask) to an int64 copy: 8 bytes per entry at the solve's memory peak."""
@@ -196,7 +243,25 @@ def _group_name(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else "+".join(names)
 
 
+def _validate_safety_hessian(safety_hessian, weight, ridge, cols, names, recalibrate) -> None:
+    group = _group_name(names)
+    if not (isinstance(weight, (int, float)) and weight >= 0 and weight == weight and weight != float("inf")):
+        raise ValueError(f"{group}: safety_weight must be a finite number >= 0, got {weight!r}")
+    if not (isinstance(ridge, (int, float)) and 0 <= ridge < float("inf")):
+        raise ValueError(f"{group}: ridge must be a finite number >= 0, got {ridge!r}")
+    if not recalibrate:
+        raise ValueError(f"{group}: safety_weight > 0 is a recalibration objective; it needs recalibrate=True")
+    if safety_hessian is None:
+        raise ValueError(f"{group}: safety_weight={weight} > 0 needs the safety stream's Hessian (got None)")
+    if tuple(safety_hessian.shape) != (cols, cols):
+        raise ValueError(f"{group}: safety Hessian shape {tuple(safety_hessian.shape)} != ({cols}, {cols})")
+    if not all_finite(safety_hessian):
+        raise ValueError(f"{group}: the safety Hessian contains NaN or Inf")
+
+
 def _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode) -> None:
+    if mode == "none":
+        safeties = [d for d in deltas]  # no removal: the safety vector is not read
     if not (len(deltas) == len(safeties) == len(importances) == len(names)) or not deltas:
         raise ValueError("realign_group needs one safety, importance and name per delta")
     if not 0.0 <= remove_ratio <= 1.0:

@@ -1,0 +1,71 @@
+"""Safety-regularised recalibration: keep the task on task inputs, the aligned layer on harmful ones.
+
+Pure tensor code. Per target matrix (rows = outputs, columns = inputs), with Δ the fine-tuning
+delta, H_d the Hessian of the downstream calibration stream and H_s that of the safety stream
+(harmful prompts with safe responses), the new delta solves
+
+    minimise  ‖Δ′ − Δ‖²_{H_d + εI} + λ‖Δ′‖²_{H_s}     subject to  Δ′ = 0 on the removal mask,
+
+where ‖A‖²_H = tr(A H Aᵀ) and ε is the ridge toward the fine-tuned value (directions neither
+stream excites keep the fine-tuned delta). Expanding the squares, the objective equals
+‖Δ′ − Δ̃‖²_H + const with
+
+    H = H_d + εI + λH_s,     Δ̃ = Δ (H_d + εI) H⁻¹ = Δ − λ Δ H_s H⁻¹,
+
+so it is IRR's masked OBS problem with H in place of H_d and the unconstrained optimum Δ̃ in
+place of Δ: one extra pair of triangular solves against the Cholesky factor the sweep uses anyway.
+λ = 0 is IRR itself (the caller then skips this module: bit-for-bit today's path). With an empty
+mask Δ′ = Δ̃, a closed-form least-squares merge of the fine-tuned and the aligned layer (cf.
+RegMean, Jin et al., ICLR 2023).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .obs import HessianFactor, output_error
+
+
+def regularised_hessian(
+    hessian: torch.Tensor, safety_hessian: torch.Tensor, *, weight: float, ridge: float
+) -> torch.Tensor:
+    """H = H_d + εI + λH_s in a new buffer, ε = `ridge` · mean(diag H_d) over live inputs.
+
+    The ridge is relative to the calibration Hessian so that it means the same at every layer
+    and model size, like `percdamp`. Inputs neither stream ever saw stay exactly zero (the
+    factorisation treats them as dead columns).
+    """
+    diag = hessian.diagonal()
+    live = diag != 0
+    mean_diag = float(diag[live].mean()) if bool(live.any()) else 1.0
+    out = torch.add(hessian, safety_hessian, alpha=weight)
+    if ridge > 0:
+        out.diagonal().add_(torch.where(live | (safety_hessian.diagonal() != 0), ridge * mean_diag, 0.0))
+    return out
+
+
+def regularised_start(
+    delta: torch.Tensor, safety_hessian: torch.Tensor, factor: HessianFactor, *, weight: float
+) -> torch.Tensor:
+    """Δ̃ = Δ − λ (Δ H_s) H⁻¹: the unconstrained optimum, with H = V Vᵀ from `factor`.
+
+    Uses the same damped factor the sweep uses, so the damping counts as part of the ridge toward
+    Δ and sweep and start point solve one and the same objective. Two triangular solves
+    (X V Vᵀ = B as Y Vᵀ = B, then X V = Y); no n×n inverse is formed.
+    """
+    rhs = (delta @ safety_hessian).mul_(weight)
+    root = factor.root
+    rhs = torch.linalg.solve_triangular(root.t(), rhs, upper=False, left=False)
+    rhs = torch.linalg.solve_triangular(root, rhs, upper=True, left=False)
+    return torch.sub(delta, rhs, out=rhs)
+
+
+def regularised_objective(
+    new_delta: torch.Tensor, delta: torch.Tensor, hessian: torch.Tensor, safety_hessian: torch.Tensor,
+    *, weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (task term ‖Δ′ − Δ‖²_{H_d}, safety term ‖Δ′‖²_{H_s}) without the ridge: what the
+    report shows and what a plain-removal fallback is compared on (task + λ · safety)."""
+    task = output_error(new_delta - delta, hessian)
+    safety = output_error(new_delta, safety_hessian) if weight > 0 else torch.zeros_like(task)
+    return task, safety
