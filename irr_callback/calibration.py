@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -12,61 +12,90 @@ class CalibrationError(ValueError):
     """The calibration data cannot be used; the message says which column or batch."""
 
 
+TOKEN_SELECTIONS = ("all", "response", "prompt")
+
+
 def calibration_batches(
-    calibration: Any, *, max_samples: int, max_length: int, batch_size: int, pad_token_id: int = 0
+    calibration: Any, *, max_samples: int, max_length: int, batch_size: int, pad_token_id: int = 0,
+    token_selection: Optional[str] = None, what: str = "calibration", loss_mask: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Normalise a `datasets.Dataset`, a list of examples or an iterable of batches (a DataLoader).
 
     Keeps the first `max_samples` sequences, truncates each to `max_length` tokens, and builds an
     attention mask when none is given. Raises `CalibrationError` when no real token is left.
+    `token_selection` ('all', 'response' or 'prompt') adds `irr_token_mask`: the real tokens whose
+    `labels` are set ('response', -100 marks prompt tokens), unset ('prompt') or all of them; rows
+    without `labels` count as all response. `what` names the input in errors. `loss_mask` adds
+    `irr_loss_mask`: the response tokens, whose next-token loss judges a held-out batch.
     """
-    sequences = _sequences(calibration, max_samples)
+    if token_selection is not None and token_selection not in TOKEN_SELECTIONS:
+        raise ValueError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {token_selection!r}")
+    sequences = _sequences(calibration, max_samples, what)
     batches = []
     for start in range(0, len(sequences), batch_size):
-        chunk = [(ids[:max_length], mask[:max_length]) for ids, mask in sequences[start:start + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
+        chunk = [(ids[:max_length], mask[:max_length], response[:max_length])
+                 for ids, mask, response in sequences[start:start + batch_size]]
+        width = max(len(ids) for ids, _, _ in chunk)
         input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (ids, mask) in enumerate(chunk):
+        selected = torch.zeros((len(chunk), width), dtype=torch.long)
+        scored = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (ids, mask, response) in enumerate(chunk):
             input_ids[row, :len(ids)] = ids
             attention[row, :len(mask)] = mask
-        batches.append({"input_ids": input_ids, "attention_mask": attention})
-    if not batches or sum(int(b["attention_mask"].sum()) for b in batches) == 0:
-        raise CalibrationError("calibration data has no tokens (empty, or attention_mask is all zeros)")
+            if token_selection is not None:
+                keep = {"all": mask.bool(), "response": response, "prompt": ~response}[token_selection]
+                selected[row, :len(mask)] = (keep & mask.bool()).long()
+            scored[row, :len(mask)] = (response & mask.bool()).long()
+        batch = {"input_ids": input_ids, "attention_mask": attention}
+        if token_selection is not None:
+            batch["irr_token_mask"] = selected
+        if loss_mask:
+            batch["irr_loss_mask"] = scored
+        batches.append(batch)
+    key = "attention_mask" if token_selection is None else "irr_token_mask"
+    if not batches or sum(int(b[key].sum()) for b in batches) == 0:
+        detail = "" if token_selection is None else f" of the {token_selection!r} tokens"
+        raise CalibrationError(f"{what} has no tokens{detail} (empty, attention_mask all zeros, or labels all -100)")
     return batches
 
 
-def _sequences(calibration: Any, max_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _sequences(calibration: Any, max_samples: int,
+               what: str = "calibration") -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask, is_response) per real sequence, padding dropped."""
     if calibration is None:
-        raise CalibrationError("calibration data is required")
+        raise CalibrationError(f"{what} data is required")
     try:
         import datasets
 
         if isinstance(calibration, datasets.Dataset):
             if "input_ids" not in calibration.column_names:
-                raise CalibrationError(f"calibration dataset has no 'input_ids' column (columns: "
+                raise CalibrationError(f"{what} dataset has no 'input_ids' column (columns: "
                                        f"{calibration.column_names}); tokenize it first")
             calibration = calibration.select(range(min(max_samples, len(calibration))))
     except ImportError:  # pragma: no cover
         pass
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for item in _iterate(calibration):
         if not isinstance(item, Mapping) or "input_ids" not in item:
-            raise CalibrationError(f"calibration item #{len(out)} has no 'input_ids' "
+            raise CalibrationError(f"{what} item #{len(out)} has no 'input_ids' "
                                    f"(got {type(item).__name__} with keys {list(item)[:5] if isinstance(item, Mapping) else '-'})")
         ids = torch.as_tensor(item["input_ids"], dtype=torch.long)
         mask = item.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)
-        if mask.shape != ids.shape:
-            raise CalibrationError(f"calibration item #{len(out)}: attention_mask shape {tuple(mask.shape)} != "
-                                   f"input_ids shape {tuple(ids.shape)}")
-        rows = [(ids, mask)] if ids.dim() == 1 else list(zip(ids, mask))
-        for row_ids, row_mask in rows:
+        labels = item.get("labels")
+        labels = torch.zeros_like(ids) if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        for label, t in (("attention_mask", mask), ("labels", labels)):
+            if t.shape != ids.shape:
+                raise CalibrationError(f"{what} item #{len(out)}: {label} shape {tuple(t.shape)} != "
+                                       f"input_ids shape {tuple(ids.shape)}")
+        rows = [(ids, mask, labels)] if ids.dim() == 1 else list(zip(ids, mask, labels))
+        for row_ids, row_mask, row_labels in rows:
             keep = row_mask.bool()
             if not keep.any():
                 continue
             # drop padding wherever it was (left or right): only real tokens are used and re-padded right
-            out.append((row_ids[keep], row_mask[keep]))
+            out.append((row_ids[keep], row_mask[keep], row_labels[keep] != -100))
             if len(out) >= max_samples:
                 return out
     return out

@@ -10,7 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-IDENTIFY_MODES = ("sign", "no_sign", "random")
+IDENTIFY_MODES = ("sign", "no_sign", "random", "none")
+SAFETY_TOKENS = ("all", "response", "prompt")
 LORA_OUTPUTS = ("merged", "adapter", "both")
 ON_ERROR = ("raise", "warn")
 SNAPSHOT_LOCATIONS = ("cpu", "disk")
@@ -47,7 +48,8 @@ class IRRConfig:
         default="sign",
         metadata={
             "help": "How candidates are chosen: 'sign' (IRR), 'no_sign' (ablation: rank all entries by "
-            "importance) or 'random' (ablation: remove a random `remove_ratio` share of all entries)."
+            "importance), 'random' (ablation: remove a random `remove_ratio` share of all entries) or 'none' "
+            "(remove nothing: the safety-regularised recalibration alone; no safety vector needed)."
         },
     )
     irr_seed: int = field(
@@ -82,6 +84,29 @@ class IRRConfig:
             "help": "Modules to realign: names (e.g. q_proj v_proj, matched as a dotted suffix) or regular "
             "expressions matched against the full module name. Default: every Linear/Conv1D in the decoder layers."
         },
+    )
+    # ---- safety-regularised recalibration (beyond the paper) -------------------------------
+    safety_weight: str = field(  # str for HfArgumentParser ('auto' or a number); stored as float or 'auto'
+        default="0",
+        metadata={
+            "help": "λ of the safety-regularised recalibration: minimise |Δ'-Δ|²_{H_d} + λ|Δ'|²_{H_s}, where H_s "
+            "comes from a safety stream (harmful prompts with safe responses) travelling through the layers "
+            "beside the calibration data. 0 (default) is the paper's IRR exactly; a number > 0 fixes λ; "
+            "'auto' picks λ from held-out splits of the calibration and safety data (docs/safety-weight.md)."
+        },
+    )
+    safety_ridge: float = field(
+        default=0.1,
+        metadata={"help": "With safety_weight != 0: ridge toward the fine-tuned delta, as a fraction of mean(diag H_d); "
+                  "it decides input directions neither stream excites."},
+    )
+    safety_tokens: str = field(
+        default="all",
+        metadata={"help": "Tokens of the safety stream that feed H_s: 'all' (prompt and response), 'response' "
+                  "(labels != -100) or 'prompt' (labels == -100)."},
+    )
+    num_safety_samples: int = field(
+        default=128, metadata={"help": "Safety-stream sequences (harmful prompts with safe responses) used for H_s."}
     )
     # ---- calibration ---------------------------------------------------------------------
     num_calibration_samples: int = field(
@@ -187,11 +212,17 @@ class IRRConfig:
                "remove_ratio", self.remove_ratio, "a number in [0, 1]")
         _check(self.identify_mode in IDENTIFY_MODES, "identify_mode", self.identify_mode, f"one of {IDENTIFY_MODES}")
         _check(isinstance(self.blocksize, int) and self.blocksize >= 1, "blocksize", self.blocksize, "an integer >= 1")
+        self.safety_weight = _safety_weight(self.safety_weight)
+        _check(isinstance(self.safety_ridge, (int, float)) and math.isfinite(self.safety_ridge)
+               and self.safety_ridge >= 0, "safety_ridge", self.safety_ridge, "a finite number >= 0")
+        _check(self.safety_tokens in SAFETY_TOKENS, "safety_tokens", self.safety_tokens, f"one of {SAFETY_TOKENS}")
+        _check(self.safety_weight == 0 or self.recalibrate, "recalibrate", self.recalibrate,
+               "True when safety_weight != 0 (the safety term is part of the recalibration)")
         _check(isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0,
                "percdamp", self.percdamp, "a finite number >= 0")
         _check(isinstance(self.max_damping_retries, int) and self.max_damping_retries >= 0,
                "max_damping_retries", self.max_damping_retries, "an integer >= 0")
-        for name in ("num_calibration_samples", "calibration_max_length", "calibration_batch_size",
+        for name in ("num_calibration_samples", "num_safety_samples", "calibration_max_length", "calibration_batch_size",
                      "fisher_batch_size", "unaligned_batch_size", "safety_max_new_tokens"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
@@ -230,7 +261,32 @@ class IRRConfig:
     @property
     def needs_importance(self) -> bool:
         """Importance only matters when a ranking decides what is removed."""
-        return self.identify_mode != "random" and self.remove_ratio < 1.0
+        return self.identify_mode not in ("random", "none") and self.remove_ratio < 1.0
+
+    @property
+    def uses_safety_stream(self) -> bool:
+        """A safety weight (fixed or 'auto') needs harmful prompts with safe responses."""
+        return self.safety_weight != 0
+
+    @property
+    def needs_safety_vector(self) -> bool:
+        """Every identify mode but 'none' reads the safety vector's signs."""
+        return self.identify_mode != "none"
+
+
+def _safety_weight(value: Any) -> Any:
+    """A finite number >= 0 or 'auto' (strings from the command line are parsed)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise IRRConfigError(f"IRRConfig.safety_weight must be a number >= 0 or 'auto', got {value!r}") from None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    _check(ok, "safety_weight", value, "a number >= 0 or 'auto'")
+    return float(value)
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

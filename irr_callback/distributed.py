@@ -133,8 +133,10 @@ def shard_batches(batches: Sequence[dict[str, Any]], make_padding: Callable[[dic
 
 
 def calibration_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of a calibration batch whose tokens all carry zero weight in H (`irr_token_mask`)."""
-    return {**batch, "irr_token_mask": torch.zeros_like(batch["attention_mask"])}
+    """A copy of a calibration batch whose tokens all carry zero weight in H (`irr_token_mask`) and
+    in a held-out loss (`irr_loss_mask`)."""
+    zero = torch.zeros_like(batch["attention_mask"])
+    return {**batch, "irr_token_mask": zero, **({"irr_loss_mask": zero} if "irr_loss_mask" in batch else {})}
 
 
 # ---- realign contexts: the hook points the driver calls ----------------------------------------

@@ -40,8 +40,9 @@ def realign(
     model: nn.Module,
     *,
     base: Any = None,
-    safety_vector: Any,
+    safety_vector: Any = None,
     calibration: Any,
+    safety_calibration: Any = None,
     importance: Any = None,
     config: Optional[IRRConfig] = None,
     progress: bool = True,
@@ -53,6 +54,9 @@ def realign(
     `safety_vector` / `importance`: name → tensor mappings (or safetensors paths), keyed like
     `model.named_parameters()`; entries for non-targets are ignored. `calibration`: batches with
     `input_ids` (+ `attention_mask`), e.g. a DataLoader, or a `datasets.Dataset` with `input_ids`.
+    `safety_calibration`: harmful prompts with safe responses in the same forms (plus optional
+    `labels`, -100 on prompt tokens); needed when `config.safety_weight != 0`, ignored otherwise.
+    The safety vector is needed unless `config.identify_mode == "none"`.
 
     All or nothing: on any error every weight is restored before the error propagates.
     """
@@ -61,9 +65,12 @@ def realign(
     prefix, layers, targets = find_targets(model, config.target_modules)
     base_map, safety_map, importance_map = resolve_inputs(config, base, safety_vector, importance)
     validate_inputs(targets, base_map, safety_map, importance_map if config.needs_importance else None)
-    batches, report = prepare_calibration(calibration, config, getattr(model, "config", None), len(layers))
+    auto = config.safety_weight == "auto"
+    batches, report = prepare_calibration(calibration, config, getattr(model, "config", None), len(layers),
+                                          loss_mask=auto)
+    safety_batches = prepare_safety_stream(safety_calibration, config, getattr(model, "config", None), report)
     dist_ctx = context_for(model, targets)  # SingleProcess without a process group: no collectives
-    batches = dist_ctx.shard_calibration(batches)  # this rank's share, padded with zero-weight batches
+    batches, streams, held = arrange_streams(batches, safety_batches, dist_ctx, auto)
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
@@ -79,11 +86,16 @@ def realign(
                 hidden, layer_args = _capture_layer_inputs(model, layers, batches, stop_early=False)
             masks = [b.get("irr_token_mask", b["attention_mask"]) for b in batches]  # padding batches: 0
             _check_finite(hidden, masks, f"the input of decoder layer '{prefix}.0' (the embedding output)", dist_ctx)
+            if auto:  # choose λ on the held-out batches, then realign with every batch
+                config = _choose_safety_weight(model, layers, by_layer, hidden, layer_args, masks, streams, held,
+                                               batches, base_map, safety_map, importance_map, config, report,
+                                               dist_ctx, progress)
+                streams = [s.replace("held_", "") for s in streams]
             stop_plan: dict = {}  # which target each layer shape calls last (shared across layers)
             for index in logging.tqdm(range(len(layers)), desc="IRR layers", disable=not progress):
                 layer = layers[index]
                 realign_layer(layer, by_layer.get(index, []), hidden, layer_args[index], masks, base_map, safety_map,
-                              importance_map, config, backup, report, dist_ctx, stop_plan=stop_plan)
+                              importance_map, config, backup, report, dist_ctx, stop_plan=stop_plan, streams=streams)
                 if index + 1 < len(layers):
                     hidden = propagate(layer, hidden, layer_args[index])
                     _check_finite(hidden, masks, f"the output of decoder layer '{prefix}.{index}'"
@@ -104,9 +116,15 @@ def realign(
 
 # ------------------------------------------------------------------------------------------------
 def resolve_inputs(config: IRRConfig, base: Any, safety_vector: Any, importance: Any):
-    """(base, safety vector, importance) as name → tensor mappings; importance required when ranking."""
+    """(base, safety vector, importance) as name → tensor mappings; importance required when ranking,
+    the safety vector unless nothing is removed by sign (identify_mode 'none')."""
     base_map = as_tensor_mapping(base, what="base") if base is not None else None
-    safety_map = as_tensor_mapping(safety_vector, what="safety_vector")
+    if config.needs_safety_vector and safety_vector is None:
+        raise ValueError(f"IRRConfig.identify_mode={config.identify_mode!r} removes deltas by the safety vector's "
+                         "signs, but no safety_vector was given (or use identify_mode='none' with a "
+                         "safety_weight and safety_calibration)")
+    safety_map = (as_tensor_mapping(safety_vector, what="safety_vector")
+                  if safety_vector is not None and config.needs_safety_vector else None)
     importance_map = as_tensor_mapping(importance, what="importance") if importance is not None else None
     if config.needs_importance and importance_map is None:
         raise ValueError(f"IRRConfig.remove_ratio={config.remove_ratio} < 1 ranks deltas by importance, "
@@ -115,40 +133,115 @@ def resolve_inputs(config: IRRConfig, base: Any, safety_vector: Any, importance:
 
 
 def prepare_calibration(calibration: Any, config: IRRConfig, model_config: Any,
-                        num_layers: int) -> tuple[list[dict[str, torch.Tensor]], IRRReport]:
+                        num_layers: int, loss_mask: bool = False) -> tuple[list[dict[str, torch.Tensor]], IRRReport]:
     """Padded calibration batches, and the report that will record what is done with them."""
     pad = getattr(model_config, "pad_token_id", None)
     batches = calibration_batches(calibration, max_samples=config.num_calibration_samples,
                                   max_length=config.calibration_max_length,
                                   batch_size=config.calibration_batch_size,
-                                  pad_token_id=pad if isinstance(pad, int) else 0)
+                                  pad_token_id=pad if isinstance(pad, int) else 0, loss_mask=loss_mask)
     report = IRRReport(config=config.to_dict(), num_layers=num_layers,
                        calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
                        calibration_tokens=sum(int(b["attention_mask"].sum()) for b in batches))
     return batches, report
 
 
+def prepare_safety_stream(safety_calibration: Any, config: IRRConfig, model_config: Any,
+                          report: IRRReport) -> list[dict[str, torch.Tensor]]:
+    """Padded safety-stream batches (harmful prompts with safe responses) when the safety weight is
+    not 0, with `irr_token_mask` selecting the tokens `config.safety_tokens` names; [] otherwise."""
+    if not config.uses_safety_stream:
+        return []
+    if safety_calibration is None:
+        raise ValueError(f"IRRConfig.safety_weight={config.safety_weight!r} needs safety_calibration: harmful "
+                         "prompts with safe responses (tokenized, with labels -100 on prompt tokens)")
+    pad = getattr(model_config, "pad_token_id", None)
+    batches = calibration_batches(safety_calibration, max_samples=config.num_safety_samples,
+                                  max_length=config.calibration_max_length,
+                                  batch_size=config.calibration_batch_size,
+                                  pad_token_id=pad if isinstance(pad, int) else 0,
+                                  token_selection=config.safety_tokens, what="safety_calibration",
+                                  loss_mask=config.safety_weight == "auto")
+    report.setting = "safety-regularised"
+    report.safety_weight = None if config.safety_weight == "auto" else float(config.safety_weight)
+    report.safety_sequences = sum(b["input_ids"].shape[0] for b in batches)
+    report.safety_tokens = sum(int(b["irr_token_mask"].sum()) for b in batches)
+    return batches
+
+
+def arrange_streams(batches: list, safety_batches: list, dist_ctx: SingleProcess,
+                    auto: bool) -> tuple[list, list[str], dict[str, list[int]]]:
+    """All batches in one list (captured, propagated and hooked together), each one's stream name, and
+    (auto) the indices of the held-out ones: calibration, safety, held-out calibration, held-out
+    safety. Each part is this rank's share, padded with zero-weight batches."""
+    parts = [("calibration", batches), ("safety", safety_batches)]
+    if auto:
+        from .auto_weight import split_held_out
+
+        cal_train, cal_held = split_held_out(batches, "calibration")
+        saf_train, saf_held = split_held_out(safety_batches, "safety_calibration")
+        parts = [("calibration", cal_train), ("safety", saf_train),
+                 ("held_calibration", cal_held), ("held_safety", saf_held)]
+    out, streams, held = [], [], {"calibration": [], "safety": []}
+    for name, part in parts:
+        if not part:
+            continue
+        part = dist_ctx.shard_calibration(part)
+        if name.startswith("held_"):
+            held[name[5:]] = list(range(len(out), len(out) + len(part)))
+        out += part
+        streams += [name] * len(part)
+    return out, streams, held
+
+
+def _choose_safety_weight(model, layers, by_layer, hidden, layer_args, masks, streams, held, batches, base,
+                          safety, importance, config, report, dist_ctx, progress) -> IRRConfig:
+    """Run the auto pass (auto_weight.py), record the candidates in the report, return the config with λ*."""
+    from .auto_weight import AUTO_CANDIDATES, choose_weight, held_out_losses, resolved
+
+    if dist_ctx.kind not in ("single", "replicated"):
+        raise ValueError(f"safety_weight='auto' is not supported under {dist_ctx.kind} yet: choose λ on one "
+                         "process (irr apply --safety-weight auto) and pass the number")
+    started = time.perf_counter()
+    loss_batches = {k: [batches[i] for i in idx] for k, idx in held.items()}
+    losses = held_out_losses(model, layers, by_layer, hidden, layer_args, masks, streams, held, loss_batches, base,
+                             safety, importance, config, AUTO_CANDIDATES, dist_ctx,
+                             collect_hessians=_collect_hessians, propagate=propagate, write=_write,
+                             make_backup=make_backup, progress=progress)
+    weight, table = choose_weight(losses)
+    table["seconds"] = time.perf_counter() - started
+    report.auto, report.safety_weight = table, weight
+    logger.info(f"IRR safety_weight='auto': chose λ={weight:g} ({table['reason']}) in {table['seconds']:.1f}s")
+    return resolved(config, weight)
+
+
 def realign_layer(layer: nn.Module, targets: list[Target], hidden: list[torch.Tensor], args: list, masks: list,
                   base: Optional[Mapping], safety: Mapping, importance: Optional[Mapping], config: IRRConfig,
                   backup: "_Backup", report: IRRReport, dist_ctx: Optional[SingleProcess] = None,
-                  stop_plan: Optional[dict] = None) -> None:
+                  stop_plan: Optional[dict] = None, streams: Optional[list[str]] = None) -> None:
     """One decoder layer: H per distinct input from one pass of the unmodified layer, then every group
     of targets identified, removed, recalibrated and written (originals saved to `backup` first).
 
     `dist_ctx` sums H over processes and divides the solves (default: one process, no collectives).
-    `stop_plan`: a dict kept across layers lets the H pass stop after the last target (None: full passes)."""
+    `stop_plan`: a dict kept across layers lets the H pass stop after the last target (None: full passes).
+    `streams`: the input stream of each batch ("calibration" or "safety"; default all calibration):
+    each stream gets its own H; the safety stream's H_s reaches the solver by the group's first name."""
     if not targets:
         return
     dist_ctx = dist_ctx or SingleProcess()
     if not dist_ctx.stop_capture_early:
         stop_plan = None
-    hessians = _collect_hessians(layer, targets, hidden, args, masks, config, reduce=dist_ctx.reduce_hessian,
-                                 stop_plan=stop_plan)
+    streams = streams or ["calibration"] * len(hidden)
+    by_stream = _collect_hessians(layer, targets, hidden, args, masks, config, reduce=dist_ctx.reduce_hessian,
+                                  stop_plan=stop_plan, streams=streams)
+    hessians = by_stream["calibration"]
+    safety_hessians = {group[0].name: h for group, (h, _) in by_stream.get("safety", [])}
+    del by_stream
     release_free_memory()  # the pass's activations: the solves below start from a trimmed heap
     solve = functools.partial(_realign_group, base=base, safety=safety, importance=importance, config=config,
-                              backup=backup, report=report)
+                              backup=backup, report=report, safety_hessians=safety_hessians)
     dist_ctx.solve_layer(hessians, solve, backup)
-    del hessians
+    del hessians, safety_hessians
     release_free_memory()  # the solver's buffers
 
 
@@ -164,7 +257,7 @@ def validate_inputs(targets: list[Target], base: Optional[Mapping], safety: Mapp
         shape = tuple(getattr(t.weight, "ds_shape", t.weight.shape))  # ZeRO-3 keeps a flat partition
         if t.kind == "lora":
             _check_lora_supported(t)
-        sources = [("safety_vector", safety)]
+        sources = [("safety_vector", safety)] if safety is not None else []
         if t.kind != "lora":
             if base is None:
                 raise ValueError(f"base is required: '{t.name}' is a fully fine-tuned weight (no LoRA)")
@@ -339,7 +432,7 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, in_
 
 
 def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda accumulator: None,
-                      stop_plan: Optional[dict] = None):
+                      stop_plan: Optional[dict] = None, streams: Optional[list[str]] = None):
     """Run the calibration batches through the unmodified layer; one H per distinct input.
 
     Pre-hooks on the targets accumulate H before each target runs. Targets fed the very same
@@ -348,9 +441,14 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
     across layers, None to disable) remembers which target a layer of this shape calls last; once
     it is reached and every target has been seen, the pass ends (the output of this pass is never
     used, so the last module and whatever follows it are skipped: for Llama, down_proj).
-    `reduce` sums each raw accumulator over processes before it is normalised (no-op in one process)."""
+    `reduce` sums each raw accumulator over processes before it is normalised (no-op in one process).
+    `streams` names the input stream of each batch; returns {stream: [(group, (H, tokens))]}, one H per
+    distinct input and stream, accumulated by the same hooks (padding excluded by each batch's mask)."""
     device = torch.device(config.device) if config.device else targets[0].weight.device
+    streams = streams or ["calibration"] * len(hidden)
+    names_of_streams = list(dict.fromkeys(streams))
     accumulators: dict[int, HessianAccumulator] = {}
+    stream_accumulators: dict[tuple[str, int], HessianAccumulator] = {}
     representative: dict[int, int] = {}  # target -> the target whose accumulator it shares
     seen: dict[int, weakref.ref] = {}
     relative = {id(m): n for n, m in layer.named_modules()}
@@ -379,7 +477,10 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
                 if k not in representative:
                     first_batch_group(k, x)
             if representative.get(k) == k:
-                accumulators[k].add(x.detach().to(device), _token_mask(target, x, masks[state["batch"]]))
+                stream = streams[state["batch"]]
+                acc = accumulators[k] if stream == names_of_streams[0] else stream_accumulators.setdefault(
+                    (stream, k), HessianAccumulator(targets[k].out_in_shape[1], device=device))
+                acc.add(x.detach().to(device), _token_mask(target, x, masks[state["batch"]]))
             if names[k] == state["stop_at"] and (state["batch"] > 0 or len(representative) == len(targets)):
                 raise _StopForward
         return hook
@@ -405,10 +506,22 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
         for h in handles:
             h.remove()
     groups = [(k, [i for i in range(len(targets)) if representative[i] == k]) for k in sorted(accumulators)]
-    for k, _ in groups:
-        reduce(accumulators[k])
-    return [([targets[i] for i in members], (accumulators[k].finalize(), accumulators[k].tokens))
-            for k, members in groups]
+    out = {}
+    for stream in names_of_streams:
+        accs = {k: accumulators[k] if stream == names_of_streams[0] else stream_accumulators.setdefault(
+            (stream, k), HessianAccumulator(targets[k].out_in_shape[1], device=device)) for k, _ in groups}
+        for k, _ in groups:  # every rank reduces every stream's accumulator, in the same order
+            reduce(accs[k])
+        out[stream] = [([targets[i] for i in members], (_finalize(accs[k], stream), accs[k].tokens))
+                       for k, members in groups]
+    return out
+
+
+def _finalize(accumulator: HessianAccumulator, stream: str) -> torch.Tensor:
+    try:
+        return accumulator.finalize()
+    except ValueError as exc:
+        raise ValueError(f"the {stream} stream: {exc}") from None
 
 
 def _has_offload_hooks(layer: nn.Module) -> bool:
@@ -424,7 +537,8 @@ def _token_mask(target: Target, x: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base, safety, importance,
-                   config: IRRConfig, backup: "_Backup", report: IRRReport) -> None:
+                   config: IRRConfig, backup: "_Backup", report: IRRReport,
+                   safety_hessians: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     device = hessian.device
     dtype = torch.float64 if all(t.weight.dtype == torch.float64 for t in group) else torch.float32
     rows = [t.out_in_shape[0] for t in group]
@@ -438,14 +552,17 @@ def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base
             current = t.to_out_in(t.weight.detach()).to(device=device, dtype=dtype)
             torch.sub(current, t.to_out_in(base[t.name]).to(device=device, dtype=dtype), out=delta)
         deltas.append(delta)
-        safeties.append(t.to_out_in(safety[t.name]).to(device))
+        safeties.append(t.to_out_in(safety[t.name]).to(device) if config.needs_safety_vector else None)
         scores.append(t.to_out_in(importance[t.name]).to(device) if config.needs_importance else None)
+    weight = float(config.safety_weight)
     results = realign_group(
         deltas, safeties, scores, hessian, names=[t.name for t in group],
         remove_ratio=config.remove_ratio, remove_more=config.remove_more, recalibrate=config.recalibrate,
         blocksize=config.blocksize, percdamp=config.percdamp, mode=config.identify_mode, seed=config.irr_seed,
         max_damping_retries=config.max_damping_retries, fallback_to_removal=config.fallback_to_removal,
         removal_error=config.fallback_to_removal,
+        safety_hessian=(safety_hessians or {}).get(group[0].name) if weight else None,
+        safety_weight=weight, ridge=config.safety_ridge,
     )
     del stacked, deltas
     for t, (new_delta, stats) in zip(group, results):

@@ -59,6 +59,11 @@ class IRRReport:
     num_layers: int = 0
     calibration_sequences: int = 0
     calibration_tokens: int = 0
+    safety_sequences: int = 0
+    safety_tokens: int = 0
+    setting: str = "irr"  # 'irr' (the paper's), 'safety-regularised', 'recommended'
+    safety_weight: Optional[float] = None  # λ used (the one chosen when config.safety_weight == 'auto')
+    auto: Optional[dict[str, Any]] = None  # safety_weight='auto': candidates, criterion values, choice
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +85,7 @@ class IRRReport:
             "dead_columns": sum(m.dead_columns for m in self.modules),
             "error_recalibrated": _sum_or_none(m.error_recalibrated for m in self.modules),
             "error_removal": _sum_or_none(m.error_removal for m in self.modules),
+            "error_safety": _sum_or_none(m.error_safety for m in self.modules),
         }
 
     def per_layer(self) -> dict[int, dict[str, Any]]:
@@ -107,6 +113,11 @@ class IRRReport:
             "num_layers": self.num_layers,
             "calibration_sequences": self.calibration_sequences,
             "calibration_tokens": self.calibration_tokens,
+            "setting": self.setting,
+            "safety_weight": self.safety_weight,
+            "safety_sequences": self.safety_sequences,
+            "safety_tokens": self.safety_tokens,
+            **({"auto": self.auto} if self.auto else {}),
             "seconds": self.seconds,
             "totals": self.totals,
             "per_layer": {str(k): v for k, v in sorted(self.per_layer().items())},
@@ -129,7 +140,15 @@ class IRRReport:
         t = self.totals
         return (f"IRR {self.status}: {t['modules']} modules, removed {t['removed']:,} of {t['entries']:,} "
                 f"entries ({100 * t['removed_fraction']:.2f}%), sign conflicts {100 * t['conflict_fraction']:.2f}%, "
-                f"{len(t['fell_back_to_removal'])} fell back to plain removal, {self.seconds:.1f}s")
+                f"{len(t['fell_back_to_removal'])} fell back to plain removal, {self.seconds:.1f}s"
+                + self.setting_summary())
+
+    def setting_summary(self) -> str:
+        """'' for the paper's IRR, else the setting and λ (and that auto chose it)."""
+        if not self.safety_weight:
+            return ""
+        chosen = " chosen by auto" if self.auto else ""
+        return f"; setting {self.setting}, safety weight λ={self.safety_weight:g}{chosen}"
 
 
 def _sum_or_none(values) -> Optional[float]:

@@ -131,8 +131,12 @@ def realign_group(
         del combined
         damping, retries, dead = factor.damping, factor.retries, factor.dead
         start_point = regularised_start(original, h_s, factor, weight=safety_weight)
-        new, _, _, mask = obs_sweep(start_point, factor.root, make_select(column_major=True), dead=dead,
-                                    blocksize=blocksize)
+        if mode == "none":  # nothing to remove: the unconstrained optimum is the answer (no sweep)
+            new, mask = start_point, torch.zeros_like(original, dtype=torch.bool)
+            new[:, dead] = 0.0
+        else:
+            new, _, _, mask = obs_sweep(start_point, factor.root, make_select(column_major=True), dead=dead,
+                                        blocksize=blocksize)
         del factor, start_point
         err_recal, safety_term = regularised_objective(new, original, h, h_s, weight=safety_weight)
         if wants_error:  # plain removal is judged on the same objective: task + λ · safety
