@@ -32,8 +32,9 @@ from .core import realign_group
 
 logger = logging.get_logger(__name__)
 
-AUTO_CANDIDATES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-AUTO_TOLERANCE = 0.1
+AUTO_CANDIDATES = (0.1, 0.3, 1.0, 3.0)
+AUTO_TOLERANCE = 0.01
+AUTO_CALIBRATION_SHARE = 0.25  # of the calibration batches used for the candidates' H_d
 AUTO_MIN_GAP = 0.05  # nats per response token
 HELD_OUT_SHARE = 0.25
 
@@ -47,7 +48,8 @@ def split_held_out(batches: list[dict[str, torch.Tensor]], what: str) -> tuple[l
     return batches[:-held], batches[-held:]
 
 
-def choose_weight(losses: Mapping[float, tuple[float, float]]) -> tuple[float, dict[str, Any]]:
+def choose_weight(losses: Mapping[float, tuple[float, float]],
+                  tolerance: float = AUTO_TOLERANCE) -> tuple[float, dict[str, Any]]:
     """λ* from {λ: (task loss, safety loss)} including the references 0 (F) and inf (A)."""
     task_f, safe_f = losses[0.0]
     task_a, safe_a = losses[math.inf]
@@ -59,16 +61,18 @@ def choose_weight(losses: Mapping[float, tuple[float, float]]) -> tuple[float, d
         rows.append({"safety_weight": c, "task_loss": task, "safety_loss": safe,
                      "safety_left": (safe - safe_a) / gap_s if gap_s > AUTO_MIN_GAP else None,
                      "task_lost": (task - task_f) / gap_d if gap_d > 0 else None})
+    ok: list = []
     if gap_s <= AUTO_MIN_GAP:
         chosen, reason = candidates[0], f"fine-tuning left the safety loss within {AUTO_MIN_GAP} of the aligned model's"
     else:
-        ok = [r["safety_weight"] for r in rows if r["safety_left"] <= AUTO_TOLERANCE]
+        ok = [r["safety_weight"] for r in rows if r["safety_left"] <= tolerance]
         if ok:
-            chosen, reason = ok[0], f"smallest λ with safety damage left <= {AUTO_TOLERANCE}"
+            chosen, reason = ok[0], f"smallest λ with safety damage left <= {tolerance}"
         else:
-            chosen, reason = candidates[-1], f"no candidate brought the safety damage below {AUTO_TOLERANCE}: largest λ"
-    table = {"criterion": f"smallest λ with (L_s(λ)-L_s(A))/(L_s(F)-L_s(A)) <= {AUTO_TOLERANCE}",
-             "reason": reason, "chosen": chosen, "candidates": rows,
+            chosen, reason = candidates[-1], f"no candidate brought the safety damage below {tolerance}: largest λ"
+    table = {"criterion": f"smallest λ with (L_s(λ)-L_s(A))/(L_s(F)-L_s(A)) <= {tolerance}",
+             "reason": reason, "chosen": chosen, "passing": bool(ok),
+             "candidates": rows,
              "references": {"finetuned": {"task_loss": task_f, "safety_loss": safe_f},
                             "aligned_targets": {"task_loss": task_a, "safety_loss": safe_a}}}
     return chosen, table
@@ -80,55 +84,81 @@ def held_out_losses(
     layer_args: list[list], masks: list[torch.Tensor], streams: list[str], held: Mapping[str, list[int]],
     loss_batches: Mapping[str, list[dict[str, torch.Tensor]]], base: Optional[Mapping], safety: Optional[Mapping],
     importance: Optional[Mapping], config: IRRConfig, candidates: tuple[float, ...], dist_ctx: Any,
-    collect_hessians, propagate, write, make_backup, progress: bool = True,
+    collect_hessians, propagate, propagate_streams, write, make_backup, progress: bool = True,
+    aligned_of: Optional[Mapping[int, Any]] = None, references: bool = True,
 ) -> dict[float, tuple[float, float]]:
-    """{λ: (held-out task loss, held-out safety loss)} for every candidate and the references 0 and ∞.
+    """{λ: (held-out task loss, held-out safety loss)} for every candidate (and, with `references`, for
+    λ = 0, the fine-tuned model, and λ = ∞, every target at its aligned weight).
 
-    `hidden` holds the inputs of layer 0 for every batch; `streams` names each batch's stream,
-    `held` the indices of the held-out calibration and safety batches (`loss_batches` the same
-    batches with their `labels`). Every weight written is restored before the next candidate."""
-    train = [i for i, s in enumerate(streams) if s in ("calibration", "safety")]
+    One layer-by-layer pass: per layer and candidate, the candidate's own copies of the streams
+    (a share of the calibration batches, the safety batches, their aligned twins) feed its H's
+    (sequential, as in `realign`), its solve is written into the layer for the moment, and its
+    streams and held-out batches run through it; every weight written is restored before the next
+    candidate. `held` gives the indices of the held-out batches (`loss_batches`: the same batches)."""
+    aligned_of = aligned_of or {}
+    cal = [i for i, s in enumerate(streams) if s == "calibration"]
+    keep_cal = set(cal[:max(2, int(math.ceil(len(cal) * AUTO_CALIBRATION_SHARE)))])
+    train = [i for i, s in enumerate(streams) if s in ("safety", "safety_aligned") or i in keep_cal]
     held_all = list(held["calibration"]) + list(held["safety"])
-    levels = [0.0, *candidates, math.inf]
-    states = {c: [hidden[i] for i in held_all] for c in levels}
-    train_hidden = [hidden[i] for i in train]
+    levels = ([0.0] if references else []) + list(candidates) + ([math.inf] if references else [])
+    held_state = {c: [hidden[i] for i in held_all] for c in levels}
+    train_state = {c: [hidden[i] for i in train] for c in candidates}
     train_streams = [streams[i] for i in train]
     train_masks = [masks[i] for i in train]
     for index in logging.tqdm(range(len(layers)), desc="IRR auto λ", disable=not progress):
         layer, targets = layers[index], by_layer.get(index, [])
         args_train = [layer_args[index][i] for i in train]
         args_held = [layer_args[index][i] for i in held_all]
-        if targets:
-            by_stream = collect_hessians(layer, targets, train_hidden, args_train, train_masks, config,
-                                         reduce=dist_ctx.reduce_hessian, streams=train_streams)
-            groups = [(g, h, by_stream["safety"][k][1][0]) for k, (g, (h, _)) in enumerate(by_stream["calibration"])]
-            del by_stream
-            for c in levels:
-                backup = make_backup("cpu")
-                try:
-                    if c > 0:
-                        for group, h_d, h_s in groups:
-                            _write_candidate(group, h_d, h_s, c, base, safety, importance, config, write, backup)
-                    states[c] = propagate(layer, states[c], args_held)
-                finally:
-                    backup.restore()
-            del groups
-        else:
-            for c in levels:
-                states[c] = propagate(layer, states[c], args_held)
-        train_hidden = propagate(layer, train_hidden, args_train)
+        for c in levels:
+            backup = make_backup("cpu")
+            try:
+                if targets and c > 0:
+                    groups = [] if c == math.inf else _candidate_hessians(
+                        collect_hessians, layer, targets, train_state[c], args_train, train_masks, config,
+                        dist_ctx, train_streams, aligned_of.get(index))
+                    for group, h_d, extra in groups or [(g, None, None) for g in _groups_of(targets)]:
+                        _write_candidate(group, h_d, extra, c, base, safety, importance, config, write, backup)
+                held_state[c] = propagate(layer, held_state[c], args_held)
+                if c in train_state:
+                    train_state[c] = propagate_streams(layer, train_state[c], args_train, train_streams,
+                                                       aligned_of.get(index))
+            finally:
+                backup.restore()
     n_cal = len(held["calibration"])
-    out = {}
-    for c in levels:
-        task = _loss(model, layers, states[c][:n_cal], loss_batches["calibration"], dist_ctx)
-        safe = _loss(model, layers, states[c][n_cal:], loss_batches["safety"], dist_ctx)
-        out[c] = (task, safe)
-    return out
+    return {c: (_loss(model, layers, held_state[c][:n_cal], loss_batches["calibration"], dist_ctx),
+                _loss(model, layers, held_state[c][n_cal:], loss_batches["safety"], dist_ctx)) for c in levels}
 
 
-def _write_candidate(group, h_d, h_s, weight, base, safety, importance, config, write, backup) -> None:
+def _candidate_hessians(collect_hessians, layer, targets, hidden, args, masks, config, dist_ctx, streams, aligned):
+    """[(group, H_d, {stream: matrix})] from one candidate's own streams."""
+    by_stream = collect_hessians(layer, targets, hidden, args, masks, config, reduce=dist_ctx.reduce_hessian,
+                                 streams=streams, aligned=aligned)
+    return [(g, h, {name: by_stream[name][k][1][0] for name in by_stream if name != "calibration"})
+            for k, (g, (h, _)) in enumerate(by_stream["calibration"])]
+
+
+def _groups_of(targets: list) -> list[list]:
+    """One group per target: enough for λ = ∞, which needs no Hessian (every target back to W_A)."""
+    return [[t] for t in targets]
+
+
+def search_weight(run_candidates, tolerance: float = AUTO_TOLERANCE) -> tuple[float, dict[str, Any]]:
+    """Coarse-to-fine: the grid `AUTO_CANDIDATES` with the references, then the geometric midpoint
+    (to one significant digit) below the smallest passing λ. `run_candidates(levels, references)` →
+    {λ: (task, safety)}."""
+    losses = dict(run_candidates(AUTO_CANDIDATES, True))
+    weight, table = choose_weight(losses, tolerance)
+    if table["passing"] and weight > AUTO_CANDIDATES[0]:
+        lower = max(c for c in AUTO_CANDIDATES if c < weight)
+        middle = float(f"{math.sqrt(lower * weight):.1g}")  # one significant digit: 0.1..0.3 -> 0.2
+        losses.update(run_candidates((middle,), False))
+        weight, table = choose_weight(losses, tolerance)
+    return weight, table
+
+
+def _write_candidate(group, h_d, extra, weight, base, safety, importance, config, write, backup) -> None:
     """W_A + Δ′(λ) into the group's weights (λ = ∞: W_A itself); originals go to `backup`."""
-    device = h_d.device
+    device = h_d.device if h_d is not None else group[0].weight.device
     dtype = torch.float64 if all(t.weight.dtype == torch.float64 for t in group) else torch.float32
     deltas, safeties, scores, bases = [], [], [], []
     for t in group:
@@ -141,12 +171,15 @@ def _write_candidate(group, h_d, h_s, weight, base, safety, importance, config, 
     if weight == math.inf:
         news = [torch.zeros_like(d) for d in deltas]
     else:
+        cross = {}
+        if "safety_cross" in extra:
+            cross = dict(safety_cross=extra["safety_cross"], aligned_hessian=extra["safety_aligned"], bases=bases)
         results = realign_group(
             deltas, safeties, scores, h_d, names=[t.name for t in group], remove_ratio=config.remove_ratio,
             remove_more=config.remove_more, recalibrate=True, blocksize=config.blocksize, percdamp=config.percdamp,
             mode=config.identify_mode, seed=config.irr_seed, max_damping_retries=config.max_damping_retries,
             fallback_to_removal=config.fallback_to_removal, removal_error=config.fallback_to_removal,
-            safety_hessian=h_s, safety_weight=weight, ridge=config.safety_ridge,
+            safety_hessian=extra["safety"], safety_weight=weight, ridge=config.safety_ridge, **cross,
         )
         news = [r[0] for r in results]
     for t, w_a, new in zip(group, bases, news):
@@ -205,4 +238,4 @@ def resolved(config: IRRConfig, weight: float) -> IRRConfig:
     return replace(config, safety_weight=weight)
 
 
-__all__ = ["AUTO_CANDIDATES", "choose_weight", "held_out_losses", "resolved", "split_held_out"]
+__all__ = ["AUTO_CANDIDATES", "choose_weight", "held_out_losses", "resolved", "search_weight", "split_held_out"]

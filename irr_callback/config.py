@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 IDENTIFY_MODES = ("sign", "no_sign", "random", "none")
 SAFETY_TOKENS = ("all", "response", "prompt")
+SAFETY_TERMS = ("aligned", "delta")
 LORA_OUTPUTS = ("merged", "adapter", "both")
 ON_ERROR = ("raise", "warn")
 SNAPSHOT_LOCATIONS = ("cpu", "disk")
@@ -99,6 +100,13 @@ class IRRConfig:
         default=0.1,
         metadata={"help": "With safety_weight != 0: ridge toward the fine-tuned delta, as a fraction of mean(diag H_d); "
                   "it decides input directions neither stream excites."},
+    )
+    safety_term: str = field(
+        default="aligned",
+        metadata={"help": "With safety_weight != 0: 'aligned' asks each layer for the aligned model's outputs on the "
+                  "aligned model's own activations, |W'X_r - W_A X_A|² (a second, aligned copy of the safety stream "
+                  "travels through the base weights; this also undoes drift from earlier layers and embeddings), "
+                  "or 'delta' for |Δ'X_r|², the plain doc formula (one stream, cheaper)."},
     )
     safety_tokens: str = field(
         default="all",
@@ -216,6 +224,7 @@ class IRRConfig:
         _check(isinstance(self.safety_ridge, (int, float)) and math.isfinite(self.safety_ridge)
                and self.safety_ridge >= 0, "safety_ridge", self.safety_ridge, "a finite number >= 0")
         _check(self.safety_tokens in SAFETY_TOKENS, "safety_tokens", self.safety_tokens, f"one of {SAFETY_TOKENS}")
+        _check(self.safety_term in SAFETY_TERMS, "safety_term", self.safety_term, f"one of {SAFETY_TERMS}")
         _check(self.safety_weight == 0 or self.recalibrate, "recalibrate", self.recalibrate,
                "True when safety_weight != 0 (the safety term is part of the recalibration)")
         _check(isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0,

@@ -8,6 +8,7 @@ one layer's Hessians live on the compute device at a time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
@@ -22,6 +23,7 @@ from transformers.utils import logging
 from .calibration import calibration_batches
 from .config import IRRConfig
 from .core import HessianAccumulator, realign_group
+from .core.hessian import CrossAccumulator
 from .core.realign import row_spans
 from .core.obs import NumericalError, all_finite
 from .distributed import SingleProcess, context_for, raise_if_any_failed
@@ -70,7 +72,11 @@ def realign(
                                           loss_mask=auto)
     safety_batches = prepare_safety_stream(safety_calibration, config, getattr(model, "config", None), report)
     dist_ctx = context_for(model, targets)  # SingleProcess without a process group: no collectives
-    batches, streams, held = arrange_streams(batches, safety_batches, dist_ctx, auto)
+    twins = config.uses_safety_stream and config.safety_term == "aligned"
+    if twins and dist_ctx.kind not in ("single", "replicated"):
+        raise ValueError(f"IRRConfig.safety_term='aligned' is not supported under {dist_ctx.kind} yet; use "
+                         "safety_term='delta' there")
+    batches, streams, held = arrange_streams(batches, safety_batches, dist_ctx, auto, twins=twins)
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
@@ -84,20 +90,25 @@ def realign(
                 hidden, layer_args = capture_with_stub_layers(model, layers, batches)
             else:
                 hidden, layer_args = _capture_layer_inputs(model, layers, batches, stop_early=False)
+            if twins:  # the aligned safety stream starts from the aligned model's embedding (when base has it)
+                _recapture_with_aligned_embedding(model, layers, batches, streams, hidden, base_map)
+            aligned_of = {index: AlignedWeights(layers[index], f"{prefix}.{index}", by_layer.get(index, []), base_map)
+                          for index in range(len(layers))} if twins else {}
             masks = [b.get("irr_token_mask", b["attention_mask"]) for b in batches]  # padding batches: 0
             _check_finite(hidden, masks, f"the input of decoder layer '{prefix}.0' (the embedding output)", dist_ctx)
             if auto:  # choose λ on the held-out batches, then realign with every batch
                 config = _choose_safety_weight(model, layers, by_layer, hidden, layer_args, masks, streams, held,
                                                batches, base_map, safety_map, importance_map, config, report,
-                                               dist_ctx, progress)
+                                               dist_ctx, progress, aligned_of)
                 streams = [s.replace("held_", "") for s in streams]
             stop_plan: dict = {}  # which target each layer shape calls last (shared across layers)
             for index in logging.tqdm(range(len(layers)), desc="IRR layers", disable=not progress):
                 layer = layers[index]
                 realign_layer(layer, by_layer.get(index, []), hidden, layer_args[index], masks, base_map, safety_map,
-                              importance_map, config, backup, report, dist_ctx, stop_plan=stop_plan, streams=streams)
+                              importance_map, config, backup, report, dist_ctx, stop_plan=stop_plan, streams=streams,
+                              aligned=aligned_of.get(index))
                 if index + 1 < len(layers):
-                    hidden = propagate(layer, hidden, layer_args[index])
+                    hidden = propagate_streams(layer, hidden, layer_args[index], streams, aligned_of.get(index))
                     _check_finite(hidden, masks, f"the output of decoder layer '{prefix}.{index}'"
                                   + (" after realignment" if index in by_layer else ""), dist_ctx)
                 release_free_memory()
@@ -169,11 +180,12 @@ def prepare_safety_stream(safety_calibration: Any, config: IRRConfig, model_conf
     return batches
 
 
-def arrange_streams(batches: list, safety_batches: list, dist_ctx: SingleProcess,
-                    auto: bool) -> tuple[list, list[str], dict[str, list[int]]]:
+def arrange_streams(batches: list, safety_batches: list, dist_ctx: SingleProcess, auto: bool,
+                    twins: bool = False) -> tuple[list, list[str], dict[str, list[int]]]:
     """All batches in one list (captured, propagated and hooked together), each one's stream name, and
     (auto) the indices of the held-out ones: calibration, safety, held-out calibration, held-out
-    safety. Each part is this rank's share, padded with zero-weight batches."""
+    safety. Each part is this rank's share, padded with zero-weight batches. `twins`: every safety
+    batch is preceded by a "safety_aligned" copy that travels through the aligned layers."""
     parts = [("calibration", batches), ("safety", safety_batches)]
     if auto:
         from .auto_weight import split_held_out
@@ -189,26 +201,67 @@ def arrange_streams(batches: list, safety_batches: list, dist_ctx: SingleProcess
         part = dist_ctx.shard_calibration(part)
         if name.startswith("held_"):
             held[name[5:]] = list(range(len(out), len(out) + len(part)))
+        if name == "safety" and twins:
+            for batch in part:
+                out += [batch, batch]
+                streams += ["safety_aligned", "safety"]
+            continue
         out += part
         streams += [name] * len(part)
     return out, streams, held
 
 
+def propagate_streams(layer: nn.Module, hidden: list[torch.Tensor], args: list, streams: list[str],
+                      aligned: Optional[AlignedWeights]) -> list[torch.Tensor]:
+    """`propagate`, with the "safety_aligned" batches run through the layer's aligned weights."""
+    if aligned is None or "safety_aligned" not in streams:
+        return propagate(layer, hidden, args)
+    out = []
+    for b, x in enumerate(hidden):
+        if streams[b] == "safety_aligned":
+            with aligned.swapped_in():
+                out.append(_run_layer(layer, x, *args[b]))
+        else:
+            out.append(_run_layer(layer, x, *args[b]))
+    return out
+
+
+def _recapture_with_aligned_embedding(model, layers, batches, streams, hidden, base) -> None:
+    """Replace the layer-0 inputs of the "safety_aligned" batches by those of the aligned embedding."""
+    embedding = model.get_input_embeddings().weight
+    name = next((n for n, p in model.named_parameters() if p is embedding), None)
+    if base is None or name not in base:
+        return  # base holds only the targets: the aligned stream starts from the model's own embedding
+    twins = [b for b, s in enumerate(streams) if s == "safety_aligned"]
+    original = embedding.data
+    embedding.data = base[name].to(device=original.device, dtype=original.dtype)
+    try:
+        again, _ = capture_with_stub_layers(model, layers, [batches[b] for b in twins])
+    finally:
+        embedding.data = original
+    for b, x in zip(twins, again):
+        hidden[b] = x
+
+
 def _choose_safety_weight(model, layers, by_layer, hidden, layer_args, masks, streams, held, batches, base,
-                          safety, importance, config, report, dist_ctx, progress) -> IRRConfig:
+                          safety, importance, config, report, dist_ctx, progress, aligned_of) -> IRRConfig:
     """Run the auto pass (auto_weight.py), record the candidates in the report, return the config with λ*."""
-    from .auto_weight import AUTO_CANDIDATES, choose_weight, held_out_losses, resolved
+    from .auto_weight import held_out_losses, resolved, search_weight
 
     if dist_ctx.kind not in ("single", "replicated"):
         raise ValueError(f"safety_weight='auto' is not supported under {dist_ctx.kind} yet: choose λ on one "
                          "process (irr apply --safety-weight auto) and pass the number")
     started = time.perf_counter()
     loss_batches = {k: [batches[i] for i in idx] for k, idx in held.items()}
-    losses = held_out_losses(model, layers, by_layer, hidden, layer_args, masks, streams, held, loss_batches, base,
-                             safety, importance, config, AUTO_CANDIDATES, dist_ctx,
-                             collect_hessians=_collect_hessians, propagate=propagate, write=_write,
-                             make_backup=make_backup, progress=progress)
-    weight, table = choose_weight(losses)
+
+    def run_candidates(candidates, references):
+        return held_out_losses(model, layers, by_layer, hidden, layer_args, masks, streams, held, loss_batches,
+                               base, safety, importance, config, candidates, dist_ctx,
+                               collect_hessians=_collect_hessians, propagate=propagate,
+                               propagate_streams=propagate_streams, write=_write, make_backup=make_backup,
+                               progress=progress, aligned_of=aligned_of, references=references)
+
+    weight, table = search_weight(run_candidates)
     table["seconds"] = time.perf_counter() - started
     report.auto, report.safety_weight = table, weight
     logger.info(f"IRR safety_weight='auto': chose λ={weight:g} ({table['reason']}) in {table['seconds']:.1f}s")
@@ -218,7 +271,8 @@ def _choose_safety_weight(model, layers, by_layer, hidden, layer_args, masks, st
 def realign_layer(layer: nn.Module, targets: list[Target], hidden: list[torch.Tensor], args: list, masks: list,
                   base: Optional[Mapping], safety: Mapping, importance: Optional[Mapping], config: IRRConfig,
                   backup: "_Backup", report: IRRReport, dist_ctx: Optional[SingleProcess] = None,
-                  stop_plan: Optional[dict] = None, streams: Optional[list[str]] = None) -> None:
+                  stop_plan: Optional[dict] = None, streams: Optional[list[str]] = None,
+                  aligned: Optional["AlignedWeights"] = None) -> None:
     """One decoder layer: H per distinct input from one pass of the unmodified layer, then every group
     of targets identified, removed, recalibrated and written (originals saved to `backup` first).
 
@@ -233,9 +287,9 @@ def realign_layer(layer: nn.Module, targets: list[Target], hidden: list[torch.Te
         stop_plan = None
     streams = streams or ["calibration"] * len(hidden)
     by_stream = _collect_hessians(layer, targets, hidden, args, masks, config, reduce=dist_ctx.reduce_hessian,
-                                  stop_plan=stop_plan, streams=streams)
-    hessians = by_stream["calibration"]
-    safety_hessians = {group[0].name: h for group, (h, _) in by_stream.get("safety", [])}
+                                  stop_plan=stop_plan, streams=streams, aligned=aligned)
+    hessians = by_stream.pop("calibration")
+    safety_hessians = {name: {group[0].name: h for group, (h, _) in entries} for name, entries in by_stream.items()}
     del by_stream
     release_free_memory()  # the pass's activations: the solves below start from a trimmed heap
     solve = functools.partial(_realign_group, base=base, safety=safety, importance=importance, config=config,
@@ -432,7 +486,8 @@ def _run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, in_
 
 
 def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda accumulator: None,
-                      stop_plan: Optional[dict] = None, streams: Optional[list[str]] = None):
+                      stop_plan: Optional[dict] = None, streams: Optional[list[str]] = None,
+                      aligned: Optional["AlignedWeights"] = None):
     """Run the calibration batches through the unmodified layer; one H per distinct input.
 
     Pre-hooks on the targets accumulate H before each target runs. Targets fed the very same
@@ -443,12 +498,17 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
     used, so the last module and whatever follows it are skipped: for Llama, down_proj).
     `reduce` sums each raw accumulator over processes before it is normalised (no-op in one process).
     `streams` names the input stream of each batch; returns {stream: [(group, (H, tokens))]}, one H per
-    distinct input and stream, accumulated by the same hooks (padding excluded by each batch's mask)."""
+    distinct input and stream, accumulated by the same hooks (padding excluded by each batch's mask).
+    A "safety_aligned" batch (run with the aligned weights swapped in by `aligned`) must come right
+    before its "safety" twin: its target inputs x_A are held until the twin's x_r arrive, and
+    "safety_cross" (2·Σx_A x_rᵀ/n) and "safety_aligned" (H_A) are returned beside the other streams."""
     device = torch.device(config.device) if config.device else targets[0].weight.device
     streams = streams or ["calibration"] * len(hidden)
     names_of_streams = list(dict.fromkeys(streams))
     accumulators: dict[int, HessianAccumulator] = {}
     stream_accumulators: dict[tuple[str, int], HessianAccumulator] = {}
+    crosses: dict[int, CrossAccumulator] = {}
+    pending: dict[int, torch.Tensor] = {}  # a safety_aligned batch's target inputs, until its twin comes
     representative: dict[int, int] = {}  # target -> the target whose accumulator it shares
     seen: dict[int, weakref.ref] = {}
     relative = {id(m): n for n, m in layer.named_modules()}
@@ -480,7 +540,13 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
                 stream = streams[state["batch"]]
                 acc = accumulators[k] if stream == names_of_streams[0] else stream_accumulators.setdefault(
                     (stream, k), HessianAccumulator(targets[k].out_in_shape[1], device=device))
-                acc.add(x.detach().to(device), _token_mask(target, x, masks[state["batch"]]))
+                token_mask = _token_mask(target, x, masks[state["batch"]])
+                acc.add(x.detach().to(device), token_mask)
+                if stream == "safety_aligned":
+                    pending[k] = x.detach().to(device)
+                elif stream == "safety" and k in pending:
+                    crosses.setdefault(k, CrossAccumulator(targets[k].out_in_shape[1], device=device)).add(
+                        pending.pop(k), x.detach().to(device), token_mask)
             if names[k] == state["stop_at"] and (state["batch"] > 0 or len(representative) == len(targets)):
                 raise _StopForward
         return hook
@@ -490,7 +556,11 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
         for b, x in enumerate(hidden):
             state["batch"] = b
             try:
-                _run_layer(layer, x, *args[b])
+                if streams[b] == "safety_aligned":
+                    with aligned.swapped_in():
+                        _run_layer(layer, x, *args[b])
+                else:
+                    _run_layer(layer, x, *args[b])
             except _StopForward:
                 pass
             if b == 0:
@@ -514,6 +584,12 @@ def _collect_hessians(layer, targets, hidden, args, masks, config, reduce=lambda
             reduce(accs[k])
         out[stream] = [([targets[i] for i in members], (_finalize(accs[k], stream), accs[k].tokens))
                        for k, members in groups]
+    if "safety_aligned" in names_of_streams:
+        accs = {k: crosses.get(k) or CrossAccumulator(targets[k].out_in_shape[1], device=device) for k, _ in groups}
+        for k, _ in groups:
+            reduce(accs[k])
+        out["safety_cross"] = [([targets[i] for i in members], (_finalize(accs[k], "safety"), accs[k].tokens))
+                               for k, members in groups]
     return out
 
 
@@ -538,7 +614,7 @@ def _token_mask(target: Target, x: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base, safety, importance,
                    config: IRRConfig, backup: "_Backup", report: IRRReport,
-                   safety_hessians: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+                   safety_hessians: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> None:
     device = hessian.device
     dtype = torch.float64 if all(t.weight.dtype == torch.float64 for t in group) else torch.float32
     rows = [t.out_in_shape[0] for t in group]
@@ -555,14 +631,19 @@ def _realign_group(group: list[Target], hessian: torch.Tensor, tokens: int, base
         safeties.append(t.to_out_in(safety[t.name]).to(device) if config.needs_safety_vector else None)
         scores.append(t.to_out_in(importance[t.name]).to(device) if config.needs_importance else None)
     weight = float(config.safety_weight)
+    streams = {name: hs.get(group[0].name) for name, hs in (safety_hessians or {}).items()} if weight else {}
+    cross = {}
+    if streams.get("safety_cross") is not None:
+        cross = dict(safety_cross=streams["safety_cross"], aligned_hessian=streams["safety_aligned"],
+                     bases=[t.to_out_in(t.weight.detach() if t.kind == "lora" else base[t.name]).to(device=device)
+                            for t in group])
     results = realign_group(
         deltas, safeties, scores, hessian, names=[t.name for t in group],
         remove_ratio=config.remove_ratio, remove_more=config.remove_more, recalibrate=config.recalibrate,
         blocksize=config.blocksize, percdamp=config.percdamp, mode=config.identify_mode, seed=config.irr_seed,
         max_damping_retries=config.max_damping_retries, fallback_to_removal=config.fallback_to_removal,
         removal_error=config.fallback_to_removal,
-        safety_hessian=(safety_hessians or {}).get(group[0].name) if weight else None,
-        safety_weight=weight, ridge=config.safety_ridge,
+        safety_hessian=streams.get("safety"), safety_weight=weight, ridge=config.safety_ridge, **cross,
     )
     del stacked, deltas
     for t, (new_delta, stats) in zip(group, results):
@@ -584,6 +665,39 @@ def _write(target: Target, new_weight: torch.Tensor, backup: "_Backup") -> None:
         lora_b = target.module.lora_B[target.adapter].weight
         backup.save(lora_b)
         lora_b.data.zero_()
+
+
+class AlignedWeights:
+    """Swaps the aligned weights into one decoder layer for the aligned safety stream: every target gets
+    W_A (a LoRA target's adapter is switched off), and every other parameter of the layer that the
+    base mapping holds (norms) its base value. `swapped_in()` restores the layer's own tensors."""
+
+    def __init__(self, layer: nn.Module, layer_name: str, targets: list[Target], base: Optional[Mapping]) -> None:
+        self._swaps: list[tuple[torch.Tensor, Any]] = []
+        target_params = set()
+        for t in targets:
+            target_params.add(id(t.weight))
+            if t.kind == "lora":
+                lora_b = t.module.lora_B[t.adapter].weight
+                self._swaps.append((lora_b, lambda p=lora_b: torch.zeros_like(p)))
+            else:
+                self._swaps.append((t.weight, lambda p=t.weight, n=t.name: base[n]))
+        for name, param in layer.named_parameters():
+            full = f"{layer_name}.{name}"
+            if id(param) not in target_params and base is not None and full in base and "lora_" not in name:
+                self._swaps.append((param, lambda p=param, n=full: base[n]))
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        saved = []
+        try:
+            for param, value in self._swaps:
+                saved.append((param, param.data))
+                param.data = value().to(device=param.device, dtype=param.dtype)
+            yield
+        finally:
+            for param, data in saved:
+                param.data = data
 
 
 def make_backup(where: str) -> "_Backup":

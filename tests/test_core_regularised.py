@@ -41,9 +41,14 @@ def literal_objective_matrices(hessian, safety_hessian, weight, ridge, percdamp)
 
 
 def literal_regularised(delta, safety, hessian, safety_hessian, *, weight, ridge=0.1, percdamp=0.01,
-                        blocksize=128, mode="sign", fixed_mask=None):
+                        blocksize=128, mode="sign", fixed_mask=None, aligned=None):
+    """`aligned` = (W_A, X_r, X_A) for the aligned-target safety term (2/n)‖X_r(x + a) − X_A a‖² per row."""
     a, h, dead = literal_objective_matrices(hessian, safety_hessian, weight, ridge, percdamp)
-    target = torch.linalg.solve(h, a @ delta.double().t()).t()  # (A + λH_s) x = A δ, per row
+    rhs = a @ delta.double().t()  # normal equations of the explicit objective: (A + λH_s) x = A δ (+ cross part)
+    if aligned is not None:
+        w_a, x_r, x_a = aligned
+        rhs = rhs + weight * (2.0 / x_r.shape[0]) * x_r.t() @ (x_a - x_r) @ w_a.t()
+    target = torch.linalg.solve(h, rhs).t()
     x = target.clone()
     x[:, dead] = 0.0
     target[:, dead] = 0.0
@@ -156,3 +161,39 @@ def test_dead_inputs_of_both_streams_revert_and_safety_only_inputs_are_solved():
 def test_bad_regularised_input_is_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         realign_matrix(torch.randn(4, 6), torch.randn(4, 6), None, torch.eye(6), **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["none", "sign"])
+@pytest.mark.parametrize("blocksize", [1, 128])
+def test_aligned_target_safety_term_equals_literal_least_squares(mode, blocksize):
+    delta, safety, _, hessian = make_case(rows=5, cols=12, seed=7 + blocksize)
+    g = torch.Generator().manual_seed(3)
+    w_a = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    x_a = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    x_r = x_a + 0.3 * torch.randn(40, 12, generator=g, dtype=torch.float64)  # drifted inputs
+    n = x_r.shape[0]
+    h_s, h_a, cross = 2 * x_r.t() @ x_r / n, 2 * x_a.t() @ x_a / n, 2 * x_a.t() @ x_r / n
+    ours, stats = realign_matrix(delta, None if mode == "none" else safety, None, hessian, mode=mode,
+                                 blocksize=blocksize, safety_hessian=h_s, safety_weight=0.8, ridge=0.1,
+                                 base=w_a, safety_cross=cross, aligned_hessian=h_a, fallback_to_removal=False)
+    ref = literal_regularised(delta, safety, hessian, h_s, weight=0.8, blocksize=blocksize, mode=mode,
+                              aligned=(w_a, x_r, x_a))
+    torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-9)
+    explicit = (2 / n) * ((x_r @ (w_a + ref).t() - x_a @ w_a.t()) ** 2).sum()
+    assert stats.error_safety == pytest.approx(float(explicit), rel=1e-7)
+
+
+def test_aligned_target_with_undrifted_inputs_is_the_plain_safety_term():
+    delta, _, _, hessian = make_case(rows=4, cols=10, seed=2)
+    h_s = safety_case(cols=10, seed=2)
+    w_a = torch.randn(4, 10, dtype=torch.float64)
+    plain, _ = realign_matrix(delta, None, None, hessian, mode="none", safety_hessian=h_s, safety_weight=0.5)
+    cross, _ = realign_matrix(delta, None, None, hessian, mode="none", safety_hessian=h_s, safety_weight=0.5,
+                              base=w_a, safety_cross=h_s, aligned_hessian=h_s)
+    torch.testing.assert_close(cross, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_cross_inputs_go_together():
+    with pytest.raises(ValueError, match="go together"):
+        realign_matrix(torch.randn(4, 6), None, None, torch.eye(6), mode="none", safety_hessian=torch.eye(6),
+                       safety_weight=0.5, safety_cross=torch.eye(6))

@@ -52,3 +52,36 @@ class HessianAccumulator:
             b1 = min(b0 + self.block, h.shape[0])
             h[b1:, b0:b1] = h[b0:b1, b1:].t()
         return h
+
+
+class CrossAccumulator:
+    """Running Σ a bᵀ over paired tokens of two input streams (a: the aligned model's input of a module,
+    b: the realigned model's input at the same token): the cross Gram the safety term needs when it
+    targets the aligned model's own outputs. Not symmetric, so the whole matrix is accumulated."""
+
+    def __init__(self, columns: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.sum = torch.zeros(columns, columns, device=device, dtype=dtype)
+        self.tokens = 0
+
+    def add(self, first: torch.Tensor, second: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> None:
+        """Add paired batches (..., columns) of the same token layout; `token_mask` selects real tokens."""
+        a = first.reshape(-1, first.shape[-1])
+        b = second.reshape(-1, second.shape[-1])
+        if a.shape != b.shape:
+            raise ValueError(f"paired inputs differ in shape: {tuple(first.shape)} vs {tuple(second.shape)}")
+        if token_mask is not None:
+            keep = token_mask.reshape(-1).to(device=a.device, dtype=torch.bool)
+            if keep.numel() != a.shape[0]:
+                raise ValueError(f"token mask has {keep.numel()} positions but the input has {a.shape[0]} tokens")
+            if not bool(keep.all()):
+                a, b = a[keep], b[keep]
+        if a.shape[0] == 0:
+            return
+        self.sum.addmm_(a.to(self.sum.dtype).t(), b.to(self.sum.dtype))
+        self.tokens += a.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """2·Σabᵀ / n, the same scaling as `HessianAccumulator.finalize`."""
+        if self.tokens == 0:
+            raise ValueError("no paired tokens reached this layer")
+        return self.sum * (2.0 / self.tokens)

@@ -38,6 +38,9 @@ def realign_matrix(
     safety_hessian: Optional[torch.Tensor] = None,
     safety_weight: float = 0.0,
     ridge: float = 0.1,
+    base: Optional[torch.Tensor] = None,
+    safety_cross: Optional[torch.Tensor] = None,
+    aligned_hessian: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, ModuleStats]:
     """Identify, remove and recalibrate one delta matrix (rows = outputs, columns = inputs).
 
@@ -51,6 +54,7 @@ def realign_matrix(
         mode=mode, seed=seed, max_damping_retries=max_damping_retries,
         fallback_to_removal=fallback_to_removal, removal_error=removal_error,
         safety_hessian=safety_hessian, safety_weight=safety_weight, ridge=ridge,
+        bases=None if base is None else [base], safety_cross=safety_cross, aligned_hessian=aligned_hessian,
     )
     return new_delta, stats
 
@@ -75,19 +79,25 @@ def realign_group(
     safety_hessian: Optional[torch.Tensor] = None,
     safety_weight: float = 0.0,
     ridge: float = 0.1,
+    bases: Optional[Sequence[torch.Tensor]] = None,
+    safety_cross: Optional[torch.Tensor] = None,
+    aligned_hessian: Optional[torch.Tensor] = None,
 ) -> list[tuple[torch.Tensor, ModuleStats]]:
     """`realign_matrix` for matrices with the same input dimension and the same H.
 
     `safety_hessian` (H_s) and `safety_weight` (λ > 0) switch on the safety-regularised objective
     of `regularise.py` with a ridge of `ridge` · mean(diag H) toward the fine-tuned delta; λ = 0
     is IRR exactly. `mode="none"` removes nothing (`safeties` may then be None): with λ > 0 that is
-    the closed-form merge.
+    the closed-form merge. `safety_cross` (C = 2·Σ x_A x_rᵀ/n), `aligned_hessian` (H_A of the aligned
+    model's own inputs) and `bases` (W_A per module) make the safety term ‖W′X_r − W_A X_A‖²
+    (see `regularise.regularised_start`).
     """
     start = time.perf_counter()
     _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode)
     regularised = safety_weight != 0  # a negative or NaN weight is refused by the check below
     if regularised:
         _validate_safety_hessian(safety_hessian, safety_weight, ridge, deltas[0].shape[1], names, recalibrate)
+        _validate_cross(safety_cross, aligned_hessian, bases, deltas, names)
     dtype = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
     device = deltas[0].device
     original = _one_matrix(deltas, dtype, device)  # never written
@@ -125,12 +135,17 @@ def realign_group(
     damping, retries, dead = None, 0, torch.zeros(original.shape[1], dtype=torch.bool, device=device)
     if recalibrate and regularised:
         h_s = safety_hessian.to(device=device, dtype=dtype)
+        cross_terms = {}
+        if safety_cross is not None:
+            cross_terms = dict(base=_one_matrix(bases, dtype, device), cross=safety_cross.to(device=device, dtype=dtype),
+                               aligned_hessian=aligned_hessian.to(device=device, dtype=dtype))
         combined = regularised_hessian(h, h_s, weight=safety_weight, ridge=ridge)
         factor = factor_hessian(combined, percdamp=percdamp, max_retries=max_damping_retries,
                                 name=_group_name(names))
         del combined
         damping, retries, dead = factor.damping, factor.retries, factor.dead
-        start_point = regularised_start(original, h_s, factor, weight=safety_weight)
+        start_point = regularised_start(original, h_s, factor, weight=safety_weight,
+                                        base=cross_terms.get("base"), cross=cross_terms.get("cross"))
         if mode == "none":  # nothing to remove: the unconstrained optimum is the answer (no sweep)
             new, mask = start_point, torch.zeros_like(original, dtype=torch.bool)
             new[:, dead] = 0.0
@@ -138,10 +153,13 @@ def realign_group(
             new, _, _, mask = obs_sweep(start_point, factor.root, make_select(column_major=True), dead=dead,
                                         blocksize=blocksize)
         del factor, start_point
-        err_recal, safety_term = regularised_objective(new, original, h, h_s, weight=safety_weight)
+        err_recal, safety_term = regularised_objective(new, original, h, h_s, weight=safety_weight, **cross_terms)
         if wants_error:  # plain removal is judged on the same objective: task + λ · safety
-            err_plain = err_plain + safety_weight * _removal_safety_term(original, plain_mask, h_s)
-        del h, h_s
+            plain = original.masked_fill(plain_mask, 0.0)
+            err_plain = err_plain + safety_weight * regularised_objective(plain, original, h, h_s, weight=safety_weight,
+                                                                          **cross_terms)[1]
+            del plain
+        del h, h_s, cross_terms
     elif recalibrate:
         factor = factor_hessian(h, percdamp=percdamp, max_retries=max_damping_retries, name=_group_name(names))
         damping, retries, dead = factor.damping, factor.retries, factor.dead
@@ -214,16 +232,6 @@ def _removal_error(original: torch.Tensor, mask: torch.Tensor, hessian: torch.Te
     return out
 
 
-def _removal_safety_term(original: torch.Tensor, mask: torch.Tensor, safety_hessian: torch.Tensor,
-                         chunk: int = 1024) -> torch.Tensor:
-    """Per-row ‖Δ_removed‖²_{H_s} of plain removal (the kept deltas on harmful inputs), in row chunks."""
-    out = torch.empty(original.shape[0], dtype=original.dtype, device=original.device)
-    for r0 in range(0, original.shape[0], chunk):
-        r1 = min(r0 + chunk, original.shape[0])
-        out[r0:r1] = output_error(original[r0:r1].masked_fill(mask[r0:r1], 0.0), safety_hessian)
-    return out
-
-
 def _count(mask: torch.Tensor) -> int:
     """True entries of a boolean mask. `mask.sum()` would first widen a strided view (a row block of
     the column-major sweep mask) to an int64 copy: 8 bytes per entry at the solve's memory peak."""
@@ -261,6 +269,23 @@ def _validate_safety_hessian(safety_hessian, weight, ridge, cols, names, recalib
         raise ValueError(f"{group}: safety Hessian shape {tuple(safety_hessian.shape)} != ({cols}, {cols})")
     if not all_finite(safety_hessian):
         raise ValueError(f"{group}: the safety Hessian contains NaN or Inf")
+
+
+def _validate_cross(cross, aligned_hessian, bases, deltas, names) -> None:
+    group, cols = _group_name(names), deltas[0].shape[1]
+    given = [cross is not None, aligned_hessian is not None, bases is not None]
+    if any(given) and not all(given):
+        raise ValueError(f"{group}: safety_cross, aligned_hessian and bases go together (the aligned-target "
+                         "safety term); got only some of them")
+    if cross is None:
+        return
+    for label, t in (("safety_cross", cross), ("aligned_hessian", aligned_hessian)):
+        if tuple(t.shape) != (cols, cols):
+            raise ValueError(f"{group}: {label} shape {tuple(t.shape)} != ({cols}, {cols})")
+        if not all_finite(t):
+            raise ValueError(f"{group}: {label} contains NaN or Inf")
+    if len(bases) != len(deltas) or any(tuple(b.shape) != tuple(d.shape) for b, d in zip(bases, deltas)):
+        raise ValueError(f"{group}: bases must match the deltas' shapes")
 
 
 def _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode) -> None:

@@ -21,6 +21,8 @@ RegMean, Jin et al., ICLR 2023).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .obs import HessianFactor, output_error
@@ -45,15 +47,25 @@ def regularised_hessian(
 
 
 def regularised_start(
-    delta: torch.Tensor, safety_hessian: torch.Tensor, factor: HessianFactor, *, weight: float
+    delta: torch.Tensor, safety_hessian: torch.Tensor, factor: HessianFactor, *, weight: float,
+    base: Optional[torch.Tensor] = None, cross: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Δ̃ = Δ − λ (Δ H_s) H⁻¹: the unconstrained optimum, with H = V Vᵀ from `factor`.
+
+    With `cross` = C = 2·Σ x_A x_rᵀ / n (the aligned model's own input x_A paired with the realigned
+    model's input x_r at each safety token) and `base` = W_A, the safety term is
+    ‖W′X_r − W_A X_A‖²: the layer is asked to give the aligned model's outputs on the aligned model's
+    own activations, which also undoes drift that earlier layers and non-target weights left in
+    X_r. Then Δ̃ = Δ − λ (Δ H_s + W_A (H_s − C)) H⁻¹; with X_A = X_r, C = H_s and it is the formula above.
 
     Uses the same damped factor the sweep uses, so the damping counts as part of the ridge toward
     Δ and sweep and start point solve one and the same objective. Two triangular solves
     (X V Vᵀ = B as Y Vᵀ = B, then X V = Y); no n×n inverse is formed.
     """
-    rhs = (delta @ safety_hessian).mul_(weight)
+    rhs = delta @ safety_hessian
+    if cross is not None:
+        rhs.addmm_(base, safety_hessian - cross)
+    rhs.mul_(weight)
     root = factor.root
     rhs = torch.linalg.solve_triangular(root.t(), rhs, upper=False, left=False)
     rhs = torch.linalg.solve_triangular(root, rhs, upper=True, left=False)
@@ -62,10 +74,19 @@ def regularised_start(
 
 def regularised_objective(
     new_delta: torch.Tensor, delta: torch.Tensor, hessian: torch.Tensor, safety_hessian: torch.Tensor,
-    *, weight: float,
+    *, weight: float, base: Optional[torch.Tensor] = None, cross: Optional[torch.Tensor] = None,
+    aligned_hessian: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (task term ‖Δ′ − Δ‖²_{H_d}, safety term ‖Δ′‖²_{H_s}) without the ridge: what the
-    report shows and what a plain-removal fallback is compared on (task + λ · safety)."""
+    """Per-row (task term ‖Δ′ − Δ‖²_{H_d}, safety term) without the ridge: what the report shows and
+    what a plain-removal fallback is compared on (task + λ · safety). The safety term is ‖Δ′‖²_{H_s},
+    or with `cross` ‖W′X_r − W_A X_A‖² = y H_s yᵀ − 2 y Cᵀ aᵀ + a H_A aᵀ per row (y = W′, a = W_A)."""
     task = output_error(new_delta - delta, hessian)
-    safety = output_error(new_delta, safety_hessian) if weight > 0 else torch.zeros_like(task)
-    return task, safety
+    if weight <= 0:
+        return task, torch.zeros_like(task)
+    if cross is None:
+        return task, output_error(new_delta, safety_hessian)
+    new_weight = base + new_delta
+    safety = torch.linalg.vecdot(new_weight @ safety_hessian, new_weight, dim=1)
+    safety -= 2.0 * torch.linalg.vecdot(new_weight @ cross.t(), base, dim=1)
+    safety += torch.linalg.vecdot(base @ aligned_hessian, base, dim=1)
+    return task, safety.clamp_min_(0.0)
