@@ -81,7 +81,7 @@ def warm_up(kind: str) -> None:
     elif kind == "offline":
         import tempfile
 
-        from irr_callback.offline import realign_checkpoint
+        from irr_callback import realign_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             ft.save_pretrained(tmp + "/ft")

@@ -64,8 +64,9 @@ def forward_floor(model, batches) -> None:
     pass of the unmodified layer with H accumulated for its targets (shared per input, upper block
     triangle, stopped after the last target) and one propagation pass, with the driver's heap trims.
     No identification, no solves, no writes: the time below which no pipeline can go on this machine."""
-    from irr_callback import IRRConfig
-    from irr_callback.driver import _collect_hessians, capture_with_stub_layers, propagate, release_free_memory
+    from irr_callback.pipeline.capture import capture_with_stub_layers, propagate
+    from irr_callback.pipeline.hessians import collect_stream
+    from irr_callback.pipeline.memory import release_free_memory
     from irr_callback.targets import find_targets
 
     _, layers, targets = find_targets(model, None)
@@ -74,8 +75,8 @@ def forward_floor(model, batches) -> None:
     with torch.no_grad():
         hidden, layer_args = capture_with_stub_layers(model, layers, batches)
         for index, layer in enumerate(layers):
-            _collect_hessians(layer, [t for t in targets if t.layer == index], hidden, layer_args[index], masks,
-                              IRRConfig(), stop_plan=plan)
+            collect_stream(layer, [t for t in targets if t.layer == index], hidden, layer_args[index], masks,
+                           stop_plan=plan)
             release_free_memory()  # the same heap trims as the driver
             if index + 1 < len(layers):
                 hidden = propagate(layer, hidden, layer_args[index])

@@ -31,7 +31,7 @@ def worker(kind: str, workdir: str, batch: int, seqs: int, tokens: int) -> dict:
     import gc
 
     from irr_callback import IRRConfig, realign
-    from irr_callback.offline import realign_checkpoint
+    from irr_callback import realign_checkpoint
 
     cfg = IRRConfig(num_calibration_samples=seqs, calibration_max_length=tokens, calibration_batch_size=batch)
     batches = calibration_batches(workdir, batch)

@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from .config import IRRConfig
 from .data import calibration_examples
-from .driver import realign
+from .pipeline import realign
 from .io import fingerprint
 from .model_card import build_model_card
 from .peft_utils import (LoraBackup, check_supported, default_refactor_rank, is_peft_model, lora_module_names,

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from .core.settings import RealignSettings
+
 IDENTIFY_MODES = ("sign", "no_sign", "random")
 LORA_OUTPUTS = ("merged", "adapter", "both")
 ON_ERROR = ("raise", "warn")
@@ -226,6 +228,15 @@ class IRRConfig:
         if unknown:
             raise IRRConfigError(f"Unknown IRRConfig field(s): {unknown}")
         return cls(**values)
+
+    def realign_settings(self) -> RealignSettings:
+        """The settings `core/` solves with: the one place where config fields become solver settings."""
+        return RealignSettings(
+            remove_ratio=self.remove_ratio, remove_more=self.remove_more, recalibrate=self.recalibrate,
+            blocksize=self.blocksize, percdamp=self.percdamp, mode=self.identify_mode, seed=self.irr_seed,
+            max_damping_retries=self.max_damping_retries, fallback_to_removal=self.fallback_to_removal,
+            removal_error=self.fallback_to_removal,
+        )
 
     @property
     def needs_importance(self) -> bool:

@@ -5,43 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ._version import __version__
+from .core.stats import ModuleStats
 
-@dataclass
-class ModuleStats:
-    """Statistics of one realigned weight matrix.
-
-    Errors are tr((Δ'−Δ) H (Δ'−Δ)ᵀ) with the undamped calibration Hessian H = 2XXᵀ/n, i.e. the
-    mean squared change of the layer output on calibration tokens (times 2).
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    entries: int
-    conflicts: int
-    removed: int
-    dead_columns: int = 0
-    error_recalibrated: Optional[float] = None
-    error_removal: Optional[float] = None
-    damping: Optional[float] = None
-    damping_retries: int = 0
-    recalibrated: bool = False
-    fell_back_to_removal: bool = False
-    layer: Optional[int] = None
-    hessian_tokens: Optional[int] = None
-    seconds: float = 0.0
-
-    @property
-    def removed_fraction(self) -> float:
-        return self.removed / self.entries if self.entries else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["shape"] = list(self.shape)
-        out["removed_fraction"] = self.removed_fraction
-        return out
+__all__ = ["IRRReport", "ModuleStats"]
 
 
 @dataclass
@@ -93,8 +63,6 @@ class IRRReport:
         return layers
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
         return {
             "irr_callback_version": __version__,
             "status": self.status,

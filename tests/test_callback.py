@@ -240,10 +240,10 @@ def test_snapshot_is_taken_once_under_repeated_train_begin(unaligned_dir, tmp_pa
 
 # ------------------------------------------------------------------------------------- failure path
 def test_failure_keeps_finetuned_model_and_leaves_no_output_dir(tmp_path, unaligned_dir, monkeypatch):
-    import irr_callback.driver as driver
+    import irr_callback.pipeline.solve as solve_step
 
     calls = {"n": 0}
-    original = driver.realign_group
+    original = solve_step.realign_group
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -251,7 +251,7 @@ def test_failure_keeps_finetuned_model_and_leaves_no_output_dir(tmp_path, unalig
             raise RuntimeError("boom")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(driver, "realign_group", failing)
+    monkeypatch.setattr(solve_step, "realign_group", failing)
     cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8)
     model = world.aligned_model()
     with pytest.raises(RuntimeError, match="boom"):

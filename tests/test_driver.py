@@ -177,12 +177,12 @@ def test_bad_input_is_named_and_nothing_changes():
 
 
 def test_failure_midway_restores_every_weight(monkeypatch):
-    import irr_callback.driver as driver
+    import irr_callback.pipeline.solve as solve_step
 
     base, ft, unaligned = triple("llama")
     v = irr.safety_vector(base, unaligned)
     before = state(ft)
-    original = driver.realign_group
+    original = solve_step.realign_group
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -191,7 +191,7 @@ def test_failure_midway_restores_every_weight(monkeypatch):
             raise RuntimeError("boom")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(driver, "realign_group", failing)
+    monkeypatch.setattr(solve_step, "realign_group", failing)
     with pytest.raises(RuntimeError, match="boom"):
         realign(ft, base=base, safety_vector=v, calibration=calibration(), progress=False)
     assert same_state(before, state(ft))

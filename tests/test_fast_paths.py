@@ -92,12 +92,12 @@ def test_group_results_equal_single_matrix_results_and_errors():
 
 @pytest.mark.parametrize("where", ["disk", "cpu"])
 def test_backup_restores_every_weight_bit_for_bit(monkeypatch, where):
-    import irr_callback.driver as driver
+    import irr_callback.pipeline.solve as solve_step
 
     base, ft, unaligned = triple("llama", dtype=torch.bfloat16)
     v = irr.safety_vector(base, unaligned, sign_only=True)
     before = state(ft)
-    calls = fail_at_call(monkeypatch, driver, "realign_group", 7)
+    calls = fail_at_call(monkeypatch, solve_step, "realign_group", 7)
     with pytest.raises(RuntimeError, match="boom"):
         realign(ft, base=base, safety_vector=v, calibration=calibration(), config=IRRConfig(backup=where),
                 progress=False)
@@ -126,15 +126,15 @@ def test_upper_block_triangle_hessian_equals_dense(cols, block):
 
 
 def _hessians(model, targets_layer, batches, stop_plan):
-    from irr_callback.driver import _capture_layer_inputs, _collect_hessians
+    from irr_callback.pipeline.capture import capture_layer_inputs
+    from irr_callback.pipeline.hessians import collect_stream
     from irr_callback.targets import find_targets
 
     _, layers, targets = find_targets(model, None)
     with torch.no_grad():
-        hidden, layer_args = _capture_layer_inputs(model, layers, batches)
-        out = _collect_hessians(layers[targets_layer], [t for t in targets if t.layer == targets_layer], hidden,
-                                layer_args[targets_layer], [b["attention_mask"] for b in batches], IRRConfig(),
-                                stop_plan=stop_plan)
+        hidden, layer_args = capture_layer_inputs(model, layers, batches)
+        out = collect_stream(layers[targets_layer], [t for t in targets if t.layer == targets_layer], hidden,
+                             layer_args[targets_layer], [b["attention_mask"] for b in batches], stop_plan=stop_plan)
     return {tuple(t.name for t in group): h for group, (h, _) in out}
 
 
@@ -178,7 +178,7 @@ def test_hessian_pass_never_stops_when_a_target_runs_twice():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_capture_with_stub_layers_records_the_same_layer_arguments(arch):
-    from irr_callback.driver import _capture_layer_inputs, capture_with_stub_layers
+    from irr_callback.pipeline.capture import capture_layer_inputs, capture_with_stub_layers
     from irr_callback.targets import find_targets
     from tests.helpers import tiny_model
 
@@ -186,7 +186,7 @@ def test_capture_with_stub_layers_records_the_same_layer_arguments(arch):
     batches = calibration(n=4, length=9, pad_right=3)
     _, layers, _ = find_targets(model, None)
     with torch.no_grad():
-        real_hidden, real_args = _capture_layer_inputs(model, layers, batches)
+        real_hidden, real_args = capture_layer_inputs(model, layers, batches)
         stub_hidden, stub_args = capture_with_stub_layers(model, layers, batches)
     assert all(isinstance(layer, type(model.model.layers[0] if arch != "gpt2" else model.transformer.h[0]))
                for layer in layers)  # the real layers are back
@@ -210,7 +210,8 @@ def test_disk_backup_keeps_a_tensor_in_ram_when_its_write_fails(monkeypatch):
     """Writes are asynchronous: a failed one (disk full) must not make the restore lose that tensor."""
     import os as _os
 
-    import irr_callback.driver as driver
+    import irr_callback.pipeline.solve as solve_step
+    import irr_callback.pipeline.writing as writing
 
     base, ft, unaligned = triple("llama", dtype=torch.bfloat16)
     v = irr.safety_vector(base, unaligned, sign_only=True)
@@ -223,8 +224,8 @@ def test_disk_backup_keeps_a_tensor_in_ram_when_its_write_fails(monkeypatch):
             raise OSError(28, "No space left on device")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(driver.os, "pwrite", flaky_pwrite)
-    fail_at_call(monkeypatch, driver, "realign_group", 6)
+    monkeypatch.setattr(writing.os, "pwrite", flaky_pwrite)
+    fail_at_call(monkeypatch, solve_step, "realign_group", 6)
     with pytest.raises(RuntimeError, match="boom"):
         realign(ft, base=base, safety_vector=v, calibration=calibration(), config=IRRConfig(backup="disk"),
                 progress=False)

@@ -9,7 +9,7 @@ import torch
 
 import irr_callback as irr
 from irr_callback import IRRConfig, realign
-from irr_callback.offline import realign_checkpoint
+from irr_callback import realign_checkpoint
 from irr_callback.tensors import SafetensorsMapping
 from tests.helpers import calibration, fail_at_call, triple
 
@@ -57,12 +57,12 @@ def test_offline_equals_in_memory_realign(tmp_path, arch):
 
 
 def test_offline_failure_leaves_no_output(tmp_path, monkeypatch):
-    import irr_callback.driver as driver
+    import irr_callback.pipeline.solve as solve_step
 
     base, ft, unaligned = triple("llama", layers=2)
     v = irr.safety_vector(base, unaligned)
     ft_dir = _save(ft, str(tmp_path / "ft"))
-    fail_at_call(monkeypatch, driver, "realign_group", 6)
+    fail_at_call(monkeypatch, solve_step, "realign_group", 6)
     with pytest.raises(RuntimeError, match="boom"):
         realign_checkpoint(ft_dir, base=base, safety_vector=v, calibration=calibration(),
                            output_dir=str(tmp_path / "out"), progress=False)
@@ -83,3 +83,27 @@ def test_offline_refuses_bad_inputs_before_writing(tmp_path):
         realign_checkpoint(ft_dir, base=base, safety_vector=v, calibration=calibration(),
                            output_dir=str(tmp_path / "busy"), progress=False)
     assert sorted(os.listdir(tmp_path)) == ["busy", "ft"]
+
+
+@pytest.mark.parametrize("where", ["embeddings", "layer_output"])
+def test_both_paths_share_the_finiteness_check(tmp_path, where):
+    """One layer loop: a NaN/Inf on real tokens stops `realign` and `realign_checkpoint` at the same place."""
+    from irr_callback.core import NumericalError
+
+    base, ft, unaligned = triple("llama", layers=2)
+    v = irr.safety_vector(base, unaligned)
+    cfg = IRRConfig(target_modules=["q_proj", "k_proj", "v_proj"])
+    with torch.no_grad():
+        if where == "embeddings":
+            ft.model.embed_tokens.weight[:] = float("inf")
+            match = r"input of decoder layer 'model\.layers\.0' \(the embedding output\) contains NaN or Inf"
+        else:  # a non-target weight of layer 0 overflows its output
+            ft.model.layers[0].mlp.down_proj.weight[:] = float("inf")
+            match = r"output of decoder layer 'model\.layers\.0' after realignment contains NaN or Inf"
+    ft_dir = _save(ft, str(tmp_path / "ft"))
+    with pytest.raises(NumericalError, match=match):
+        realign(copy.deepcopy(ft), base=base, safety_vector=v, calibration=calibration(), config=cfg, progress=False)
+    with pytest.raises(NumericalError, match=match):
+        realign_checkpoint(ft_dir, base=base, safety_vector=v, calibration=calibration(), config=cfg,
+                           output_dir=str(tmp_path / "out"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["ft"]

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import IRRConfig
+from ..tensors import SafetensorsMapping
 
 # IRRConfig fields that make sense on the command line of `irr apply` / `irr sweep`; the
 # callback-only fields (snapshot, realign_checkpoints, ...) and the safety-input paths, which
@@ -153,3 +154,24 @@ def load_tokenizer(*paths: Optional[str]):
         except Exception as exc:  # a model dir without tokenizer files: try the next one
             errors.append(f"{path}: {exc}")
     raise CLIError("no tokenizer found in " + "; ".join(errors or ["(no path)"]))
+
+
+def local_or_download(path: str):
+    """Tensors of a local model directory or of a hub model's safetensors, streamed."""
+    if os.path.isdir(path):
+        return SafetensorsMapping(path)
+    from huggingface_hub import snapshot_download
+
+    return SafetensorsMapping(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+
+
+def target_parameter_names(model_path: str, target_modules=None) -> list[str]:
+    """Target parameter names from the model's config alone (an empty model on the meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..targets import find_targets
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return [t.name for t in find_targets(model, target_modules)[2]]

@@ -36,6 +36,8 @@ from ._common import (
     is_adapter_dir,
     load_causal_lm,
     load_tokenizer,
+    local_or_download,
+    target_parameter_names,
 )
 
 logger = logging.get_logger(__name__)
@@ -193,9 +195,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_data: Any) -> int:
-    """`irr apply --low-memory`: sequential onloading through `irr_callback.offline.realign_checkpoint`."""
+    """`irr apply --low-memory`: sequential onloading through `irr_callback.realign_checkpoint`."""
     from ..data import calibration_examples
-    from ..offline import realign_checkpoint
+    from ..pipeline import realign_checkpoint
 
     if is_adapter_dir(args.finetuned):
         raise CLIError("--low-memory: --finetuned is a LoRA adapter; adapters are small, run without --low-memory")
@@ -210,7 +212,6 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
          else local_or_download(args.unaligned))
     if not args.safety_vector:
         from ..safety import safety_vector as make_vector
-        from .safety_vector import target_parameter_names
 
         v = make_vector(base, v, names=target_parameter_names(args.finetuned, config.target_modules), sign_only=True)
     importance = load_irr_file(args.fisher, kind="fisher", base=base) if config.needs_importance else None
@@ -232,15 +233,6 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
 def _same_model(recorded: str, given: str) -> bool:
     norm = lambda s: os.path.normpath(os.path.abspath(s)) if os.path.exists(s) else s.rstrip("/")  # noqa: E731
     return norm(recorded) == norm(given) or os.path.basename(recorded.rstrip("/")) == os.path.basename(given.rstrip("/"))
-
-
-def local_or_download(path: str):
-    """Tensors of a local model directory or of a hub model's safetensors, streamed."""
-    if os.path.isdir(path):
-        return SafetensorsMapping(path)
-    from huggingface_hub import snapshot_download
-
-    return SafetensorsMapping(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
 
 
 def _fisher_from_data(model, tokenizer, args, names, config):

@@ -19,7 +19,7 @@ import argparse
 from ..config import IRRConfig, IRRConfigError
 from ..io import fingerprint, save_irr_file
 from ..safety import safety_vector
-from ._common import CLIError, check_exists, check_output
+from ._common import CLIError, check_exists, check_output, local_or_download, target_parameter_names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .apply import local_or_download
 
     check_exists(args.base, "--base", allow_hub_id=True)
     check_exists(args.unaligned, "--unaligned", allow_hub_id=True)
@@ -109,15 +108,3 @@ def _from_harmful_data(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: {len(v)} tensors, int8 signs, from a {args.steps}-step "
           f"{'LoRA' if args.lora_rank else 'full'} harmful fine-tune on {len(examples)} examples")
     return 0
-
-
-def target_parameter_names(model_path: str, target_modules=None) -> list[str]:
-    """Target parameter names from the model's config alone (an empty model on the meta device)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..targets import find_targets
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    return [t.name for t in find_targets(model, target_modules)[2]]

@@ -8,13 +8,15 @@ identification (ranking by importance) is still done per module, exactly as for 
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from dataclasses import replace
+from typing import Any, Optional, Sequence
 
 import torch
 
-from ..report import ModuleStats
 from .identify import removal_mask, sign_conflicts
 from .obs import NumericalError, SelectFn, all_finite, factor_hessian, obs_sweep, output_error, removal_mask_plain
+from .settings import RealignSettings
+from .stats import ModuleStats
 
 
 def realign_matrix(
@@ -23,30 +25,19 @@ def realign_matrix(
     importance: Optional[torch.Tensor] = None,
     hessian: Optional[torch.Tensor] = None,
     *,
-    remove_ratio: float = 1.0,
-    remove_more: bool = False,
-    recalibrate: bool = True,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    mode: str = "sign",
-    seed: int = 0,
-    max_damping_retries: int = 6,
-    fallback_to_removal: bool = False,
-    removal_error: bool = True,
+    settings: Optional[RealignSettings] = None,
     name: str = "weight",
+    **overrides: Any,
 ) -> tuple[torch.Tensor, ModuleStats]:
     """Identify, remove and recalibrate one delta matrix (rows = outputs, columns = inputs).
 
     Computes in float64 when `delta` is float64, otherwise in float32; returns the new delta in
     that dtype, stored column-major after a recalibration (the sweep's layout; call `.contiguous()`
-    if you need row-major). `hessian=None` is allowed only with `recalibrate=False`.
+    if you need row-major). `hessian=None` is allowed only with `recalibrate=False`. `settings`
+    (default `RealignSettings()`) with `overrides`: fields of `RealignSettings` given by keyword.
     """
-    [(new_delta, stats)] = realign_group(
-        [delta], [safety], [importance], hessian, names=[name], remove_ratio=remove_ratio,
-        remove_more=remove_more, recalibrate=recalibrate, blocksize=blocksize, percdamp=percdamp,
-        mode=mode, seed=seed, max_damping_retries=max_damping_retries,
-        fallback_to_removal=fallback_to_removal, removal_error=removal_error,
-    )
+    [(new_delta, stats)] = realign_group([delta], [safety], [importance], hessian, names=[name], settings=settings,
+                                         **overrides)
     return new_delta, stats
 
 
@@ -57,25 +48,22 @@ def realign_group(
     hessian: Optional[torch.Tensor],
     *,
     names: Sequence[str],
-    remove_ratio: float = 1.0,
-    remove_more: bool = False,
-    recalibrate: bool = True,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    mode: str = "sign",
-    seed: int = 0,
-    max_damping_retries: int = 6,
-    fallback_to_removal: bool = False,
-    removal_error: bool = True,
+    settings: Optional[RealignSettings] = None,
+    **overrides: Any,
 ) -> list[tuple[torch.Tensor, ModuleStats]]:
     """`realign_matrix` for matrices with the same input dimension and the same H."""
+    settings = replace(settings or RealignSettings(), **overrides) if overrides else settings or RealignSettings()
+    remove_ratio, remove_more, recalibrate = settings.remove_ratio, settings.remove_more, settings.recalibrate
+    blocksize, percdamp, mode, seed = settings.blocksize, settings.percdamp, settings.mode, settings.seed
+    max_damping_retries, fallback_to_removal = settings.max_damping_retries, settings.fallback_to_removal
+    removal_error = settings.removal_error
     start = time.perf_counter()
     _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode)
     dtype = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
     device = deltas[0].device
     original = _one_matrix(deltas, dtype, device)  # never written
     signs = torch.cat([torch.sign(s.to(device=device)).to(torch.int8) for s in safeties], dim=0)
-    uses_importance = mode in ("sign", "no_sign") and remove_ratio < 1.0
+    uses_importance = settings.uses_importance
     scores = (torch.cat([f.to(device=device, dtype=dtype) for f in importances], dim=0)
               if uses_importance else None)
     bounds = _row_bounds(deltas)

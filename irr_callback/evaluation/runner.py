@@ -104,7 +104,7 @@ def load_metric(name: str) -> Any:
     """``evaluate.load`` that prefers the offline modules shipped in ``irr_callback/metrics``."""
     import evaluate
 
-    from . import metric_path
+    from .metric_files import metric_path
 
     return evaluate.load(metric_path(name) if name in _LOCAL_METRICS else name)
 

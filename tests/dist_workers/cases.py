@@ -12,7 +12,8 @@ import torch
 
 import irr_callback as irr
 from irr_callback import IRRConfig, realign
-from irr_callback.driver import _capture_layer_inputs, _collect_hessians
+from irr_callback.pipeline.capture import capture_layer_inputs
+from irr_callback.pipeline.hessians import collect_stream
 from irr_callback.calibration import calibration_batches
 from irr_callback.distributed import context_for
 from irr_callback.targets import find_targets
@@ -50,9 +51,9 @@ def hessian_case() -> dict[str, torch.Tensor]:
     batches = ctx.shard_calibration(batches)
     masks = [b.get("irr_token_mask", b["attention_mask"]) for b in batches]
     with torch.no_grad():
-        hidden, args = _capture_layer_inputs(ft, layers, batches)
-        groups = _collect_hessians(layers[0], [t for t in targets if t.layer == 0], hidden, args[0], masks, config,
-                                   reduce=ctx.reduce_hessian)
+        hidden, args = capture_layer_inputs(ft, layers, batches)
+        groups = collect_stream(layers[0], [t for t in targets if t.layer == 0], hidden, args[0], masks,
+                                reduce=ctx.reduce_hessian)
     out = {}
     for group, (h, tokens) in groups:
         out[group[0].name] = h

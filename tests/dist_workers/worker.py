@@ -71,21 +71,21 @@ def zero3(remove_ratio: float, save: bool = False):
 def zero3_failure():
     """Rank 1's solver fails at layer 1 (after layer 0 was written): every rank raises and restores."""
     import irr_callback as irr
-    import irr_callback.driver as driver
+    import irr_callback.pipeline.solve as solve_step
     from irr_callback import IRRConfig, realign
     from irr_callback.targets import find_targets
     from tests.helpers import calibration, triple
 
     base, ft, unaligned = triple("llama")
     module = cases.zero3_engine(ft).module
-    original = driver.realign_group
+    original = solve_step.realign_group
 
     def failing(deltas, *args, names, **kwargs):
         if dist.get_rank() == 1 and "layers.1." in names[0]:
             raise RuntimeError("injected failure")
         return original(deltas, *args, names=names, **kwargs)
 
-    driver.realign_group = failing
+    solve_step.realign_group = failing
     try:
         realign(module, base=base, safety_vector=irr.safety_vector(base, unaligned),
                 calibration=calibration(**cases.CALIBRATION), config=IRRConfig(**cases.CONFIG), progress=False)
@@ -93,7 +93,7 @@ def zero3_failure():
     except RuntimeError as exc:
         error = str(exc)
     finally:
-        driver.realign_group = original
+        solve_step.realign_group = original
     _, _, targets = find_targets(module)
     return {t.name: cases.zero3_full(t.weight) for t in targets}, {"error": error}
 

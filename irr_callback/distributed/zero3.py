@@ -11,19 +11,21 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .. import distributed as d
+from .base import Replicated
+from .collectives import assign_owners, raise_if_any_failed
 
 
-class Zero3(d.Replicated):
+class Zero3(Replicated):
     kind = "zero3"
     stop_capture_early = False  # its forward hooks gather/release parameters: let every pass complete
 
-    def solve_layer(self, groups, solve, backup) -> None:
+    def solve_layer(self, groups, solver) -> None:
         import deepspeed
 
         owners = self.owners(groups)
         error: Optional[BaseException] = None
-        for (group, (hessian, tokens)), owner in zip(groups, owners):
+        backup = solver.backup
+        for (group, hessians), owner in zip(groups, owners):
             if any(t.kind == "lora" for t in group):
                 raise ValueError(f"{group[0].name}: LoRA layers under ZeRO-3 are not supported by IRR; merge "
                                  "the adapter or run IRR on the saved model")
@@ -33,13 +35,13 @@ class Zero3(d.Replicated):
                     backup.save(p)
                 if owner == self.rank and error is None:
                     try:
-                        solve(group, hessian, tokens)
+                        solver(group, hessians)
                     except Exception as exc:
                         error = exc
-        d.raise_if_any_failed(error)
+        raise_if_any_failed(error)
 
     def owners(self, groups):
-        return d.assign_owners([sum(_numel(t.weight) for t in g) for g, _ in groups], self.world_size)
+        return assign_owners([sum(_numel(t.weight) for t in g) for g, _ in groups], self.world_size)
 
     def restore(self, backup) -> None:
         """Write the saved full weights back through a gather (rank 0 modifies, all ranks take part)."""

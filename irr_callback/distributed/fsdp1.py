@@ -8,10 +8,10 @@ model's weights on every rank during each layer's solve — prefer FSDP2 for lar
 
 from __future__ import annotations
 
-from .. import distributed as d
+from .base import Replicated
 
 
-class FSDP1(d.Replicated):
+class FSDP1(Replicated):
     kind = "fsdp1"
     stop_capture_early = False  # its forward hooks gather/release parameters: let every pass complete
 
@@ -19,11 +19,11 @@ class FSDP1(d.Replicated):
         super().__init__()
         self.model = model
 
-    def solve_layer(self, groups, solve, backup) -> None:
+    def solve_layer(self, groups, solver) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         with FSDP.summon_full_params(self.model, writeback=True, rank0_only=False):
-            super().solve_layer(groups, solve, backup)
+            super().solve_layer(groups, solver)
 
     def restore(self, backup) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP

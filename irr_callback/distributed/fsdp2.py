@@ -8,6 +8,9 @@ the report's counts. Configurations whose per-block ranking spans all rows (0 < 
 identify_mode 'random') and GPT-2 style Conv1D (sharded on input columns) take the gather path:
 the group's full weights are gathered (`full_tensor()`), one owner solves, the result is broadcast
 and each rank keeps its rows. Peak extra memory there: one group's full weights on every rank.
+
+Both paths call the pipeline's group solver (`solver.solve` / `solver.write` on the local rows, or
+`solver(...)` on the gathered weights): the delta → core → write step exists once.
 """
 
 from __future__ import annotations
@@ -16,13 +19,9 @@ from typing import Any, Optional
 
 import torch
 
-from .. import distributed as d
-from ..core import realign_group
 from ..core.identify import removal_mask
-
-
-def is_dtensor(tensor: Any) -> bool:
-    return type(tensor).__name__ == "DTensor"
+from .base import Replicated
+from .collectives import all_reduce_sum_, assign_owners, broadcast_, raise_if_any_failed
 
 
 def local_rows(weight: Any) -> tuple[torch.Tensor, slice]:
@@ -47,7 +46,7 @@ class _View:
         return getattr(self._target, name)
 
 
-class RowSharded(d.Replicated):
+class RowSharded(Replicated):
     kind = "fsdp2"
     stop_capture_early = False  # its forward hooks gather/release parameters: let every pass complete
 
@@ -55,100 +54,75 @@ class RowSharded(d.Replicated):
         super().__init__()
         self._row_local: set[str] = set()
 
-    def solve_layer(self, groups, solve, backup) -> None:
-        kw = solve.keywords
-        config = kw["config"]
+    def solve_layer(self, groups, solver) -> None:
+        settings = solver.settings
         for group, _ in groups:
             for t in group:
                 if t.kind == "lora":
                     raise ValueError(f"{t.name}: LoRA layers under FSDP2 are not supported by IRR; merge the "
                                      "adapter or run IRR on the saved model")
-        row_local = config.identify_mode != "random" and config.remove_ratio in (0.0, 1.0)
+        row_local = settings.mode != "random" and settings.remove_ratio in (0.0, 1.0)
         error: Optional[BaseException] = None
         gathered = []
-        for group, (hessian, tokens) in groups:
+        for group, hessians in groups:
             if row_local and all(t.kind == "linear" for t in group):
+                local = [local_rows(t.weight) for t in group]
+                results = None
                 if error is None:
                     try:
-                        self._solve_rows(group, hessian, tokens, **kw)
+                        results = solver.solve(group, hessians, local=local, settings=solver.without_fallback())
                     except Exception as exc:
                         error = exc
                 # the error agreement is a collective: keep every rank in step even after a failure
-                self._agree_fallback(group, kw)
+                self._agree_fallback(group, local, results, hessians, solver)
             else:
-                gathered.append((group, hessian, tokens))
-        d.raise_if_any_failed(error)
+                gathered.append((group, hessians))
+        raise_if_any_failed(error)
         if gathered:
-            self._solve_gathered(gathered, solve, backup)
+            self._solve_gathered(gathered, solver)
 
     # -- row-local path ---------------------------------------------------------------------------
-    def _solve_rows(self, group, hessian, tokens, *, base, safety, importance, config, backup, report) -> None:
-        device = hessian.device
-        dtype = torch.float64 if all(t.weight.dtype == torch.float64 for t in group) else torch.float32
-        shards, bases, deltas, safeties, scores = [], [], [], [], []
-        for t in group:
-            shard, rows = local_rows(t.weight)
-            shards.append(shard)
-            w_a = base[t.name][rows].to(device=device, dtype=dtype)
-            bases.append(w_a)
-            deltas.append(shard.detach().to(device=device, dtype=dtype) - w_a)
-            safeties.append(safety[t.name][rows].to(device))
-            scores.append(importance[t.name][rows].to(device) if config.needs_importance else None)
-        results = realign_group(
-            deltas, safeties, scores, hessian, names=[t.name for t in group],
-            remove_ratio=config.remove_ratio, remove_more=config.remove_more, recalibrate=config.recalibrate,
-            blocksize=config.blocksize, percdamp=config.percdamp, mode=config.identify_mode, seed=config.irr_seed,
-            max_damping_retries=config.max_damping_retries, fallback_to_removal=False,
-            removal_error=config.fallback_to_removal,
-        )
-        self._pending = (group, shards, bases, deltas, safeties, results, backup, report, tokens)
-
-    def _agree_fallback(self, group, kw) -> None:
-        """Sum both errors over ranks, choose recalibration or plain removal per module like one process."""
-        pending = getattr(self, "_pending", None)
-        self._pending = None
-        config = kw["config"]
+    def _agree_fallback(self, group, local, results, hessians, solver) -> None:
+        """Sum both errors over ranks, choose recalibration or plain removal per module like one process,
+        then write this rank's rows."""
+        settings = solver.settings
         errors = torch.zeros(2 * len(group), dtype=torch.float64)
-        if pending is not None:
-            for k, (_, stats) in enumerate(pending[5]):
+        if results is not None:
+            for k, (_, stats) in enumerate(results):
                 errors[2 * k] = stats.error_recalibrated or 0.0
                 errors[2 * k + 1] = stats.error_removal or 0.0
-        d.all_reduce_sum_(errors)
-        if pending is None:
+        all_reduce_sum_(errors)
+        if results is None:
             return
-        group, shards, bases, deltas, safeties, results, backup, report, tokens = pending
-        for k, (t, shard, w_a, delta, signs, (new_delta, stats)) in enumerate(
-                zip(group, shards, bases, deltas, safeties, results)):
+        for k, (t, (shard, rows), (new_delta, stats)) in enumerate(zip(group, local, results)):
             e_recal, e_plain = float(errors[2 * k]), float(errors[2 * k + 1])
-            if config.recalibrate and config.fallback_to_removal and e_plain < e_recal:
-                mask = removal_mask(delta, signs, remove_ratio=config.remove_ratio,
-                                    remove_more=config.remove_more, mode=config.identify_mode)
-                new_delta = delta.masked_fill(mask, 0.0)
+            if settings.recalibrate and settings.fallback_to_removal and e_plain < e_recal:
+                delta = solver.inputs.delta_into(t, torch.empty_like(new_delta), weight=shard, rows=rows)
+                signs = solver.inputs.signs(t, delta.device, rows=rows)
+                mask = removal_mask(delta, signs, remove_ratio=settings.remove_ratio,
+                                    remove_more=settings.remove_more, mode=settings.mode)
+                results[k] = (delta.masked_fill(mask, 0.0), stats)
                 stats.removed, stats.recalibrated, stats.fell_back_to_removal = int(mask.sum()), False, True
-            backup.save(shard)
-            shard.copy_((w_a + new_delta).to(dtype=shard.dtype, device=shard.device))
-            stats.layer, stats.hessian_tokens = t.layer, tokens
-            stats.shape = tuple(t.weight.shape)
-            report.modules.append(stats)
             self._row_local.add(t.name)
+        solver.write(group, results, hessians, local=local)
 
     # -- gather path ------------------------------------------------------------------------------
-    def _solve_gathered(self, items, solve, backup) -> None:
-        owners = d.assign_owners([sum(t.weight.numel() for t in g) for g, _, _ in items], self.world_size)
-        fulls = [[t.weight.full_tensor() for t in group] for group, _, _ in items]
+    def _solve_gathered(self, items, solver) -> None:
+        owners = assign_owners([sum(t.weight.numel() for t in g) for g, _ in items], self.world_size)
+        fulls = [[t.weight.full_tensor() for t in group] for group, _ in items]
         error: Optional[BaseException] = None
-        for (group, hessian, tokens), full, owner in zip(items, fulls, owners):
+        for (group, hessians), full, owner in zip(items, fulls, owners):
             if owner == self.rank and error is None:
                 try:
-                    solve([_View(t, w) for t, w in zip(group, full)], hessian, tokens)
+                    solver([_View(t, w) for t, w in zip(group, full)], hessians)
                 except Exception as exc:
                     error = exc
-        d.raise_if_any_failed(error)
-        for (group, _, _), full, owner in zip(items, fulls, owners):
+        raise_if_any_failed(error)
+        for (group, _), full, owner in zip(items, fulls, owners):
             for t, w in zip(group, full):
-                d.broadcast_(w, owner)
+                broadcast_(w, owner)
                 shard, rows = local_rows(t.weight)
-                backup.save(shard)
+                solver.backup.save(shard)
                 shard.copy_(w[rows].to(shard.dtype))
 
     def merge_stats(self, modules, order):

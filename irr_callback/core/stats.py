@@ -1,0 +1,41 @@
+"""What `realign_group` reports per weight matrix: plain data, serialised by the package's report."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+
+@dataclass
+class ModuleStats:
+    """Statistics of one realigned weight matrix.
+
+    Errors are tr((Δ'−Δ) H (Δ'−Δ)ᵀ) with the undamped calibration Hessian H = 2XXᵀ/n, i.e. the
+    mean squared change of the layer output on calibration tokens (times 2).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    entries: int
+    conflicts: int
+    removed: int
+    dead_columns: int = 0
+    error_recalibrated: Optional[float] = None
+    error_removal: Optional[float] = None
+    damping: Optional[float] = None
+    damping_retries: int = 0
+    recalibrated: bool = False
+    fell_back_to_removal: bool = False
+    layer: Optional[int] = None
+    hessian_tokens: Optional[int] = None
+    seconds: float = 0.0
+
+    @property
+    def removed_fraction(self) -> float:
+        return self.removed / self.entries if self.entries else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        out["removed_fraction"] = self.removed_fraction
+        return out

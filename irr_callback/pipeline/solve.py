@@ -1,0 +1,98 @@
+"""Step 3 of the data path: the group solve. Per group of targets that read the same input: build
+the stacked Δ from the safety inputs, call `core.realign_group`, write W_A + Δ′.
+
+Every backend calls this solver: one process and the replicated backends on whole weights, FSDP2 on
+the rows a process holds (`local`), ZeRO-3 inside its gather. Only this file writes realigned weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from ..core import ModuleStats, RealignSettings, realign_group
+from ..core.realign import row_spans
+from ..report import IRRReport
+from ..targets import Target
+from .streams import CALIBRATION
+from .inputs import SafetyInputs
+from .memory import release_free_memory
+from .writing import Backup, write_weight
+
+#: {stream name: (H, token count)} of one group's input
+StreamHessians = Mapping[str, tuple[torch.Tensor, int]]
+#: per target of a group: (the local rows it holds as a plain tensor, which global rows they are)
+LocalRows = Sequence[tuple[torch.Tensor, slice]]
+
+
+@dataclass
+class GroupSolver:
+    """Solves and writes groups of one run: the explicit contract every backend is handed.
+
+    Args:
+        inputs: base, safety vector and importance.
+        settings: the solver settings (`IRRConfig.realign_settings()`).
+        backup: where every written tensor's original goes first (all-or-nothing).
+        report: where each module's statistics are appended.
+    """
+
+    inputs: SafetyInputs
+    settings: RealignSettings
+    backup: Backup
+    report: IRRReport
+
+    def __call__(self, group: list[Target], hessians: StreamHessians) -> None:
+        """Solve one group on whole weights and write the result."""
+        results = self.solve(group, hessians)
+        self.write(group, results, hessians)
+        results = None  # the last view keeps the whole solver output alive
+        release_free_memory()  # this group's solver buffers, before the next group allocates its own
+
+    def solve(self, group: list[Target], hessians: StreamHessians, *, local: Optional[LocalRows] = None,
+              settings: Optional[RealignSettings] = None) -> list[tuple[torch.Tensor, ModuleStats]]:
+        """The new deltas (out, in) and statistics of `group`, nothing written. `local`: only these rows."""
+        hessian, _ = hessians[CALIBRATION]
+        device = hessian.device
+        dtype = group_dtype(group)
+        rows = [self._num_rows(t, local, k) for k, t in enumerate(group)]
+        stacked = torch.empty(sum(rows), group[0].out_in_shape[1], dtype=dtype, device=device)  # the group's Δ
+        deltas, safeties, scores = [], [], []
+        for k, (t, (r0, r1)) in enumerate(zip(group, row_spans(rows))):
+            weight, span = local[k] if local is not None else (None, None)
+            deltas.append(self.inputs.delta_into(t, stacked[r0:r1], weight=weight, rows=span))
+            safeties.append(self.inputs.signs(t, device, rows=span))
+            scores.append(self.inputs.scores(t, device, rows=span))
+        return realign_group(deltas, safeties, scores, hessian, names=[t.name for t in group],
+                             settings=settings or self.settings)
+
+    def write(self, group: list[Target], results, hessians: StreamHessians, *,
+              local: Optional[LocalRows] = None) -> None:
+        """W′ = W_A + Δ′ (W_A read again, lazily, rather than held through the solve); stats to the report."""
+        _, tokens = hessians[CALIBRATION]
+        for k, (t, (new_delta, stats)) in enumerate(zip(group, results)):
+            weight, span = local[k] if local is not None else (None, None)
+            new = self.inputs.base_weight(t, new_delta.device, new_delta.dtype, rows=span) + new_delta
+            if weight is None:
+                write_weight(t, new, self.backup)
+            else:
+                self.backup.save(weight)
+                weight.copy_(new.to(dtype=weight.dtype, device=weight.device))
+                stats.shape = tuple(t.weight.shape)
+            stats.layer, stats.hessian_tokens = t.layer, tokens
+            self.report.modules.append(stats)
+
+    def without_fallback(self) -> RealignSettings:
+        """The settings with the removal fallback left to the caller (FSDP2 decides it over all rows)."""
+        return replace(self.settings, fallback_to_removal=False)
+
+    @staticmethod
+    def _num_rows(t: Target, local: Optional[LocalRows], k: int) -> int:
+        return t.out_in_shape[0] if local is None else local[k][0].shape[0]
+
+
+def group_dtype(group: list[Target]) -> torch.dtype:
+    """float64 when every weight is float64, else float32 (the solver's precision)."""
+    return torch.float64 if all(t.weight.dtype == torch.float64 for t in group) else torch.float32
