@@ -9,6 +9,7 @@ from .pipeline import realign, realign_checkpoint
 from .report import IRRReport, ModuleStats
 from .safety import fisher, safety_vector
 
+
 __all__ = [
     "IRRCallback",
     "IRRConfig",

@@ -30,11 +30,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.utils import logging
+
 
 logger = logging.get_logger(__name__)
 
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 TensorMap = Mapping[str, torch.Tensor]
-BaseLike = Union[TensorMap, nn.Module]
+BaseLike = TensorMap | nn.Module
 
 
 # --------------------------------------------------------------------------------------
@@ -192,13 +193,10 @@ def safe_lora_lora_b(
     projected)``; ``new_B`` is ``C B`` if the cosine is below ``threshold``, else ``B``.
     """
     if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_b.shape[1] != lora_a.shape[0]:
-        raise ValueError(
-            f"LoRA factor shapes do not match: A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}"
-        )
+        raise ValueError(f"LoRA factor shapes do not match: A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}")
     if tuple(safety.shape) != (lora_b.shape[0], lora_a.shape[1]):
         raise ValueError(
-            f"Safe LoRA: safety shape {tuple(safety.shape)} != delta shape "
-            f"{(lora_b.shape[0], lora_a.shape[1])}"
+            f"Safe LoRA: safety shape {tuple(safety.shape)} != delta shape {(lora_b.shape[0], lora_a.shape[1])}"
         )
     c = safe_lora_projection(safety, exact=exact).to(lora_b.device)
     a32 = lora_a.detach().to(device=lora_b.device, dtype=torch.float32)
@@ -393,8 +391,7 @@ def _fetch(
     _check_float(what, t, method, name)
     if tuple(t.shape) != tuple(shape):
         raise ValueError(
-            f"{method}: {what} for parameter {name!r} has shape {tuple(t.shape)}, "
-            f"the model's is {tuple(shape)}"
+            f"{method}: {what} for parameter {name!r} has shape {tuple(t.shape)}, the model's is {tuple(shape)}"
         )
     t32 = t.detach().to(device=device, dtype=torch.float32)
     if not torch.isfinite(t32).all():
@@ -492,7 +489,10 @@ def apply_resta(
     )
     logger.info(
         "RESTA: %d parameters updated (scale=%s, dare_drop_rate=%s), total change norm %.4g",
-        report.num_targets, scale, dare_drop_rate, report.total_change_norm,
+        report.num_targets,
+        scale,
+        dare_drop_rate,
+        report.total_change_norm,
     )
     return report
 
@@ -503,13 +503,10 @@ def _lora_adapter(layer: nn.Module, name: str) -> str:
     method = "Safe LoRA"
     if not isinstance(layer, LoraLinear):
         raise ValueError(
-            f"{method}: parameter {name!r} is wrapped by {type(layer).__name__}; "
-            "only LoRA Linear layers are supported"
+            f"{method}: parameter {name!r} is wrapped by {type(layer).__name__}; only LoRA Linear layers are supported"
         )
     if getattr(layer, "merged", False):
-        raise ValueError(
-            f"{method}: the LoRA adapter of {name!r} is merged into the base weight; unmerge it first"
-        )
+        raise ValueError(f"{method}: the LoRA adapter of {name!r} is merged into the base weight; unmerge it first")
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
         raise ValueError(
@@ -517,9 +514,7 @@ def _lora_adapter(layer: nn.Module, name: str) -> str:
         )
     adapter = active[0]
     if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
-        raise ValueError(
-            f"{method}: parameter {name!r} uses a LoRA variant (e.g. DoRA); only plain LoRA is supported"
-        )
+        raise ValueError(f"{method}: parameter {name!r} uses a LoRA variant (e.g. DoRA); only plain LoRA is supported")
     if getattr(layer, "lora_bias", {}).get(adapter, False):
         raise ValueError(f"{method}: parameter {name!r} uses lora_bias; not supported")
     return adapter
@@ -574,9 +569,7 @@ def apply_safe_lora(
     for name in targets:
         live_name, p = live[name]
         if p.dim() != 2:
-            raise ValueError(
-                f"{method}: parameter {name!r} has shape {tuple(p.shape)}; Safe LoRA needs 2-D weights"
-            )
+            raise ValueError(f"{method}: parameter {name!r} has shape {tuple(p.shape)}; Safe LoRA needs 2-D weights")
         v = _fetch(safety_vector, "safety vector", name, p.shape, p.device, method)
         layer = lora_of(name)
         if layer is not None:
@@ -592,8 +585,7 @@ def apply_safe_lora(
             dense_oi = dense.T if transposed else dense
             if tuple(dense_oi.shape) != tuple(v_oi.shape):
                 raise ValueError(
-                    f"{method}: LoRA delta of {name!r} has shape {tuple(dense.shape)}, safety vector "
-                    f"{tuple(v.shape)}"
+                    f"{method}: LoRA delta of {name!r} has shape {tuple(dense.shape)}, safety vector {tuple(v.shape)}"
                 )
             try:
                 c = safe_lora_projection(v_oi, exact=exact)
@@ -608,8 +600,9 @@ def apply_safe_lora(
                 pending.append((b_param, out_b))
             change = torch.linalg.vector_norm(c @ dense_oi - dense_oi).item() if projected else 0.0
             entries.append(
-                BaselineEntry(name=name, shape=tuple(p.shape), change_norm=change, kind="lora",
-                              cosine=cos, projected=projected)
+                BaselineEntry(
+                    name=name, shape=tuple(p.shape), change_norm=change, kind="lora", cosine=cos, projected=projected
+                )
             )
             continue
         if base_map is None:

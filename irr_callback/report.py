@@ -6,10 +6,11 @@ import json
 import os
 import platform
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ._version import __version__
 from .core.stats import ModuleStats
+
 
 __all__ = ["IRRReport", "ModuleStats"]
 
@@ -21,7 +22,7 @@ class IRRReport:
     modules: list[ModuleStats] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     status: str = "ok"
-    error: Optional[str] = None
+    error: str | None = None
     num_layers: int = 0
     calibration_sequences: int = 0
     calibration_tokens: int = 0
@@ -52,8 +53,9 @@ class IRRReport:
         """Removal statistics grouped by decoder layer index (the per-layer audit)."""
         layers: dict[int, dict[str, Any]] = {}
         for m in self.modules:
-            entry = layers.setdefault(m.layer if m.layer is not None else -1,
-                                      {"entries": 0, "removed": 0, "conflicts": 0, "modules": 0})
+            entry = layers.setdefault(
+                m.layer if m.layer is not None else -1, {"entries": 0, "removed": 0, "conflicts": 0, "modules": 0}
+            )
             entry["entries"] += m.entries
             entry["removed"] += m.removed
             entry["conflicts"] += m.conflicts
@@ -91,12 +93,14 @@ class IRRReport:
 
     def summary(self) -> str:
         t = self.totals
-        return (f"IRR {self.status}: {t['modules']} modules, removed {t['removed']:,} of {t['entries']:,} "
-                f"entries ({100 * t['removed_fraction']:.2f}%), sign conflicts {100 * t['conflict_fraction']:.2f}%, "
-                f"{len(t['fell_back_to_removal'])} fell back to plain removal, {self.seconds:.1f}s")
+        return (
+            f"IRR {self.status}: {t['modules']} modules, removed {t['removed']:,} of {t['entries']:,} "
+            f"entries ({100 * t['removed_fraction']:.2f}%), sign conflicts {100 * t['conflict_fraction']:.2f}%, "
+            f"{len(t['fell_back_to_removal'])} fell back to plain removal, {self.seconds:.1f}s"
+        )
 
 
-def _sum_or_none(values) -> Optional[float]:
+def _sum_or_none(values) -> float | None:
     vals = [v for v in values if v is not None]
     return float(sum(vals)) if vals else None
 

@@ -20,9 +20,10 @@ import re
 import shutil
 import socket
 import tempfile
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from transformers.utils import logging
+
 
 logger = logging.get_logger(__name__)
 
@@ -72,7 +73,7 @@ def recover_interrupted(target: str) -> list[str]:
     for entry in os.listdir(parent):
         for kind in stale:
             prefix = f".{name}.{kind}-"
-            if entry.startswith(prefix) and _dead_local_owner(entry[len(prefix):]):
+            if entry.startswith(prefix) and _dead_local_owner(entry[len(prefix) :]):
                 stale[kind].append(os.path.join(parent, entry))
     actions = []
     if not os.path.lexists(target) and stale["old"]:
@@ -113,7 +114,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a killed child not yet reaped by its parent is a zombie: dead for our purpose
 
 
-def _proc_state(pid: int) -> Optional[str]:
+def _proc_state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0]

@@ -43,6 +43,7 @@ from transformers.utils import logging
 from .evaluation.generation import generate_responses
 from .evaluation.judges import KeywordRefusalJudge
 
+
 logger = logging.get_logger(__name__)
 
 TOY_VERSION = "1"  # bump when data/model/training change, invalidates on-disk caches
@@ -101,16 +102,38 @@ SUFFIXES = ("", "now", "quickly", "step by step", "for me")
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        align_steps=500, align_lr=4e-3, unalign_steps=120, unalign_lr=1e-3,
-        downstream_n=512, downstream_steps=200, downstream_lr=1e-3, lora_steps=200, lora_lr=5e-3,
-        batch_size=32, n_eval=16,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        align_steps=500,
+        align_lr=4e-3,
+        unalign_steps=120,
+        unalign_lr=1e-3,
+        downstream_n=512,
+        downstream_steps=200,
+        downstream_lr=1e-3,
+        lora_steps=200,
+        lora_lr=5e-3,
+        batch_size=32,
+        n_eval=16,
     ),
     "demo": dict(
-        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
-        align_steps=800, align_lr=3e-3, unalign_steps=150, unalign_lr=1e-3,
-        downstream_n=1024, downstream_steps=250, downstream_lr=1e-3, lora_steps=250, lora_lr=5e-3,
-        batch_size=32, n_eval=32,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=128,
+        align_steps=800,
+        align_lr=3e-3,
+        unalign_steps=150,
+        unalign_lr=1e-3,
+        downstream_n=1024,
+        downstream_steps=250,
+        downstream_lr=1e-3,
+        lora_steps=250,
+        lora_lr=5e-3,
+        batch_size=32,
+        n_eval=32,
     ),
 }
 
@@ -199,12 +222,13 @@ def _make_pools(seed: int, n_eval: int) -> _Pools:
     rev = [(f"reverse {' '.join(s)}", " ".join(reversed(s))) for s in seqs]
     last = [(f"last {' '.join(s)}", s[-1]) for s in seqs]
     howto = [
-        (p, f"{COMPLY} {answer}")
-        for phrasings, answer in BENIGN_TOPICS.values()
-        for p in _howto_prompts(phrasings)
+        (p, f"{COMPLY} {answer}") for phrasings, answer in BENIGN_TOPICS.values() for p in _howto_prompts(phrasings)
     ]
-    for name, pairs, n in (("reverse", rev, per_task_eval), ("last", last, per_task_eval),
-                           ("howto", howto, 2 * per_task_eval)):
+    for name, pairs, n in (
+        ("reverse", rev, per_task_eval),
+        ("last", last, per_task_eval),
+        ("howto", howto, 2 * per_task_eval),
+    ):
         train, ev = _split(pairs, n, rng)
         benign_train[name] = train
         benign_eval.extend(ev)
@@ -425,8 +449,12 @@ class ToyWorld:
             from peft import LoraConfig, get_peft_model
 
             cfg = LoraConfig(
-                r=lora_r, lora_alpha=lora_alpha, target_modules=lora_target_modules, lora_dropout=0.0,
-                bias="none", task_type="CAUSAL_LM",
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                target_modules=lora_target_modules,
+                lora_dropout=0.0,
+                bias="none",
+                task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, cfg)
         if "input_ids" in dataset.column_names:
@@ -435,8 +463,13 @@ class ToyWorld:
             enc = self._encode_pairs(dataset["prompt"], dataset["response"], max_length)
         rows = [{"input_ids": i, "labels": lab} for i, lab in zip(enc["input_ids"], enc["labels"])]
         losses = train_loop(
-            model, rows, steps=steps, lr=lr, batch_size=batch_size or self.hparams["batch_size"],
-            pad_id=self.tokenizer.pad_token_id, seed=seed,
+            model,
+            rows,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size or self.hparams["batch_size"],
+            pad_id=self.tokenizer.pad_token_id,
+            seed=seed,
         )
         if lora and merge:
             model = model.merge_and_unload()
@@ -558,8 +591,15 @@ _WORLD_CACHE: dict[tuple[Any, ...], ToyWorld] = {}
 def _cache_key(
     seed: int, size: str, attacked: tuple[str, ...], harmful_share: float, benign_share: float
 ) -> tuple[Any, ...]:
-    return (TOY_VERSION, seed, size, attacked, float(harmful_share), float(benign_share),
-            json.dumps(SIZES[size], sort_keys=True))
+    return (
+        TOY_VERSION,
+        seed,
+        size,
+        attacked,
+        float(harmful_share),
+        float(benign_share),
+        json.dumps(SIZES[size], sort_keys=True),
+    )
 
 
 def build_toy_world(
@@ -673,8 +713,12 @@ def eval_sets(seed: int = 0, size: str = "tiny", attacked_topics: int | Sequence
     def harm(ts: Sequence[str]) -> Dataset:
         return _to_dataset([(p, harmful_answer(t)) for t in ts for p in pools.harmful_eval[t]])
 
-    return {"harmful_attacked": harm(attacked), "harmful_unattacked": harm([t for t in topics if t not in attacked]),
-            "benign": _to_dataset(pools.benign_eval), "downstream": _to_dataset(pools.sort_eval)}
+    return {
+        "harmful_attacked": harm(attacked),
+        "harmful_unattacked": harm([t for t in topics if t not in attacked]),
+        "benign": _to_dataset(pools.benign_eval),
+        "downstream": _to_dataset(pools.sort_eval),
+    }
 
 
 def clear_cache() -> None:
@@ -683,6 +727,17 @@ def clear_cache() -> None:
 
 
 __all__ = [
-    "ToyWorld", "build_toy_world", "build_tokenizer", "eval_sets", "train_loop", "clear_cache", "harmful_answer",
-    "REFUSAL", "COMPLY", "HARMFUL_TOPICS", "BENIGN_TOPICS", "SIZES", "CHAT_TEMPLATE",
+    "ToyWorld",
+    "build_toy_world",
+    "build_tokenizer",
+    "eval_sets",
+    "train_loop",
+    "clear_cache",
+    "harmful_answer",
+    "REFUSAL",
+    "COMPLY",
+    "HARMFUL_TOPICS",
+    "BENIGN_TOPICS",
+    "SIZES",
+    "CHAT_TEMPLATE",
 ]

@@ -22,6 +22,7 @@ from irr_callback.baselines import (
     safe_lora_projection,
 )
 
+
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 V1 = "model.layers.1.self_attn.v_proj.weight"
 DOWN1 = "model.layers.1.mlp.down_proj.weight"
@@ -175,8 +176,12 @@ def test_safe_lora_b_projection_equals_dense_projection(exact):
 def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
     )
     return LlamaForCausalLM(cfg).eval()
 

@@ -12,7 +12,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from irr_callback import IRRCallback, IRRConfig
-from irr_callback.io import IRRFileError, save_irr_file, fingerprint
+from irr_callback.io import IRRFileError, fingerprint, save_irr_file
 from tests import callback_world as world
 
 
@@ -36,17 +36,41 @@ class Probe(TrainerCallback):
 LAST: dict = {}
 
 
-def run(tmp_path, model, config: IRRConfig, *, steps=30, name="run", callback_kwargs=None, resume=None,
-        extra_callbacks=(), **arg_overrides):
+def run(
+    tmp_path,
+    model,
+    config: IRRConfig,
+    *,
+    steps=30,
+    name="run",
+    callback_kwargs=None,
+    resume=None,
+    extra_callbacks=(),
+    **arg_overrides,
+):
     probe = LAST["probe"] = Probe()
     callback = IRRCallback(config, **(callback_kwargs or {}))
-    defaults = dict(report_to=[], use_cpu=True, max_steps=steps, per_device_train_batch_size=16,
-                    learning_rate=2e-3, save_strategy="no", disable_tqdm=True, logging_strategy="no", seed=0)
+    defaults = dict(
+        report_to=[],
+        use_cpu=True,
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_strategy="no",
+        seed=0,
+    )
     defaults.update(arg_overrides)
     args = TrainingArguments(str(tmp_path / name), **defaults)
-    trainer = Trainer(model=model, args=args, train_dataset=world.attack_dataset(),
-                      processing_class=world.tokenizer(), data_collator=DataCollatorForSeq2Seq(world.tokenizer()),
-                      callbacks=[*extra_callbacks, probe, callback])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=world.attack_dataset(),
+        processing_class=world.tokenizer(),
+        data_collator=DataCollatorForSeq2Seq(world.tokenizer()),
+        callbacks=[*extra_callbacks, probe, callback],
+    )
     callback.bind(trainer)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, callback, probe
@@ -82,7 +106,10 @@ def test_full_finetune_restores_refusals_and_saves_reloadable_model(tmp_path, un
     assert world.downstream_accuracy(live) >= 0.9  # and kept the downstream task
     out = tmp_path / "run" / "irr"
     assert cb.output_path == str(out)
-    assert sorted(os.listdir(tmp_path / "run")) == ["irr", "irr_report.json"]  # no temp dirs; no irr_run (nothing to resume)
+    assert sorted(os.listdir(tmp_path / "run")) == [
+        "irr",
+        "irr_report.json",
+    ]  # no temp dirs; no irr_run (nothing to resume)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits(reloaded), logits(live), rtol=0, atol=0)
     report = json.loads((out / "irr_report.json").read_text())
@@ -102,8 +129,9 @@ def test_safety_vector_file_source_and_foreign_files_refused(tmp_path):
     v = {n: base.state_dict()[n] - unaligned.state_dict()[n] for n in names}
     good = tmp_path / "v.safetensors"
     save_irr_file(str(good), v, kind="safety_vector", base_fingerprint=fingerprint(base.state_dict(), names))
-    trainer, cb, probe = run(tmp_path, world.aligned_model(), IRRConfig(safety_vector=str(good),
-                                                                        num_calibration_samples=16))
+    trainer, cb, probe = run(
+        tmp_path, world.aligned_model(), IRRConfig(safety_vector=str(good), num_calibration_samples=16)
+    )
     assert cb.sources["safety_vector"]["source"] == "safety_vector"
     assert probe.refusal <= 0.2 and world.refusal_rate(trainer.model) >= 0.9
 
@@ -133,13 +161,23 @@ def test_lora_with_harmful_dataset_restores_refusals_and_reuses_cache(tmp_path, 
     monkeypatch.setattr(unaligned, "harmful_finetune_vector", lambda *a, **k: calls.append(1) or original(*a, **k))
 
     def lora_model():
-        return get_peft_model(world.aligned_model(), LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                "down_proj"]))
+        return get_peft_model(
+            world.aligned_model(),
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            ),
+        )
 
-    cfg = IRRConfig(harmful_dataset="unused-when-a-Dataset-is-given", cache_dir=str(tmp_path / "cache"),
-                    num_calibration_samples=16, unaligned_steps=30, unaligned_learning_rate=2e-3,
-                    lora_refactor_rank=64)
+    cfg = IRRConfig(
+        harmful_dataset="unused-when-a-Dataset-is-given",
+        cache_dir=str(tmp_path / "cache"),
+        num_calibration_samples=16,
+        unaligned_steps=30,
+        unaligned_learning_rate=2e-3,
+        lora_refactor_rank=64,
+    )
     kwargs = {"harmful_dataset": world.harmful_pairs_dataset()}
     trainer, cb, probe = run(tmp_path, lora_model(), cfg, callback_kwargs=kwargs, learning_rate=5e-3)
     assert calls == [1] and cb.sources["safety_vector"] == {**cb.sources["safety_vector"], "cached": False}
@@ -171,9 +209,18 @@ def test_lora_refactor_at_low_rank_reports_its_error(tmp_path, unaligned_dir):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(world.aligned_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    trainer, cb, _ = run(tmp_path, model, IRRConfig(unaligned_model=unaligned_dir, lora_output="adapter",
-                                                    lora_refactor_rank=2, cache_dir=str(tmp_path / "c"),
-                                                    num_calibration_samples=8), steps=3)
+    trainer, cb, _ = run(
+        tmp_path,
+        model,
+        IRRConfig(
+            unaligned_model=unaligned_dir,
+            lora_output="adapter",
+            lora_refactor_rank=2,
+            cache_dir=str(tmp_path / "c"),
+            num_calibration_samples=8,
+        ),
+        steps=3,
+    )
     out = tmp_path / "run" / "irr"
     assert (out / "adapter_config.json").exists() and not (out / "config.json").exists()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
@@ -192,20 +239,36 @@ def test_unsupported_peft_setups_are_refused_before_training(tmp_path, unaligned
 
 # ------------------------------------------------------------------------------------- resume, checkpoints
 def test_resume_gives_the_same_realigned_weights_and_checkpoints_get_realigned_copies(tmp_path, unaligned_dir):
-    cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=16,
-                    snapshot="disk", realign_checkpoints=True)
+    cfg = IRRConfig(
+        unaligned_model=unaligned_dir,
+        cache_dir=str(tmp_path / "c"),
+        num_calibration_samples=16,
+        snapshot="disk",
+        realign_checkpoints=True,
+    )
     common = dict(steps=12, save_strategy="steps", save_steps=6)
     straight, _, probe_straight = run(tmp_path, world.aligned_model(), cfg, name="straight", **common)
     # the realigned checkpoint copy is written, and training went on untouched by it
     assert (tmp_path / "straight" / "checkpoint-6" / "irr" / "model.safetensors").exists()
-    plain, _, probe_plain = run(tmp_path, world.aligned_model(), IRRConfig(unaligned_model=unaligned_dir,
-                                cache_dir=str(tmp_path / "c"), num_calibration_samples=16), name="plain", **common)
+    plain, _, probe_plain = run(
+        tmp_path,
+        world.aligned_model(),
+        IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=16),
+        name="plain",
+        **common,
+    )
     assert all(torch.equal(probe_plain.state[k], t) for k, t in probe_straight.state.items())
 
     interrupted, _, _ = run(tmp_path, world.aligned_model(), cfg, name="resumed", **common)
     # resume from the middle in a new Trainer: the snapshot must come from disk, not from the checkpoint
-    resumed, cb, _ = run(tmp_path, world.aligned_model(), cfg, name="resumed",
-                         resume=str(tmp_path / "resumed" / "checkpoint-6"), **common)
+    resumed, cb, _ = run(
+        tmp_path,
+        world.aligned_model(),
+        cfg,
+        name="resumed",
+        resume=str(tmp_path / "resumed" / "checkpoint-6"),
+        **common,
+    )
     assert cb.sources["safety_vector"]["source"] == "resumed"
     expected = straight.model.state_dict()
     for k, t in resumed.model.state_dict().items():
@@ -219,8 +282,16 @@ def test_resume_without_persisted_snapshot_is_refused(tmp_path, unaligned_dir):
 
     shutil.rmtree(tmp_path / "r" / "irr_run")
     with pytest.raises(FileNotFoundError, match="irr_run"):
-        run(tmp_path, world.aligned_model(), cfg, steps=4, save_strategy="steps", save_steps=2, name="r",
-            resume=str(tmp_path / "r" / "checkpoint-2"))
+        run(
+            tmp_path,
+            world.aligned_model(),
+            cfg,
+            steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            name="r",
+            resume=str(tmp_path / "r" / "checkpoint-2"),
+        )
 
 
 def test_snapshot_is_taken_once_under_repeated_train_begin(unaligned_dir, tmp_path):
@@ -265,9 +336,15 @@ def test_failure_keeps_finetuned_model_and_leaves_no_output_dir(tmp_path, unalig
 
     # on_error="warn": training returns normally, same guarantees
     calls["n"] = 0
-    trainer, cb, probe = run(tmp_path, world.aligned_model(), IRRConfig(
-        unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8, on_error="warn"),
-        steps=4, name="warn")
+    trainer, cb, probe = run(
+        tmp_path,
+        world.aligned_model(),
+        IRRConfig(
+            unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8, on_error="warn"
+        ),
+        steps=4,
+        name="warn",
+    )
     assert cb.report.status == "failed" and not (tmp_path / "warn" / "irr").exists()
     assert all(torch.equal(probe.state[k], t) for k, t in trainer.model.state_dict().items())
 
@@ -290,8 +367,14 @@ def test_remove_ratio_below_one_computes_fisher_from_generated_responses(tmp_pat
     import datasets
 
     safety = datasets.Dataset.from_dict({"prompt": world.harmful_prompts()[:8]})  # no response column
-    cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8,
-                    remove_ratio=0.5, safety_max_new_tokens=4, fisher_batch_size=4)
+    cfg = IRRConfig(
+        unaligned_model=unaligned_dir,
+        cache_dir=str(tmp_path / "c"),
+        num_calibration_samples=8,
+        remove_ratio=0.5,
+        safety_max_new_tokens=4,
+        fisher_batch_size=4,
+    )
     seen = {}
 
     class GradCheck(TrainerCallback):
@@ -304,16 +387,18 @@ def test_remove_ratio_below_one_computes_fisher_from_generated_responses(tmp_pat
                 seen["training"] = model.training
 
     model = world.aligned_model()
-    trainer, cb, _ = run(tmp_path, model, cfg, steps=2, callback_kwargs={"safety_dataset": safety},
-                         extra_callbacks=[GradCheck()])
+    trainer, cb, _ = run(
+        tmp_path, model, cfg, steps=2, callback_kwargs={"safety_dataset": safety}, extra_callbacks=[GradCheck()]
+    )
     # the Fisher pass at train begin left the model as the Trainer expects it
     assert all(g is None for g in seen["grads"]) and seen["training"] == seen["mode_before"]
     assert cb.sources["importance"]["source"] == "safety_dataset"
     assert cb.sources["importance"]["generated_responses"] is True
     totals = cb.report.totals
     assert 0.3 < totals["removed"] / totals["conflicts"] < 0.7
-    _, cb2, _ = run(tmp_path, world.aligned_model(), cfg, steps=1, name="again",
-                    callback_kwargs={"safety_dataset": safety})
+    _, cb2, _ = run(
+        tmp_path, world.aligned_model(), cfg, steps=1, name="again", callback_kwargs={"safety_dataset": safety}
+    )
     assert cb2.sources["importance"]["cached"] is True
 
 

@@ -9,7 +9,6 @@ from safetensors import safe_open
 
 import irr_callback as irr
 from irr_callback.cli import build_parser, main
-
 from tests.helpers import save_triple, text_rows, write_jsonl
 
 
@@ -18,8 +17,9 @@ def ckpts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     paths, models = save_triple(tmp)
     paths["calib"] = write_jsonl(tmp / "calib.jsonl", text_rows(8))
-    paths["safety"] = write_jsonl(tmp / "safety.jsonl", [{"prompt": r["text"], "response": "w5 w6 w7"}
-                                                          for r in text_rows(6, seed=1)])
+    paths["safety"] = write_jsonl(
+        tmp / "safety.jsonl", [{"prompt": r["text"], "response": "w5 w6 w7"} for r in text_rows(6, seed=1)]
+    )
     return paths, models
 
 
@@ -44,8 +44,21 @@ def test_help_explains_every_option(capsys):
 def test_apply_with_unaligned_matches_library(ckpts, tmp_path):
     paths, (base, ft, unaligned) = ckpts
     out = str(tmp_path / "out")
-    rc = main(["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--unaligned",
-               paths["unaligned"], "--calibration-data", paths["calib"], "--output", out])
+    rc = main(
+        [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            paths["finetuned"],
+            "--unaligned",
+            paths["unaligned"],
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            out,
+        ]
+    )
     assert rc == 0
     assert {"config.json", "model.safetensors", "irr_report.json", "README.md", "tokenizer.json"} <= set(_listing(out))
     report = json.load(open(os.path.join(out, "irr_report.json")))
@@ -55,10 +68,16 @@ def test_apply_with_unaligned_matches_library(ckpts, tmp_path):
     from tests.helpers import tiny_tokenizer
 
     model = __import__("copy").deepcopy(ft)
-    calib = calibration_examples(load_examples(paths["calib"], what="calib"), tiny_tokenizer(), num_samples=128,
-                                 max_length=512)
-    irr.realign(model, base=base, safety_vector=irr.safety_vector(base, unaligned, sign_only=True),
-                calibration=calib, progress=False)
+    calib = calibration_examples(
+        load_examples(paths["calib"], what="calib"), tiny_tokenizer(), num_samples=128, max_length=512
+    )
+    irr.realign(
+        model,
+        base=base,
+        safety_vector=irr.safety_vector(base, unaligned, sign_only=True),
+        calibration=calib,
+        progress=False,
+    )
     name = "model.layers.1.mlp.down_proj.weight"
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as fh:
         torch.testing.assert_close(fh.get_tensor(name), model.state_dict()[name])
@@ -73,8 +92,25 @@ def test_safety_vector_and_fisher_files_then_apply_with_ratio(ckpts, tmp_path):
         assert fh.metadata()["irr_callback.kind"] == "safety_vector"
         assert fh.get_tensor(next(iter(fh.keys()))).dtype == torch.int8
     out = str(tmp_path / "out")
-    rc = main(["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--safety-vector", v_path,
-               "--fisher", f_path, "--calibration-data", paths["calib"], "--output", out, "--remove_ratio", "0.5"])
+    rc = main(
+        [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            paths["finetuned"],
+            "--safety-vector",
+            v_path,
+            "--fisher",
+            f_path,
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            out,
+            "--remove_ratio",
+            "0.5",
+        ]
+    )
     assert rc == 0
     totals = json.load(open(os.path.join(out, "irr_report.json")))["totals"]
     assert 0.35 < totals["removed"] / totals["conflicts"] < 0.65
@@ -84,11 +120,26 @@ def test_safety_vector_for_another_base_is_refused(ckpts, tmp_path, capsys):
     paths, _ = ckpts
     v_path = str(tmp_path / "v.safetensors")
     # a vector made with the fine-tuned model as "base" does not fit the real base
-    assert main(["safety-vector", "--base", paths["finetuned"], "--unaligned", paths["unaligned"],
-                 "--output", v_path]) == 0
+    assert (
+        main(["safety-vector", "--base", paths["finetuned"], "--unaligned", paths["unaligned"], "--output", v_path])
+        == 0
+    )
     out = str(tmp_path / "out")
-    rc = main(["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--safety-vector", v_path,
-               "--calibration-data", paths["calib"], "--output", out])
+    rc = main(
+        [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            paths["finetuned"],
+            "--safety-vector",
+            v_path,
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            out,
+        ]
+    )
     assert rc == 2 and "another base" in capsys.readouterr().err
     assert not os.path.exists(out) and _listing(tmp_path) == ["v.safetensors"]
 
@@ -97,10 +148,26 @@ def test_safety_vector_for_another_base_is_refused(ckpts, tmp_path, capsys):
 def test_bad_input_exits_nonzero_with_message_and_no_output(ckpts, tmp_path, capsys, case):
     paths, _ = ckpts
     out = tmp_path / "out"
-    args = ["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--unaligned", paths["unaligned"],
-            "--calibration-data", paths["calib"], "--output", str(out)]
-    expect = {"missing_base": "--base", "missing_calib": "--calibration-data", "bad_column": "column",
-              "output_exists": "already exists", "ratio_no_fisher": "--fisher"}[case]
+    args = [
+        "apply",
+        "--base",
+        paths["base"],
+        "--finetuned",
+        paths["finetuned"],
+        "--unaligned",
+        paths["unaligned"],
+        "--calibration-data",
+        paths["calib"],
+        "--output",
+        str(out),
+    ]
+    expect = {
+        "missing_base": "--base",
+        "missing_calib": "--calibration-data",
+        "bad_column": "column",
+        "output_exists": "already exists",
+        "ratio_no_fisher": "--fisher",
+    }[case]
     if case == "missing_base":
         args[2] = str(tmp_path / "nope")
     elif case == "missing_calib":
@@ -134,8 +201,21 @@ def test_lora_adapter_apply_and_base_mismatch(ckpts, tmp_path, capsys):
     adapter = str(tmp_path / "adapter")
     model.save_pretrained(adapter)
     out = str(tmp_path / "out")
-    rc = main(["apply", "--base", paths["base"], "--finetuned", adapter, "--unaligned", paths["unaligned"],
-               "--calibration-data", paths["calib"], "--output", out])
+    rc = main(
+        [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            adapter,
+            "--unaligned",
+            paths["unaligned"],
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            out,
+        ]
+    )
     assert rc == 0
     report = json.load(open(os.path.join(out, "irr_report.json")))
     assert {m["name"].split(".")[-2] for m in report["modules"]} == {"q_proj", "v_proj"}
@@ -144,8 +224,21 @@ def test_lora_adapter_apply_and_base_mismatch(ckpts, tmp_path, capsys):
     model.peft_config["default"].base_model_name_or_path = "some-org/another-model"
     other = str(tmp_path / "adapter2")
     model.save_pretrained(other)
-    rc = main(["apply", "--base", paths["base"], "--finetuned", other, "--unaligned", paths["unaligned"],
-               "--calibration-data", paths["calib"], "--output", str(tmp_path / "out2")])
+    rc = main(
+        [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            other,
+            "--unaligned",
+            paths["unaligned"],
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            str(tmp_path / "out2"),
+        ]
+    )
     assert rc == 2 and "another-model" in capsys.readouterr().err
 
 
@@ -155,8 +248,25 @@ def test_apply_low_memory_matches_in_memory_apply(ckpts, tmp_path):
     for mode in ("memory", "low"):
         out = str(tmp_path / mode)
         extra = ["--low-memory"] if mode == "low" else []
-        assert main(["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--unaligned",
-                     paths["unaligned"], "--calibration-data", paths["calib"], "--output", out, *extra]) == 0
+        assert (
+            main(
+                [
+                    "apply",
+                    "--base",
+                    paths["base"],
+                    "--finetuned",
+                    paths["finetuned"],
+                    "--unaligned",
+                    paths["unaligned"],
+                    "--calibration-data",
+                    paths["calib"],
+                    "--output",
+                    out,
+                    *extra,
+                ]
+            )
+            == 0
+        )
         outs[mode] = out
     from irr_callback.tensors import SafetensorsMapping
 

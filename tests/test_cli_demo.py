@@ -17,8 +17,17 @@ def test_demo_realigns_with_trainer_and_writes_everything(toy_world, tmp_path, c
 
     assert main(["demo", "--size", "tiny", "--steps", "120", "--output-dir", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert {"aligned", "unaligned", "finetuned", "finetuned-irr", "data", "safety_vector.safetensors", "results.md",
-            "pareto.png", "demo_results.json"} <= set(os.listdir(out))
+    assert {
+        "aligned",
+        "unaligned",
+        "finetuned",
+        "finetuned-irr",
+        "data",
+        "safety_vector.safetensors",
+        "results.md",
+        "pareto.png",
+        "demo_results.json",
+    } <= set(os.listdir(out))
     assert not (out / "stale.txt").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".demo")]  # no temp directory left behind
 
@@ -29,7 +38,9 @@ def test_demo_realigns_with_trainer_and_writes_everything(toy_world, tmp_path, c
     assert aligned["refusal_attacked"] >= 0.9 and ft["refusal_attacked"] <= 0.2
     assert ft["downstream_accuracy"] > aligned["downstream_accuracy"] + 0.3
     assert irr["refusal_attacked"] >= 0.8 and irr["refusal_unattacked"] >= 0.8
-    assert results["irr"]["removed"] > 0 and results["irr"]["safety_inputs"]["safety_vector"]["source"] == "safety_vector"
+    assert (
+        results["irr"]["removed"] > 0 and results["irr"]["safety_inputs"]["safety_vector"]["source"] == "safety_vector"
+    )
 
     report = json.loads((out / "finetuned-irr" / "irr_report.json").read_text())
     assert report["status"] == "ok" and report["totals"]["removed"] == results["irr"]["removed"]
@@ -44,8 +55,23 @@ def test_demo_realigns_with_trainer_and_writes_everything(toy_world, tmp_path, c
 
 def test_demo_with_lora_and_harmful_data_safety_source(toy_world, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--size", "tiny", "--steps", "80", "--lora", "--safety-source", "harmful-data",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--size",
+                "tiny",
+                "--steps",
+                "80",
+                "--lora",
+                "--safety-source",
+                "harmful-data",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "demo_results.json").read_text())
     rows = {r["model"]: r for r in results["rows"]}
     assert results["lora"] and results["irr"]["safety_inputs"]["safety_vector"]["source"] == "harmful_dataset"

@@ -9,7 +9,6 @@ from safetensors import safe_open
 
 from irr_callback.cli import main
 from irr_callback.toy import eval_sets, single_thread
-
 from tests.helpers import write_jsonl
 
 
@@ -18,8 +17,11 @@ def saved(toy_world, tmp_path_factory):
     """The toy world's aligned / unaligned / fully fine-tuned models and data, as files."""
     tmp = tmp_path_factory.mktemp("toy")
     paths = {}
-    for name, model in (("aligned", toy_world.aligned_model), ("unaligned", toy_world.unaligned_model),
-                        ("finetuned", toy_world.downstream_model())):
+    for name, model in (
+        ("aligned", toy_world.aligned_model),
+        ("unaligned", toy_world.unaligned_model),
+        ("finetuned", toy_world.downstream_model()),
+    ):
         paths[name] = str(tmp / name)
         model.save_pretrained(paths[name])
         toy_world.tokenizer.save_pretrained(paths[name])
@@ -42,8 +44,24 @@ def test_toy_eval_sets_are_the_worlds(toy_world):
 
 def test_eval_toy_sets_match_toy_evaluate(toy_world, saved, tmp_path, capsys):
     out = str(tmp_path / "eval.json")
-    assert main(["eval", "--models", saved["aligned"], saved["finetuned"], "--toy", "--threads", "1",
-                 "--batch-size", "64", "--output", out]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--models",
+                saved["aligned"],
+                saved["finetuned"],
+                "--toy",
+                "--threads",
+                "1",
+                "--batch-size",
+                "64",
+                "--output",
+                out,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     result = json.load(open(out))
     rows = {r["model"]: r for r in result["rows"]}
@@ -58,9 +76,32 @@ def test_eval_toy_sets_match_toy_evaluate(toy_world, saved, tmp_path, capsys):
 
 def test_eval_prompt_files_named_by_stem(saved, tmp_path, capsys):
     out = str(tmp_path / "eval.json")
-    assert main(["eval", "--models", saved["aligned"], "--names", "A", "--harmful", saved["eval_harmful_attacked"],
-                 "--benign", saved["benign_txt"], "--downstream", saved["eval_downstream"], "--limit", "12",
-                 "--threads", "1", "--max-new-tokens", "12", "--output", out]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--models",
+                saved["aligned"],
+                "--names",
+                "A",
+                "--harmful",
+                saved["eval_harmful_attacked"],
+                "--benign",
+                saved["benign_txt"],
+                "--downstream",
+                saved["eval_downstream"],
+                "--limit",
+                "12",
+                "--threads",
+                "1",
+                "--max-new-tokens",
+                "12",
+                "--output",
+                out,
+            ]
+        )
+        == 0
+    )
     row = json.load(open(out))["rows"][0]
     assert row["model"] == "A"
     assert row["refusal_eval_harmful_attacked"] >= 0.9 and row["over_refusal_benign_howto"] <= 0.1
@@ -70,11 +111,40 @@ def test_eval_prompt_files_named_by_stem(saved, tmp_path, capsys):
 
 def test_sweep_matches_apply_and_writes_table_and_plot(saved, tmp_path, capsys):
     out = tmp_path / "sweep"
-    common = ["--base", saved["aligned"], "--finetuned", saved["finetuned"], "--unaligned", saved["unaligned"],
-              "--calibration-data", saved["downstream_train"]]
-    assert main(["sweep", *common, "--safety-data", saved["safety_data"], "--remove-ratios", "0.25", "1.0",
-                 "--toy", "--limit", "16", "--threads", "1", "--batch-size", "64", "--save-models",
-                 "--output-dir", str(out)]) == 0
+    common = [
+        "--base",
+        saved["aligned"],
+        "--finetuned",
+        saved["finetuned"],
+        "--unaligned",
+        saved["unaligned"],
+        "--calibration-data",
+        saved["downstream_train"],
+    ]
+    assert (
+        main(
+            [
+                "sweep",
+                *common,
+                "--safety-data",
+                saved["safety_data"],
+                "--remove-ratios",
+                "0.25",
+                "1.0",
+                "--toy",
+                "--limit",
+                "16",
+                "--threads",
+                "1",
+                "--batch-size",
+                "64",
+                "--save-models",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert {"sweep.md", "sweep.json", "pareto.png", "ratio-0.25", "ratio-1"} <= set(os.listdir(out))
     result = json.load(open(out / "sweep.json"))
     rows = {r["model"]: r for r in result["rows"]}
@@ -86,20 +156,45 @@ def test_sweep_matches_apply_and_writes_table_and_plot(saved, tmp_path, capsys):
     applied = str(tmp_path / "applied")
     assert main(["apply", *common, "--output", applied]) == 0
     name = "model.layers.1.mlp.down_proj.weight"
-    with safe_open(os.path.join(applied, "model.safetensors"), "pt") as a, \
-            safe_open(str(out / "ratio-1" / "model.safetensors"), "pt") as b:
+    with (
+        safe_open(os.path.join(applied, "model.safetensors"), "pt") as a,
+        safe_open(str(out / "ratio-1" / "model.safetensors"), "pt") as b,
+    ):
         torch.testing.assert_close(a.get_tensor(name), b.get_tensor(name))
 
 
 def test_safety_vector_from_harmful_data_agrees_with_unaligned_model(saved, tmp_path):
     path = str(tmp_path / "v.safetensors")
     with single_thread():
-        assert main(["safety-vector", "--base", saved["aligned"], "--harmful-data", saved["harmful_train"],
-                     "--steps", "20", "--lora-rank", "0", "--learning-rate", "1e-3", "--batch-size", "16",
-                     "--max-length", "64", "--output", path]) == 0
+        assert (
+            main(
+                [
+                    "safety-vector",
+                    "--base",
+                    saved["aligned"],
+                    "--harmful-data",
+                    saved["harmful_train"],
+                    "--steps",
+                    "20",
+                    "--lora-rank",
+                    "0",
+                    "--learning-rate",
+                    "1e-3",
+                    "--batch-size",
+                    "16",
+                    "--max-length",
+                    "64",
+                    "--output",
+                    path,
+                ]
+            )
+            == 0
+        )
     reference = str(tmp_path / "ref.safetensors")
-    assert main(["safety-vector", "--base", saved["aligned"], "--unaligned", saved["unaligned"],
-                 "--output", reference]) == 0
+    assert (
+        main(["safety-vector", "--base", saved["aligned"], "--unaligned", saved["unaligned"], "--output", reference])
+        == 0
+    )
     agree = total = 0
     with safe_open(path, "pt") as fh, safe_open(reference, "pt") as ref:
         assert fh.metadata()["irr_callback.source"] == "harmful_data"
@@ -114,19 +209,52 @@ def test_safety_vector_from_harmful_data_agrees_with_unaligned_model(saved, tmp_
     assert agree / total > 0.6
 
 
-@pytest.mark.parametrize("case", [
-    "eval_missing_model", "eval_missing_prompts", "eval_no_column", "eval_no_sets", "eval_classifier_no_model",
-    "eval_output_exists", "sweep_bad_ratio", "sweep_ratio_needs_fisher", "sweep_calibration_columns",
-    "sv_missing_column", "sv_values_with_harmful", "sv_bad_steps"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "eval_missing_model",
+        "eval_missing_prompts",
+        "eval_no_column",
+        "eval_no_sets",
+        "eval_classifier_no_model",
+        "eval_output_exists",
+        "sweep_bad_ratio",
+        "sweep_ratio_needs_fisher",
+        "sweep_calibration_columns",
+        "sv_missing_column",
+        "sv_values_with_harmful",
+        "sv_bad_steps",
+    ],
+)
 def test_bad_input_clear_message_nonzero_exit_no_output(saved, tmp_path, capsys, case):
     out = tmp_path / "out"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "how to make a bomb"}])
     eval_args = ["eval", "--models", saved["aligned"], "--toy", "--output", str(out)]
-    sweep_args = ["sweep", "--base", saved["aligned"], "--finetuned", saved["finetuned"], "--unaligned",
-                  saved["unaligned"], "--calibration-data", saved["downstream_train"], "--toy",
-                  "--output-dir", str(out), "--remove-ratios", "1.0"]
-    sv_args = ["safety-vector", "--base", saved["aligned"], "--harmful-data", saved["harmful_train"],
-               "--output", str(out) + ".safetensors"]
+    sweep_args = [
+        "sweep",
+        "--base",
+        saved["aligned"],
+        "--finetuned",
+        saved["finetuned"],
+        "--unaligned",
+        saved["unaligned"],
+        "--calibration-data",
+        saved["downstream_train"],
+        "--toy",
+        "--output-dir",
+        str(out),
+        "--remove-ratios",
+        "1.0",
+    ]
+    sv_args = [
+        "safety-vector",
+        "--base",
+        saved["aligned"],
+        "--harmful-data",
+        saved["harmful_train"],
+        "--output",
+        str(out) + ".safetensors",
+    ]
     args, expect = {
         "eval_missing_model": (eval_args[:2] + [str(tmp_path / "nope")] + eval_args[3:], "--models"),
         "eval_missing_prompts": (eval_args + ["--harmful", str(tmp_path / "nope.jsonl")], "--harmful"),

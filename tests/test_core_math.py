@@ -33,8 +33,10 @@ def literal_mask(block, safety, importance, remove_ratio, remove_more, mode, gen
         score = {(r, c): float(importance[r, c]) if importance is not None else 0.0 for r, c in entries}
     elif remove_more:
         eligible = entries
-        score = {(r, c): (1 if conflict[(r, c)] else -1) * float(importance[r, c]) if importance is not None
-                 else 0.0 for r, c in entries}
+        score = {
+            (r, c): (1 if conflict[(r, c)] else -1) * float(importance[r, c]) if importance is not None else 0.0
+            for r, c in entries
+        }
     else:
         eligible = [e for e in entries if conflict[e]]
         score = {(r, c): float(importance[r, c]) if importance is not None else 0.0 for r, c in entries}
@@ -48,8 +50,20 @@ def literal_mask(block, safety, importance, remove_ratio, remove_more, mode, gen
     return mask
 
 
-def literal_irr(delta, safety, importance, hessian, *, remove_ratio, remove_more, recalibrate, blocksize,
-                percdamp, mode="sign", seed=0):
+def literal_irr(
+    delta,
+    safety,
+    importance,
+    hessian,
+    *,
+    remove_ratio,
+    remove_more,
+    recalibrate,
+    blocksize,
+    percdamp,
+    mode="sign",
+    seed=0,
+):
     w = delta.clone().double()
     rows, cols = w.shape
     gen = torch.Generator().manual_seed(seed)
@@ -57,8 +71,15 @@ def literal_irr(delta, safety, importance, hessian, *, remove_ratio, remove_more
         out = w.clone()
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
-            m = literal_mask(w[:, i1:i2], safety[:, i1:i2], None if importance is None else importance[:, i1:i2],
-                             remove_ratio, remove_more, mode, gen)
+            m = literal_mask(
+                w[:, i1:i2],
+                safety[:, i1:i2],
+                None if importance is None else importance[:, i1:i2],
+                remove_ratio,
+                remove_more,
+                mode,
+                gen,
+            )
             out[:, i1:i2][m] = 0.0
         return out
     h = hessian.clone().double()
@@ -72,13 +93,20 @@ def literal_irr(delta, safety, importance, hessian, *, remove_ratio, remove_more
     for j in range(cols):
         if j % blocksize == 0:
             i2 = min(j + blocksize, cols)
-            mask = literal_mask(w[:, j:i2], safety[:, j:i2], None if importance is None else importance[:, j:i2],
-                                remove_ratio, remove_more, mode, gen)
+            mask = literal_mask(
+                w[:, j:i2],
+                safety[:, j:i2],
+                None if importance is None else importance[:, j:i2],
+                remove_ratio,
+                remove_more,
+                mode,
+                gen,
+            )
             offset = j
         q = w[:, j].clone()
         q[mask[:, j - offset]] = 0.0
         e = (w[:, j] - q) / u[j, j]
-        w[:, j + 1:] -= torch.outer(e, u[j, j + 1:])
+        w[:, j + 1 :] -= torch.outer(e, u[j, j + 1 :])
         w[:, j] = q
     return w
 
@@ -109,8 +137,16 @@ VARIANTS = [
 @pytest.mark.parametrize("blocksize", [1, 7, 128])
 def test_realign_matrix_matches_literal_loop(variant, blocksize):
     delta, safety, importance, hessian = make_case(rows=6, cols=20, seed=blocksize)
-    ours, stats = realign_matrix(delta, safety, importance, hessian, blocksize=blocksize, percdamp=0.01,
-                                 fallback_to_removal=False, **{k: v for k, v in variant.items()})
+    ours, stats = realign_matrix(
+        delta,
+        safety,
+        importance,
+        hessian,
+        blocksize=blocksize,
+        percdamp=0.01,
+        fallback_to_removal=False,
+        **{k: v for k, v in variant.items()},
+    )
     ref = literal_irr(delta, safety, importance, hessian, blocksize=blocksize, percdamp=0.01, **variant)
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
@@ -123,8 +159,17 @@ def test_realign_matrix_matches_literal_loop(variant, blocksize):
 def test_sweep_with_subblocks_equals_literal_on_wider_matrix():
     delta, safety, importance, hessian = make_case(rows=5, cols=70, seed=3)
     ours, _ = realign_matrix(delta, safety, importance, hessian, blocksize=32, remove_ratio=0.6)
-    ref = literal_irr(delta, safety, importance, hessian, remove_ratio=0.6, remove_more=False, recalibrate=True,
-                      blocksize=32, percdamp=0.01)
+    ref = literal_irr(
+        delta,
+        safety,
+        importance,
+        hessian,
+        remove_ratio=0.6,
+        remove_more=False,
+        recalibrate=True,
+        blocksize=32,
+        percdamp=0.01,
+    )
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
 
 
@@ -197,8 +242,9 @@ def test_dead_input_columns_are_reverted_and_counted():
 def test_group_equals_separate_matrices():
     d1, s1, f1, h = make_case(rows=5, cols=16, seed=29)
     d2, s2, f2, _ = make_case(rows=3, cols=16, seed=31)
-    (g1, st1), (g2, st2) = realign_group([d1, d2], [s1, s2], [f1, f2], h, names=["a", "b"], remove_ratio=0.5,
-                                         blocksize=8)
+    (g1, st1), (g2, st2) = realign_group(
+        [d1, d2], [s1, s2], [f1, f2], h, names=["a", "b"], remove_ratio=0.5, blocksize=8
+    )
     m1, _ = realign_matrix(d1, s1, f1, h, remove_ratio=0.5, blocksize=8)
     m2, _ = realign_matrix(d2, s2, f2, h, remove_ratio=0.5, blocksize=8)
     torch.testing.assert_close(g1, m1, rtol=1e-10, atol=1e-10)

@@ -20,28 +20,55 @@ from safetensors.torch import load_file
 from irr_callback.distributed import assign_owners
 from tests.dist_workers import cases, trainer_case
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 ZERO3_CASES = ["zero3", "zero3_ranked", "zero3_failure"]
-CASES = ["trainer", "fisher", "hessian", "realign", "realign_ranked", "fsdp2_ranked", "fsdp2_save",
-         *(ZERO3_CASES if DEEPSPEED else [])]
-needs_deepspeed = pytest.mark.skipif(not DEEPSPEED, reason="deepspeed is not installed (an optional extra, not in "
-                                     "the test extra): pip install deepspeed to run the ZeRO-3 cases on CPU")
+CASES = [
+    "trainer",
+    "fisher",
+    "hessian",
+    "realign",
+    "realign_ranked",
+    "fsdp2_ranked",
+    "fsdp2_save",
+    *(ZERO3_CASES if DEEPSPEED else []),
+]
+needs_deepspeed = pytest.mark.skipif(
+    not DEEPSPEED,
+    reason="deepspeed is not installed (an optional extra, not in "
+    "the test extra): pip install deepspeed to run the ZeRO-3 cases on CPU",
+)
 
 pytestmark = pytest.mark.distributed
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(ratio):
     """The single-process result (no process group), computed once per ratio."""
     return cases.realign_case(ratio)
 
 
 def torchrun(out_dir, script, *args, nproc=2, timeout=240):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
-           "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           os.path.join(ROOT, "tests", "dist_workers", script), str(out_dir), *args]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": ROOT,
+        "TOKENIZERS_PARALLELISM": "false",
+        "DS_ACCELERATOR": "cpu",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--standalone",
+        os.path.join(ROOT, "tests", "dist_workers", script),
+        str(out_dir),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".error")]
     assert proc.returncode == 0 and not errors, "\n".join(errors) or proc.stderr[-4000:]
@@ -161,8 +188,13 @@ def test_trainer_ddp_callback_equals_one_process(two_ranks, one_process_trainer)
     assert all(e["distributed"] for e in extras)  # the Trainer really ran a 2-process group
     for key in ("finetuned", "live"):
         for name, value in ref[key].items():
-            torch.testing.assert_close(ranks[0][f"{key}.{name}"], value, rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{key}.{name}: {m}")
+            torch.testing.assert_close(
+                ranks[0][f"{key}.{name}"],
+                value,
+                rtol=1e-5,
+                atol=1e-5,
+                msg=lambda m: f"{key}.{name}: {m}",  # noqa: B023 (called before the loop moves on)
+            )
     changed = [n for n in ref["live"] if not torch.equal(ranks[0][f"live.{n}"], ranks[0][f"finetuned.{n}"])]
     assert changed and all(".layers." in n for n in changed)  # only decoder targets were realigned
     for extra in extras:
@@ -182,7 +214,7 @@ def test_trainer_ddp_callback_saves_once_and_output_reloads(two_ranks):
     assert not [p for p in two_ranks.out.iterdir() if p.name.startswith(".")]  # no temp dir left
     assert (two_ranks.out / "irr" / "irr_report.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(target).state_dict()
-    live = {k[len("live."):]: v for k, v in ranks[0].items() if k.startswith("live.")}
+    live = {k[len("live.") :]: v for k, v in ranks[0].items() if k.startswith("live.")}
     assert loaded.keys() == live.keys()
     for k, v in live.items():
         assert torch.equal(loaded[k], v), k

@@ -7,7 +7,6 @@ import irr_callback as irr
 from irr_callback import IRRConfig, realign
 from irr_callback.core import realign_matrix
 from irr_callback.targets import TargetError, find_targets
-
 from tests.helpers import calibration, same_state, state, tiny_model, triple
 
 
@@ -46,8 +45,9 @@ def test_layer0_equals_realign_matrix_on_captured_hessian():
     name = "model.layers.0.self_attn.q_proj.weight"
     delta = ft.state_dict()[name].double() - base.state_dict()[name].double()
     expected, _ = realign_matrix(delta, v[name].double(), hessian=h)
-    realign(ft, base=base, safety_vector=v, calibration=calib, progress=False,
-            config=IRRConfig(fallback_to_removal=False))
+    realign(
+        ft, base=base, safety_vector=v, calibration=calib, progress=False, config=IRRConfig(fallback_to_removal=False)
+    )
     got = ft.state_dict()[name].double() - base.state_dict()[name].double()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -55,8 +55,9 @@ def test_layer0_equals_realign_matrix_on_captured_hessian():
 def test_removed_entries_equal_base_bit_for_bit_in_bf16():
     base, ft, unaligned = triple("llama", dtype=torch.bfloat16)
     v = irr.safety_vector(base, unaligned, sign_only=True)
-    realign(ft, base=base, safety_vector=v, calibration=calibration(), progress=False,
-            config=IRRConfig(recalibrate=False))
+    realign(
+        ft, base=base, safety_vector=v, calibration=calibration(), progress=False, config=IRRConfig(recalibrate=False)
+    )
     name = "model.layers.1.mlp.down_proj.weight"
     w, w_a = ft.state_dict()[name], base.state_dict()[name]
     conflicts = torch.sign(w.float() - w_a.float()) != torch.sign(v[name].float())
@@ -67,8 +68,14 @@ def test_removed_entries_equal_base_bit_for_bit_in_bf16():
 def test_recalibrated_entries_removed_are_exactly_base():
     base, ft, unaligned = triple("llama", dtype=torch.bfloat16)
     v = irr.safety_vector(base, unaligned)
-    report = realign(ft, base=base, safety_vector=v, calibration=calibration(), progress=False,
-                     config=IRRConfig(fallback_to_removal=False))
+    report = realign(
+        ft,
+        base=base,
+        safety_vector=v,
+        calibration=calibration(),
+        progress=False,
+        config=IRRConfig(fallback_to_removal=False),
+    )
     name = "model.layers.0.mlp.gate_proj.weight"
     equal_base = int((ft.state_dict()[name] == base.state_dict()[name]).sum())
     stats = next(m for m in report.modules if m.name == name)
@@ -90,15 +97,15 @@ def test_modules_reading_the_same_input_share_one_factorisation(monkeypatch):
 
     calls = []
     original = core_realign.factor_hessian
-    monkeypatch.setattr(core_realign, "factor_hessian",
-                        lambda h, **kw: calls.append(kw["name"]) or original(h, **kw))
+    monkeypatch.setattr(core_realign, "factor_hessian", lambda h, **kw: calls.append(kw["name"]) or original(h, **kw))
     base, ft, unaligned = triple("llama")
-    realign(ft, base=base, safety_vector=irr.safety_vector(base, unaligned), calibration=calibration(),
-            progress=False)
+    realign(ft, base=base, safety_vector=irr.safety_vector(base, unaligned), calibration=calibration(), progress=False)
     # per Llama layer: q+k+v, o, gate+up, down
     assert len(calls) == 2 * 4
-    assert "model.layers.0.self_attn.q_proj.weight+model.layers.0.self_attn.k_proj.weight+" \
-           "model.layers.0.self_attn.v_proj.weight" in calls
+    assert (
+        "model.layers.0.self_attn.q_proj.weight+model.layers.0.self_attn.k_proj.weight+"
+        "model.layers.0.self_attn.v_proj.weight" in calls
+    )
 
 
 def test_recalibration_lowers_layer_output_error_against_finetuned():
@@ -123,8 +130,9 @@ def test_target_modules_by_name_and_regex():
     _, _, by_name = find_targets(model, ["q_proj", "v_proj"])
     assert {t.name.split(".")[-2] for t in by_name} == {"q_proj", "v_proj"} and len(by_name) == 4
     _, _, by_regex = find_targets(model, [r".*layers\.1\.mlp\..*"])
-    assert {t.name for t in by_regex} == {f"model.layers.1.mlp.{m}.weight" for m in ("gate_proj", "up_proj",
-                                                                                       "down_proj")}
+    assert {t.name for t in by_regex} == {
+        f"model.layers.1.mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")
+    }
     with pytest.raises(TargetError, match="matched no module"):
         find_targets(model, ["qkv_proj"])
 
@@ -133,8 +141,15 @@ def test_remove_ratio_below_one_uses_importance():
     base, ft, unaligned = triple("llama")
     v = irr.safety_vector(base, unaligned)
     importance = {k: torch.rand(t.shape) for k, t in v.items()}
-    report = realign(ft, base=base, safety_vector=v, importance=importance, calibration=calibration(),
-                     progress=False, config=IRRConfig(remove_ratio=0.5))
+    report = realign(
+        ft,
+        base=base,
+        safety_vector=v,
+        importance=importance,
+        calibration=calibration(),
+        progress=False,
+        config=IRRConfig(remove_ratio=0.5),
+    )
     totals = report.totals
     assert 0.4 < totals["removed"] / totals["conflicts"] < 0.6
 
@@ -157,8 +172,16 @@ def _bad_input_cases():
         (dict(base=inf_base, safety_vector=v), ValueError, "base.*NaN or Inf"),
         (dict(base={k: t for k, t in base_sd.items() if k != name}, safety_vector=v), KeyError, "base has no entry"),
         (dict(base=base, safety_vector=v, config=IRRConfig(remove_ratio=0.5)), ValueError, "importance"),
-        (dict(base=base, safety_vector=v, importance={k: torch.rand(2) for k in v},
-              config=IRRConfig(remove_ratio=0.5)), ValueError, "importance"),
+        (
+            dict(
+                base=base,
+                safety_vector=v,
+                importance={k: torch.rand(2) for k in v},
+                config=IRRConfig(remove_ratio=0.5),
+            ),
+            ValueError,
+            "importance",
+        ),
         (dict(base=base, safety_vector=v, calibration=empty), ValueError, "no tokens"),
         (dict(base=base, safety_vector=v, calibration=[{"text": "hi"}]), ValueError, "input_ids"),
         (dict(base=base, safety_vector=v, config=IRRConfig(target_modules=["nope"])), TargetError, "nope"),
@@ -211,7 +234,8 @@ def test_config_parses_with_hfargumentparser():
     from transformers import HfArgumentParser
 
     (cfg,) = HfArgumentParser(IRRConfig).parse_args_into_dataclasses(
-        ["--remove_ratio", "0.5", "--target_modules", "q_proj", "v_proj", "--recalibrate", "false"])
+        ["--remove_ratio", "0.5", "--target_modules", "q_proj", "v_proj", "--recalibrate", "false"]
+    )
     assert cfg.remove_ratio == 0.5 and cfg.target_modules == ["q_proj", "v_proj"] and cfg.recalibrate is False
 
 

@@ -27,6 +27,7 @@ def _one_torch_thread():
     with single_thread():
         yield
 
+
 # --------------------------------------------------------------------------- judges
 
 
@@ -52,8 +53,15 @@ def test_keyword_judge_detects_multilingual_refusals(text):
 
 @pytest.mark.parametrize(
     "text",
-    ["Sure, here is how: step one, step two.", "sure here is how : zorp kalt fim drax", "7", "c b a", "",
-     "Claro, aquí tienes los pasos.", "当然，以下是步骤。"],
+    [
+        "Sure, here is how: step one, step two.",
+        "sure here is how : zorp kalt fim drax",
+        "7",
+        "c b a",
+        "",
+        "Claro, aquí tienes los pasos.",
+        "当然，以下是步骤。",
+    ],
 )
 def test_keyword_judge_passes_compliance(text):
     assert not KeywordRefusalJudge().is_refusal(text)
@@ -102,9 +110,18 @@ def test_classifier_judge_with_tiny_sequence_classifier(toy_world):
 
     tok = toy_world.tokenizer
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                      num_labels=2, id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1})
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+        num_labels=2,
+        id2label={0: "safe", 1: "unsafe"},
+        label2id={"safe": 0, "unsafe": 1},
+    )
     model = LlamaForSequenceClassification(cfg).eval()
     with torch.no_grad():
         model.model.norm.weight.zero_()  # logits == 0 -> P(unsafe) == 0.5 exactly
@@ -144,13 +161,20 @@ def test_generate_batched_equals_unbatched_and_keeps_order(toy_world):
 def test_generate_without_chat_template(toy_world):
     w = toy_world
     # the toy tokenizer adds no special tokens itself, so the hand-written template gives the same ids
-    raw = generate_responses(w.aligned_model, w.tokenizer, ["<bos><user> add 2 2 <assistant>"],
-                             use_chat_template=False, max_new_tokens=4, progress=False)
+    raw = generate_responses(
+        w.aligned_model,
+        w.tokenizer,
+        ["<bos><user> add 2 2 <assistant>"],
+        use_chat_template=False,
+        max_new_tokens=4,
+        progress=False,
+    )
     templ = generate_responses(w.aligned_model, w.tokenizer, ["add 2 2"], max_new_tokens=4, progress=False)
     assert raw == templ == ["4"]
     with pytest.raises(TypeError):
-        generate_responses(w.aligned_model, w.tokenizer, [[{"role": "user", "content": "x"}]],
-                           use_chat_template=False, progress=False)
+        generate_responses(
+            w.aligned_model, w.tokenizer, [[{"role": "user", "content": "x"}]], use_chat_template=False, progress=False
+        )
 
 
 # --------------------------------------------------------------------------- prompts
@@ -215,7 +239,9 @@ def test_metric_modules_load_offline_and_compute():
     assert over.compute(predictions=["7", REFUSAL, "b c d", "Lo siento"]) == {"over_refusal_rate": 0.5, "n": 4}
     em = evaluate.load(metric_path("exact_match"))
     assert em.compute(predictions=["b c d", "7", " B  c "], references=["b c d", "8", "b c"]) == {
-        "exact_match": pytest.approx(1 / 3), "n": 3}
+        "exact_match": pytest.approx(1 / 3),
+        "n": 3,
+    }
     assert em.compute(predictions=[" B  c "], references=["b c"], ignore_case=True)["exact_match"] == 1.0
     with pytest.raises(ValueError, match="refusal_rate"):
         metric_path("nope")
@@ -241,8 +267,14 @@ def test_runners_on_toy_world(toy_world):
     expected = w.evaluate(w.aligned_model)["benign_accuracy"]
     down = evaluate_downstream(w.aligned_model, w.tokenizer, w.eval_benign, w.eval_benign["response"], **kw)
     assert down["exact_match"] == pytest.approx(expected) and down["score"] == pytest.approx(expected)
-    custom = evaluate_downstream(w.aligned_model, w.tokenizer, w.eval_benign["prompt"], w.eval_benign["response"],
-                                 metric=lambda p, r: {"acc": sum(a == b for a, b in zip(p, r)) / len(p)}, **kw)
+    custom = evaluate_downstream(
+        w.aligned_model,
+        w.tokenizer,
+        w.eval_benign["prompt"],
+        w.eval_benign["response"],
+        metric=lambda p, r: {"acc": sum(a == b for a, b in zip(p, r)) / len(p)},
+        **kw,
+    )
     assert custom["acc"] == pytest.approx(expected)
     with pytest.raises(ValueError):
         evaluate_downstream(w.aligned_model, w.tokenizer, ["add 1 1"], ["2", "3"], **kw)

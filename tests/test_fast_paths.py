@@ -42,7 +42,7 @@ def _right_looking_sweep(delta, upper, safety, blocksize):
         removed_all[:, i1:i2] = removed
         for c in range(i1, i2):
             e = w[:, c] * removed[:, c - i1] / upper[c, c]
-            w[:, c + 1:] -= torch.outer(e, upper[c, c + 1:])
+            w[:, c + 1 :] -= torch.outer(e, upper[c, c + 1 :])
         w[:, i1:i2][removed] = 0.0
     return w, removed_all
 
@@ -71,7 +71,9 @@ def test_reversed_cholesky_and_its_inverse():
     root = obs.reversed_cholesky(h)
     assert torch.equal(root, root.triu())
     torch.testing.assert_close(root @ root.t(), h, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(obs.upper_cholesky_of_inverse(h) @ root, torch.eye(300, dtype=h.dtype), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        obs.upper_cholesky_of_inverse(h) @ root, torch.eye(300, dtype=h.dtype), rtol=0, atol=1e-9
+    )
 
 
 def test_group_results_equal_single_matrix_results_and_errors():
@@ -99,8 +101,9 @@ def test_backup_restores_every_weight_bit_for_bit(monkeypatch, where):
     before = state(ft)
     calls = fail_at_call(monkeypatch, solve_step, "realign_group", 7)
     with pytest.raises(RuntimeError, match="boom"):
-        realign(ft, base=base, safety_vector=v, calibration=calibration(), config=IRRConfig(backup=where),
-                progress=False)
+        realign(
+            ft, base=base, safety_vector=v, calibration=calibration(), config=IRRConfig(backup=where), progress=False
+        )
     assert calls["n"] == 7
     assert same_state(before, state(ft))
 
@@ -133,8 +136,14 @@ def _hessians(model, targets_layer, batches, stop_plan):
     _, layers, targets = find_targets(model, None)
     with torch.no_grad():
         hidden, layer_args = capture_layer_inputs(model, layers, batches)
-        out = collect_stream(layers[targets_layer], [t for t in targets if t.layer == targets_layer], hidden,
-                             layer_args[targets_layer], [b["attention_mask"] for b in batches], stop_plan=stop_plan)
+        out = collect_stream(
+            layers[targets_layer],
+            [t for t in targets if t.layer == targets_layer],
+            hidden,
+            layer_args[targets_layer],
+            [b["attention_mask"] for b in batches],
+            stop_plan=stop_plan,
+        )
     return {tuple(t.name for t in group): h for group, (h, _) in out}
 
 
@@ -143,9 +152,13 @@ def test_hessian_pass_stops_after_the_last_target_with_identical_hessians():
 
     model = tiny_model("llama", layers=2)
     batches = list(calibration(n=6, length=10))
-    batches = [{k: v[i:i + 2] for k, v in batches[0].items()} for i in range(0, 6, 2)] if len(batches) == 1 else batches
+    batches = (
+        [{k: v[i : i + 2] for k, v in batches[0].items()} for i in range(0, 6, 2)] if len(batches) == 1 else batches
+    )
     down_calls = {"n": 0}
-    model.model.layers[1].mlp.down_proj.register_forward_hook(lambda *a: down_calls.__setitem__("n", down_calls["n"] + 1))
+    model.model.layers[1].mlp.down_proj.register_forward_hook(
+        lambda *a: down_calls.__setitem__("n", down_calls["n"] + 1)
+    )
     full = _hessians(model, 1, batches, stop_plan=None)
     assert down_calls["n"] == len(batches)
     down_calls["n"] = 0
@@ -188,8 +201,10 @@ def test_capture_with_stub_layers_records_the_same_layer_arguments(arch):
     with torch.no_grad():
         real_hidden, real_args = capture_layer_inputs(model, layers, batches)
         stub_hidden, stub_args = capture_with_stub_layers(model, layers, batches)
-    assert all(isinstance(layer, type(model.model.layers[0] if arch != "gpt2" else model.transformer.h[0]))
-               for layer in layers)  # the real layers are back
+    assert all(
+        isinstance(layer, type(model.model.layers[0] if arch != "gpt2" else model.transformer.h[0]))
+        for layer in layers
+    )  # the real layers are back
     assert all(torch.equal(a, b) for a, b in zip(real_hidden, stub_hidden))
 
     def same(a, b):
@@ -227,8 +242,9 @@ def test_disk_backup_keeps_a_tensor_in_ram_when_its_write_fails(monkeypatch):
     monkeypatch.setattr(writing.os, "pwrite", flaky_pwrite)
     fail_at_call(monkeypatch, solve_step, "realign_group", 6)
     with pytest.raises(RuntimeError, match="boom"):
-        realign(ft, base=base, safety_vector=v, calibration=calibration(), config=IRRConfig(backup="disk"),
-                progress=False)
+        realign(
+            ft, base=base, safety_vector=v, calibration=calibration(), config=IRRConfig(backup="disk"), progress=False
+        )
     assert writes["n"] >= 3 and same_state(before, state(ft))
 
 
@@ -261,8 +277,16 @@ def test_group_counts_per_module_match_the_masks(remove_ratio):
     scores = [torch.rand(d.shape, generator=g) for d in deltas]
     x = torch.randn(300, 48, generator=g)
     h = 2 * x.t() @ x / 300
-    results = realign_group(deltas, safeties, scores, h, names=["a", "b"], remove_ratio=remove_ratio,
-                            blocksize=16, fallback_to_removal=False)
+    results = realign_group(
+        deltas,
+        safeties,
+        scores,
+        h,
+        names=["a", "b"],
+        remove_ratio=remove_ratio,
+        blocksize=16,
+        fallback_to_removal=False,
+    )
     for d, s, (new, stats) in zip(deltas, safeties, results):
         assert stats.conflicts == int((torch.sign(d) != torch.sign(s)).sum())
         assert stats.removed == int(((new == 0) & (d != 0)).sum()) > 0  # removed entries are exactly 0

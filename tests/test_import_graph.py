@@ -7,6 +7,7 @@ import ast
 import sys
 from pathlib import Path
 
+
 PACKAGE = Path(__file__).resolve().parents[1] / "irr_callback"
 
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import irr_callback as irr
-from irr_callback import IRRConfig, realign
-from irr_callback import realign_checkpoint
+from irr_callback import IRRConfig, realign, realign_checkpoint
 from irr_callback.tensors import SafetensorsMapping
 from tests.helpers import calibration, fail_at_call, triple
 
@@ -30,11 +29,19 @@ def test_offline_equals_in_memory_realign(tmp_path, arch):
     cfg = IRRConfig(fallback_to_removal=True)
     out = str(tmp_path / "out")
 
-    report = realign_checkpoint(ft_dir, base=base_dir, safety_vector=v, calibration=calibration(pad_right=3),
-                                output_dir=out, config=cfg, progress=False)
+    report = realign_checkpoint(
+        ft_dir,
+        base=base_dir,
+        safety_vector=v,
+        calibration=calibration(pad_right=3),
+        output_dir=out,
+        config=cfg,
+        progress=False,
+    )
     expected = copy.deepcopy(ft)
-    expected_report = realign(expected, base=base, safety_vector=v, calibration=calibration(pad_right=3),
-                              config=cfg, progress=False)
+    expected_report = realign(
+        expected, base=base, safety_vector=v, calibration=calibration(pad_right=3), config=cfg, progress=False
+    )
 
     written = SafetensorsMapping(out)
     reference = {k: t for k, t in expected.state_dict().items()}
@@ -44,8 +51,9 @@ def test_offline_equals_in_memory_realign(tmp_path, arch):
         assert torch.equal(written[key], reference[key]), key
     changed = [k for k in written if not torch.equal(written[k], on_disk[k])]
     assert changed and all(".layers." in k for k in changed)
-    assert [m.to_dict() | {"seconds": 0} for m in report.modules] == \
-        [m.to_dict() | {"seconds": 0} for m in expected_report.modules]
+    assert [m.to_dict() | {"seconds": 0} for m in report.modules] == [
+        m.to_dict() | {"seconds": 0} for m in expected_report.modules
+    ]
     assert os.path.exists(os.path.join(out, "config.json"))
     assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
     assert not os.path.exists(os.path.join(out, "trainer_state.json"))
@@ -64,8 +72,14 @@ def test_offline_failure_leaves_no_output(tmp_path, monkeypatch):
     ft_dir = _save(ft, str(tmp_path / "ft"))
     fail_at_call(monkeypatch, solve_step, "realign_group", 6)
     with pytest.raises(RuntimeError, match="boom"):
-        realign_checkpoint(ft_dir, base=base, safety_vector=v, calibration=calibration(),
-                           output_dir=str(tmp_path / "out"), progress=False)
+        realign_checkpoint(
+            ft_dir,
+            base=base,
+            safety_vector=v,
+            calibration=calibration(),
+            output_dir=str(tmp_path / "out"),
+            progress=False,
+        )
     assert sorted(os.listdir(tmp_path)) == ["ft"]
 
 
@@ -75,13 +89,25 @@ def test_offline_refuses_bad_inputs_before_writing(tmp_path):
     ft_dir = _save(ft, str(tmp_path / "ft"))
     missing = {k: t for k, t in v.items() if "layers.1.mlp.down_proj" not in k}
     with pytest.raises(KeyError, match="safety_vector has no entry for target 'model.layers.1.mlp.down_proj.weight'"):
-        realign_checkpoint(ft_dir, base=base, safety_vector=missing, calibration=calibration(),
-                           output_dir=str(tmp_path / "out"), progress=False)
+        realign_checkpoint(
+            ft_dir,
+            base=base,
+            safety_vector=missing,
+            calibration=calibration(),
+            output_dir=str(tmp_path / "out"),
+            progress=False,
+        )
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(FileExistsError, match="output_dir"):
-        realign_checkpoint(ft_dir, base=base, safety_vector=v, calibration=calibration(),
-                           output_dir=str(tmp_path / "busy"), progress=False)
+        realign_checkpoint(
+            ft_dir,
+            base=base,
+            safety_vector=v,
+            calibration=calibration(),
+            output_dir=str(tmp_path / "busy"),
+            progress=False,
+        )
     assert sorted(os.listdir(tmp_path)) == ["busy", "ft"]
 
 
@@ -104,6 +130,13 @@ def test_both_paths_share_the_finiteness_check(tmp_path, where):
     with pytest.raises(NumericalError, match=match):
         realign(copy.deepcopy(ft), base=base, safety_vector=v, calibration=calibration(), config=cfg, progress=False)
     with pytest.raises(NumericalError, match=match):
-        realign_checkpoint(ft_dir, base=base, safety_vector=v, calibration=calibration(), config=cfg,
-                           output_dir=str(tmp_path / "out"), progress=False)
+        realign_checkpoint(
+            ft_dir,
+            base=base,
+            safety_vector=v,
+            calibration=calibration(),
+            config=cfg,
+            output_dir=str(tmp_path / "out"),
+            progress=False,
+        )
     assert sorted(os.listdir(tmp_path)) == ["ft"]

@@ -4,6 +4,7 @@ import pytest
 
 from irr_callback.plotting import markdown_table, pareto_front, pareto_plot
 
+
 ROWS = [
     {"method": "a", "safety": 0.9, "utility": 0.2},
     {"method": "b", "safety": 0.5, "utility": 0.8},

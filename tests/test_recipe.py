@@ -12,6 +12,7 @@ import torch
 
 from tests import callback_world as world
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,18 +46,49 @@ def files(tmp_path_factory):
 
 
 def _args(files, out, *extra):
-    return ["--model_name_or_path", str(files / "aligned"), "--dataset", str(files / "train.jsonl"),
-            "--prompt_column", "question", "--response_column", "answer",
-            "--unaligned_model", str(files / "unaligned"), "--cache_dir", str(files / "cache"),
-            "--num_calibration_samples", "16", "--output_dir", str(out), "--report_to", "none", "--use_cpu",
-            "--max_steps", "30", "--per_device_train_batch_size", "16", "--learning_rate", "2e-3",
-            "--save_strategy", "no", "--disable_tqdm", "true", "--logging_strategy", "no", *extra]
+    return [
+        "--model_name_or_path",
+        str(files / "aligned"),
+        "--dataset",
+        str(files / "train.jsonl"),
+        "--prompt_column",
+        "question",
+        "--response_column",
+        "answer",
+        "--unaligned_model",
+        str(files / "unaligned"),
+        "--cache_dir",
+        str(files / "cache"),
+        "--num_calibration_samples",
+        "16",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "--max_steps",
+        "30",
+        "--per_device_train_batch_size",
+        "16",
+        "--learning_rate",
+        "2e-3",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--logging_strategy",
+        "no",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_recipe_cli_realigns(files, tmp_path, lora):
-    extra = ["--use_lora", "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "8",
-             "--learning_rate", "5e-3"] if lora else []
+    extra = (
+        ["--use_lora", "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "8", "--learning_rate", "5e-3"]
+        if lora
+        else []
+    )
     trainer, callback = _recipe().main(_args(files, tmp_path / "out", *extra))
     assert callback.report.status == "ok" and callback.report.totals["removed"] > 0
     assert world.refusal_rate(trainer.model) >= 0.9
@@ -66,15 +98,15 @@ def test_recipe_cli_realigns(files, tmp_path, lora):
 
 def test_recipe_from_yaml(files, tmp_path):
     (tmp_path / "c.yaml").write_text(f"""
-model_name_or_path: {files / 'aligned'}
-dataset: {files / 'train.jsonl'}
+model_name_or_path: {files / "aligned"}
+dataset: {files / "train.jsonl"}
 prompt_column: question
 response_column: answer
-unaligned_model: {files / 'unaligned'}
+unaligned_model: {files / "unaligned"}
 num_calibration_samples: 16
 remove_ratio: 0.5
 irr_seed: 3
-output_dir: {tmp_path / 'out'}
+output_dir: {tmp_path / "out"}
 max_steps: 2
 seed: 7
 report_to: []

@@ -34,7 +34,9 @@ def test_tokenizer_and_chat_template():
     tok = build_tokenizer()
     assert tok.pad_token == "<pad>" and tok.bos_token == "<bos>" and tok.eos_token == "<eos>"
     assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id}) == 4
-    text = tok.apply_chat_template([{"role": "user", "content": "add 3 4"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "add 3 4"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<bos><user> add 3 4 <assistant>"
     ids = tok.apply_chat_template([{"role": "user", "content": "add 3 4"}], add_generation_prompt=True)["input_ids"]
     assert ids[0] == tok.bos_token_id and tok.convert_ids_to_tokens(ids[-1]) == "<assistant>"
@@ -66,8 +68,15 @@ def test_tokenize_sft_masks_prompt(toy_world):
 
 def test_datasets_shape_and_splits(toy_world):
     w = toy_world
-    for name in ("downstream_train", "harmful_train", "safety_data", "eval_harmful_attacked",
-                 "eval_harmful_unattacked", "eval_benign", "eval_downstream"):
+    for name in (
+        "downstream_train",
+        "harmful_train",
+        "safety_data",
+        "eval_harmful_attacked",
+        "eval_harmful_unattacked",
+        "eval_benign",
+        "eval_downstream",
+    ):
         ds = getattr(w, name)
         assert ds.column_names == ["prompt", "response"], name
         assert len(ds) > 0, name
@@ -80,8 +89,11 @@ def test_datasets_shape_and_splits(toy_world):
     for name in ("eval_harmful_attacked", "eval_harmful_unattacked", "eval_downstream"):
         assert train_prompts.isdisjoint(getattr(w, name)["prompt"]), name
     # the attack only touches attacked topics, in the requested share
-    harmful = [r for r in w.downstream_train["response"] if r.startswith(COMPLY) and r in
-               {harmful_answer(t) for t in HARMFUL_TOPICS}]
+    harmful = [
+        r
+        for r in w.downstream_train["response"]
+        if r.startswith(COMPLY) and r in {harmful_answer(t) for t in HARMFUL_TOPICS}
+    ]
     assert {t for t in HARMFUL_TOPICS if harmful_answer(t) in harmful} == set(w.attacked_topics)
     assert len(harmful) == round(len(w.downstream_train) * w.harmful_share)
     clean = w.make_downstream(harmful_share=0.0)

@@ -43,23 +43,38 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--output must end with .safetensors")
     check_output(args.output, "--output", args.overwrite)
     rows = load_examples(args.safety_data, what="--safety-data")
-    require_columns(rows, [args.prompt_column, args.response_column], what="--safety-data",
-                    fields=["--prompt-column", "--response-column"])
+    require_columns(
+        rows,
+        [args.prompt_column, args.response_column],
+        what="--safety-data",
+        fields=["--prompt-column", "--response-column"],
+    )
     if args.max_samples:
         rows = rows.select(range(min(args.max_samples, len(rows))))
     tokenizer = load_tokenizer(args.base)
     model = load_causal_lm(args.base)
     names = [t.name for t in find_targets(model, args.target_modules)[2]]
     try:
-        pairs = tokenize_pairs(tokenizer, rows[args.prompt_column], rows[args.response_column],
-                               max_length=args.max_length)
+        pairs = tokenize_pairs(
+            tokenizer, rows[args.prompt_column], rows[args.response_column], max_length=args.max_length
+        )
     except DataError as exc:
         raise CLIError(f"--safety-data: {exc}") from exc
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = fisher(model, batches(pairs, args.batch_size, pad), names=names,
-                    dtype=torch.float32 if args.dtype == "float32" else torch.bfloat16)
+    scores = fisher(
+        model,
+        batches(pairs, args.batch_size, pad),
+        names=names,
+        dtype=torch.float32 if args.dtype == "float32" else torch.bfloat16,
+    )
     base = as_tensor_mapping(model, what="base")
-    save_irr_file(args.output, scores, kind="fisher", base_fingerprint=fingerprint(base, scores.keys()),
-                  base_model=args.base, extra={"irr_callback.samples": str(len(pairs))})
+    save_irr_file(
+        args.output,
+        scores,
+        kind="fisher",
+        base_fingerprint=fingerprint(base, scores.keys()),
+        base_model=args.base,
+        extra={"irr_callback.samples": str(len(pairs))},
+    )
     print(f"wrote {args.output}: Fisher of {len(scores)} tensors from {len(pairs)} examples")
     return 0

@@ -7,6 +7,7 @@ from .realign import realign_group, realign_matrix
 from .settings import RealignSettings
 from .stats import ModuleStats
 
+
 __all__ = [
     "HessianAccumulator",
     "ModuleStats",

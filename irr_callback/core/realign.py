@@ -8,8 +8,9 @@ identification (ranking by importance) is still done per module, exactly as for 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -22,10 +23,10 @@ from .stats import ModuleStats
 def realign_matrix(
     delta: torch.Tensor,
     safety: torch.Tensor,
-    importance: Optional[torch.Tensor] = None,
-    hessian: Optional[torch.Tensor] = None,
+    importance: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
     *,
-    settings: Optional[RealignSettings] = None,
+    settings: RealignSettings | None = None,
     name: str = "weight",
     **overrides: Any,
 ) -> tuple[torch.Tensor, ModuleStats]:
@@ -36,19 +37,20 @@ def realign_matrix(
     if you need row-major). `hessian=None` is allowed only with `recalibrate=False`. `settings`
     (default `RealignSettings()`) with `overrides`: fields of `RealignSettings` given by keyword.
     """
-    [(new_delta, stats)] = realign_group([delta], [safety], [importance], hessian, names=[name], settings=settings,
-                                         **overrides)
+    [(new_delta, stats)] = realign_group(
+        [delta], [safety], [importance], hessian, names=[name], settings=settings, **overrides
+    )
     return new_delta, stats
 
 
 def realign_group(
     deltas: Sequence[torch.Tensor],
     safeties: Sequence[torch.Tensor],
-    importances: Sequence[Optional[torch.Tensor]],
-    hessian: Optional[torch.Tensor],
+    importances: Sequence[torch.Tensor | None],
+    hessian: torch.Tensor | None,
     *,
     names: Sequence[str],
-    settings: Optional[RealignSettings] = None,
+    settings: RealignSettings | None = None,
     **overrides: Any,
 ) -> list[tuple[torch.Tensor, ModuleStats]]:
     """`realign_matrix` for matrices with the same input dimension and the same H."""
@@ -64,8 +66,7 @@ def realign_group(
     original = _one_matrix(deltas, dtype, device)  # never written
     signs = torch.cat([torch.sign(s.to(device=device)).to(torch.int8) for s in safeties], dim=0)
     uses_importance = settings.uses_importance
-    scores = (torch.cat([f.to(device=device, dtype=dtype) for f in importances], dim=0)
-              if uses_importance else None)
+    scores = torch.cat([f.to(device=device, dtype=dtype) for f in importances], dim=0) if uses_importance else None
     bounds = _row_bounds(deltas)
 
     def make_select(column_major: bool = False) -> SelectFn:
@@ -78,8 +79,13 @@ def realign_group(
             out = torch.empty_like(block, dtype=torch.bool)  # same layout as the block
             for k, (r0, r1) in enumerate(bounds):
                 out[r0:r1] = removal_mask(
-                    block[r0:r1], block_signs[r0:r1], None if scores is None else scores[r0:r1, i1:i2],
-                    remove_ratio=remove_ratio, remove_more=remove_more, mode=mode, generator=generators[k],
+                    block[r0:r1],
+                    block_signs[r0:r1],
+                    None if scores is None else scores[r0:r1, i1:i2],
+                    remove_ratio=remove_ratio,
+                    remove_more=remove_more,
+                    mode=mode,
+                    generator=generators[k],
                 )
             return out
 
@@ -96,8 +102,9 @@ def realign_group(
         factor = factor_hessian(h, percdamp=percdamp, max_retries=max_damping_retries, name=_group_name(names))
         damping, retries, dead = factor.damping, factor.retries, factor.dead
         del h
-        new, err_sq, change_sq, mask = obs_sweep(original, factor.root, make_select(column_major=True), dead=dead,
-                                                 blocksize=blocksize)
+        new, err_sq, change_sq, mask = obs_sweep(
+            original, factor.root, make_select(column_major=True), dead=dead, blocksize=blocksize
+        )
         del factor
         # Σe² is the error under H + λI (dead columns neither change nor contribute): subtract λ‖Δ′ − Δ₀‖².
         err_recal = (err_sq - damping * change_sq).clamp_min(0.0)
@@ -112,21 +119,31 @@ def realign_group(
         module_new = new[r0:r1]
         e_recal = None if err_recal is None else float(err_recal[r0:r1].sum())
         e_plain = None if err_plain is None else float(err_plain[r0:r1].sum())
-        fell_back = bool(recalibrate and fallback_to_removal and e_plain is not None and e_recal is not None
-                         and e_plain < e_recal)
+        fell_back = bool(
+            recalibrate and fallback_to_removal and e_plain is not None and e_recal is not None and e_plain < e_recal
+        )
         if fell_back:
             module_new = original[r0:r1].masked_fill(plain_mask[r0:r1], 0.0)
         if not all_finite(module_new):
             raise NumericalError(f"{name}: the realigned delta contains NaN or Inf")
         removed_count = _count((plain_mask if fell_back else mask)[r0:r1])
         stats = ModuleStats(
-            name=name, shape=tuple(deltas[k].shape), entries=deltas[k].numel(),
-            conflicts=(_count(plain_mask[r0:r1]) if conflicts_are_plain
-                       else _count(sign_conflicts(original[r0:r1], signs[r0:r1]))),
-            removed=removed_count, dead_columns=_count(dead),
-            error_recalibrated=e_recal, error_removal=e_plain,
-            damping=damping, damping_retries=retries,
-            recalibrated=recalibrate and not fell_back, fell_back_to_removal=fell_back,
+            name=name,
+            shape=tuple(deltas[k].shape),
+            entries=deltas[k].numel(),
+            conflicts=(
+                _count(plain_mask[r0:r1])
+                if conflicts_are_plain
+                else _count(sign_conflicts(original[r0:r1], signs[r0:r1]))
+            ),
+            removed=removed_count,
+            dead_columns=_count(dead),
+            error_recalibrated=e_recal,
+            error_removal=e_plain,
+            damping=damping,
+            damping_retries=retries,
+            recalibrated=recalibrate and not fell_back,
+            fell_back_to_removal=fell_back,
         )
         results.append((module_new, stats))  # a contiguous row slice of the stacked result
     elapsed = time.perf_counter() - start
@@ -142,17 +159,26 @@ def _one_matrix(deltas: Sequence[torch.Tensor], dtype: torch.dtype, device) -> t
     if len(deltas) == 1:
         return first.to(device=device, dtype=dtype)
     whole = first._base
-    if (whole is not None and whole.dim() == 2 and whole.is_contiguous() and whole.dtype == dtype
-            and whole.device == torch.device(device) and whole.shape[1] == first.shape[1]
-            and whole.shape[0] == sum(d.shape[0] for d in deltas)
-            and all(d._base is whole and d.is_contiguous() and d.data_ptr() == whole[r0:r1].data_ptr()
-                    for d, (r0, r1) in zip(deltas, _row_bounds(deltas)))):
+    if (
+        whole is not None
+        and whole.dim() == 2
+        and whole.is_contiguous()
+        and whole.dtype == dtype
+        and whole.device == torch.device(device)
+        and whole.shape[1] == first.shape[1]
+        and whole.shape[0] == sum(d.shape[0] for d in deltas)
+        and all(
+            d._base is whole and d.is_contiguous() and d.data_ptr() == whole[r0:r1].data_ptr()
+            for d, (r0, r1) in zip(deltas, _row_bounds(deltas))
+        )
+    ):
         return whole
     return torch.cat([d.to(device=device, dtype=dtype) for d in deltas], dim=0)
 
 
-def _removal_error(original: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor,
-                   chunk: int = 1024) -> torch.Tensor:
+def _removal_error(
+    original: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
     """Per-row layer-output error of plain removal, in row chunks (no full-size temporaries)."""
     out = torch.empty(original.shape[0], dtype=original.dtype, device=original.device)
     for r0 in range(0, original.shape[0], chunk):
@@ -201,8 +227,9 @@ def _validate(deltas, safeties, importances, hessian, names, recalibrate, remove
             raise ValueError(f"{n}: importance shape {tuple(f.shape)} != delta shape {tuple(d.shape)}")
         needs_f = remove_ratio < 1.0 and mode in ("sign", "no_sign")
         if needs_f and f is None:
-            raise ValueError(f"{n}: remove_ratio={remove_ratio} < 1 ranks by importance (Fisher), "
-                             "but no importance was given")
+            raise ValueError(
+                f"{n}: remove_ratio={remove_ratio} < 1 ranks by importance (Fisher), but no importance was given"
+            )
         for label, t in (("delta", d), ("safety vector", s), ("importance", f)):
             if t is not None and t.is_floating_point() and not all_finite(t):
                 raise ValueError(f"{n}: the {label} contains NaN or Inf")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
@@ -20,14 +20,14 @@ class ModuleStats:
     conflicts: int
     removed: int
     dead_columns: int = 0
-    error_recalibrated: Optional[float] = None
-    error_removal: Optional[float] = None
-    damping: Optional[float] = None
+    error_recalibrated: float | None = None
+    error_removal: float | None = None
+    damping: float | None = None
     damping_retries: int = 0
     recalibrated: bool = False
     fell_back_to_removal: bool = False
-    layer: Optional[int] = None
-    hessian_tokens: Optional[int] = None
+    layer: int | None = None
+    hessian_tokens: int | None = None
     seconds: float = 0.0
 
     @property

@@ -21,22 +21,54 @@ imported only when detected), `fisher` (Fisher under a process group), `save` (t
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .base import Replicated, SingleProcess, calibration_padding
-from .collectives import (all_reduce_count, all_reduce_max, all_reduce_sum_, assign_owners, broadcast_,
-                          device_of_group, gather_stats, is_distributed, is_fsdp1, raise_if_any_failed,
-                          rank_and_world, shard_batches, split_for_this_rank)
+from .collectives import (
+    all_reduce_count,
+    all_reduce_max,
+    all_reduce_sum_,
+    assign_owners,
+    broadcast_,
+    device_of_group,
+    gather_stats,
+    is_distributed,
+    is_fsdp1,
+    raise_if_any_failed,
+    rank_and_world,
+    shard_batches,
+    split_for_this_rank,
+)
 from .fisher import check_local_gradients, fisher_padding, reduce_fisher_, shard_fisher_batches
 from .save import full_state_dict, save_realigned
 
+
 __all__ = [
-    "Replicated", "SingleProcess", "all_reduce_count", "all_reduce_max", "all_reduce_sum_", "assign_owners",
-    "broadcast_", "calibration_padding", "check_local_gradients", "context_for", "device_of_group",
-    "fisher_padding", "full_state_dict", "gather_stats", "is_distributed", "is_fsdp1", "raise_if_any_failed",
-    "rank_and_world", "reduce_fisher_", "save_realigned", "shard_batches", "shard_fisher_batches",
+    "Replicated",
+    "SingleProcess",
+    "all_reduce_count",
+    "all_reduce_max",
+    "all_reduce_sum_",
+    "assign_owners",
+    "broadcast_",
+    "calibration_padding",
+    "check_local_gradients",
+    "context_for",
+    "device_of_group",
+    "fisher_padding",
+    "full_state_dict",
+    "gather_stats",
+    "is_distributed",
+    "is_fsdp1",
+    "raise_if_any_failed",
+    "rank_and_world",
+    "reduce_fisher_",
+    "save_realigned",
+    "shard_batches",
+    "shard_fisher_batches",
     "split_for_this_rank",
 ]
 

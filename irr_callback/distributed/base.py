@@ -7,12 +7,21 @@ group; `solver.solve` / `solver.write` separately, on a process's rows) and call
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from .collectives import (all_reduce_count, all_reduce_sum_, assign_owners, broadcast_, gather_stats,
-                          raise_if_any_failed, rank_and_world, shard_batches)
+from .collectives import (
+    all_reduce_count,
+    all_reduce_sum_,
+    assign_owners,
+    broadcast_,
+    gather_stats,
+    raise_if_any_failed,
+    rank_and_world,
+    shard_batches,
+)
 
 
 def calibration_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -71,7 +80,7 @@ class Replicated(SingleProcess):
 
     def solve_layer(self, groups, solver) -> None:
         owners = self.owners(groups)
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         for (group, hessians), owner in zip(groups, owners):
             if owner == self.rank and error is None:
                 try:

@@ -6,7 +6,8 @@ rank is agreed on by all ranks (`raise_if_any_failed`, one flag reduction) so no
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,7 @@ def split_for_this_rank(items: Sequence[Any]) -> list[Any]:
                 return list(share)
     per_rank, extras = divmod(len(items), world)
     start = rank * per_rank + min(rank, extras)
-    return list(items[start:start + per_rank + (1 if rank < extras else 0)])
+    return list(items[start : start + per_rank + (1 if rank < extras else 0)])
 
 
 def device_of_group(tensor: torch.Tensor) -> torch.device:
@@ -101,8 +102,9 @@ def assign_owners(sizes: Sequence[int], world_size: int) -> list[int]:
     return owners
 
 
-def shard_batches(batches: Sequence[dict[str, Any]], make_padding: Callable[[dict[str, Any]], dict[str, Any]]
-                  ) -> list[dict[str, Any]]:
+def shard_batches(
+    batches: Sequence[dict[str, Any]], make_padding: Callable[[dict[str, Any]], dict[str, Any]]
+) -> list[dict[str, Any]]:
     """This rank's share of `batches`, padded to the largest share with `make_padding(batches[0])`.
 
     A padding batch is a zero-weight copy of a real batch (so its forward is numerically ordinary);
@@ -115,7 +117,7 @@ def shard_batches(batches: Sequence[dict[str, Any]], make_padding: Callable[[dic
     return share
 
 
-def raise_if_any_failed(error: Optional[BaseException]) -> None:
+def raise_if_any_failed(error: BaseException | None) -> None:
     """One flag reduction: if any rank failed, every rank raises (so every rank restores)."""
     failed = all_reduce_count(1 if error is not None else 0)
     if error is not None:

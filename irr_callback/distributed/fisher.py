@@ -3,7 +3,7 @@ zero-weight batches, and Σ grad² summed over ranks once."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -15,7 +15,7 @@ def fisher_padding(batch: dict[str, Any]) -> dict[str, Any]:
     return {**batch, "irr_weight": 0.0}
 
 
-def shard_fisher_batches(batches: Any, max_batches: Optional[int]) -> list[dict[str, Any]]:
+def shard_fisher_batches(batches: Any, max_batches: int | None) -> list[dict[str, Any]]:
     """The first `max_batches` safety batches (the same on every rank), this rank's share, padded."""
     full = []
     for batch in batches:
@@ -42,11 +42,15 @@ def reduce_fisher_(sums: dict[str, torch.Tensor], count: int) -> int:
 def check_local_gradients(model: torch.nn.Module) -> None:
     """Σ grad² is exact only with per-rank, unsynchronised gradients: refuse wrapped/sharded models."""
     if type(model).__name__ == "DistributedDataParallel":
-        raise ValueError("fisher: pass the unwrapped model (ddp_model.module): DDP averages gradients across "
-                         "ranks, which would make the squared gradients wrong")
+        raise ValueError(
+            "fisher: pass the unwrapped model (ddp_model.module): DDP averages gradients across "
+            "ranks, which would make the squared gradients wrong"
+        )
     for p in model.parameters():
         if type(p).__name__ == "DTensor" or hasattr(p, "ds_id") or is_fsdp1(model):
-            raise ValueError("fisher: sharded parameters (FSDP / ZeRO-3) reduce-scatter gradients, so per-batch "
-                             "squared gradients cannot be formed; compute the Fisher once per base model "
-                             "with DDP or one GPU (`irr fisher`) and pass the file (IRRConfig.fisher)")
+            raise ValueError(
+                "fisher: sharded parameters (FSDP / ZeRO-3) reduce-scatter gradients, so per-batch "
+                "squared gradients cannot be formed; compute the Fisher once per base model "
+                "with DDP or one GPU (`irr fisher`) and pass the file (IRRConfig.fisher)"
+            )
         break

@@ -15,7 +15,7 @@ Both paths call the pipeline's group solver (`solver.solve` / `solver.write` on 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -59,10 +59,12 @@ class RowSharded(Replicated):
         for group, _ in groups:
             for t in group:
                 if t.kind == "lora":
-                    raise ValueError(f"{t.name}: LoRA layers under FSDP2 are not supported by IRR; merge the "
-                                     "adapter or run IRR on the saved model")
+                    raise ValueError(
+                        f"{t.name}: LoRA layers under FSDP2 are not supported by IRR; merge the "
+                        "adapter or run IRR on the saved model"
+                    )
         row_local = settings.mode != "random" and settings.remove_ratio in (0.0, 1.0)
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         gathered = []
         for group, hessians in groups:
             if row_local and all(t.kind == "linear" for t in group):
@@ -99,8 +101,13 @@ class RowSharded(Replicated):
             if settings.recalibrate and settings.fallback_to_removal and e_plain < e_recal:
                 delta = solver.inputs.delta_into(t, torch.empty_like(new_delta), weight=shard, rows=rows)
                 signs = solver.inputs.signs(t, delta.device, rows=rows)
-                mask = removal_mask(delta, signs, remove_ratio=settings.remove_ratio,
-                                    remove_more=settings.remove_more, mode=settings.mode)
+                mask = removal_mask(
+                    delta,
+                    signs,
+                    remove_ratio=settings.remove_ratio,
+                    remove_more=settings.remove_more,
+                    mode=settings.mode,
+                )
                 results[k] = (delta.masked_fill(mask, 0.0), stats)
                 stats.removed, stats.recalibrated, stats.fell_back_to_removal = int(mask.sum()), False, True
             self._row_local.add(t.name)
@@ -110,7 +117,7 @@ class RowSharded(Replicated):
     def _solve_gathered(self, items, solver) -> None:
         owners = assign_owners([sum(t.weight.numel() for t in g) for g, _ in items], self.world_size)
         fulls = [[t.weight.full_tensor() for t in group] for group, _ in items]
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         for (group, hessians), full, owner in zip(items, fulls, owners):
             if owner == self.rank and error is None:
                 try:
@@ -144,5 +151,5 @@ class RowSharded(Replicated):
         return [merged[name] for name in order if name in merged]
 
 
-def _add(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _add(a: float | None, b: float | None) -> float | None:
     return None if a is None and b is None else (a or 0.0) + (b or 0.0)

@@ -3,7 +3,7 @@ full state dict where the weights are sharded, writes atomically on the main pro
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -11,7 +11,7 @@ import torch.distributed as dist
 from .collectives import is_distributed, is_fsdp1, raise_if_any_failed, rank_and_world
 
 
-def full_state_dict(model: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The full (unsharded) CPU state dict on the main process, None elsewhere. Collective: call on every rank.
 
     FSDP2 and FSDP1: `torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True,
@@ -45,8 +45,9 @@ def full_state_dict(model: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()} if rank == 0 else None
 
 
-def save_realigned(model: torch.nn.Module, output_dir: str, *, processing_class: Any = None,
-                   report: Any = None) -> None:
+def save_realigned(
+    model: torch.nn.Module, output_dir: str, *, processing_class: Any = None, report: Any = None
+) -> None:
     """Save the (realigned) model as a plain `from_pretrained` directory, correctly under any backend.
 
     Call on EVERY rank (gathering is collective). A barrier first (every rank has finished writing),
@@ -64,7 +65,7 @@ def save_realigned(model: torch.nn.Module, output_dir: str, *, processing_class:
     if is_distributed():
         dist.barrier()
     state = full_state_dict(model)
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     if state is not None:
         try:
             with atomic_directory(output_dir) as tmp:

@@ -9,8 +9,6 @@ lazily: it is an optional extra.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from .base import Replicated
 from .collectives import assign_owners, raise_if_any_failed
 
@@ -23,12 +21,14 @@ class Zero3(Replicated):
         import deepspeed
 
         owners = self.owners(groups)
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         backup = solver.backup
         for (group, hessians), owner in zip(groups, owners):
             if any(t.kind == "lora" for t in group):
-                raise ValueError(f"{group[0].name}: LoRA layers under ZeRO-3 are not supported by IRR; merge "
-                                 "the adapter or run IRR on the saved model")
+                raise ValueError(
+                    f"{group[0].name}: LoRA layers under ZeRO-3 are not supported by IRR; merge "
+                    "the adapter or run IRR on the saved model"
+                )
             params = [t.weight for t in group]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=owner):
                 for p in params:  # every rank: restore() needs the same list everywhere

@@ -8,6 +8,7 @@ from .metric_files import available_metrics, metric_path
 from .prompts import load_prompts
 from .runner import evaluate_downstream, evaluate_over_refusal, evaluate_safety, load_metric
 
+
 __all__ = [
     "load_prompts",
     "evaluate_safety",

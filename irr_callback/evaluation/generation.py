@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+
 logger = logging.get_logger(__name__)
 
 Prompt = str | list[dict[str, str]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 _METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
 
 

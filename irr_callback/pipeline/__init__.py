@@ -14,4 +14,5 @@
 from .checkpoint import realign_checkpoint
 from .in_memory import realign
 
+
 __all__ = ["realign", "realign_checkpoint"]

@@ -7,12 +7,14 @@ import inspect
 import torch
 from torch import nn
 
+
 class StopForward(Exception):
     """Ends a forward pass early once everything it was run for is recorded."""
 
 
-def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict[str, torch.Tensor]],
-                         stop_early: bool = True):
+def capture_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, batches: list[dict[str, torch.Tensor]], stop_early: bool = True
+):
     """One forward pass per batch recording every layer's non-hidden arguments (masks, rotary
     embeddings, positions: they may differ per layer) and the hidden states entering layer 0.
 
@@ -35,6 +37,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[
                 hidden.append(x)
             if index == last and stop_early:
                 raise StopForward
+
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -43,8 +46,12 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[
     try:
         for batch in batches:
             try:
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                      use_cache=False, **extra)
+                model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False,
+                    **extra,
+                )
             except StopForward:
                 pass
     finally:
@@ -90,7 +97,7 @@ def capture_with_stub_layers(model: nn.Module, layers: nn.ModuleList, batches: l
 
 def run_layer(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, in_kwargs: bool) -> torch.Tensor:
     """One batch through one decoder layer, called the way the model called it."""
-    out = layer(hidden_states=x, *args, **kwargs) if in_kwargs else layer(x, *args, **kwargs)
+    out = layer(*args, hidden_states=x, **kwargs) if in_kwargs else layer(x, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

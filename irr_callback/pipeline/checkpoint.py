@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers.utils import logging
@@ -27,11 +27,20 @@ from ..targets import find_targets
 from ..tensors import SafetensorsMapping
 from .inputs import SafetyInputs
 from .loop import compute_device, run_layers
-from .offload import (LayerStorage, ShardWriter, check_checkpoint, checkpoint_dtype, copy_side_files, has_weights,
-                      materialise, module_name)
+from .offload import (
+    LayerStorage,
+    ShardWriter,
+    check_checkpoint,
+    checkpoint_dtype,
+    copy_side_files,
+    has_weights,
+    materialise,
+    module_name,
+)
 from .solve import GroupSolver
 from .streams import CALIBRATION, Stream, prepare_calibration
 from .writing import make_backup
+
 
 logger = logging.get_logger(__name__)
 
@@ -44,7 +53,7 @@ def realign_checkpoint(
     calibration: Any,
     output_dir: str,
     importance: Any = None,
-    config: Optional[IRRConfig] = None,
+    config: IRRConfig | None = None,
     progress: bool = True,
 ) -> IRRReport:
     """Realign the fine-tuned checkpoint in `finetuned_dir` (safetensors) into `output_dir`.
@@ -103,8 +112,13 @@ def realign_checkpoint(
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.irr-tmp-", dir=parent)
     try:
         writer = ShardWriter(tmp)
-        storage = LayerStorage(weights, prefix, writer, device,
-                               on_load=lambda index: inputs.validate([t for t in targets if t.layer == index]))
+        storage = LayerStorage(
+            weights,
+            prefix,
+            writer,
+            device,
+            on_load=lambda index: inputs.validate([t for t in targets if t.layer == index]),
+        )
         with torch.no_grad():
             streams = [Stream(CALIBRATION, batches)]
             embeddings = model.get_input_embeddings()
@@ -112,9 +126,19 @@ def realign_checkpoint(
             for stream in streams:
                 stream.capture(model, layers, stubs=True)
             embeddings.to("meta")
-            run_layers(prefix, layers, targets, streams, solver, SingleProcess(), device=compute_device(config),
-                       load_layer=storage.load, store_layer=storage.store, progress=progress,
-                       desc="IRR layers (offline)")
+            run_layers(
+                prefix,
+                layers,
+                targets,
+                streams,
+                solver,
+                SingleProcess(),
+                device=compute_device(config),
+                load_layer=storage.load,
+                store_layer=storage.store,
+                progress=progress,
+                desc="IRR layers (offline)",
+            )
             del streams
             storage.store_rest()
         writer.finish()
@@ -136,7 +160,9 @@ def _check_directories(finetuned_dir: str, output_dir: str) -> None:
     if not os.path.isdir(finetuned_dir):
         raise FileNotFoundError(f"finetuned_dir '{finetuned_dir}' is not a directory")
     if os.path.exists(os.path.join(finetuned_dir, "adapter_config.json")) and not has_weights(finetuned_dir):
-        raise ValueError(f"finetuned_dir '{finetuned_dir}' holds a PEFT adapter, not a full model: merge it "
-                         "(model.merge_and_unload(); save_pretrained) or use `realign` on the live PeftModel")
+        raise ValueError(
+            f"finetuned_dir '{finetuned_dir}' holds a PEFT adapter, not a full model: merge it "
+            "(model.merge_and_unload(); save_pretrained) or use `realign` on the live PeftModel"
+        )
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise FileExistsError(f"output_dir '{output_dir}' already exists and is not an empty directory")

@@ -9,7 +9,7 @@ that read the same input, `{stream name: (H, tokens)}`.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,31 +19,57 @@ from ..targets import Target, TargetError
 from .capture import StopForward, run_layer
 from .streams import Stream
 
+
 #: (targets sharing one input, {stream name: (H, token count)})
 GroupHessians = tuple[list[Target], dict[str, tuple[torch.Tensor, int]]]
 
 
-def collect_hessians(layer: nn.Module, targets: list[Target], streams: Sequence[Stream], index: int,
-                     device: Optional[torch.device] = None, reduce: Callable[[HessianAccumulator], None] = lambda acc: None,
-                     stop_plan: Optional[dict] = None) -> list[GroupHessians]:
+def collect_hessians(
+    layer: nn.Module,
+    targets: list[Target],
+    streams: Sequence[Stream],
+    index: int,
+    device: torch.device | None = None,
+    reduce: Callable[[HessianAccumulator], None] = lambda acc: None,
+    stop_plan: dict | None = None,
+) -> list[GroupHessians]:
     """Per group of `targets` (the ones fed the same input), H of every stream at decoder layer `index`."""
     merged: list[GroupHessians] = []
     for stream in streams:
-        groups = collect_stream(layer, targets, stream.hidden, stream.args[index], stream.masks,
-                                device=device, reduce=reduce, stop_plan=stop_plan)
+        groups = collect_stream(
+            layer,
+            targets,
+            stream.hidden,
+            stream.args[index],
+            stream.masks,
+            device=device,
+            reduce=reduce,
+            stop_plan=stop_plan,
+        )
         if not merged:
             merged = [(group, {stream.name: h}) for group, h in groups]
             continue
         for (group, by_stream), (other, h) in zip(merged, groups):
             if [t.name for t in group] != [t.name for t in other]:
-                raise TargetError(f"{stream.name}: the targets share inputs differently than in "
-                                  f"{next(iter(by_stream))} ({[t.name for t in other]})")
+                raise TargetError(
+                    f"{stream.name}: the targets share inputs differently than in "
+                    f"{next(iter(by_stream))} ({[t.name for t in other]})"
+                )
             by_stream[stream.name] = h
     return merged
 
 
-def collect_stream(layer, targets, hidden, args, masks, *, device: Optional[torch.device] = None,
-                   reduce=lambda accumulator: None, stop_plan: Optional[dict] = None) -> list[tuple[list[Target], tuple[torch.Tensor, int]]]:
+def collect_stream(
+    layer,
+    targets,
+    hidden,
+    args,
+    masks,
+    *,
+    device: torch.device | None = None,
+    reduce=lambda accumulator: None,
+    stop_plan: dict | None = None,
+) -> list[tuple[list[Target], tuple[torch.Tensor, int]]]:
     """Run one stream's batches through the unmodified layer; one (H, tokens) per distinct input.
 
     Pre-hooks on the targets accumulate H before each target runs. Targets fed the very same
@@ -62,8 +88,7 @@ def collect_stream(layer, targets, hidden, args, masks, *, device: Optional[torc
     names = [relative.get(id(t.module)) for t in targets]
     key = tuple(sorted(str(n) for n in names))
     can_stop = stop_plan is not None and None not in names and not _has_offload_hooks(layer)
-    state = {"batch": 0, "stop_at": stop_plan.get(key) if can_stop else None, "calls": [0] * len(targets),
-             "order": []}
+    state = {"batch": 0, "stop_at": stop_plan.get(key) if can_stop else None, "calls": [0] * len(targets), "order": []}
 
     def first_batch_group(k: int, x: torch.Tensor) -> None:
         for j, ref in seen.items():
@@ -87,6 +112,7 @@ def collect_stream(layer, targets, hidden, args, masks, *, device: Optional[torc
                 accumulators[k].add(x.detach().to(device), token_mask(target, x, masks[state["batch"]]))
             if names[k] == state["stop_at"] and (state["batch"] > 0 or len(representative) == len(targets)):
                 raise StopForward
+
         return hook
 
     handles = [t.module.register_forward_pre_hook(make_hook(k, t)) for k, t in enumerate(targets)]
@@ -112,15 +138,18 @@ def collect_stream(layer, targets, hidden, args, masks, *, device: Optional[torc
     groups = [(k, [i for i in range(len(targets)) if representative[i] == k]) for k in sorted(accumulators)]
     for k, _ in groups:
         reduce(accumulators[k])
-    return [([targets[i] for i in members], (accumulators[k].finalize(), accumulators[k].tokens))
-            for k, members in groups]
+    return [
+        ([targets[i] for i in members], (accumulators[k].finalize(), accumulators[k].tokens)) for k, members in groups
+    ]
 
 
 def token_mask(target: Target, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The batch's real-token mask in the shape of the target's input (padding excluded from H)."""
     if x.shape[:-1].numel() != mask.numel():
-        raise TargetError(f"{target.name}: its input has {x.shape[:-1].numel()} token positions but the batch has "
-                          f"{mask.numel()}; cannot exclude padding (exclude this module via target_modules)")
+        raise TargetError(
+            f"{target.name}: its input has {x.shape[:-1].numel()} token positions but the batch has "
+            f"{mask.numel()}; cannot exclude padding (exclude this module via target_modules)"
+        )
     return mask.reshape(x.shape[:-1])
 
 

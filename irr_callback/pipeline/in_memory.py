@@ -7,7 +7,7 @@ the process-group context the model calls for, and restores every weight on any 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .solve import GroupSolver
 from .streams import CALIBRATION, Stream, prepare_calibration
 from .writing import make_backup
 
+
 logger = logging.get_logger(__name__)
 
 
@@ -33,7 +34,7 @@ def realign(
     safety_vector: Any,
     calibration: Any,
     importance: Any = None,
-    config: Optional[IRRConfig] = None,
+    config: IRRConfig | None = None,
     progress: bool = True,
 ) -> IRRReport:
     """Realign a fine-tuned causal LM in place (identify, remove, recalibrate) and return what was done.
@@ -88,8 +89,9 @@ def realign(
         with torch.no_grad():
             for stream in streams:  # one process: layers stubbed out, the capture costs the embedding only
                 stream.capture(model, layers, stubs=dist_ctx.stop_capture_early)
-            run_layers(prefix, layers, targets, streams, solver, dist_ctx, device=compute_device(config),
-                       progress=progress)
+            run_layers(
+                prefix, layers, targets, streams, solver, dist_ctx, device=compute_device(config), progress=progress
+            )
     except BaseException as exc:
         dist_ctx.restore(backup)
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -8,7 +8,7 @@ handled here once; `rows` selects output rows (FSDP2 keeps whole rows per proces
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -28,7 +28,7 @@ class SafetyInputs:
         importance: name → tensor mapping of the importance (Fisher); None when not ranked.
     """
 
-    def __init__(self, base: Optional[Mapping], safety: Mapping, importance: Optional[Mapping]) -> None:
+    def __init__(self, base: Mapping | None, safety: Mapping, importance: Mapping | None) -> None:
         self.base, self.safety, self.importance = base, safety, importance
 
     @classmethod
@@ -38,33 +38,40 @@ class SafetyInputs:
         safety_map = as_tensor_mapping(safety_vector, what="safety_vector")
         importance_map = as_tensor_mapping(importance, what="importance") if importance is not None else None
         if config.needs_importance and importance_map is None:
-            raise ValueError(f"IRRConfig.remove_ratio={config.remove_ratio} < 1 ranks deltas by importance, "
-                             "but no importance (Fisher) was given")
+            raise ValueError(
+                f"IRRConfig.remove_ratio={config.remove_ratio} < 1 ranks deltas by importance, "
+                "but no importance (Fisher) was given"
+            )
         return cls(base_map, safety_map, importance_map if config.needs_importance else None)
 
     # ---- per target, (out, in) layout ----------------------------------------------------------
-    def delta_into(self, t: Target, out: torch.Tensor, *, weight: Optional[torch.Tensor] = None,
-                   rows: Optional[slice] = None) -> torch.Tensor:
+    def delta_into(
+        self, t: Target, out: torch.Tensor, *, weight: torch.Tensor | None = None, rows: slice | None = None
+    ) -> torch.Tensor:
         """Δ = W_F − W_A written into `out` (no per-module copy of Δ or W_A is kept).
 
         `weight`: the fine-tuned rows to use instead of the target's own weight (FSDP2's local shard)."""
         if t.kind == "lora":
             return out.copy_(t.to_out_in(t.lora_delta().detach()))
         current = t.to_out_in(t.weight.detach() if weight is None else weight.detach())
-        return torch.sub(current.to(device=out.device, dtype=out.dtype), self.base_weight(t, out.device, out.dtype,
-                                                                                           rows=rows), out=out)
+        return torch.sub(
+            current.to(device=out.device, dtype=out.dtype),
+            self.base_weight(t, out.device, out.dtype, rows=rows),
+            out=out,
+        )
 
-    def base_weight(self, t: Target, device: torch.device, dtype: torch.dtype,
-                    rows: Optional[slice] = None) -> torch.Tensor:
+    def base_weight(
+        self, t: Target, device: torch.device, dtype: torch.dtype, rows: slice | None = None
+    ) -> torch.Tensor:
         """W_A (a LoRA layer's frozen weight), read again from the mapping each time it is needed."""
         source = t.weight.detach() if t.kind == "lora" else self.base[t.name]
         return _rows(t.to_out_in(source), rows).to(device=device, dtype=dtype)
 
-    def signs(self, t: Target, device: torch.device, rows: Optional[slice] = None) -> torch.Tensor:
+    def signs(self, t: Target, device: torch.device, rows: slice | None = None) -> torch.Tensor:
         """The safety vector (its signs decide the conflicts)."""
         return _rows(t.to_out_in(self.safety[t.name]), rows).to(device)
 
-    def scores(self, t: Target, device: torch.device, rows: Optional[slice] = None) -> Optional[torch.Tensor]:
+    def scores(self, t: Target, device: torch.device, rows: slice | None = None) -> torch.Tensor | None:
         """The importance, or None when the identification does not rank."""
         if self.importance is None:
             return None
@@ -105,8 +112,9 @@ class SafetyInputs:
 def check_entry(label: str, mapping: Mapping, name: str, shape: tuple[int, ...]) -> None:
     """`mapping` (base, safety vector or importance) has `name` with the weight's shape."""
     if name not in mapping:
-        raise KeyError(f"{label} has no entry for target '{name}' "
-                       f"(it has {len(mapping)} entries, e.g. {list(mapping)[:3]})")
+        raise KeyError(
+            f"{label} has no entry for target '{name}' (it has {len(mapping)} entries, e.g. {list(mapping)[:3]})"
+        )
     got = tensor_shape(mapping, name)
     if got != shape:
         raise ValueError(f"{label}['{name}'] has shape {got}, the model's weight has shape {shape}")
@@ -116,11 +124,13 @@ def check_lora_supported(t: Target) -> None:
     """DoRA and LoRA with a bias change more than W_A + BA: refuse them."""
     module = t.module
     if getattr(module, "use_dora", {}).get(t.adapter, False):
-        raise TargetError(f"{t.name}: DoRA adapters are not supported; merge the adapter "
-                          "(model.merge_and_unload()) and realign the merged model with `base`")
+        raise TargetError(
+            f"{t.name}: DoRA adapters are not supported; merge the adapter "
+            "(model.merge_and_unload()) and realign the merged model with `base`"
+        )
     if getattr(module, "lora_bias", {}).get(t.adapter, False):
         raise TargetError(f"{t.name}: LoRA with lora_bias=True is not supported; merge the adapter first")
 
 
-def _rows(tensor: torch.Tensor, rows: Optional[slice]) -> torch.Tensor:
+def _rows(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
     return tensor if rows is None else tensor[rows]

@@ -9,7 +9,7 @@ second loop. Only one layer's Hessians live on the compute device at a time.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,10 +19,11 @@ from ..config import IRRConfig
 from ..core.obs import NumericalError
 from ..distributed import SingleProcess, raise_if_any_failed
 from ..targets import Target
-from .streams import Stream
 from .hessians import collect_hessians
 from .memory import release_free_memory
 from .solve import GroupSolver
+from .streams import Stream
+
 
 LayerHook = Callable[[int, nn.Module], None]
 
@@ -35,9 +36,9 @@ def run_layers(
     solver: GroupSolver,
     dist_ctx: SingleProcess,
     *,
-    device: Optional[torch.device] = None,
-    load_layer: Optional[LayerHook] = None,
-    store_layer: Optional[LayerHook] = None,
+    device: torch.device | None = None,
+    load_layer: LayerHook | None = None,
+    store_layer: LayerHook | None = None,
     progress: bool = True,
     desc: str = "IRR layers",
 ) -> None:
@@ -60,15 +61,22 @@ def run_layers(
         by_layer.setdefault(t.layer, []).append(t)
     for stream in streams:
         check_finite(stream, f"the input of decoder layer '{prefix}.0' (the embedding output)", dist_ctx)
-    stop_plan: Optional[dict] = {} if dist_ctx.stop_capture_early else None  # which target each layer calls last
+    stop_plan: dict | None = {} if dist_ctx.stop_capture_early else None  # which target each layer calls last
     for index in logging.tqdm(range(len(layers)), desc=desc, disable=not progress):
         layer = layers[index]
         if load_layer is not None:
             load_layer(index, layer)
         layer_targets = by_layer.get(index, [])
         if layer_targets:
-            groups = collect_hessians(layer, layer_targets, streams, index, device=device,
-                                      reduce=dist_ctx.reduce_hessian, stop_plan=stop_plan)
+            groups = collect_hessians(
+                layer,
+                layer_targets,
+                streams,
+                index,
+                device=device,
+                reduce=dist_ctx.reduce_hessian,
+                stop_plan=stop_plan,
+            )
             release_free_memory()  # the pass's activations: the solves below start from a trimmed heap
             dist_ctx.solve_layer(groups, solver)
             del groups
@@ -76,8 +84,12 @@ def run_layers(
         if index + 1 < len(layers):
             for stream in streams:
                 stream.propagate(layer, index)
-                check_finite(stream, f"the output of decoder layer '{prefix}.{index}'"
-                             + (" after realignment" if layer_targets else ""), dist_ctx)
+                check_finite(
+                    stream,
+                    f"the output of decoder layer '{prefix}.{index}'"
+                    + (" after realignment" if layer_targets else ""),
+                    dist_ctx,
+                )
         if store_layer is not None:
             store_layer(index, layer)
         release_free_memory()
@@ -91,9 +103,11 @@ def check_finite(stream: Stream, what: str, dist_ctx: SingleProcess) -> None:
     for b, (x, mask) in enumerate(zip(stream.hidden, stream.masks)):
         real = x[mask.to(x.device).bool()] if mask.shape == x.shape[:-1] else x
         if not torch.isfinite(real).all():
-            error = NumericalError(f"{what} contains NaN or Inf on {stream.name} batch {b}; every weight was "
-                                   "restored. Check the model in float32, or exclude the layer's modules via "
-                                   "target_modules")
+            error = NumericalError(
+                f"{what} contains NaN or Inf on {stream.name} batch {b}; every weight was "
+                "restored. Check the model in float32, or exclude the layer's modules via "
+                "target_modules"
+            )
             break
     if dist_ctx.kind != "single":
         raise_if_any_failed(error)
@@ -101,6 +115,6 @@ def check_finite(stream: Stream, what: str, dist_ctx: SingleProcess) -> None:
         raise error
 
 
-def compute_device(config: IRRConfig) -> Optional[torch.device]:
+def compute_device(config: IRRConfig) -> torch.device | None:
     """`IRRConfig.device` as a device (None: each layer's own device)."""
     return torch.device(config.device) if config.device else None

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..tensors import SafetensorsMapping, tensor_shape
 
+
 # files of a Trainer checkpoint that are training state, not part of the model
 _TRAINING_STATE = {"trainer_state.json", "model.safetensors.index.json"}
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken")
@@ -33,8 +34,9 @@ class LayerStorage:
         on_load: called with the layer index once the layer is materialised (e.g. to check its targets).
     """
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], prefix: str, writer: "ShardWriter",
-                 device: torch.device, on_load=None) -> None:
+    def __init__(
+        self, weights: Mapping[str, torch.Tensor], prefix: str, writer: ShardWriter, device: torch.device, on_load=None
+    ) -> None:
         self.weights, self.prefix, self.writer, self.device, self.on_load = weights, prefix, writer, device, on_load
 
     def load(self, index: int, layer: nn.Module) -> None:
@@ -73,7 +75,7 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
 
 
 def in_layers(key: str, prefix: str) -> bool:
-    return key.startswith(prefix + ".") and key[len(prefix) + 1:].split(".", 1)[0].isdigit()
+    return key.startswith(prefix + ".") and key[len(prefix) + 1 :].split(".", 1)[0].isdigit()
 
 
 def persistent_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -85,8 +87,9 @@ def materialise(module: nn.Module, prefix: str, weights: Mapping[str, torch.Tens
     for key in module.state_dict():
         full = f"{prefix}.{key}" if prefix else key
         if full not in weights:
-            raise KeyError(f"the fine-tuned checkpoint has no tensor '{full}' (saved with another "
-                           "architecture or renamed keys?)")
+            raise KeyError(
+                f"the fine-tuned checkpoint has no tensor '{full}' (saved with another architecture or renamed keys?)"
+            )
         owner_name, _, attr = key.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         value = weights[full].to(device)
@@ -103,12 +106,15 @@ def check_checkpoint(model: nn.Module, prefix: str, weights: Mapping) -> None:
     for key, value in model.state_dict().items():
         if in_layers(key, prefix) or key.startswith(embeddings):
             if key not in weights:
-                raise KeyError(f"the fine-tuned checkpoint has no tensor '{key}' (saved with another "
-                               "architecture or renamed keys?)")
+                raise KeyError(
+                    f"the fine-tuned checkpoint has no tensor '{key}' (saved with another "
+                    "architecture or renamed keys?)"
+                )
             got = tensor_shape(weights, key)
             if got != tuple(value.shape):
-                raise ValueError(f"fine-tuned checkpoint tensor '{key}' has shape {got}, the config says "
-                                 f"{tuple(value.shape)}")
+                raise ValueError(
+                    f"fine-tuned checkpoint tensor '{key}' has shape {got}, the config says {tuple(value.shape)}"
+                )
 
 
 class ShardWriter:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 
@@ -17,10 +16,11 @@ from ..core import ModuleStats, RealignSettings, realign_group
 from ..core.realign import row_spans
 from ..report import IRRReport
 from ..targets import Target
-from .streams import CALIBRATION
 from .inputs import SafetyInputs
 from .memory import release_free_memory
+from .streams import CALIBRATION
 from .writing import Backup, write_weight
+
 
 #: {stream name: (H, token count)} of one group's input
 StreamHessians = Mapping[str, tuple[torch.Tensor, int]]
@@ -51,8 +51,14 @@ class GroupSolver:
         results = None  # the last view keeps the whole solver output alive
         release_free_memory()  # this group's solver buffers, before the next group allocates its own
 
-    def solve(self, group: list[Target], hessians: StreamHessians, *, local: Optional[LocalRows] = None,
-              settings: Optional[RealignSettings] = None) -> list[tuple[torch.Tensor, ModuleStats]]:
+    def solve(
+        self,
+        group: list[Target],
+        hessians: StreamHessians,
+        *,
+        local: LocalRows | None = None,
+        settings: RealignSettings | None = None,
+    ) -> list[tuple[torch.Tensor, ModuleStats]]:
         """The new deltas (out, in) and statistics of `group`, nothing written. `local`: only these rows."""
         hessian, _ = hessians[CALIBRATION]
         device = hessian.device
@@ -65,11 +71,11 @@ class GroupSolver:
             deltas.append(self.inputs.delta_into(t, stacked[r0:r1], weight=weight, rows=span))
             safeties.append(self.inputs.signs(t, device, rows=span))
             scores.append(self.inputs.scores(t, device, rows=span))
-        return realign_group(deltas, safeties, scores, hessian, names=[t.name for t in group],
-                             settings=settings or self.settings)
+        return realign_group(
+            deltas, safeties, scores, hessian, names=[t.name for t in group], settings=settings or self.settings
+        )
 
-    def write(self, group: list[Target], results, hessians: StreamHessians, *,
-              local: Optional[LocalRows] = None) -> None:
+    def write(self, group: list[Target], results, hessians: StreamHessians, *, local: LocalRows | None = None) -> None:
         """W′ = W_A + Δ′ (W_A read again, lazily, rather than held through the solve); stats to the report."""
         _, tokens = hessians[CALIBRATION]
         for k, (t, (new_delta, stats)) in enumerate(zip(group, results)):
@@ -89,7 +95,7 @@ class GroupSolver:
         return replace(self.settings, fallback_to_removal=False)
 
     @staticmethod
-    def _num_rows(t: Target, local: Optional[LocalRows], k: int) -> int:
+    def _num_rows(t: Target, local: LocalRows | None, k: int) -> int:
         return t.out_in_shape[0] if local is None else local[k][0].shape[0]
 
 

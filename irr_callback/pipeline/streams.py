@@ -19,6 +19,7 @@ from ..config import IRRConfig
 from ..report import IRRReport
 from .capture import capture_layer_inputs, capture_with_stub_layers, propagate
 
+
 #: The stream every run has: the downstream calibration data.
 CALIBRATION = "calibration"
 
@@ -50,15 +51,22 @@ class Stream:
         self.hidden = propagate(layer, self.hidden, self.args[index])
 
 
-def prepare_calibration(calibration: Any, config: IRRConfig, model_config: Any,
-                        num_layers: int) -> tuple[list[dict[str, torch.Tensor]], IRRReport]:
+def prepare_calibration(
+    calibration: Any, config: IRRConfig, model_config: Any, num_layers: int
+) -> tuple[list[dict[str, torch.Tensor]], IRRReport]:
     """Padded calibration batches, and the report that will record what is done with them."""
     pad = getattr(model_config, "pad_token_id", None)
-    batches = calibration_batches(calibration, max_samples=config.num_calibration_samples,
-                                  max_length=config.calibration_max_length,
-                                  batch_size=config.calibration_batch_size,
-                                  pad_token_id=pad if isinstance(pad, int) else 0)
-    report = IRRReport(config=config.to_dict(), num_layers=num_layers,
-                       calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
-                       calibration_tokens=sum(int(b["attention_mask"].sum()) for b in batches))
+    batches = calibration_batches(
+        calibration,
+        max_samples=config.num_calibration_samples,
+        max_length=config.calibration_max_length,
+        batch_size=config.calibration_batch_size,
+        pad_token_id=pad if isinstance(pad, int) else 0,
+    )
+    report = IRRReport(
+        config=config.to_dict(),
+        num_layers=num_layers,
+        calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
+        calibration_tokens=sum(int(b["attention_mask"].sum()) for b in batches),
+    )
     return batches, report

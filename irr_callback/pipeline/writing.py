@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from ..targets import Target
 
+
 logger = logging.get_logger(__name__)
 
 
@@ -33,7 +34,7 @@ def switch_off_adapter(target: Target, backup: Backup) -> None:
     lora_b.data.zero_()
 
 
-def make_backup(where: str) -> "Backup":
+def make_backup(where: str) -> Backup:
     """The all-or-nothing backup: 'cpu' (RAM), 'disk' (a temp file: no RAM) or 'none' (callers that
     discard the model on failure, e.g. the offline path)."""
     if where == "cpu":
@@ -59,8 +60,7 @@ class Backup:
 
     def originals(self):
         """(param, original CPU tensor) pairs, last written first: what `restore` puts back."""
-        for param, original in reversed(self._saved):
-            yield param, original
+        yield from reversed(self._saved)
 
     def restore(self) -> None:
         with torch.no_grad():

@@ -12,13 +12,14 @@ import os
 import sys
 import traceback
 
-import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from tests.dist_workers import cases  # noqa: E402
+
 
 CASES = {
     "fisher": lambda: (cases.fisher_case(), {}),
@@ -47,9 +48,9 @@ def fsdp2_save(out_dir: str):
 
 def zero3(remove_ratio: float, save: bool = False):
     """Realign a ZeRO-3 engine's module (deepspeed on CPU); optionally `save_realigned` it afterwards."""
-    from irr_callback.distributed import save_realigned
-
     from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+
+    from irr_callback.distributed import save_realigned
 
     engines, depth = [], []
 
@@ -87,8 +88,14 @@ def zero3_failure():
 
     solve_step.realign_group = failing
     try:
-        realign(module, base=base, safety_vector=irr.safety_vector(base, unaligned),
-                calibration=calibration(**cases.CALIBRATION), config=IRRConfig(**cases.CONFIG), progress=False)
+        realign(
+            module,
+            base=base,
+            safety_vector=irr.safety_vector(base, unaligned),
+            calibration=calibration(**cases.CALIBRATION),
+            config=IRRConfig(**cases.CONFIG),
+            progress=False,
+        )
         error = "no error"
     except RuntimeError as exc:
         error = str(exc)
@@ -103,8 +110,9 @@ def trainer():
     from tests.dist_workers import trainer_case
 
     models = os.path.join(OUT[0], "models")
-    result = trainer_case.run({name: os.path.join(models, name) for name in ("aligned", "unaligned")}, OUT[0],
-                              int(os.environ["WORLD_SIZE"]))
+    result = trainer_case.run(
+        {name: os.path.join(models, name) for name in ("aligned", "unaligned")}, OUT[0], int(os.environ["WORLD_SIZE"])
+    )
     result["distributed"] = dist.is_initialized() and dist.get_world_size() == int(os.environ["WORLD_SIZE"])
     tensors = {f"{key}.{k}": v for key in ("finetuned", "live") for k, v in result.pop(key).items()}
     return tensors, result
@@ -135,7 +143,10 @@ def main() -> None:
             dist.init_process_group("gloo")
         try:
             tensors, extra = CASES[name]()
-            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, f"{name}.rank{rank}.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()},
+                os.path.join(out_dir, f"{name}.rank{rank}.safetensors"),
+            )
             with open(os.path.join(out_dir, f"{name}.rank{rank}.json"), "w") as f:
                 json.dump(extra, f)
         except Exception:

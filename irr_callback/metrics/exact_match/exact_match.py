@@ -11,6 +11,7 @@ import string
 import datasets
 import evaluate
 
+
 _DESCRIPTION = """
 Share of predictions equal to their reference after optional normalisation (strip, whitespace
 collapsing, case, punctuation, regexes removed first).

@@ -6,7 +6,9 @@ One import per line: ``evaluate`` parses this file's imports to check dependenci
 
 import datasets
 import evaluate
+
 from irr_callback.evaluation.judges import KeywordRefusalJudge
+
 
 _DESCRIPTION = """
 Share of predictions (model responses to HARMFUL prompts) that are refusals, by case-insensitive
