@@ -27,6 +27,7 @@ from .config import IRRConfig
 from .data import calibration_examples
 from .io import fingerprint
 from .model_card import build_model_card
+from .output import save_realigned
 from .peft_utils import (
     LoraBackup,
     check_supported,
@@ -37,7 +38,6 @@ from .peft_utils import (
 )
 from .pipeline import realign
 from .report import IRRReport
-from .saving import atomic_directory
 from .snapshot import RunStore, take_snapshot
 from .sources import BaseContext, Resolved, resolve_fisher, resolve_safety_vector
 from .targets import find_targets, unwrap
@@ -306,29 +306,20 @@ class IRRCallback(TrainerCallback):
         return copy.deepcopy(model).merge_and_unload()
 
     def _save(self, model, merged, tokenizer, report: IRRReport, target: str) -> None:
-        state = _partial_state()
-        state.wait_for_everyone()
-        try:
-            if state.is_main_process:
-                with atomic_directory(target) as tmp:
-                    lora = report.extra.get("lora_refactor")
-                    if merged is None and not is_peft_model(model):
-                        unwrap(model).save_pretrained(tmp)
-                    if merged is not None:
-                        merged.save_pretrained(tmp)
-                    if is_peft_model(model) and self.config.lora_output in ("adapter", "both"):
-                        model.save_pretrained(
-                            tmp if self.config.lora_output == "adapter" else os.path.join(tmp, "adapter")
-                        )
-                    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-                        tokenizer.save_pretrained(tmp)
-                    report.save(os.path.join(tmp, "irr_report.json"))
-                    build_model_card(report, base_model=_model_name(model), sources=self.sources, lora=lora).save(
-                        os.path.join(tmp, "README.md")
-                    )
-                logger.info(f"IRR: realigned model saved to {target}")
-        finally:
-            state.wait_for_everyone()
+        """Every rank: the one sharding-aware writer (`output.save_realigned`) gathers and writes on the main process."""
+        peft = is_peft_model(model)
+        card = build_model_card(
+            report, base_model=_model_name(model), sources=self.sources, lora=report.extra.get("lora_refactor")
+        )
+
+        def adapter(tmp: str) -> None:
+            if peft and self.config.lora_output in ("adapter", "both"):
+                model.save_pretrained(tmp if self.config.lora_output == "adapter" else os.path.join(tmp, "adapter"))
+
+        save_realigned(
+            merged if peft else model, target, processing_class=tokenizer, report=report, card=card, extra=adapter
+        )
+        logger.info(f"IRR: realigned model saved to {target}")
 
     def _write_run_report(self, args) -> None:
         if self.report is not None and _partial_state().is_main_process:

@@ -121,6 +121,17 @@ def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], *, max_l
     return out
 
 
+def padding_id(tokenizer, default: int | None = 0) -> int | None:
+    """The id that pads batches: the tokenizer's pad token, else its EOS token, else `default`.
+
+    The one rule everywhere: padded positions are masked (attention mask 0, labels -100), so any id
+    gives the same results; generation needs a real token (`default=None` tells the caller there is none)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad) if pad is not None else default
+
+
 def collate(examples: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a list of tokenized examples into one batch (labels padded with -100)."""
     width = max(len(e["input_ids"]) for e in examples)
@@ -153,7 +164,7 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
             for prompt in logging.tqdm(prompts, desc="IRR safety responses"):
                 prompt_ids, _ = _chat_ids(tokenizer, str(prompt), None)
                 ids = torch.tensor([prompt_ids], device=device)
-                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                pad = padding_id(tokenizer, default=None)
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),

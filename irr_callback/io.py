@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 
 import torch
 
+from .saving import atomic_file
 from .tensors import SafetensorsMapping
 
 
@@ -64,17 +64,8 @@ def save_irr_file(
         "irr_callback.sign_only": "true" if sign_only else "false",
         **(extra or {}),
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".irr-", suffix=".safetensors.tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".safetensors.tmp") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_irr_file(path: str, *, kind: str, base: Mapping[str, torch.Tensor] | None = None) -> SafetensorsMapping:

@@ -21,9 +21,16 @@ _SETTINGS = (
 
 
 def build_model_card(
-    report: IRRReport, *, base_model: str | None, sources: dict[str, Any], lora: dict[str, Any] | None = None
+    report: IRRReport,
+    *,
+    base_model: str | None,
+    sources: dict[str, Any],
+    lora: dict[str, Any] | None = None,
+    applied_by: str = "`irr_callback.IRRCallback` at the end of the training run",
+    calibration: str = "the first training examples",
 ):
-    """A `huggingface_hub.ModelCard` with base model, method and settings, and removal statistics."""
+    """A `huggingface_hub.ModelCard` with base model, method and settings, and removal statistics: the
+    one model card of a realigned model (the callback's and `irr apply`'s, which says so in `applied_by`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     totals = report.totals
@@ -59,12 +66,11 @@ def build_model_card(
 This model is a fine-tune of `{base_model or "unknown base"}` whose safety-degrading weight changes were
 removed after training with **IRR** (identify, remove, recalibrate; Wu et al., "Separate the Wheat from
 the Chaff", Findings of ACL 2025, arXiv:2412.11041), applied by
-`irr_callback.IRRCallback` at the end of the training run.
+{applied_by}.
 
 Every fine-tuning delta whose sign conflicts with the safety vector v = W_aligned − W_unaligned was reset
 to the base value{", ranked by Fisher importance" if report.config.get("remove_ratio", 1.0) < 1 else ""};
-the kept deltas were recalibrated (OBS update) to preserve each layer's output on the first training
-examples.
+the kept deltas were recalibrated (OBS update) to preserve each layer's output on {calibration}.
 
 ## Safety inputs
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._version import __version__
 from .core.stats import ModuleStats
+from .saving import atomic_file
 
 
 __all__ = ["IRRReport", "ModuleStats"]
@@ -86,10 +86,8 @@ class IRRReport:
 
     def save(self, path: str) -> None:
         """Write atomically: a reader never sees a half-written report."""
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_file(path, suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.write(self.to_json())
-        os.replace(tmp, path)
 
     def summary(self) -> str:
         t = self.totals

@@ -163,3 +163,28 @@ def fisher(
         raise ValueError("fisher: no batch was given")
     logger.info(f"Fisher importance from {count} mini-batches over {len(wanted)} parameters")
     return {n: (s / count).to(dtype).cpu() for n, s in sums.items()}
+
+
+def fisher_from_pairs(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    names: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """`fisher` on prompt / response pairs (harmful prompts, safe responses): the loss on the response
+    tokens only, batches of `batch_size` padded with the tokenizer's padding id. The one place the
+    callback, `irr apply --safety-data` and `irr fisher` turn such data into importance. Returns the
+    importance and the number of pairs used (pairs whose response was truncated away carry no loss)."""
+    from .data import batches, padding_id, tokenize_pairs
+
+    examples = tokenize_pairs(tokenizer, list(prompts), list(responses), max_length=max_length)
+    scores = fisher(
+        model, batches(examples, batch_size, padding_id(tokenizer)), names=names, dtype=dtype, progress=progress
+    )
+    return scores, len(examples)

@@ -1,4 +1,4 @@
-"""Atomic output directories: a reader (or a crashed job) never sees a half-written model directory.
+"""Atomic outputs: a reader (or a crashed job) never sees a half-written model directory or file.
 
 Everything is written into a temporary directory beside the target, which replaces the target with
 `os.replace` only once complete. A previous directory at the target is moved aside first and
@@ -57,6 +57,22 @@ def atomic_directory(target: str) -> Iterator[str]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temp file path in `path`'s directory; on success it replaces `path`, on error it is deleted."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".irr-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def recover_interrupted(target: str) -> list[str]:

@@ -22,10 +22,9 @@ from transformers.utils import logging
 
 from . import distributed
 from .config import IRRConfig, IRRConfigError
-from .data import batches as make_batches
-from .data import data_fingerprint, generate_responses, load_examples, require_columns, tokenize_pairs
+from .data import data_fingerprint, generate_responses, load_examples, padding_id, require_columns, tokenize_pairs
 from .io import IRRFileError, load_irr_file, save_irr_file
-from .safety import fisher as compute_fisher
+from .safety import fisher_from_pairs
 from .safety import safety_vector as compute_safety_vector
 from .targets import Target
 from .tensors import SafetensorsMapping
@@ -214,7 +213,7 @@ def _from_harmful_dataset(source: Any, config: IRRConfig, ctx: BaseContext) -> R
         dataset[config.harmful_response_column],
         max_length=config.calibration_max_length,
     )
-    v = harmful_finetune_vector(ctx.model, examples, ctx.targets, config, pad_token_id=_pad_id(ctx.tokenizer))
+    v = harmful_finetune_vector(ctx.model, examples, ctx.targets, config, pad_token_id=padding_id(ctx.tokenizer))
     mapping = _store(path, v, "safety_vector", ctx, {"source": "harmful_dataset", "harmful_dataset": label})
     logger.info(f"IRR: safety vector from a {config.unaligned_steps}-step harmful fine-tune cached at {path}")
     return Resolved(
@@ -228,13 +227,6 @@ def _from_harmful_dataset(source: Any, config: IRRConfig, ctx: BaseContext) -> R
             "lora_rank": config.unaligned_lora_rank,
         },
     )
-
-
-def _pad_id(tokenizer) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    return int(pad) if pad is not None else 0
 
 
 # ------------------------------------------------------------------------------------- Fisher
@@ -286,9 +278,14 @@ def resolve_fisher(config: IRRConfig, ctx: BaseContext, *, safety_dataset: Any =
             )
         logger.info(f"IRR: generating the base model's responses to {len(prompts)} safety prompts")
         responses = generate_responses(ctx.model, ctx.tokenizer, prompts, max_new_tokens=config.safety_max_new_tokens)
-    examples = tokenize_pairs(ctx.tokenizer, prompts, responses, max_length=config.calibration_max_length)
-    scores = compute_fisher(
-        ctx.model, make_batches(examples, config.fisher_batch_size, _pad_id(ctx.tokenizer)), names=ctx.names
+    scores, used = fisher_from_pairs(
+        ctx.model,
+        ctx.tokenizer,
+        prompts,
+        responses,
+        max_length=config.calibration_max_length,
+        batch_size=config.fisher_batch_size,
+        names=ctx.names,
     )
     mapping: Mapping[str, torch.Tensor] = scores  # the same sums on every rank; the main process caches them
     if distributed.rank_and_world()[0] == 0:
@@ -303,5 +300,5 @@ def resolve_fisher(config: IRRConfig, ctx: BaseContext, *, safety_dataset: Any =
         mapping,
         "safety_dataset",
         path=path,
-        info={"safety_dataset": label, "examples": len(examples), "generated_responses": not has_response},
+        info={"safety_dataset": label, "examples": used, "generated_responses": not has_response},
     )

@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from ..config import IRRConfig
 from ..io import load_irr_file
+from ..output import save_realigned, write_output
 from ..saving import atomic_directory
 from ..tensors import SafetensorsMapping, as_tensor_mapping
 from ._common import (
@@ -230,12 +231,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_low_memory(args, config, calibration_data)
     inputs = load_inputs(args, config, calibration_data)
     model, report = realign_inputs(inputs, config)
-    with atomic_directory(args.output) as tmp:
-        model.save_pretrained(tmp)
-        inputs.tokenizer.save_pretrained(tmp)
-        report.extra.update({"base_model": args.base, "finetuned": args.finetuned, "lora": inputs.lora})
-        report.save(os.path.join(tmp, "irr_report.json"))
-        _write_card(tmp, args, report)
+    report.extra.update({"base_model": args.base, "finetuned": args.finetuned, "lora": inputs.lora})
+    save_realigned(model, args.output, processing_class=inputs.tokenizer, report=report, card=_card(args, report))
     print(report.summary())
     print(f"wrote {args.output}")
     return 0
@@ -286,8 +283,7 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
             importance=importance,
             config=config,
         )
-        tokenizer.save_pretrained(tmp)
-        _write_card(tmp, args, report)
+        write_output(tmp, processing_class=tokenizer, card=_card(args, report))
     print(report.summary())
     print(f"wrote {args.output} (one layer at a time)")
     return 0
@@ -301,8 +297,8 @@ def _same_model(recorded: str, given: str) -> bool:
 
 
 def _fisher_from_data(model, tokenizer, args, names, config):
-    from ..data import batches, load_examples, require_columns, tokenize_pairs
-    from ..safety import fisher
+    from ..data import load_examples, require_columns
+    from ..safety import fisher_from_pairs
 
     rows = load_examples(args.safety_data, what="--safety-data")
     require_columns(
@@ -311,28 +307,29 @@ def _fisher_from_data(model, tokenizer, args, names, config):
         what="--safety-data",
         fields=["--safety-prompt-column", "--safety-response-column"],
     )
-    pairs = tokenize_pairs(
+    scores, _ = fisher_from_pairs(
+        model,
         tokenizer,
         rows[args.safety_prompt_column],
         rows[args.safety_response_column],
         max_length=config.calibration_max_length,
+        batch_size=config.fisher_batch_size,
+        names=names,
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return fisher(model, batches(pairs, 8, pad), names=names)
+    return scores
 
 
-def _write_card(directory: str, args, report) -> None:
-    from huggingface_hub import ModelCard
+def _card(args, report):
+    """The model card of `irr apply`'s output: the callback's card, saying how this one was made."""
+    from ..model_card import build_model_card
 
-    t = report.totals
-    text = (
-        f"---\nbase_model: {args.base}\ntags:\n- irr\n- safety-realignment\n---\n\n"
-        f"# {os.path.basename(os.path.abspath(args.output))}\n\n"
-        f"`{args.finetuned}` realigned with IRR (identify, remove, recalibrate) against the aligned base "
-        f"`{args.base}` using irr-callback.\n\n"
-        f"- removed {t['removed']:,} of {t['entries']:,} fine-tuning deltas ({100 * t['removed_fraction']:.2f}%) "
-        f"in {t['modules']} modules\n- settings: remove_ratio={report.config['remove_ratio']}, "
-        f"recalibrate={report.config['recalibrate']}, blocksize={report.config['blocksize']}\n"
-        f"- per-module statistics: `irr_report.json`\n"
+    sources = {"safety_vector": {"source": args.safety_vector or f"unaligned model {args.unaligned}"}}
+    if report.config.get("remove_ratio", 1.0) < 1:
+        sources["fisher"] = {"source": args.fisher or f"--safety-data {args.safety_data}"}
+    return build_model_card(
+        report,
+        base_model=args.base,
+        sources=sources,
+        applied_by=f"`irr apply` to the fine-tuned model `{args.finetuned}`",
+        calibration="the calibration data",
     )
-    ModelCard(text).save(os.path.join(directory, "README.md"))

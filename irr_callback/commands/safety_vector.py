@@ -83,7 +83,7 @@ _FLAGS = {
 
 def _from_harmful_data(args: argparse.Namespace) -> int:
     """The short harmful fine-tune of `irr_callback.unaligned` (the callback's `harmful_dataset` path)."""
-    from ..data import DataError, load_examples, require_columns, tokenize_pairs
+    from ..data import DataError, load_examples, padding_id, require_columns, tokenize_pairs
     from ..targets import find_targets
     from ..tensors import as_tensor_mapping
     from ..unaligned import harmful_finetune_vector
@@ -121,8 +121,7 @@ def _from_harmful_data(args: argparse.Namespace) -> int:
         )
     except DataError as exc:
         raise CLIError(f"--harmful-data: {exc}") from exc
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    v = harmful_finetune_vector(model, examples, targets, config, pad_token_id=pad)
+    v = harmful_finetune_vector(model, examples, targets, config, pad_token_id=padding_id(tokenizer))
     base = as_tensor_mapping(model, what="base")
     save_irr_file(
         args.output,

@@ -69,6 +69,7 @@ def _safety_utility(row: dict[str, Any], columns: list[str]) -> tuple[float | No
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..output import write_output
     from ..plotting import markdown_table, pareto_plot
     from ..saving import atomic_directory
 
@@ -117,9 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 evaluate(f"IRR r={r:g}", model, remove_ratio=r, removed_pct=100 * totals["removed_fraction"])
                 if args.save_models:
                     directory = os.path.join(tmp, f"ratio-{r:g}")
-                    model.save_pretrained(directory)
-                    inputs.tokenizer.save_pretrained(directory)
-                    report.save(os.path.join(directory, "irr_report.json"))
+                    write_output(directory, model=model, processing_class=inputs.tokenizer, report=report)
                 del model
             table = markdown_table(rows, ["model", "remove_ratio", "removed_pct", *columns])
             with open(os.path.join(tmp, "sweep.md"), "w", encoding="utf-8") as fh:

@@ -16,7 +16,7 @@ whose hooks are no-ops: the single-process path runs no collective.
 
 Files: `collectives` (reductions, broadcast, sharding of batches, error agreement), `base` (the
 single-process and replicated contexts), one file per sharded backend (`zero3`, `fsdp2`, `fsdp1`,
-imported only when detected), `fisher` (Fisher under a process group), `save` (the realigned output).
+imported only when detected), `fisher` (Fisher under a process group), `save` (the full state dict under any backend).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .collectives import (
     split_for_this_rank,
 )
 from .fisher import check_local_gradients, fisher_padding, reduce_fisher_, shard_fisher_batches
-from .save import full_state_dict, save_realigned
+from .save import full_state_dict
 
 
 __all__ = [
@@ -66,7 +66,6 @@ __all__ = [
     "raise_if_any_failed",
     "rank_and_world",
     "reduce_fisher_",
-    "save_realigned",
     "shard_batches",
     "shard_fisher_batches",
     "split_for_this_rank",

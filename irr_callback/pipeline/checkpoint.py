@@ -12,8 +12,6 @@ directory next to `output_dir` and renamed at the end, so a failure never leaves
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -22,7 +20,9 @@ from transformers.utils import logging
 
 from ..config import IRRConfig
 from ..distributed import SingleProcess
+from ..output import write_output
 from ..report import IRRReport
+from ..saving import atomic_directory
 from ..targets import find_targets
 from ..tensors import SafetensorsMapping
 from .inputs import SafetyInputs
@@ -107,49 +107,43 @@ def realign_checkpoint(
     device = torch.device(config.device) if config.device else torch.device("cpu")
     solver = GroupSolver(inputs, config.realign_settings(), make_backup("none"), report)  # failure: temp dir dropped
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output_dir))}.irr-tmp-", dir=parent)
     try:
-        writer = ShardWriter(tmp)
-        storage = LayerStorage(
-            weights,
-            prefix,
-            writer,
-            device,
-            on_load=lambda index: inputs.validate([t for t in targets if t.layer == index]),
-        )
-        with torch.no_grad():
-            streams = [Stream(CALIBRATION, batches)]
-            embeddings = model.get_input_embeddings()
-            materialise(embeddings, module_name(model, embeddings), weights, device)
-            for stream in streams:
-                stream.capture(model, layers, stubs=True)
-            embeddings.to("meta")
-            run_layers(
+        with atomic_directory(output_dir) as tmp:  # a failure leaves no output
+            writer = ShardWriter(tmp)
+            storage = LayerStorage(
+                weights,
                 prefix,
-                layers,
-                targets,
-                streams,
-                solver,
-                SingleProcess(),
-                device=compute_device(config),
-                load_layer=storage.load,
-                store_layer=storage.store,
-                progress=progress,
-                desc="IRR layers (offline)",
+                writer,
+                device,
+                on_load=lambda index: inputs.validate([t for t in targets if t.layer == index]),
             )
-            del streams
-            storage.store_rest()
-        writer.finish()
-        copy_side_files(finetuned_dir, tmp)
-        report.seconds = time.perf_counter() - started
-        report.save(os.path.join(tmp, "irr_report.json"))
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # empty (checked above)
-        os.replace(tmp, output_dir)
+            with torch.no_grad():
+                streams = [Stream(CALIBRATION, batches)]
+                embeddings = model.get_input_embeddings()
+                materialise(embeddings, module_name(model, embeddings), weights, device)
+                for stream in streams:
+                    stream.capture(model, layers, stubs=True)
+                embeddings.to("meta")
+                run_layers(
+                    prefix,
+                    layers,
+                    targets,
+                    streams,
+                    solver,
+                    SingleProcess(),
+                    device=compute_device(config),
+                    load_layer=storage.load,
+                    store_layer=storage.store,
+                    progress=progress,
+                    desc="IRR layers (offline)",
+                )
+                del streams
+                storage.store_rest()
+            writer.finish()
+            copy_side_files(finetuned_dir, tmp)
+            report.seconds = time.perf_counter() - started
+            write_output(tmp, report=report)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     logger.info(report.summary())

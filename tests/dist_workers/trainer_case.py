@@ -81,18 +81,19 @@ class Probe(TrainerCallback):
 def run(paths: dict[str, str], out_dir: str, world_size: int) -> dict[str, Any]:
     """Fine-tune + IRR (remove_ratio 0.5: the Fisher is computed in the run too); returns what to compare.
 
-    Counts the callback's directory writes on this process (`irr_callback.callback.atomic_directory`).
+    Counts the callback's directory writes on this process (`irr_callback.output.atomic_directory`, the
+    one writer the callback saves through).
     """
-    import irr_callback.callback as callback_module
+    import irr_callback.output as output_module
 
     writes = []
-    original = callback_module.atomic_directory
+    original = output_module.atomic_directory
 
     def counting(target):
         writes.append(target)
         return original(target)
 
-    callback_module.atomic_directory = counting
+    output_module.atomic_directory = counting
     try:
         model = LlamaForCausalLM.from_pretrained(paths["aligned"])
         config = IRRConfig(
@@ -131,7 +132,7 @@ def run(paths: dict[str, str], out_dir: str, world_size: int) -> dict[str, Any]:
         callback.bind(trainer)
         trainer.train()
     finally:
-        callback_module.atomic_directory = original
+        output_module.atomic_directory = original
     live = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     report = callback.report
     return {
