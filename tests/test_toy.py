@@ -8,7 +8,7 @@ from irr_callback.toy import (
     HARMFUL_TOPICS,
     REFUSAL,
     ToyWorld,
-    _make_pools,
+    make_pools,
     build_tokenizer,
     build_toy_world,
     harmful_answer,
@@ -157,8 +157,8 @@ def test_finetune_is_deterministic(toy_world):
 
 
 def test_data_and_init_are_deterministic(toy_world):
-    assert _make_pools(0, 16) == _make_pools(0, 16)
-    assert _make_pools(0, 16) != _make_pools(1, 16)
+    assert make_pools(0, 16) == make_pools(0, 16)
+    assert make_pools(0, 16) != make_pools(1, 16)
     m1, m2 = toy_world.new_model(seed=5), toy_world.new_model(seed=5)
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
 

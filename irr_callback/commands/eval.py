@@ -224,6 +224,7 @@ def evaluate_model(
     model: Any, tokenizer: Any, sets: list[PromptSet], judge: Any, *, batch_size: int, max_new_tokens: int
 ) -> tuple[dict[str, float], dict[str, list[str]]]:
     """(metrics, responses per set) for one model. Generation is greedy."""
+    from ..evaluation.exact import exact_match
     from ..evaluation.runner import evaluate_downstream, evaluate_over_refusal, evaluate_safety
 
     if getattr(tokenizer, "pad_token", None) is None:
@@ -241,17 +242,12 @@ def evaluate_model(
             out = evaluate_over_refusal(model, tokenizer, s.prompts, **gen)
             metrics[f"over_refusal_{s.name}"] = out["over_refusal_rate"]
             if s.references is not None:
-                metrics[f"{s.name}_accuracy"] = _exact(out["responses"], s.references)
+                metrics[f"{s.name}_accuracy"] = exact_match(out["responses"], s.references)
         else:
             out = evaluate_downstream(model, tokenizer, s.prompts, s.references, **gen)
             metrics[f"{s.name}_accuracy"] = out["exact_match"]
         responses[s.name] = out["responses"]
     return metrics, responses
-
-
-def _exact(responses: list[str], references: list[str]) -> float:
-    hits = sum(" ".join(r.split()) == " ".join(ref.split()) for r, ref in zip(responses, references))
-    return hits / len(references) if references else float("nan")
 
 
 def metric_columns(sets: list[PromptSet], judge: Any) -> list[str]:

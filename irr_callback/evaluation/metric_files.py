@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-_METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
+_METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
 
 def available_metrics() -> list[str]:
-    """Names of the ``evaluate`` metric modules shipped in ``irr_callback/metrics``."""
+    """Names of the ``evaluate`` metric modules shipped in ``irr_callback/evaluation/metrics``."""
     return sorted(p.name for p in _METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
 
 

@@ -120,7 +120,7 @@ def evaluate_over_refusal(
 
 
 def load_metric(name: str) -> Any:
-    """``evaluate.load`` that prefers the offline modules shipped in ``irr_callback/metrics``."""
+    """``evaluate.load`` that prefers the offline modules shipped in ``irr_callback/evaluation/metrics``."""
     import evaluate
 
     from .metric_files import metric_path
