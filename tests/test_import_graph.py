@@ -102,3 +102,11 @@ def test_core_imports_only_torch_and_the_standard_library():
             assert set(roots) <= allowed, f"{name} imports {roots}"
             if isinstance(node, ast.ImportFrom) and not node.level and roots == ["irr_callback"]:
                 assert (node.module or "").startswith("irr_callback.core"), f"{name} imports {node.module}"
+
+
+def test_distributed_never_imports_the_pipeline():
+    """Backends receive the pipeline's group solver; they never import it (docs/architecture.md)."""
+    graph = _graph()
+    for name, imported in graph.items():
+        if name.startswith("irr_callback.distributed"):
+            assert not any(m.startswith("irr_callback.pipeline") for m in imported), (name, imported)
