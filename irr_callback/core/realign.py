@@ -63,7 +63,7 @@ def realign_group(
     _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode)
     dtype = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
     device = deltas[0].device
-    original = _one_matrix(deltas, dtype, device)  # never written
+    original = one_matrix(deltas, dtype, device)  # never written
     signs = torch.cat([torch.sign(s.to(device=device)).to(torch.int8) for s in safeties], dim=0)
     uses_importance = settings.uses_importance
     scores = torch.cat([f.to(device=device, dtype=dtype) for f in importances], dim=0) if uses_importance else None
@@ -152,7 +152,7 @@ def realign_group(
     return results
 
 
-def _one_matrix(deltas: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+def one_matrix(deltas: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
     """The group as one (rows, cols) matrix: the deltas themselves when they already are consecutive
     row blocks of one contiguous buffer (the driver builds them so), else a concatenated copy."""
     first = deltas[0]

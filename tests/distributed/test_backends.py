@@ -21,7 +21,7 @@ from irr_callback.distributed import assign_owners
 from tests.dist_workers import cases, trainer_case
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 ZERO3_CASES = ["zero3", "zero3_ranked", "zero3_failure"]
 CASES = [

@@ -8,10 +8,10 @@ from irr_callback.toy import (
     HARMFUL_TOPICS,
     REFUSAL,
     ToyWorld,
-    make_pools,
     build_tokenizer,
     build_toy_world,
     harmful_answer,
+    make_pools,
 )
 
 
