@@ -15,7 +15,9 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
+
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,9 +29,15 @@ def machine() -> dict[str, Any]:
     """Where the numbers come from: platform, CPU, cores, RAM, GPU and library versions."""
     import torch
 
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "ram_gb": round(_total_ram() / 2**30, 1), "load_average": list(os.getloadavg())}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": round(_total_ram() / 2**30, 1),
+        "load_average": list(os.getloadavg()),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     versions = {}
@@ -40,8 +48,9 @@ def machine() -> dict[str, Any]:
             versions[name] = None
     info["versions"] = versions
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True, check=True).stdout.strip()
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except Exception:
         info["git_commit"] = None
     return info
@@ -123,7 +132,7 @@ class AnonPeak:
             self.peak = max(self.peak, rss_anon_bytes())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "AnonPeak":
+    def __enter__(self) -> AnonPeak:
         self._thread.start()
         return self
 
@@ -146,8 +155,14 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
 def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict[str, Any]:
     """Run `python script args` in a fresh process (clean peak memory); it prints one JSON line last."""
     cmd = [sys.executable, script, *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT},
+    )
     if done.returncode != 0:
         raise RuntimeError(f"worker failed ({shlex.join(cmd)}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -156,16 +171,22 @@ def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict[str,
 def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[str, str]:
     """Write results/<name>.json (with command, machine and date) and results/<name>.md."""
     os.makedirs(RESULTS, exist_ok=True)
-    payload = {"benchmark": name, "command": "python " + shlex.join(sys.argv),
-               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine(), **payload}
+    payload = {
+        "benchmark": name,
+        "command": "python " + shlex.join(sys.argv),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        **payload,
+    }
     json_path = os.path.join(RESULTS, f"{name}.json")
     with open(json_path, "w", encoding="utf-8") as fh:
         json.dump(payload, fh, indent=2)
     m = payload["machine"]
-    header = (f"# {name}\n\n`{payload['command']}`  \n{payload['date']} · {m['platform']} · {m['cpu']} · "
-              f"{m['cores']} cores · {m['ram_gb']} GB RAM{' · ' + m['gpu'] if 'gpu' in m else ''} · "
-              f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']}\n\n")
+    header = (
+        f"# {name}\n\n`{payload['command']}`  \n{payload['date']} · {m['platform']} · {m['cpu']} · "
+        f"{m['cores']} cores · {m['ram_gb']} GB RAM{' · ' + m['gpu'] if 'gpu' in m else ''} · "
+        f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']}\n\n"
+    )
     md_path = os.path.join(RESULTS, f"{name}.md")
     with open(md_path, "w", encoding="utf-8") as fh:
         fh.write(header + markdown.rstrip() + "\n")

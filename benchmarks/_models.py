@@ -12,14 +12,22 @@ def llama_config(hidden: int, layers: int, inter: int | None = None, vocab: int 
     from transformers import LlamaConfig
 
     heads = max(1, hidden // 64)
-    return LlamaConfig(hidden_size=hidden, intermediate_size=inter or int(hidden * 2.6875) // 64 * 64,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       vocab_size=vocab, pad_token_id=0, max_position_embeddings=max(2048, max_tokens),
-                       tie_word_embeddings=False)
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter or int(hidden * 2.6875) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
+        pad_token_id=0,
+        max_position_embeddings=max(2048, max_tokens),
+        tie_word_embeddings=False,
+    )
 
 
-def build_checkpoints(workdir: str, cfg, *, seqs: int, tokens: int, dtype: torch.dtype = torch.float32,
-                      seed: int = 0) -> dict:
+def build_checkpoints(
+    workdir: str, cfg, *, seqs: int, tokens: int, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> dict:
     """Write workdir/{base,ft}/ (save_pretrained), workdir/safety.safetensors, workdir/calibration.safetensors."""
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
@@ -38,9 +46,11 @@ def build_checkpoints(workdir: str, cfg, *, seqs: int, tokens: int, dtype: torch
     save_file(safety, os.path.join(workdir, "safety.safetensors"))
     ids = torch.randint(3, cfg.vocab_size, (seqs, tokens), generator=g)
     save_file({"input_ids": ids}, os.path.join(workdir, "calibration.safetensors"))
-    info = {"target_params": sum(t.numel() for t in safety.values()),
-            "model_params": sum(p.numel() for p in model.parameters()),
-            "checkpoint_bytes": dir_bytes(os.path.join(workdir, "ft"))}
+    info = {
+        "target_params": sum(t.numel() for t in safety.values()),
+        "model_params": sum(p.numel() for p in model.parameters()),
+        "checkpoint_bytes": dir_bytes(os.path.join(workdir, "ft")),
+    }
     del model, safety
     return info
 
@@ -53,8 +63,10 @@ def calibration_batches(workdir: str, batch: int, device: str = "cpu") -> list[d
     from safetensors.torch import load_file
 
     ids = load_file(os.path.join(workdir, "calibration.safetensors"))["input_ids"]
-    return [{"input_ids": ids[i:i + batch].to(device), "attention_mask": torch.ones_like(ids[i:i + batch]).to(device)}
-            for i in range(0, len(ids), batch)]
+    return [
+        {"input_ids": ids[i : i + batch].to(device), "attention_mask": torch.ones_like(ids[i : i + batch]).to(device)}
+        for i in range(0, len(ids), batch)
+    ]
 
 
 def warm_up(kind: str) -> None:
@@ -67,8 +79,11 @@ def warm_up(kind: str) -> None:
     cfg = llama_config(64, 1, inter=128, vocab=256)
     base = LlamaForCausalLM(cfg).eval()
     ft = copy.deepcopy(base)
-    safety = {n: torch.sign(torch.randn(p.shape)).to(torch.int8) for n, p in base.named_parameters()
-              if ".layers." in n and p.dim() == 2}
+    safety = {
+        n: torch.sign(torch.randn(p.shape)).to(torch.int8)
+        for n, p in base.named_parameters()
+        if ".layers." in n and p.dim() == 2
+    }
     with torch.no_grad():
         for p in ft.parameters():
             p.add_(0.01 * torch.randn(p.shape))
@@ -81,12 +96,18 @@ def warm_up(kind: str) -> None:
     elif kind == "offline":
         import tempfile
 
-        from irr_callback.offline import realign_checkpoint
+        from irr_callback import realign_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             ft.save_pretrained(tmp + "/ft")
-            realign_checkpoint(tmp + "/ft", base=base, safety_vector=safety, calibration=batches,
-                               output_dir=tmp + "/out", progress=False)
+            realign_checkpoint(
+                tmp + "/ft",
+                base=base,
+                safety_vector=safety,
+                calibration=batches,
+                output_dir=tmp + "/out",
+                progress=False,
+            )
     else:
         from irr_callback import realign
 

@@ -25,9 +25,10 @@ import tempfile
 import time
 
 import _common  # noqa: F401
-from _models import materialise
 import torch
 from _common import AnonPeak, gib, peak_rss_bytes, reset_peak_rss, rss_anon_bytes, rss_bytes, run_worker, write_results
+from _models import materialise
+
 
 HERE = os.path.abspath(__file__)
 
@@ -37,10 +38,16 @@ def build(workdir: str, args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.inter or int(args.hidden * 2.75) // 64 * 64,
-                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-                      num_key_value_heads=max(1, args.hidden // 64), vocab_size=args.vocab, pad_token_id=0,
-                      max_position_embeddings=max(2048, args.tokens))
+    cfg = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.inter or int(args.hidden * 2.75) // 64 * 64,
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(1, args.hidden // 64),
+        num_key_value_heads=max(1, args.hidden // 64),
+        vocab_size=args.vocab,
+        pad_token_id=0,
+        max_position_embeddings=max(2048, args.tokens),
+    )
     base = LlamaForCausalLM(cfg).eval()
     base.save_pretrained(os.path.join(workdir, "base"))
     g = torch.Generator().manual_seed(1)
@@ -64,8 +71,9 @@ def forward_floor(model, batches) -> None:
     pass of the unmodified layer with H accumulated for its targets (shared per input, upper block
     triangle, stopped after the last target) and one propagation pass, with the driver's heap trims.
     No identification, no solves, no writes: the time below which no pipeline can go on this machine."""
-    from irr_callback import IRRConfig
-    from irr_callback.driver import _collect_hessians, capture_with_stub_layers, propagate, release_free_memory
+    from irr_callback.pipeline.capture import capture_with_stub_layers, propagate
+    from irr_callback.pipeline.hessians import collect_stream
+    from irr_callback.pipeline.memory import release_free_memory
     from irr_callback.targets import find_targets
 
     _, layers, targets = find_targets(model, None)
@@ -74,8 +82,9 @@ def forward_floor(model, batches) -> None:
     with torch.no_grad():
         hidden, layer_args = capture_with_stub_layers(model, layers, batches)
         for index, layer in enumerate(layers):
-            _collect_hessians(layer, [t for t in targets if t.layer == index], hidden, layer_args[index], masks,
-                              IRRConfig(), stop_plan=plan)
+            collect_stream(
+                layer, [t for t in targets if t.layer == index], hidden, layer_args[index], masks, stop_plan=plan
+            )
             release_free_memory()  # the same heap trims as the driver
             if index + 1 < len(layers):
                 hidden = propagate(layer, hidden, layer_args[index])
@@ -94,8 +103,10 @@ def worker(kind: str, workdir: str, args) -> dict:
     materialise(model)
     ids = load_file(os.path.join(workdir, "calibration.safetensors"))["input_ids"]
     batch = args.batch
-    batches = [{"input_ids": ids[i:i + batch].to(device), "attention_mask": torch.ones_like(ids[i:i + batch]).to(device)}
-               for i in range(0, len(ids), batch)]
+    batches = [
+        {"input_ids": ids[i : i + batch].to(device), "attention_mask": torch.ones_like(ids[i : i + batch]).to(device)}
+        for i in range(0, len(ids), batch)
+    ]
     import gc
 
     from _models import warm_up
@@ -123,31 +134,53 @@ def worker(kind: str, workdir: str, args) -> dict:
     elif kind == "floor":
         forward_floor(model, batches)
     else:
-        cfg = IRRConfig(backup="cpu" if kind == "ours_cpu_backup" else "disk",
-                        fallback_to_removal=kind != "ours_no_removal_error",
-                        num_calibration_samples=len(ids), calibration_max_length=ids.shape[1],
-                        calibration_batch_size=batch)
-        realign(model, base=os.path.join(workdir, "base"), safety_vector=os.path.join(workdir, "safety.safetensors"),
-                calibration=batches, config=cfg, progress=False)
+        cfg = IRRConfig(
+            backup="cpu" if kind == "ours_cpu_backup" else "disk",
+            fallback_to_removal=kind != "ours_no_removal_error",
+            num_calibration_samples=len(ids),
+            calibration_max_length=ids.shape[1],
+            calibration_batch_size=batch,
+        )
+        realign(
+            model,
+            base=os.path.join(workdir, "base"),
+            safety_vector=os.path.join(workdir, "safety.safetensors"),
+            calibration=batches,
+            config=cfg,
+            progress=False,
+        )
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
     sampler.__exit__()
     peak = peak_rss_bytes()
-    out = {"kind": kind, "device": device, "seconds": seconds, "cpu_seconds": cpu_seconds, "baseline_rss": baseline,
-           "peak_rss": peak, "extra_rss": peak - baseline, "extra_anon": sampler.peak - anon_baseline}
+    out = {
+        "kind": kind,
+        "device": device,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "baseline_rss": baseline,
+        "peak_rss": peak,
+        "extra_rss": peak - baseline,
+        "extra_anon": sampler.peak - anon_baseline,
+    }
     if device == "cuda":
         out["cuda_extra_peak"] = torch.cuda.max_memory_allocated() - cuda_base
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if ".layers." in k},
-              os.path.join(workdir, f"out_{kind}.safetensors"))
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items() if ".layers." in k},
+        os.path.join(workdir, f"out_{kind}.safetensors"),
+    )
     return out
 
 
 def compare(workdir: str, a: str, b: str) -> dict:
     from safetensors.torch import load_file
 
-    x, y = load_file(os.path.join(workdir, f"out_{a}.safetensors")), load_file(os.path.join(workdir, f"out_{b}.safetensors"))
+    x, y = (
+        load_file(os.path.join(workdir, f"out_{a}.safetensors")),
+        load_file(os.path.join(workdir, f"out_{b}.safetensors")),
+    )
     ft = load_file(os.path.join(workdir, "ft", "model.safetensors"))
     base = load_file(os.path.join(workdir, "base", "model.safetensors"))
     worst_rel, worst_abs, num, den = 0.0, 0.0, 0.0, 0.0
@@ -159,8 +192,12 @@ def compare(workdir: str, a: str, b: str) -> dict:
         worst_abs = max(worst_abs, float(d.abs().max()))
         worst_rel = max(worst_rel, float(d.norm() / change.norm().clamp_min(1e-30)))
     changed = sum(int((y[k] != ft[k]).sum()) for k in y)
-    return {"max_abs_diff": worst_abs, "max_rel_diff_of_delta": worst_rel, "rel_diff_of_delta": (num / den) ** 0.5,
-            "entries_changed_by_reference": changed}
+    return {
+        "max_abs_diff": worst_abs,
+        "max_rel_diff_of_delta": worst_rel,
+        "rel_diff_of_delta": (num / den) ** 0.5,
+        "entries_changed_by_reference": changed,
+    }
 
 
 def main() -> None:
@@ -173,8 +210,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--seqs", type=int, default=16, help="calibration sequences")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per calibration sequence")
-    parser.add_argument("--batch", type=int, default=IRRConfig().calibration_batch_size,
-                        help="calibration sequences per layer pass, for every pipeline (default: the library's)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=IRRConfig().calibration_batch_size,
+        help="calibration sequences per layer pass, for every pipeline (default: the library's)",
+    )
     parser.add_argument("--kinds", default="reference,ours,ours_cpu_backup,ours_no_removal_error,floor")
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
     parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds; best time, worst memory")
@@ -194,42 +235,59 @@ def main() -> None:
             for kind in args.kinds.split(","):
                 r = run_worker(HERE, [*passthrough, "--worker", kind, "--workdir", workdir])
                 every.setdefault(kind, []).append(r)
-                print(f"[{rep + 1}/{args.repeat}] {kind}: {r['seconds']:.1f}s wall, {r['cpu_seconds']:.1f}s cpu, "
-                      f"+{gib(r['extra_rss'])} peak RSS ({r['extra_rss'] / sizes['target_params']:.2f} B/target param), "
-                      f"+{gib(r['extra_anon'])} peak anonymous ({r['extra_anon'] / sizes['target_params']:.2f} "
-                      "B/target param)", flush=True)
+                print(
+                    f"[{rep + 1}/{args.repeat}] {kind}: {r['seconds']:.1f}s wall, {r['cpu_seconds']:.1f}s cpu, "
+                    f"+{gib(r['extra_rss'])} peak RSS ({r['extra_rss'] / sizes['target_params']:.2f} B/target param), "
+                    f"+{gib(r['extra_anon'])} peak anonymous ({r['extra_anon'] / sizes['target_params']:.2f} "
+                    "B/target param)",
+                    flush=True,
+                )
         for kind, rs in every.items():  # best time, worst memory
-            runs[kind] = dict(min(rs, key=lambda r: r["seconds"]),
-                              extra_rss=max(r["extra_rss"] for r in rs), extra_anon=max(r["extra_anon"] for r in rs),
-                              all_seconds=[r["seconds"] for r in rs])
-        checks = {k: compare(workdir, k, "reference") for k in runs
-                  if k not in ("reference", "floor") and "reference" in runs}
+            runs[kind] = dict(
+                min(rs, key=lambda r: r["seconds"]),
+                extra_rss=max(r["extra_rss"] for r in rs),
+                extra_anon=max(r["extra_anon"] for r in rs),
+                all_seconds=[r["seconds"] for r in rs],
+            )
+        checks = {
+            k: compare(workdir, k, "reference")
+            for k in runs
+            if k not in ("reference", "floor") and "reference" in runs
+        }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     ref = runs.get("reference")
-    md = [f"Llama-shaped model: hidden {args.hidden}, {args.layers} layers, {sizes['target_params'] / 1e6:.1f} M target "
-          f"parameters (all 7 linears per layer, float32 weights), calibration {args.seqs} × {args.tokens} tokens "
-          f"in batches of {args.batch}.\n",
-          "| pipeline | wall | CPU time | speedup (wall) | peak RSS above the loaded model | per target parameter | "
-          "peak anonymous memory above the model | per target parameter | rel. diff vs reference (of Δ') |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"Llama-shaped model: hidden {args.hidden}, {args.layers} layers, {sizes['target_params'] / 1e6:.1f} M target "
+        f"parameters (all 7 linears per layer, float32 weights), calibration {args.seqs} × {args.tokens} tokens "
+        f"in batches of {args.batch}.\n",
+        "| pipeline | wall | CPU time | speedup (wall) | peak RSS above the loaded model | per target parameter | "
+        "peak anonymous memory above the model | per target parameter | rel. diff vs reference (of Δ') |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for kind, r in runs.items():
         per = r["extra_rss"] / sizes["target_params"]
         speed = f"{ref['seconds'] / r['seconds']:.2f}×" if ref else "-"
         diff = f"{checks[kind]['rel_diff_of_delta']:.1e}" if kind in checks else "-"
-        md.append(f"| {kind} | {r['seconds']:.1f} s | {r['cpu_seconds']:.1f} s | {speed} | {gib(r['extra_rss'])} | "
-                  f"{per:.2f} B | {gib(r['extra_anon'])} | {r['extra_anon'] / sizes['target_params']:.2f} B | {diff} |")
-    md.append(f"\nBest wall time of {args.repeat} interleaved round(s) (all: "
-              + ", ".join(f"{k} {'/'.join(f'{x:.1f}' for x in r['all_seconds'])} s" for k, r in runs.items())
-              + "); memory: the largest of the rounds.")
-    md.append("\nreference: whole-model fp32 dicts, one H + Cholesky chain per module, per-column loop. floor: only "
-              "the forward passes and H accumulation any implementation needs (no solves; its weights are not "
-              "realigned), so reference / floor bounds the speedup any pipeline can reach here. ours: "
-              "`realign` (default config: `backup='disk'`, `fallback_to_removal=True`); ours_cpu_backup: backup in "
-              "RAM; ours_no_removal_error: `fallback_to_removal=False` (no extra matmul). Peak RSS (kernel VmHWM) includes "
-              "clean file-backed pages of the memory-mapped safetensors files that ours reads lazily; peak anonymous "
-              "memory (RssAnon sampled every 5 ms) excludes them. Each pipeline first runs once on a 1-layer toy model "
-              "so one-time costs (code pages, thread pools) are not counted.")
+        md.append(
+            f"| {kind} | {r['seconds']:.1f} s | {r['cpu_seconds']:.1f} s | {speed} | {gib(r['extra_rss'])} | "
+            f"{per:.2f} B | {gib(r['extra_anon'])} | {r['extra_anon'] / sizes['target_params']:.2f} B | {diff} |"
+        )
+    md.append(
+        f"\nBest wall time of {args.repeat} interleaved round(s) (all: "
+        + ", ".join(f"{k} {'/'.join(f'{x:.1f}' for x in r['all_seconds'])} s" for k, r in runs.items())
+        + "); memory: the largest of the rounds."
+    )
+    md.append(
+        "\nreference: whole-model fp32 dicts, one H + Cholesky chain per module, per-column loop. floor: only "
+        "the forward passes and H accumulation any implementation needs (no solves; its weights are not "
+        "realigned), so reference / floor bounds the speedup any pipeline can reach here. ours: "
+        "`realign` (default config: `backup='disk'`, `fallback_to_removal=True`); ours_cpu_backup: backup in "
+        "RAM; ours_no_removal_error: `fallback_to_removal=False` (no extra matmul). Peak RSS (kernel VmHWM) includes "
+        "clean file-backed pages of the memory-mapped safetensors files that ours reads lazily; peak anonymous "
+        "memory (RssAnon sampled every 5 ms) excludes them. Each pipeline first runs once on a 1-layer toy model "
+        "so one-time costs (code pages, thread pools) are not counted."
+    )
     write_results(args.name, {"model": vars(args) | sizes, "runs": runs, "checks": checks}, "\n".join(md))
 
 

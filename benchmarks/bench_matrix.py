@@ -27,6 +27,7 @@ from reference import reference_matrix
 from irr_callback.core import realign_matrix, upper_cholesky_of_inverse
 from irr_callback.core.obs import reversed_cholesky
 
+
 SHAPES = [(512, 512), (1024, 1024), (2048, 2048), (4096, 4096), (4096, 11008)]
 
 
@@ -39,7 +40,7 @@ def problem(rows: int, cols: int, seed: int = 0):
     tokens = 1024
     scales = torch.exp(0.7 * torch.randn(cols, generator=g))
     x = torch.randn(tokens, cols, generator=g) * scales
-    mix = torch.randn(tokens, tokens, generator=g) / tokens ** 0.5  # correlated tokens
+    mix = torch.randn(tokens, tokens, generator=g) / tokens**0.5  # correlated tokens
     x = mix @ x
     hessian = x.t() @ x * (2.0 / tokens)
     return delta, safety, hessian
@@ -52,10 +53,12 @@ def bench_shape(rows: int, cols: int, repeat: int, check64: bool = True) -> dict
     runs = {
         "reference": lambda: reference_matrix(delta, safety, hessian),
         "ours": lambda: realign_matrix(delta, safety, None, hessian, fallback_to_removal=False, removal_error=False),
-        "ours_with_removal_error": lambda: realign_matrix(delta, safety, None, hessian, fallback_to_removal=True,
-                                                          removal_error=True),
-        "factor_reference": lambda: torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)),
-                                                          upper=True),
+        "ours_with_removal_error": lambda: realign_matrix(
+            delta, safety, None, hessian, fallback_to_removal=True, removal_error=True
+        ),
+        "factor_reference": lambda: torch.linalg.cholesky(
+            torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True
+        ),
         "factor_ours": lambda: upper_cholesky_of_inverse(damped),
         "factor_sweep": lambda: reversed_cholesky(damped),
     }
@@ -77,18 +80,25 @@ def bench_shape(rows: int, cols: int, repeat: int, check64: bool = True) -> dict
     err_ref = ((ref.double() - truth).norm() / truth.norm()).item() if check64 else None
     err_ours = ((ours.double() - truth).norm() / truth.norm()).item() if check64 else None
     return {
-        "rows": rows, "cols": cols, "params": rows * cols,
-        **{f"{k}_s": v for k, v in wall.items()}, **{f"{k}_cpu_s": v for k, v in cpu.items()},
+        "rows": rows,
+        "cols": cols,
+        "params": rows * cols,
+        **{f"{k}_s": v for k, v in wall.items()},
+        **{f"{k}_cpu_s": v for k, v in cpu.items()},
         "speedup": wall["reference"] / wall["ours"],
         "speedup_with_removal_error": wall["reference"] / wall["ours_with_removal_error"],
         "speedup_cpu_time": cpu["reference"] / cpu["ours"],
         "factor_rel_diff": ((u_ours - u_ref).norm() / u_ref.norm()).item(),
-        "max_abs_diff": (ours - ref).abs().max().item(), "max_abs_ref": ref.abs().max().item(), "rel_fro_diff": rel_fro,
-        "removed_reference": int((ref == 0).sum()), "removed_ours": int((ours == 0).sum()),
+        "max_abs_diff": (ours - ref).abs().max().item(),
+        "max_abs_ref": ref.abs().max().item(),
+        "rel_fro_diff": rel_fro,
+        "removed_reference": int((ref == 0).sum()),
+        "removed_ours": int((ours == 0).sum()),
         "same_with_removal_error": bool(torch.equal(ours, ours_full) or stats.fell_back_to_removal),
         "fell_back_to_removal": stats.fell_back_to_removal,
         "load_average": os.getloadavg(),
-        "reference_vs_float64": err_ref, "ours_vs_float64": err_ours,
+        "reference_vs_float64": err_ref,
+        "ours_vs_float64": err_ours,
         "match": bool(rel_fro < 1e-3 or (check64 and err_ours <= 2 * err_ref + 1e-4)),
     }
 
@@ -100,11 +110,16 @@ def _fmt(v) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only 512x512 and 1024x1024")
-    parser.add_argument("--repeat", type=int, default=3, help="best of N interleaved runs per shape (1 for the largest)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="best of N interleaved runs per shape (1 for the largest)"
+    )
     parser.add_argument("--shapes", default=None, help="e.g. 2048x2048,4096x4096 (rows x cols)")
     parser.add_argument("--name", default="bench_matrix", help="results file stem")
-    parser.add_argument("--check64-all", action="store_true",
-                        help="also compare with a float64 run above 4096x4096 (adds about a minute)")
+    parser.add_argument(
+        "--check64-all",
+        action="store_true",
+        help="also compare with a float64 run above 4096x4096 (adds about a minute)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     shapes = SHAPES[:2] if args.quick else SHAPES
@@ -112,30 +127,40 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = []
     for r, c in shapes:
-        res = bench_shape(r, c, args.repeat if r * c <= 4096 * 4096 else 1,
-                          check64=args.check64_all or r * c <= 4096 * 4096)
+        res = bench_shape(
+            r, c, args.repeat if r * c <= 4096 * 4096 else 1, check64=args.check64_all or r * c <= 4096 * 4096
+        )
         rows.append(res)
-        print(f"{r}x{c}: reference {res['reference_s']:.3f}s  ours {res['ours_s']:.3f}s "
-              f"({res['speedup']:.2f}x)  +removal_error {res['ours_with_removal_error_s']:.3f}s "
-              f"({res['speedup_with_removal_error']:.2f}x)  factor {res['factor_reference_s']:.3f}s -> "
-              f"{res['factor_ours_s']:.3f}s (sweep needs {res['factor_sweep_s']:.3f}s)  "
-              f"cpu-time speedup {res['speedup_cpu_time']:.2f}x  "
-              f"rel diff {res['rel_fro_diff']:.1e}  load {res['load_average'][0]:.1f}", flush=True)
-    md = ["| shape (out×in) | reference per-column | ours | speedup | ours + removal error | speedup | "
-          "U: ref → ours (Cholesky only, what the sweep uses) | speedup (CPU time) | rel. diff ours vs ref | ref vs fp64 | ours vs fp64 | "
-          "same result | load avg |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        print(
+            f"{r}x{c}: reference {res['reference_s']:.3f}s  ours {res['ours_s']:.3f}s "
+            f"({res['speedup']:.2f}x)  +removal_error {res['ours_with_removal_error_s']:.3f}s "
+            f"({res['speedup_with_removal_error']:.2f}x)  factor {res['factor_reference_s']:.3f}s -> "
+            f"{res['factor_ours_s']:.3f}s (sweep needs {res['factor_sweep_s']:.3f}s)  "
+            f"cpu-time speedup {res['speedup_cpu_time']:.2f}x  "
+            f"rel diff {res['rel_fro_diff']:.1e}  load {res['load_average'][0]:.1f}",
+            flush=True,
+        )
+    md = [
+        "| shape (out×in) | reference per-column | ours | speedup | ours + removal error | speedup | "
+        "U: ref → ours (Cholesky only, what the sweep uses) | speedup (CPU time) | rel. diff ours vs ref | ref vs fp64 | ours vs fp64 | "
+        "same result | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for x in rows:
-        md.append(f"| {x['rows']}×{x['cols']} | {x['reference_s']:.3f} s | {x['ours_s']:.3f} s | "
-                  f"{x['speedup']:.2f}× | {x['ours_with_removal_error_s']:.3f} s | "
-                  f"{x['speedup_with_removal_error']:.2f}× | {x['factor_reference_s']:.3f} → "
-                  f"{x['factor_ours_s']:.3f} s ({x['factor_sweep_s']:.3f} s) | {x['speedup_cpu_time']:.2f}× | "
-                  f"{x['rel_fro_diff']:.1e} | "
-                  f"{_fmt(x['reference_vs_float64'])} | {_fmt(x['ours_vs_float64'])} | "
-                  f"{'yes' if x['match'] else 'NO'} | {x['load_average'][0]:.1f} |")
-    md.append("\n`ours` = `realign_matrix(..., fallback_to_removal=False, removal_error=False)`; "
-              "`+ removal error` = the driver's default (`fallback_to_removal=True`), which computes the "
-              "plain-removal layer-output error with one extra (rows × in × in) matrix product.")
+        md.append(
+            f"| {x['rows']}×{x['cols']} | {x['reference_s']:.3f} s | {x['ours_s']:.3f} s | "
+            f"{x['speedup']:.2f}× | {x['ours_with_removal_error_s']:.3f} s | "
+            f"{x['speedup_with_removal_error']:.2f}× | {x['factor_reference_s']:.3f} → "
+            f"{x['factor_ours_s']:.3f} s ({x['factor_sweep_s']:.3f} s) | {x['speedup_cpu_time']:.2f}× | "
+            f"{x['rel_fro_diff']:.1e} | "
+            f"{_fmt(x['reference_vs_float64'])} | {_fmt(x['ours_vs_float64'])} | "
+            f"{'yes' if x['match'] else 'NO'} | {x['load_average'][0]:.1f} |"
+        )
+    md.append(
+        "\n`ours` = `realign_matrix(..., fallback_to_removal=False, removal_error=False)`; "
+        "`+ removal error` = the driver's default (`fallback_to_removal=True`), which computes the "
+        "plain-removal layer-output error with one extra (rows × in × in) matrix product."
+    )
     write_results(args.name, {"shapes": rows}, "\n".join(md))
 
 

@@ -18,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 SIZES = {  # hidden, intermediate, layers, heads, kv heads, calibration sequences x length
@@ -31,8 +32,15 @@ def build(size: str, device: str, dtype: torch.dtype):
 
     h, i, n, heads, kv, _, _ = SIZES[size]
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
-                      num_key_value_heads=kv, vocab_size=1024, pad_token_id=0)
+    cfg = LlamaConfig(
+        hidden_size=h,
+        intermediate_size=i,
+        num_hidden_layers=n,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=1024,
+        pad_token_id=0,
+    )
     base = LlamaForCausalLM(cfg).to(dtype).eval()
     models = [base]
     for seed in (1, 2):  # fine-tuned and unaligned stand-ins: the base plus seeded noise
@@ -75,18 +83,32 @@ def run(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    report = realign(ft, base=base, safety_vector=v, calibration=calib, progress=False,
-                     config=IRRConfig(calibration_batch_size=8, num_calibration_samples=n_seq))
+    report = realign(
+        ft,
+        base=base,
+        safety_vector=v,
+        calibration=calib,
+        progress=False,
+        config=IRRConfig(calibration_batch_size=8, num_calibration_samples=n_seq),
+    )
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     _, _, targets = find_targets(ft)
-    weights = {t.name: (t.weight.full_tensor() if type(t.weight).__name__ == "DTensor" else t.weight)
-               .detach().float().cpu() for t in targets}
+    weights = {
+        t.name: (t.weight.full_tensor() if type(t.weight).__name__ == "DTensor" else t.weight).detach().float().cpu()
+        for t in targets
+    }
     ref_path = os.path.join(args.results, f"gpu_check_reference_{args.size}_{args.device}.pt")
-    entry = {"mode": args.mode, "device": args.device, "size": args.size, "seconds": round(seconds, 3),
-             "world_size": dist.get_world_size() if distributed else 1, "removed": report.totals["removed"],
-             "peak_gpu_mib": (torch.cuda.max_memory_allocated() // 2**20) if args.device == "cuda" else None}
+    entry = {
+        "mode": args.mode,
+        "device": args.device,
+        "size": args.size,
+        "seconds": round(seconds, 3),
+        "world_size": dist.get_world_size() if distributed else 1,
+        "removed": report.totals["removed"],
+        "peak_gpu_mib": (torch.cuda.max_memory_allocated() // 2**20) if args.device == "cuda" else None,
+    }
     if args.mode == "single":
         torch.save(weights, ref_path)
         entry["equal_to_single"] = True
@@ -96,8 +118,9 @@ def run(args) -> dict:
         entry["max_abs_diff_vs_single"] = diff
         entry["equal_to_single"] = diff <= args.atol
         # identical on every rank: compare a checksum
-        total = torch.tensor([sum(float(w.double().sum()) for w in weights.values())], dtype=torch.float64,
-                             device=device)
+        total = torch.tensor(
+            [sum(float(w.double().sum()) for w in weights.values())], dtype=torch.float64, device=device
+        )
         gathered = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, total)
         entry["identical_across_ranks"] = all(bool(torch.equal(x, gathered[0])) for x in gathered)

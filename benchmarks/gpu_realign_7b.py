@@ -34,12 +34,24 @@ def main() -> None:
     from irr_callback import IRRConfig, realign
 
     if args.small:
-        shape = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, vocab_size=1000)
+        shape = dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=1000,
+        )
         seqs, tokens = args.seqs or 8, args.tokens or 64
     else:
-        shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000)
+        shape = dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+        )
         seqs, tokens = args.seqs or 128, args.tokens or 512
     if args.layers:
         shape["num_hidden_layers"] = args.layers
@@ -61,12 +73,18 @@ def main() -> None:
                 safety[name] = (torch.randn(p.shape, generator=g, device=device) > 0).to(torch.int8) * 2 - 1
                 p.add_((0.002 * torch.randn(p.shape, generator=g, device=device)).to(p.dtype))
     ids = torch.randint(3, cfg.vocab_size, (seqs, tokens), generator=g, device=device)
-    batches = [{"input_ids": ids[i:i + args.batch], "attention_mask": torch.ones_like(ids[i:i + args.batch])}
-               for i in range(0, seqs, args.batch)]
+    batches = [
+        {"input_ids": ids[i : i + args.batch], "attention_mask": torch.ones_like(ids[i : i + args.batch])}
+        for i in range(0, seqs, args.batch)
+    ]
     setup_seconds = time.perf_counter() - setup_start
     target_params = sum(t.numel() for t in base.values())
-    config = IRRConfig(num_calibration_samples=seqs, calibration_max_length=tokens, calibration_batch_size=args.batch,
-                       backup=args.backup)
+    config = IRRConfig(
+        num_calibration_samples=seqs,
+        calibration_max_length=tokens,
+        calibration_batch_size=args.batch,
+        backup=args.backup,
+    )
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -77,24 +95,40 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = {"shape": shape, "dtype": "bfloat16", "calibration": {"sequences": seqs, "tokens": tokens,
-                                                                   "batch": args.batch},
-              "backup": args.backup, "device": str(device), "target_params": target_params,
-              "setup_seconds": setup_seconds, "seconds": seconds, "target_seconds": 300,
-              "met_target": seconds < 300 if not args.small else None,
-              "peak_rss": peak_rss_bytes(), "totals": report.totals}
+    result = {
+        "shape": shape,
+        "dtype": "bfloat16",
+        "calibration": {"sequences": seqs, "tokens": tokens, "batch": args.batch},
+        "backup": args.backup,
+        "device": str(device),
+        "target_params": target_params,
+        "setup_seconds": setup_seconds,
+        "seconds": seconds,
+        "target_seconds": 300,
+        "met_target": seconds < 300 if not args.small else None,
+        "peak_rss": peak_rss_bytes(),
+        "totals": report.totals,
+    }
     if device.type == "cuda":
         result["gpu_memory_before"] = before
         result["gpu_peak"] = torch.cuda.max_memory_allocated()
         result["gpu_peak_above_model_inputs"] = torch.cuda.max_memory_allocated() - before
-    print(f"realign: {seconds:.1f}s for {target_params / 1e9:.2f}B target parameters on {device}"
-          + (f", GPU peak {gib(result['gpu_peak'])} ({gib(result['gpu_peak_above_model_inputs'])} above model + "
-             f"base + safety)" if device.type == "cuda" else ""))
-    md = (f"7B-shaped Llama ({shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}), bf16, all linears, "
-          f"{seqs} × {tokens} calibration tokens, backup={args.backup}, device {device}.\n\n"
-          f"| realign wall time | target | GPU peak | GPU peak above model + base + safety |\n|---|---|---|---|\n"
-          f"| {seconds:.1f} s | < 300 s | {gib(result.get('gpu_peak', 0))} | "
-          f"{gib(result.get('gpu_peak_above_model_inputs', 0))} |\n")
+    print(
+        f"realign: {seconds:.1f}s for {target_params / 1e9:.2f}B target parameters on {device}"
+        + (
+            f", GPU peak {gib(result['gpu_peak'])} ({gib(result['gpu_peak_above_model_inputs'])} above model + "
+            f"base + safety)"
+            if device.type == "cuda"
+            else ""
+        )
+    )
+    md = (
+        f"7B-shaped Llama ({shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}), bf16, all linears, "
+        f"{seqs} × {tokens} calibration tokens, backup={args.backup}, device {device}.\n\n"
+        f"| realign wall time | target | GPU peak | GPU peak above model + base + safety |\n|---|---|---|---|\n"
+        f"| {seconds:.1f} s | < 300 s | {gib(result.get('gpu_peak', 0))} | "
+        f"{gib(result.get('gpu_peak_above_model_inputs', 0))} |\n"
+    )
     write_results("gpu_realign_7b_small" if args.small else "gpu_realign_7b", result, md)
 
 

@@ -14,8 +14,15 @@ import torch
 from torch import nn
 
 
-def reference_matrix(delta: torch.Tensor, safety: torch.Tensor, hessian: torch.Tensor, *, blocksize: int = 128,
-                     percdamp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def reference_matrix(
+    delta: torch.Tensor,
+    safety: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """IRR (remove every sign conflict) + OBS recalibration of one (out, in) delta, column by column."""
     w = delta.clone().to(dtype)
     h = hessian.clone().to(dtype)
@@ -46,7 +53,7 @@ def reference_matrix(delta: torch.Tensor, safety: torch.Tensor, hessian: torch.T
             q = col.clone()
             q[mask1[:, i]] = 0
             q1[:, i] = q
-            losses1[:, i] = (col - q) ** 2 / d ** 2
+            losses1[:, i] = (col - q) ** 2 / d**2
             e = (col - q) / d
             w1[:, i:] -= e.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
             err1[:, i] = e
@@ -56,8 +63,9 @@ def reference_matrix(delta: torch.Tensor, safety: torch.Tensor, hessian: torch.T
     return w
 
 
-def reference_realign(model: nn.Module, base: dict, safety: dict, batches: list[dict], *,
-                      blocksize: int = 128, percdamp: float = 0.01) -> None:
+def reference_realign(
+    model: nn.Module, base: dict, safety: dict, batches: list[dict], *, blocksize: int = 128, percdamp: float = 0.01
+) -> None:
     """The reference pipeline on a Llama-style model, in place: layer-0 capture, per layer one pass with
     per-module H hooks, per-module Cholesky + per-column loop, then a propagation pass."""
     layers = model.model.layers
@@ -95,9 +103,10 @@ def reference_realign(model: nn.Module, base: dict, safety: dict, batches: list[
             def make_hook(name):
                 def hook(module, inputs, output):
                     x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-                    x = x[masks[state["b"]].reshape(-1).bool()]
-                    sums[name].addmm_(x.t(), x)
-                    counts[name] += x.shape[0]
+                    x = x[masks[state["b"]].reshape(-1).bool()]  # noqa: B023 (called within this iteration)
+                    sums[name].addmm_(x.t(), x)  # noqa: B023
+                    counts[name] += x.shape[0]  # noqa: B023
+
                 return hook
 
             handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]

@@ -23,7 +23,8 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import _common  # noqa: F401  (puts the repository root on sys.path: runs without an install)
 import torch
@@ -36,8 +37,17 @@ from irr_callback.safety import fisher, safety_vector
 from irr_callback.targets import find_targets
 from irr_callback.toy import build_toy_world, single_thread
 
-COLUMNS = ("setting", "method", "refusal_attacked", "refusal_unattacked", "over_refusal_benign",
-           "downstream_accuracy", "benign_accuracy", "removed_pct")
+
+COLUMNS = (
+    "setting",
+    "method",
+    "refusal_attacked",
+    "refusal_unattacked",
+    "over_refusal_benign",
+    "downstream_accuracy",
+    "benign_accuracy",
+    "removed_pct",
+)
 RATIOS = (0.1, 0.25, 0.5, 0.75)
 SETTINGS = {"attack": 0.1, "mild attack": 0.02, "benign": 0.0}
 
@@ -62,18 +72,33 @@ class Inputs:
 
 def irr(inputs: Inputs, downstream, calib_n: int = 128, **config: Any) -> Callable:
     def apply(model) -> float:
-        report = realign(model, base=None if _is_peft(model) else inputs.base, safety_vector=inputs.signs,
-                         importance=inputs.fisher, calibration=inputs.calibration(downstream, calib_n),
-                         config=IRRConfig(num_calibration_samples=calib_n, **config), progress=False)
+        report = realign(
+            model,
+            base=None if _is_peft(model) else inputs.base,
+            safety_vector=inputs.signs,
+            importance=inputs.fisher,
+            calibration=inputs.calibration(downstream, calib_n),
+            config=IRRConfig(num_calibration_samples=calib_n, **config),
+            progress=False,
+        )
         return 100 * report.totals["removed_fraction"]
+
     return apply
 
 
 def resta(inputs: Inputs, dare: float | None) -> Callable:
     def apply(model) -> float | None:
-        apply_resta(model, base=inputs.base, safety_vector=inputs.v, scale=1.0, dare_drop_rate=dare, seed=0,
-                    target_names=inputs.names)
+        apply_resta(
+            model,
+            base=inputs.base,
+            safety_vector=inputs.v,
+            scale=1.0,
+            dare_drop_rate=dare,
+            seed=0,
+            target_names=inputs.names,
+        )
         return None
+
     return apply
 
 
@@ -82,6 +107,7 @@ def safe_lora(inputs: Inputs) -> Callable:
         report = apply_safe_lora(model, safety_vector=inputs.v, threshold=0.5)
         print(f"    Safe LoRA projected {report.num_projected} of {report.num_targets} LoRA layers", flush=True)
         return None
+
     return apply
 
 
@@ -100,9 +126,13 @@ def run_setting(world, inputs: Inputs, setting: str, share: float, full_methods:
         t0 = time.perf_counter()
         row = {"setting": setting, "method": method, **world.evaluate(model), "removed_pct": removed}
         rows.append(row)
-        print(f"  {setting:12s} {method:40s} " + " ".join(f"{row[c]:.3f}" for c in COLUMNS[2:7])
-              + (f"  removed {removed:.1f}%" if removed is not None else "") + f"  ({time.perf_counter() - t0:.1f}s)",
-              flush=True)
+        print(
+            f"  {setting:12s} {method:40s} "
+            + " ".join(f"{row[c]:.3f}" for c in COLUMNS[2:7])
+            + (f"  removed {removed:.1f}%" if removed is not None else "")
+            + f"  ({time.perf_counter() - t0:.1f}s)",
+            flush=True,
+        )
 
     def variant(method: str, source, fn: Callable) -> float | None:
         model = copy.deepcopy(source)
@@ -121,12 +151,21 @@ def run_setting(world, inputs: Inputs, setting: str, share: float, full_methods:
         variant("IRR, 512 calibration samples", full, irr(inputs, downstream, calib_n=512))
         variant("plain removal (IRR, recalibrate=False)", full, irr(inputs, downstream, recalibrate=False))
         same = round(irr_removed / 100, 3)  # remove as many entries as IRR does, chosen without the sign test
-        variant(f"IRR without sign test (no_sign, {100 * same:.0f}%)", full,
-                irr(inputs, downstream, identify_mode="no_sign", remove_ratio=same))
-        variant(f"random removal ({100 * same:.0f}%) + recalibrate", full,
-                irr(inputs, downstream, identify_mode="random", remove_ratio=same))
-        variant("IRR_more (remove_more, remove_ratio=0.75)", full,
-                irr(inputs, downstream, remove_more=True, remove_ratio=0.75))
+        variant(
+            f"IRR without sign test (no_sign, {100 * same:.0f}%)",
+            full,
+            irr(inputs, downstream, identify_mode="no_sign", remove_ratio=same),
+        )
+        variant(
+            f"random removal ({100 * same:.0f}%) + recalibrate",
+            full,
+            irr(inputs, downstream, identify_mode="random", remove_ratio=same),
+        )
+        variant(
+            "IRR_more (remove_more, remove_ratio=0.75)",
+            full,
+            irr(inputs, downstream, remove_more=True, remove_ratio=0.75),
+        )
     variant("RESTA (+v)", full, resta(inputs, None))
     if full_methods:
         variant("RESTA + DARE (drop 0.3)", full, resta(inputs, 0.3))
@@ -139,8 +178,10 @@ def run_setting(world, inputs: Inputs, setting: str, share: float, full_methods:
 def _machine() -> str:
     import transformers
 
-    return (f"{platform.platform()}, {os.cpu_count()} CPU cores (torch on 1 thread), python {platform.python_version()}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}")
+    return (
+        f"{platform.platform()}, {os.cpu_count()} CPU cores (torch on 1 thread), python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
+    )
 
 
 def _write(path: str, text: str) -> None:
@@ -169,23 +210,38 @@ def main(argv: list[str] | None = None) -> int:
             for setting in args.settings:
                 for row in run_setting(world, inputs, setting, SETTINGS[setting], full_methods=setting == "attack"):
                     rows.append({"seed": seed, **row})
-    meta = {"command": command.strip(), "machine": _machine(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "seconds": round(time.perf_counter() - started), "size": args.size, "seeds": args.seeds}
+    meta = {
+        "command": command.strip(),
+        "machine": _machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "seconds": round(time.perf_counter() - started),
+        "size": args.size,
+        "seeds": args.seeds,
+    }
     os.makedirs(args.output_dir, exist_ok=True)
     columns = COLUMNS if len(args.seeds) == 1 else ("seed", *COLUMNS)
-    md = (f"# Toy world: IRR and baselines\n\n- command: `{meta['command']}`\n- machine: {meta['machine']}\n"
-          f"- date: {meta['date']}, {meta['seconds']} s\n\n{markdown_table(rows, columns)}\n")
+    md = (
+        f"# Toy world: IRR and baselines\n\n- command: `{meta['command']}`\n- machine: {meta['machine']}\n"
+        f"- date: {meta['date']}, {meta['seconds']} s\n\n{markdown_table(rows, columns)}\n"
+    )
     _write(os.path.join(args.output_dir, f"{args.prefix}_table.md"), md)
     _write(os.path.join(args.output_dir, f"{args.prefix}_table.json"), json.dumps({**meta, "rows": rows}, indent=2))
-    attack = [dict(r, safety=(r["refusal_attacked"] + r["refusal_unattacked"]) / 2) for r in rows
-              if r["setting"] == "attack" and r["seed"] == args.seeds[0]]
+    attack = [
+        dict(r, safety=(r["refusal_attacked"] + r["refusal_unattacked"]) / 2)
+        for r in rows
+        if r["setting"] == "attack" and r["seed"] == args.seeds[0]
+    ]
     if attack:
-        pareto_plot(attack, os.path.join(args.output_dir, f"{args.prefix}_pareto.png"), x="downstream_accuracy",
-                    y="safety", label="method", xlabel="downstream accuracy (sort task)",
-                    ylabel="refusal of harmful prompts (mean of topic groups)",
-                    title=f"toy world ({args.size}, seed {args.seeds[0]}), 10% harmful fine-tune: "
-                          f"{meta['date']}")
+        pareto_plot(
+            attack,
+            os.path.join(args.output_dir, f"{args.prefix}_pareto.png"),
+            x="downstream_accuracy",
+            y="safety",
+            label="method",
+            xlabel="downstream accuracy (sort task)",
+            ylabel="refusal of harmful prompts (mean of topic groups)",
+            title=f"toy world ({args.size}, seed {args.seeds[0]}), 10% harmful fine-tune: {meta['date']}",
+        )
     print(f"wrote {args.output_dir}/{args.prefix}_table.md, .json, _pareto.png in {meta['seconds']} s")
     return 0
 

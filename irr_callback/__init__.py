@@ -3,14 +3,25 @@
 `realign` repairs a fine-tuned model in place; `IRRCallback` does it at the end of a Trainer run.
 """
 
+from ._version import __version__
 from .config import IRRConfig, IRRConfigError
-from .driver import realign
+from .pipeline import realign, realign_checkpoint
 from .report import IRRReport, ModuleStats
 from .safety import fisher, safety_vector
 
-__version__ = "0.1.0"
 
-__all__ = ["IRRCallback", "IRRConfig", "IRRConfigError", "IRRReport", "ModuleStats", "fisher", "realign", "safety_vector"]
+__all__ = [
+    "IRRCallback",
+    "IRRConfig",
+    "IRRConfigError",
+    "IRRReport",
+    "ModuleStats",
+    "__version__",
+    "fisher",
+    "realign",
+    "realign_checkpoint",
+    "safety_vector",
+]
 
 
 def __getattr__(name: str):

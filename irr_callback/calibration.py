@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -16,8 +16,15 @@ TOKEN_SELECTIONS = ("all", "response", "prompt")
 
 
 def calibration_batches(
-    calibration: Any, *, max_samples: int, max_length: int, batch_size: int, pad_token_id: int = 0,
-    token_selection: Optional[str] = None, what: str = "calibration", loss_mask: bool = False,
+    calibration: Any,
+    *,
+    max_samples: int,
+    max_length: int,
+    batch_size: int,
+    pad_token_id: int = 0,
+    token_selection: str | None = None,
+    what: str = "calibration",
+    loss_mask: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Normalise a `datasets.Dataset`, a list of examples or an iterable of batches (a DataLoader).
 
@@ -33,20 +40,22 @@ def calibration_batches(
     sequences = _sequences(calibration, max_samples, what)
     batches = []
     for start in range(0, len(sequences), batch_size):
-        chunk = [(ids[:max_length], mask[:max_length], response[:max_length])
-                 for ids, mask, response in sequences[start:start + batch_size]]
+        chunk = [
+            (ids[:max_length], mask[:max_length], response[:max_length])
+            for ids, mask, response in sequences[start : start + batch_size]
+        ]
         width = max(len(ids) for ids, _, _ in chunk)
         input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
         selected = torch.zeros((len(chunk), width), dtype=torch.long)
         scored = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, (ids, mask, response) in enumerate(chunk):
-            input_ids[row, :len(ids)] = ids
-            attention[row, :len(mask)] = mask
+            input_ids[row, : len(ids)] = ids
+            attention[row, : len(mask)] = mask
             if token_selection is not None:
                 keep = {"all": mask.bool(), "response": response, "prompt": ~response}[token_selection]
-                selected[row, :len(mask)] = (keep & mask.bool()).long()
-            scored[row, :len(mask)] = (response & mask.bool()).long()
+                selected[row, : len(mask)] = (keep & mask.bool()).long()
+            scored[row, : len(mask)] = (response & mask.bool()).long()
         batch = {"input_ids": input_ids, "attention_mask": attention}
         if token_selection is not None:
             batch["irr_token_mask"] = selected
@@ -60,8 +69,9 @@ def calibration_batches(
     return batches
 
 
-def _sequences(calibration: Any, max_samples: int,
-               what: str = "calibration") -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _sequences(
+    calibration: Any, max_samples: int, what: str = "calibration"
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(input_ids, attention_mask, is_response) per real sequence, padding dropped."""
     if calibration is None:
         raise CalibrationError(f"{what} data is required")
@@ -70,16 +80,20 @@ def _sequences(calibration: Any, max_samples: int,
 
         if isinstance(calibration, datasets.Dataset):
             if "input_ids" not in calibration.column_names:
-                raise CalibrationError(f"{what} dataset has no 'input_ids' column (columns: "
-                                       f"{calibration.column_names}); tokenize it first")
+                raise CalibrationError(
+                    f"{what} dataset has no 'input_ids' column (columns: "
+                    f"{calibration.column_names}); tokenize it first"
+                )
             calibration = calibration.select(range(min(max_samples, len(calibration))))
     except ImportError:  # pragma: no cover
         pass
     out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for item in _iterate(calibration):
         if not isinstance(item, Mapping) or "input_ids" not in item:
-            raise CalibrationError(f"{what} item #{len(out)} has no 'input_ids' "
-                                   f"(got {type(item).__name__} with keys {list(item)[:5] if isinstance(item, Mapping) else '-'})")
+            raise CalibrationError(
+                f"{what} item #{len(out)} has no 'input_ids' "
+                f"(got {type(item).__name__} with keys {list(item)[:5] if isinstance(item, Mapping) else '-'})"
+            )
         ids = torch.as_tensor(item["input_ids"], dtype=torch.long)
         mask = item.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)
@@ -87,8 +101,9 @@ def _sequences(calibration: Any, max_samples: int,
         labels = torch.zeros_like(ids) if labels is None else torch.as_tensor(labels, dtype=torch.long)
         for label, t in (("attention_mask", mask), ("labels", labels)):
             if t.shape != ids.shape:
-                raise CalibrationError(f"{what} item #{len(out)}: {label} shape {tuple(t.shape)} != "
-                                       f"input_ids shape {tuple(ids.shape)}")
+                raise CalibrationError(
+                    f"{what} item #{len(out)}: {label} shape {tuple(t.shape)} != input_ids shape {tuple(ids.shape)}"
+                )
         rows = [(ids, mask, labels)] if ids.dim() == 1 else list(zip(ids, mask, labels))
         for row_ids, row_mask, row_labels in rows:
             keep = row_mask.bool()

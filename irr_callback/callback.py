@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,17 +25,24 @@ from transformers.utils import logging
 
 from .config import IRRConfig
 from .data import calibration_examples
-from .driver import realign
 from .io import fingerprint
 from .model_card import build_model_card
-from .peft_utils import (LoraBackup, check_supported, default_refactor_rank, is_peft_model, lora_module_names,
-                         refactor_lora)
+from .output import save_realigned
+from .peft_utils import (
+    LoraBackup,
+    check_supported,
+    default_refactor_rank,
+    is_peft_model,
+    lora_module_names,
+    refactor_lora,
+)
+from .pipeline import realign
 from .report import IRRReport
-from .saving import atomic_directory
 from .snapshot import RunStore, take_snapshot
 from .sources import BaseContext, Resolved, resolve_fisher, resolve_safety_vector
 from .targets import find_targets, unwrap
 from .tensors import SafetensorsMapping, canonical_name
+
 
 logger = logging.get_logger(__name__)
 
@@ -47,30 +54,50 @@ def _partial_state():
 
 
 class IRRCallback(TrainerCallback):
-    """Realign the model at the end of training (and, optionally, at every checkpoint).
+    """A [`TrainerCallback`] that realigns the model at the end of training (and, optionally, at every checkpoint).
 
-    `harmful_dataset` / `safety_dataset` may be given here as `datasets.Dataset` objects; they take
-    precedence over the same-named `IRRConfig` fields (which hold paths or hub ids).
-    After `on_train_end`, `report` holds the `IRRReport` and `output_path` the saved directory.
+    At train begin it snapshots the base (aligned) weights of the targets and resolves the safety vector
+    (and the Fisher importance when `remove_ratio` < 1). At train end it runs `irr_callback.realign`:
+    per target, the fine-tuning deltas Δ = W_F − W_A whose sign conflicts with the safety vector are
+    removed and the rest recalibrated to keep the layer's outputs on the training data,
+    minimise tr((Δ′ − Δ) H (Δ′ − Δ)ᵀ) with Δ′ = 0 on the removed entries, H = 2XXᵀ/n, then the
+    realigned model is saved. After `on_train_end`, `report` holds the `IRRReport` and `output_path`
+    the saved directory.
+
+    Args:
+        config: the `IRRConfig` (safety inputs, calibration, callback behaviour).
+        harmful_dataset: a `datasets.Dataset` of harmful prompt/response pairs for the safety vector;
+            takes precedence over `IRRConfig.harmful_dataset` (a path or hub id).
+        safety_dataset: a `datasets.Dataset` of harmful prompts with safe responses for the Fisher;
+            takes precedence over `IRRConfig.safety_dataset`.
+
+    Example:
+
+    ```python
+    >>> from irr_callback import IRRCallback, IRRConfig
+    >>> callback = IRRCallback(IRRConfig(unaligned_model="org/llama-unaligned"))
+    >>> trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[callback])
+    >>> trainer.train()  # the realigned model is saved next to the fine-tuned one
+    >>> print(callback.report.summary())
+    ```
     """
 
-    def __init__(self, config: Optional[IRRConfig] = None, *, harmful_dataset: Any = None,
-                 safety_dataset: Any = None):
+    def __init__(self, config: IRRConfig | None = None, *, harmful_dataset: Any = None, safety_dataset: Any = None):
         self.config = config or IRRConfig()
         self.harmful_dataset = harmful_dataset
         self.safety_dataset = safety_dataset
-        self.report: Optional[IRRReport] = None
-        self.output_path: Optional[str] = None
+        self.report: IRRReport | None = None
+        self.output_path: str | None = None
         self.sources: dict[str, dict[str, Any]] = {}
         self._trainer = None
         self._prepared = False
-        self._run_config: Optional[IRRConfig] = None  # config with the resolved target_modules
-        self._snapshot: Optional[Mapping[str, torch.Tensor]] = None
-        self._safety: Optional[Mapping[str, torch.Tensor]] = None
-        self._importance: Optional[Mapping[str, torch.Tensor]] = None
-        self._base_fingerprint: Optional[str] = None
+        self._run_config: IRRConfig | None = None  # config with the resolved target_modules
+        self._snapshot: Mapping[str, torch.Tensor] | None = None
+        self._safety: Mapping[str, torch.Tensor] | None = None
+        self._importance: Mapping[str, torch.Tensor] | None = None
+        self._base_fingerprint: str | None = None
 
-    def bind(self, trainer) -> "IRRCallback":
+    def bind(self, trainer) -> IRRCallback:
         """Attach to a Trainer explicitly: its train_dataset and processing_class are then used, and
         the callback is added to it if it is not already."""
         self._trainer = trainer
@@ -95,8 +122,10 @@ class IRRCallback(TrainerCallback):
             self._prepare(args, model, tokenizer, targets, run_config, store)
         self._run_config = run_config
         self._prepared = True
-        logger.info(f"IRR: ready to realign {len(names)} target weights at train end "
-                    f"(safety vector: {self.sources['safety_vector']['source']})")
+        logger.info(
+            f"IRR: ready to realign {len(names)} target weights at train end "
+            f"(safety vector: {self.sources['safety_vector']['source']})"
+        )
 
     def _targets(self, model: nn.Module):
         """The weights to realign: every LoRA layer of a PeftModel, else `config.target_modules`."""
@@ -105,8 +134,10 @@ class IRRCallback(TrainerCallback):
         if is_peft_model(model):
             targets = [t for t in targets if t.kind == "lora"]
             if not targets:
-                raise ValueError("the PeftModel has no LoRA layer inside its decoder layers matching "
-                                 f"IRRConfig.target_modules={self.config.target_modules}")
+                raise ValueError(
+                    "the PeftModel has no LoRA layer inside its decoder layers matching "
+                    f"IRRConfig.target_modules={self.config.target_modules}"
+                )
             run_config = dataclasses.replace(self.config, target_modules=lora_module_names(targets))
         return run_config, targets
 
@@ -116,8 +147,14 @@ class IRRCallback(TrainerCallback):
         live = {canonical_name(n): p.detach() for n, p in unwrap_peft(model).named_parameters()}
         self._base_fingerprint = fingerprint(live, names)
         snapshot = take_snapshot(dense) if dense else None
-        ctx = BaseContext(model=model, targets=targets, base=live, fingerprint=self._base_fingerprint,
-                          name=_model_name(model), tokenizer=tokenizer)
+        ctx = BaseContext(
+            model=model,
+            targets=targets,
+            base=live,
+            fingerprint=self._base_fingerprint,
+            name=_model_name(model),
+            tokenizer=tokenizer,
+        )
         config = dataclasses.replace(run_config, harmful_dataset=self.harmful_dataset or run_config.harmful_dataset)
         state = _partial_state()
         with state.main_process_first():  # the main process computes; the others then hit the cache
@@ -125,16 +162,26 @@ class IRRCallback(TrainerCallback):
         # the Fisher is sharded over the processes (collectives inside): every rank at once, not main first
         importance = resolve_fisher(config, ctx, safety_dataset=self.safety_dataset)
         self.sources = {"safety_vector": safety.describe(), "importance": importance.describe()}
-        persist = self.config.snapshot == "disk" or str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
+        persist = (
+            self.config.snapshot == "disk" or str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
+        )
         if persist:  # resume could matter: keep the base and the safety inputs under output_dir
             if state.is_main_process:
                 if snapshot:
                     store.save("snapshot", snapshot, base_fingerprint=self._base_fingerprint, base_model=ctx.name)
-                store.save("safety_vector", {n: safety.tensors[n] for n in names},
-                           base_fingerprint=self._base_fingerprint, base_model=ctx.name)
+                store.save(
+                    "safety_vector",
+                    {n: safety.tensors[n] for n in names},
+                    base_fingerprint=self._base_fingerprint,
+                    base_model=ctx.name,
+                )
                 if importance.tensors is not None:
-                    store.save("fisher", {n: importance.tensors[n] for n in names},
-                               base_fingerprint=self._base_fingerprint, base_model=ctx.name)
+                    store.save(
+                        "fisher",
+                        {n: importance.tensors[n] for n in names},
+                        base_fingerprint=self._base_fingerprint,
+                        base_model=ctx.name,
+                    )
             state.wait_for_everyone()
         if snapshot and self.config.snapshot == "disk":
             snapshot = SafetensorsMapping(store.path("snapshot"))
@@ -151,10 +198,15 @@ class IRRCallback(TrainerCallback):
                 self._snapshot = {n: self._snapshot[n] for n in dense}
         self._safety = store.load("safety_vector", names, base_fingerprint=fp)
         self._base_fingerprint = self._safety.metadata["irr_callback.base_fingerprint"]
-        self._importance = store.load("fisher", names, base_fingerprint=self._base_fingerprint) \
-            if run_config.needs_importance else None
-        self.sources = {"safety_vector": Resolved(None, "resumed", path=store.path("safety_vector")).describe(),
-                        "importance": Resolved(None, "resumed" if self._importance is not None else "none").describe()}
+        self._importance = (
+            store.load("fisher", names, base_fingerprint=self._base_fingerprint)
+            if run_config.needs_importance
+            else None
+        )
+        self.sources = {
+            "safety_vector": Resolved(None, "resumed", path=store.path("safety_vector")).describe(),
+            "importance": Resolved(None, "resumed" if self._importance is not None else "none").describe(),
+        }
         logger.info(f"IRR: resumed run, base snapshot and safety inputs reloaded from {store.directory}")
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -167,8 +219,9 @@ class IRRCallback(TrainerCallback):
         try:
             self._realign_and_save(clone, args, processing_class, os.path.join(checkpoint, "irr"), live=False)
         except Exception as exc:
-            logger.warning(f"IRR: realigned copy of {checkpoint} failed ({type(exc).__name__}: {exc}); "
-                           "training continues")
+            logger.warning(
+                f"IRR: realigned copy of {checkpoint} failed ({type(exc).__name__}: {exc}); training continues"
+            )
         finally:
             del clone
 
@@ -197,28 +250,41 @@ class IRRCallback(TrainerCallback):
         """Realign `model` in place (all or nothing, LoRA refactor included) and save it atomically."""
         tokenizer = self._tokenizer(processing_class)
         config = self._run_config
-        calibration = calibration_examples(self._train_dataset(), tokenizer,
-                                           num_samples=config.num_calibration_samples,
-                                           max_length=config.calibration_max_length)
+        calibration = calibration_examples(
+            self._train_dataset(),
+            tokenizer,
+            num_samples=config.num_calibration_samples,
+            max_length=config.calibration_max_length,
+        )
         peft = is_peft_model(model)
         _, _, targets = find_targets(model, config.target_modules)
         backup = LoraBackup(model, targets) if peft else None
         try:
-            report = realign(model, base=self._snapshot, safety_vector=self._safety, importance=self._importance,
-                             calibration=calibration, config=config, progress=not args.disable_tqdm)
+            report = realign(
+                model,
+                base=self._snapshot,
+                safety_vector=self._safety,
+                importance=self._importance,
+                calibration=calibration,
+                config=config,
+                progress=not args.disable_tqdm,
+            )
             report.extra["safety_inputs"] = self.sources
             report.extra["base_fingerprint"] = self._base_fingerprint
             merged = None
             if peft:
                 merged = self._merged_copy(model) if self._wants_merged() else None
                 bases = backup.base_weights()
-                deltas = {t.name: t.weight.detach().float() - bases[t.name].to(t.weight.device).float()
-                          for t in targets}
+                deltas = {
+                    t.name: t.weight.detach().float() - bases[t.name].to(t.weight.device).float() for t in targets
+                }
                 rank = default_refactor_rank(model, self.config.lora_refactor_rank)
                 refactor = refactor_lora(model, targets, deltas, bases, rank)
                 report.extra["lora_refactor"] = refactor.to_dict()
-                logger.info(f"IRR: live adapter re-factored at rank {refactor.rank} "
-                            f"(max relative error {refactor.max_error:.3g})")
+                logger.info(
+                    f"IRR: live adapter re-factored at rank {refactor.rank} "
+                    f"(max relative error {refactor.max_error:.3g})"
+                )
         except Exception:
             if backup is not None:
                 backup.restore()
@@ -228,8 +294,11 @@ class IRRCallback(TrainerCallback):
         return report
 
     def _wants_merged(self) -> bool:
-        return self.config.save_realigned and self.config.lora_output in ("merged", "both") and \
-            _partial_state().is_main_process
+        return (
+            self.config.save_realigned
+            and self.config.lora_output in ("merged", "both")
+            and _partial_state().is_main_process
+        )
 
     @staticmethod
     def _merged_copy(model: nn.Module) -> nn.Module:
@@ -237,26 +306,20 @@ class IRRCallback(TrainerCallback):
         return copy.deepcopy(model).merge_and_unload()
 
     def _save(self, model, merged, tokenizer, report: IRRReport, target: str) -> None:
-        state = _partial_state()
-        state.wait_for_everyone()
-        try:
-            if state.is_main_process:
-                with atomic_directory(target) as tmp:
-                    lora = report.extra.get("lora_refactor")
-                    if merged is None and not is_peft_model(model):
-                        unwrap(model).save_pretrained(tmp)
-                    if merged is not None:
-                        merged.save_pretrained(tmp)
-                    if is_peft_model(model) and self.config.lora_output in ("adapter", "both"):
-                        model.save_pretrained(tmp if self.config.lora_output == "adapter" else os.path.join(tmp, "adapter"))
-                    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-                        tokenizer.save_pretrained(tmp)
-                    report.save(os.path.join(tmp, "irr_report.json"))
-                    build_model_card(report, base_model=_model_name(model), sources=self.sources,
-                                     lora=lora).save(os.path.join(tmp, "README.md"))
-                logger.info(f"IRR: realigned model saved to {target}")
-        finally:
-            state.wait_for_everyone()
+        """Every rank: the one sharding-aware writer (`output.save_realigned`) gathers and writes on the main process."""
+        peft = is_peft_model(model)
+        card = build_model_card(
+            report, base_model=_model_name(model), sources=self.sources, lora=report.extra.get("lora_refactor")
+        )
+
+        def adapter(tmp: str) -> None:
+            if peft and self.config.lora_output in ("adapter", "both"):
+                model.save_pretrained(tmp if self.config.lora_output == "adapter" else os.path.join(tmp, "adapter"))
+
+        save_realigned(
+            merged if peft else model, target, processing_class=tokenizer, report=report, card=card, extra=adapter
+        )
+        logger.info(f"IRR: realigned model saved to {target}")
 
     def _write_run_report(self, args) -> None:
         if self.report is not None and _partial_state().is_main_process:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from transformers.utils import logging
 
 from .commands._common import CLIError
+
 
 COMMANDS = {
     "apply": "Post-hoc IRR on saved checkpoints (full model or LoRA adapter directory).",
@@ -23,14 +24,17 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="irr", description="IRR post-hoc safety re-alignment for fine-tuned language models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="irr",
+        description="IRR post-hoc safety re-alignment for fine-tuned language models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         module = _command_module(name)
-        p = sub.add_parser(name, help=help_text, description=module.__doc__,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=module.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -40,7 +44,7 @@ def _command_module(name: str):
     return importlib.import_module(f"irr_callback.commands.{name.replace('-', '_')}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
+
+from .core.settings import RealignSettings
+
 
 IDENTIFY_MODES = ("sign", "no_sign", "random", "none")
 SAFETY_TOKENS = ("all", "response", "prompt")
@@ -27,7 +30,41 @@ class IRRConfigError(ValueError):
 class IRRConfig:
     """Settings for `irr_callback.realign`, `IRRCallback` and the `irr` CLI.
 
-    Field names double as command-line flags (`--remove_ratio 0.5`) through `HfArgumentParser`.
+    Field names double as command-line flags (`--remove_ratio 0.5`) through `HfArgumentParser`; each
+    field's `help` says more. `realign_settings()` turns the first group into the solver's settings.
+
+    Args (identify / remove / recalibrate):
+        remove_ratio, remove_more, identify_mode, irr_seed: which deltas are removed.
+        recalibrate, blocksize, percdamp, max_damping_retries, fallback_to_removal: the OBS recalibration.
+        target_modules: which weight matrices are realigned (default: every linear layer of the decoder).
+
+    Args (safety-regularised recalibration, beyond the paper; `IRRConfig.recommended()`):
+        safety_weight ("auto" or λ >= 0; 0 is the paper's IRR), safety_term, safety_ridge, safety_tokens,
+        num_safety_samples: the safety stream and how strongly it holds harmful prompts at the aligned model.
+
+    Args (calibration):
+        num_calibration_samples, calibration_max_length, calibration_batch_size: the data H is built from.
+        device: where the math runs. backup: where originals are kept for the all-or-nothing restore.
+
+    Args (safety inputs, for the callback and the CLI):
+        safety_vector, unaligned_model, harmful_dataset (+ columns, unaligned_*): the safety vector.
+        fisher, safety_dataset (+ columns, safety_max_new_tokens, fisher_*): the importance.
+        cache_dir: where computed safety inputs are kept for the next run.
+
+    Args (callback behaviour):
+        snapshot, irr_output_dir, save_realigned, lora_output, lora_refactor_rank, realign_checkpoints,
+        on_error.
+
+    Example:
+
+    ```python
+    >>> from irr_callback import IRRConfig
+    >>> config = IRRConfig(remove_ratio=0.5, fisher="fisher.safetensors", calibration_batch_size=8)
+    >>> config.realign_settings().remove_ratio
+    0.5
+    >>> IRRConfig.recommended().safety_weight  # the setting the README recommends
+    'auto'
+    ```
     """
 
     # ---- identify / remove / recalibrate -------------------------------------------------
@@ -50,12 +87,14 @@ class IRRConfig:
         metadata={
             "help": "How candidates are chosen: 'sign' (IRR), 'no_sign' (ablation: rank all entries by "
             "importance), 'random' (ablation: remove a random `remove_ratio` share of all entries) or 'none' "
-            "(remove nothing: the safety-regularised recalibration alone; no safety vector needed)."
+            "(remove nothing: the safety-regularised recalibration alone, no safety vector needed)."
         },
     )
     irr_seed: int = field(
         default=0,
-        metadata={"help": "Seed for identify_mode='random' (named irr_seed so it never clashes with TrainingArguments.seed)."},
+        metadata={
+            "help": "Seed for identify_mode='random' (named irr_seed so it never clashes with TrainingArguments.seed)."
+        },
     )
     recalibrate: bool = field(
         default=True,
@@ -65,9 +104,7 @@ class IRRConfig:
         default=128,
         metadata={"help": "Input columns per block for ranking, the adaptive mask and the lazy OBS update."},
     )
-    percdamp: float = field(
-        default=0.01, metadata={"help": "Hessian damping as a fraction of the mean of diag(H)."}
-    )
+    percdamp: float = field(default=0.01, metadata={"help": "Hessian damping as a fraction of the mean of diag(H)."})
     max_damping_retries: int = field(
         default=6,
         metadata={"help": "When the Cholesky factorisation fails, retry this many times with 10x more damping."},
@@ -79,7 +116,7 @@ class IRRConfig:
             "(costs one extra matrix product per module; the report says where it happened)."
         },
     )
-    target_modules: Optional[list[str]] = field(
+    target_modules: list[str] | None = field(
         default=None,
         metadata={
             "help": "Modules to realign: names (e.g. q_proj v_proj, matched as a dotted suffix) or regular "
@@ -87,34 +124,40 @@ class IRRConfig:
         },
     )
     # ---- safety-regularised recalibration (beyond the paper) -------------------------------
-    safety_weight: str = field(  # str for HfArgumentParser ('auto' or a number); stored as float or 'auto'
+    safety_weight: str = field(  # str for HfArgumentParser ('auto' or a number); stored as a float or 'auto'
         default="0",
         metadata={
-            "help": "λ of the safety-regularised recalibration: minimise |Δ'-Δ|²_{H_d} + λ|Δ'|²_{H_s}, where H_s "
-            "comes from a safety stream (harmful prompts with safe responses) travelling through the layers "
-            "beside the calibration data. 0 (default) is the paper's IRR exactly; a number > 0 fixes λ; "
-            "'auto' picks λ from held-out splits of the calibration and safety data (docs/safety-weight.md)."
+            "help": "λ of the safety-regularised recalibration: minimise |Δ'-Δ|²_{H_d} + λ·(safety term) on a "
+            "safety stream (harmful prompts with safe responses) that travels through the layers beside the "
+            "calibration data. 0 (default) is the paper's IRR exactly; a number > 0 fixes λ; 'auto' picks λ "
+            "from held-out splits of the calibration and safety data (docs/safety-weight.md)."
+        },
+    )
+    safety_term: str = field(
+        default="aligned",
+        metadata={
+            "help": "With safety_weight != 0: 'aligned' asks each layer for the aligned model's outputs on the "
+            "aligned model's own activations, |W'X_r - W_A X_A|² (a second copy of the safety stream travels "
+            "through the base weights; this also undoes drift from earlier layers and untouched weights), or "
+            "'delta' for |Δ'X_r|², one stream only."
         },
     )
     safety_ridge: float = field(
         default=0.1,
-        metadata={"help": "With safety_weight != 0: ridge toward the fine-tuned delta, as a fraction of mean(diag H_d); "
-                  "it decides input directions neither stream excites."},
-    )
-    safety_term: str = field(
-        default="aligned",
-        metadata={"help": "With safety_weight != 0: 'aligned' asks each layer for the aligned model's outputs on the "
-                  "aligned model's own activations, |W'X_r - W_A X_A|² (a second, aligned copy of the safety stream "
-                  "travels through the base weights; this also undoes drift from earlier layers and embeddings), "
-                  "or 'delta' for |Δ'X_r|², the plain doc formula (one stream, cheaper)."},
+        metadata={
+            "help": "With safety_weight != 0: ridge toward the fine-tuned delta, as a fraction of mean(diag H_d); "
+            "it decides input directions neither stream excites."
+        },
     )
     safety_tokens: str = field(
         default="all",
-        metadata={"help": "Tokens of the safety stream that feed H_s: 'all' (prompt and response), 'response' "
-                  "(labels != -100) or 'prompt' (labels == -100)."},
+        metadata={
+            "help": "Tokens of the safety stream that feed its Hessians: 'all' (prompt and response), 'response' "
+            "(labels != -100) or 'prompt' (labels == -100)."
+        },
     )
     num_safety_samples: int = field(
-        default=128, metadata={"help": "Safety-stream sequences (harmful prompts with safe responses) used for H_s."}
+        default=128, metadata={"help": "Safety-stream sequences (harmful prompts with safe responses) used."}
     )
     # ---- calibration ---------------------------------------------------------------------
     num_calibration_samples: int = field(
@@ -125,11 +168,13 @@ class IRRConfig:
     )
     calibration_batch_size: int = field(
         default=4,
-        metadata={"help": "Sequences per layer forward pass (Hessian and propagation passes). Peak memory grows "
-                          "with it (one batch's activations through one layer); on CPU 2-8 ran equally fast, "
-                          "so 4 (2048 tokens at the default length). Raise it on a GPU with room to spare."},
+        metadata={
+            "help": "Sequences per layer forward pass (Hessian and propagation passes). Peak memory grows "
+            "with it (one batch's activations through one layer); on CPU 2-8 ran equally fast, "
+            "so 4 (2048 tokens at the default length). Raise it on a GPU with room to spare."
+        },
     )
-    device: Optional[str] = field(
+    device: str | None = field(
         default=None,
         metadata={"help": "Device for the IRR math (default: the device of each decoder layer)."},
     )
@@ -142,15 +187,18 @@ class IRRConfig:
         },
     )
     # ---- safety inputs (used by the callback and the CLI) -----------------------------------
-    safety_vector: Optional[str] = field(
+    safety_vector: str | None = field(
         default=None, metadata={"help": "A safety-vector safetensors file written by `irr safety-vector`."}
     )
-    unaligned_model: Optional[str] = field(
-        default=None, metadata={"help": "Local directory or hub id of the unaligned model (v = W_aligned - W_unaligned)."}
-    )
-    harmful_dataset: Optional[str] = field(
+    unaligned_model: str | None = field(
         default=None,
-        metadata={"help": "Harmful prompt/answer pairs (hub id or json/jsonl) to build the unaligned model by a short fine-tune."},
+        metadata={"help": "Local directory or hub id of the unaligned model (v = W_aligned - W_unaligned)."},
+    )
+    harmful_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Harmful prompt/answer pairs (hub id or json/jsonl) to build the unaligned model by a short fine-tune."
+        },
     )
     harmful_prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of harmful_dataset."})
     harmful_response_column: str = field(default="response", metadata={"help": "Answer column of harmful_dataset."})
@@ -160,37 +208,45 @@ class IRRConfig:
         default=16, metadata={"help": "LoRA rank of the harmful fine-tune (0: full fine-tuning)."}
     )
     unaligned_batch_size: int = field(default=8, metadata={"help": "Sequences per step of the harmful fine-tune."})
-    fisher: Optional[str] = field(
+    fisher: str | None = field(
         default=None, metadata={"help": "A Fisher-importance safetensors file written by `irr fisher`."}
     )
-    safety_dataset: Optional[str] = field(
+    safety_dataset: str | None = field(
         default=None,
         metadata={"help": "Harmful prompts with safe responses (hub id or json/jsonl) for the Fisher importance."},
     )
     safety_prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of safety_dataset."})
     safety_response_column: str = field(
         default="response",
-        metadata={"help": "Response column of safety_dataset; if absent, the base model's own responses are generated."},
+        metadata={
+            "help": "Response column of safety_dataset; if absent, the base model's own responses are generated."
+        },
     )
     safety_max_new_tokens: int = field(
         default=128,
-        metadata={"help": "Tokens generated per prompt when safety_dataset has no response column (the base model's "
-                  "own answers are used, as in the paper)."},
+        metadata={
+            "help": "Tokens generated per prompt when safety_dataset has no response column (the base model's "
+            "own answers are used, as in the paper)."
+        },
     )
     fisher_batch_size: int = field(default=8, metadata={"help": "Mini-batch size of the Fisher estimate."})
-    fisher_max_samples: Optional[int] = field(
+    fisher_max_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many safety examples for the Fisher estimate."}
     )
-    cache_dir: Optional[str] = field(
+    cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Where computed safety vectors and Fisher scores are cached (default: ~/.cache/irr_callback)."},
+        metadata={
+            "help": "Where computed safety vectors and Fisher scores are cached (default: ~/.cache/irr_callback)."
+        },
     )
     # ---- callback behaviour ----------------------------------------------------------------
     snapshot: str = field(
         default="cpu",
-        metadata={"help": "Where the base weights are kept during training: 'cpu' (RAM) or 'disk' (safetensors under output_dir)."},
+        metadata={
+            "help": "Where the base weights are kept during training: 'cpu' (RAM) or 'disk' (safetensors under output_dir)."
+        },
     )
-    irr_output_dir: Optional[str] = field(
+    irr_output_dir: str | None = field(
         default=None, metadata={"help": "Where the realigned model is saved (default: <output_dir>/irr)."}
     )
     save_realigned: bool = field(default=True, metadata={"help": "Save the realigned model at train end."})
@@ -198,7 +254,7 @@ class IRRConfig:
         default="both",
         metadata={"help": "LoRA runs: save a 'merged' model, a re-factored 'adapter' (truncated SVD), or 'both'."},
     )
-    lora_refactor_rank: Optional[int] = field(
+    lora_refactor_rank: int | None = field(
         default=None,
         metadata={"help": "Rank of the re-factored adapter (default: 4x the training adapter's rank)."},
     )
@@ -207,7 +263,9 @@ class IRRConfig:
     )
     on_error: str = field(
         default="raise",
-        metadata={"help": "If IRR fails at train end: 'raise' the error or only 'warn'; the model stays fine-tuned either way."},
+        metadata={
+            "help": "If IRR fails at train end: 'raise' the error or only 'warn'; the model stays fine-tuned either way."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -215,57 +273,149 @@ class IRRConfig:
 
     def validate(self) -> None:
         """Raise `IRRConfigError` naming the first invalid field."""
-        _check(isinstance(self.remove_ratio, (int, float)) and math.isfinite(self.remove_ratio)
-               and 0.0 <= self.remove_ratio <= 1.0,
-               "remove_ratio", self.remove_ratio, "a number in [0, 1]")
+        _check(
+            isinstance(self.remove_ratio, (int, float))
+            and math.isfinite(self.remove_ratio)
+            and 0.0 <= self.remove_ratio <= 1.0,
+            "remove_ratio",
+            self.remove_ratio,
+            "a number in [0, 1]",
+        )
         _check(self.identify_mode in IDENTIFY_MODES, "identify_mode", self.identify_mode, f"one of {IDENTIFY_MODES}")
         _check(isinstance(self.blocksize, int) and self.blocksize >= 1, "blocksize", self.blocksize, "an integer >= 1")
         self.safety_weight = _safety_weight(self.safety_weight)
-        _check(isinstance(self.safety_ridge, (int, float)) and math.isfinite(self.safety_ridge)
-               and self.safety_ridge >= 0, "safety_ridge", self.safety_ridge, "a finite number >= 0")
-        _check(self.safety_tokens in SAFETY_TOKENS, "safety_tokens", self.safety_tokens, f"one of {SAFETY_TOKENS}")
+        _check(
+            isinstance(self.safety_ridge, (int, float))
+            and math.isfinite(self.safety_ridge)
+            and self.safety_ridge >= 0,
+            "safety_ridge",
+            self.safety_ridge,
+            "a finite number >= 0",
+        )
         _check(self.safety_term in SAFETY_TERMS, "safety_term", self.safety_term, f"one of {SAFETY_TERMS}")
-        _check(self.safety_weight == 0 or self.recalibrate, "recalibrate", self.recalibrate,
-               "True when safety_weight != 0 (the safety term is part of the recalibration)")
-        _check(isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0,
-               "percdamp", self.percdamp, "a finite number >= 0")
-        _check(isinstance(self.max_damping_retries, int) and self.max_damping_retries >= 0,
-               "max_damping_retries", self.max_damping_retries, "an integer >= 0")
-        for name in ("num_calibration_samples", "num_safety_samples", "calibration_max_length", "calibration_batch_size",
-                     "fisher_batch_size", "unaligned_batch_size", "safety_max_new_tokens"):
+        _check(self.safety_tokens in SAFETY_TOKENS, "safety_tokens", self.safety_tokens, f"one of {SAFETY_TOKENS}")
+        _check(
+            self.safety_weight == 0 or self.recalibrate,
+            "recalibrate",
+            self.recalibrate,
+            "True when safety_weight != 0 (the safety term is part of the recalibration)",
+        )
+        _check(
+            isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0,
+            "percdamp",
+            self.percdamp,
+            "a finite number >= 0",
+        )
+        _check(
+            isinstance(self.max_damping_retries, int) and self.max_damping_retries >= 0,
+            "max_damping_retries",
+            self.max_damping_retries,
+            "an integer >= 0",
+        )
+        for name in (
+            "num_calibration_samples",
+            "num_safety_samples",
+            "calibration_max_length",
+            "calibration_batch_size",
+            "fisher_batch_size",
+            "unaligned_batch_size",
+            "safety_max_new_tokens",
+        ):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        _check(self.fisher_max_samples is None or (isinstance(self.fisher_max_samples, int)
-                                                   and self.fisher_max_samples >= 1),
-               "fisher_max_samples", self.fisher_max_samples, "None or an integer >= 1")
-        _check(isinstance(self.unaligned_steps, int) and self.unaligned_steps >= 1,
-               "unaligned_steps", self.unaligned_steps, "an integer >= 1")
-        _check(isinstance(self.unaligned_lora_rank, int) and self.unaligned_lora_rank >= 0,
-               "unaligned_lora_rank", self.unaligned_lora_rank, "an integer >= 0")
+        _check(
+            self.fisher_max_samples is None
+            or (isinstance(self.fisher_max_samples, int) and self.fisher_max_samples >= 1),
+            "fisher_max_samples",
+            self.fisher_max_samples,
+            "None or an integer >= 1",
+        )
+        _check(
+            isinstance(self.unaligned_steps, int) and self.unaligned_steps >= 1,
+            "unaligned_steps",
+            self.unaligned_steps,
+            "an integer >= 1",
+        )
+        _check(
+            isinstance(self.unaligned_lora_rank, int) and self.unaligned_lora_rank >= 0,
+            "unaligned_lora_rank",
+            self.unaligned_lora_rank,
+            "an integer >= 0",
+        )
         _check(self.unaligned_learning_rate > 0, "unaligned_learning_rate", self.unaligned_learning_rate, "> 0")
         _check(self.snapshot in SNAPSHOT_LOCATIONS, "snapshot", self.snapshot, f"one of {SNAPSHOT_LOCATIONS}")
         _check(self.backup in BACKUP_LOCATIONS, "backup", self.backup, f"one of {BACKUP_LOCATIONS}")
         _check(self.lora_output in LORA_OUTPUTS, "lora_output", self.lora_output, f"one of {LORA_OUTPUTS}")
-        _check(self.lora_refactor_rank is None or (isinstance(self.lora_refactor_rank, int)
-                                                   and self.lora_refactor_rank >= 1),
-               "lora_refactor_rank", self.lora_refactor_rank, "None or an integer >= 1")
+        _check(
+            self.lora_refactor_rank is None
+            or (isinstance(self.lora_refactor_rank, int) and self.lora_refactor_rank >= 1),
+            "lora_refactor_rank",
+            self.lora_refactor_rank,
+            "None or an integer >= 1",
+        )
         _check(self.on_error in ON_ERROR, "on_error", self.on_error, f"one of {ON_ERROR}")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
-            _check(len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
-                   "target_modules", self.target_modules, "None or a non-empty list of non-empty strings")
+            _check(
+                len(self.target_modules) > 0 and all(isinstance(t, str) and t for t in self.target_modules),
+                "target_modules",
+                self.target_modules,
+                "None or a non-empty list of non-empty strings",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "IRRConfig":
+    def from_dict(cls, values: dict[str, Any]) -> IRRConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise IRRConfigError(f"Unknown IRRConfig field(s): {unknown}")
         return cls(**values)
+
+    def realign_settings(self) -> RealignSettings:
+        """The settings `core/` solves with: the one place where config fields become solver settings."""
+        return RealignSettings(
+            remove_ratio=self.remove_ratio,
+            remove_more=self.remove_more,
+            recalibrate=self.recalibrate,
+            blocksize=self.blocksize,
+            percdamp=self.percdamp,
+            mode=self.identify_mode,
+            seed=self.irr_seed,
+            max_damping_retries=self.max_damping_retries,
+            fallback_to_removal=self.fallback_to_removal,
+            removal_error=self.fallback_to_removal,
+            safety_weight=0.0 if self.safety_weight == "auto" else float(self.safety_weight),
+            ridge=float(self.safety_ridge),
+        )
+
+    @classmethod
+    def recommended(cls, **overrides: Any) -> IRRConfig:
+        """The setting the README recommends: safety-regularised recalibration with the aligned-target
+        safety term, λ chosen by `safety_weight="auto"`, and no removal by sign (`identify_mode="none"`),
+        so it needs safety data (harmful prompts with safe responses) but no safety vector, no unaligned
+        model and no Fisher. On our toy world it restores refusals and keeps the task where the paper's
+        setting halves it (README, "One setting"). `overrides` are any other `IRRConfig` fields.
+
+        Example:
+
+        ```python
+        >>> IRRConfig.recommended(calibration_batch_size=8).identify_mode
+        'none'
+        ```
+        """
+        values = {**RECOMMENDED, **overrides}
+        return cls(**values)
+
+    @property
+    def setting_name(self) -> str:
+        """'recommended' (the preset's solver fields), 'safety-regularised' (another λ) or 'irr' (the paper's)."""
+        if all(getattr(self, k) == v for k, v in RECOMMENDED.items()):
+            return "recommended"
+        return "irr" if self.safety_weight == 0 else "safety-regularised"
 
     @property
     def needs_importance(self) -> bool:
@@ -274,13 +424,17 @@ class IRRConfig:
 
     @property
     def uses_safety_stream(self) -> bool:
-        """A safety weight (fixed or 'auto') needs harmful prompts with safe responses."""
+        """A safety weight (a number > 0 or 'auto') needs harmful prompts with safe responses."""
         return self.safety_weight != 0
 
     @property
     def needs_safety_vector(self) -> bool:
-        """Every identify mode but 'none' reads the safety vector's signs."""
+        """Every identify mode but 'none' reads the safety vector."""
         return self.identify_mode != "none"
+
+
+#: `IRRConfig.recommended()`: the solver fields of the setting the README recommends
+RECOMMENDED: dict[str, Any] = {"identify_mode": "none", "safety_weight": "auto", "safety_term": "aligned"}
 
 
 def _safety_weight(value: Any) -> Any:
@@ -301,4 +455,3 @@ def _safety_weight(value: Any) -> Any:
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
     if not ok:
         raise IRRConfigError(f"IRRConfig.{name} must be {expected}, got {value!r}")
-

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers.utils import logging
+
 
 logger = logging.get_logger(__name__)
 
@@ -45,8 +46,10 @@ def load_examples(source: Any, *, what: str):
                 return datasets.load_dataset(path, split="train")
             raise DataError(f"{what}: '{path}' does not exist")
         return datasets.load_dataset(path, split="train")  # hub id
-    raise DataError(f"{what}: expected a datasets.Dataset, a list of dicts, a json/jsonl path or a hub id; "
-                    f"got {type(source).__name__}")
+    raise DataError(
+        f"{what}: expected a datasets.Dataset, a list of dicts, a json/jsonl path or a hub id; "
+        f"got {type(source).__name__}"
+    )
 
 
 def data_fingerprint(source: Any, dataset) -> str:
@@ -63,7 +66,7 @@ def data_fingerprint(source: Any, dataset) -> str:
     return hashlib.sha256(repr(dataset[:]).encode()).hexdigest()[:32]
 
 
-def require_columns(dataset, columns: list[str], *, what: str, fields: Optional[list[str]] = None) -> None:
+def require_columns(dataset, columns: list[str], *, what: str, fields: list[str] | None = None) -> None:
     """Raise naming the missing column and the option (`fields`) that chose it."""
     for k, column in enumerate(columns):
         if column not in dataset.column_names:
@@ -71,7 +74,7 @@ def require_columns(dataset, columns: list[str], *, what: str, fields: Optional[
             raise DataError(f"{what} has no column '{column}'{option}; its columns are {dataset.column_names}")
 
 
-def _chat_ids(tokenizer, prompt: str, response: Optional[str]) -> tuple[list[int], list[int]]:
+def _chat_ids(tokenizer, prompt: str, response: str | None) -> tuple[list[int], list[int]]:
     """(prompt ids, full ids) with the tokenizer's chat template, or plain text when it has none."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
@@ -80,8 +83,7 @@ def _chat_ids(tokenizer, prompt: str, response: Optional[str]) -> tuple[list[int
             prompt_ids = prompt_ids["input_ids"]
         if response is None:
             return list(prompt_ids), list(prompt_ids)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
-                                             tokenize=True)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=True)
         if isinstance(full, Mapping):
             full = full["input_ids"]
         return list(prompt_ids), list(full)
@@ -95,8 +97,10 @@ def _chat_ids(tokenizer, prompt: str, response: Optional[str]) -> tuple[list[int
 def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], *, max_length: int) -> list[dict]:
     """SFT examples: `input_ids`, `attention_mask`, `labels` (-100 on the prompt), EOS appended."""
     if tokenizer is None:
-        raise DataError("a tokenizer is needed to tokenize prompt/response data: pass processing_class to the "
-                        "Trainer (or to IRRCallback.bind)")
+        raise DataError(
+            "a tokenizer is needed to tokenize prompt/response data: pass processing_class to the "
+            "Trainer (or to IRRCallback.bind)"
+        )
     eos = getattr(tokenizer, "eos_token_id", None)
     out, given = [], 0
     for prompt, response in zip(prompts, responses):
@@ -105,22 +109,37 @@ def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], *, max_l
         if eos is not None and (not ids or ids[-1] != eos):
             ids = ids + [eos]
         ids = ids[:max_length]
-        labels = [-100] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids):]
+        labels = [-100] * min(len(prompt_ids), len(ids)) + ids[len(prompt_ids) :]
         if all(label == -100 for label in labels):
             continue  # the response was truncated away: no loss to take
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     if not out:
-        raise DataError(f"none of the {given} prompt/response examples kept a response token after truncation "
-                        "(empty data, or raise calibration_max_length)")
+        raise DataError(
+            f"none of the {given} prompt/response examples kept a response token after truncation "
+            "(empty data, or raise calibration_max_length)"
+        )
     return out
+
+
+def padding_id(tokenizer, default: int | None = 0) -> int | None:
+    """The id that pads batches: the tokenizer's pad token, else its EOS token, else `default`.
+
+    The one rule everywhere: padded positions are masked (attention mask 0, labels -100), so any id
+    gives the same results; generation needs a real token (`default=None` tells the caller there is none)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad) if pad is not None else default
 
 
 def collate(examples: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a list of tokenized examples into one batch (labels padded with -100)."""
     width = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
-             "labels": torch.full((len(examples), width), -100, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
+        "labels": torch.full((len(examples), width), -100, dtype=torch.long),
+    }
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         batch["input_ids"][row, :n] = torch.as_tensor(e["input_ids"])
@@ -130,7 +149,7 @@ def collate(examples: list[dict], pad_token_id: int = 0) -> dict[str, torch.Tens
 
 
 def batches(examples: list[dict], batch_size: int, pad_token_id: int = 0) -> list[dict[str, torch.Tensor]]:
-    return [collate(examples[i:i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
+    return [collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
 
 
 def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int) -> list[str]:
@@ -145,31 +164,40 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
             for prompt in logging.tqdm(prompts, desc="IRR safety responses"):
                 prompt_ids, _ = _chat_ids(tokenizer, str(prompt), None)
                 ids = torch.tensor([prompt_ids], device=device)
-                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad)
-                answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+                pad = padding_id(tokenizer, default=None)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                )
+                answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     finally:
         model.train(was_training)
     return answers
 
 
-def check_calibration_columns(dataset, text_column: Optional[str] = None) -> None:
+def check_calibration_columns(dataset, text_column: str | None = None) -> None:
     """Fail early (before any model is loaded) when no column can feed calibration."""
     columns = list(getattr(dataset, "column_names", None) or [])
     usable = [text_column] if text_column else ["input_ids", "text", "prompt", "messages"]
     if not any(c in columns for c in usable):
-        raise DataError(f"calibration data has no usable column (columns: {columns}); expected "
-                        + (f"'{text_column}'" if text_column else "'input_ids', 'text', 'prompt' or 'messages'"))
+        raise DataError(
+            f"calibration data has no usable column (columns: {columns}); expected "
+            + (f"'{text_column}'" if text_column else "'input_ids', 'text', 'prompt' or 'messages'")
+        )
 
 
-def calibration_examples(dataset: Any, tokenizer, *, num_samples: int, max_length: int,
-                         text_column: Optional[str] = None) -> list[dict]:
+def calibration_examples(
+    dataset: Any, tokenizer, *, num_samples: int, max_length: int, text_column: str | None = None
+) -> list[dict]:
     """The first `num_samples` training examples as token ids: pre-tokenized (`input_ids`) as is,
     otherwise tokenized from `text_column`, or a `text`, `prompt`/`completion|response` or `messages` column."""
     if dataset is None:
-        raise DataError("no training dataset for IRR calibration: call IRRCallback.bind(trainer) or train "
-                        "with a train_dataset")
+        raise DataError(
+            "no training dataset for IRR calibration: call IRRCallback.bind(trainer) or train with a train_dataset"
+        )
     rows = []
     for item in dataset:
         rows.append(item)
@@ -183,11 +211,15 @@ def calibration_examples(dataset: Any, tokenizer, *, num_samples: int, max_lengt
     if text_column is not None and text_column not in first:
         raise DataError(f"calibration data has no column '{text_column}'; its columns are {list(first)}")
     if "input_ids" in first and text_column is None:
-        return [{"input_ids": r["input_ids"], **({"attention_mask": r["attention_mask"]}
-                                                  if "attention_mask" in r else {})} for r in rows]
+        return [
+            {"input_ids": r["input_ids"], **({"attention_mask": r["attention_mask"]} if "attention_mask" in r else {})}
+            for r in rows
+        ]
     if tokenizer is None:
-        raise DataError(f"training examples are not tokenized (keys {list(first)}) and no processing_class "
-                        "was given to tokenize them")
+        raise DataError(
+            f"training examples are not tokenized (keys {list(first)}) and no processing_class "
+            "was given to tokenize them"
+        )
     out = []
     for r in rows:
         if text_column is not None:
@@ -201,7 +233,9 @@ def calibration_examples(dataset: Any, tokenizer, *, num_samples: int, max_lengt
             answer = r.get("completion", r.get("response"))
             ids = _chat_ids(tokenizer, str(r["prompt"]), None if answer is None else str(answer))[1]
         else:
-            raise DataError(f"calibration data has no usable column (columns: {list(r)}); expected 'input_ids', "
-                            "'text', 'prompt'(+'completion'/'response') or 'messages'")
+            raise DataError(
+                f"calibration data has no usable column (columns: {list(r)}); expected 'input_ids', "
+                "'text', 'prompt'(+'completion'/'response') or 'messages'"
+            )
         out.append({"input_ids": list(ids)[:max_length]})
     return out

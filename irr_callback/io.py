@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
-from collections.abc import Mapping
-from typing import Iterable, Optional
+from collections.abc import Iterable, Mapping
 
 import torch
 
+from .saving import atomic_file
 from .tensors import SafetensorsMapping
+
 
 FORMAT_VERSION = "1"
 KINDS = ("safety_vector", "fisher", "snapshot")
@@ -25,8 +25,7 @@ class IRRFileError(ValueError):
     """A file is not one of ours, is of the wrong kind, or was made for another base model."""
 
 
-def fingerprint(tensors: Mapping[str, torch.Tensor], names: Optional[Iterable[str]] = None,
-                sample: int = 256) -> str:
+def fingerprint(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None = None, sample: int = 256) -> str:
     """Short hash of names, shapes and a strided sample of values (as float32, so loading a bf16
     checkpoint in float32 keeps the fingerprint): identifies a base model cheaply."""
     digest = hashlib.sha256()
@@ -40,8 +39,15 @@ def fingerprint(tensors: Mapping[str, torch.Tensor], names: Optional[Iterable[st
     return digest.hexdigest()[:32]
 
 
-def save_irr_file(path: str, tensors: Mapping[str, torch.Tensor], *, kind: str, base_fingerprint: str,
-                  base_model: str = "", extra: Optional[dict[str, str]] = None) -> None:
+def save_irr_file(
+    path: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    kind: str,
+    base_fingerprint: str,
+    base_model: str = "",
+    extra: dict[str, str] | None = None,
+) -> None:
     """Write atomically (temp file in the same directory, then rename): never a half-written file."""
     from safetensors.torch import save_file
 
@@ -50,23 +56,19 @@ def save_irr_file(path: str, tensors: Mapping[str, torch.Tensor], *, kind: str, 
     if not tensors:
         raise ValueError(f"{path}: refusing to write an empty {kind} file")
     sign_only = all(t.dtype == torch.int8 for t in tensors.values())
-    metadata = {"irr_callback.format": FORMAT_VERSION, "irr_callback.kind": kind,
-                "irr_callback.base_fingerprint": base_fingerprint, "irr_callback.base_model": base_model,
-                "irr_callback.sign_only": "true" if sign_only else "false", **(extra or {})}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".irr-", suffix=".safetensors.tmp", dir=directory)
-    os.close(fd)
-    try:
+    metadata = {
+        "irr_callback.format": FORMAT_VERSION,
+        "irr_callback.kind": kind,
+        "irr_callback.base_fingerprint": base_fingerprint,
+        "irr_callback.base_model": base_model,
+        "irr_callback.sign_only": "true" if sign_only else "false",
+        **(extra or {}),
+    }
+    with atomic_file(path, suffix=".safetensors.tmp") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
-def load_irr_file(path: str, *, kind: str, base: Optional[Mapping[str, torch.Tensor]] = None) -> SafetensorsMapping:
+def load_irr_file(path: str, *, kind: str, base: Mapping[str, torch.Tensor] | None = None) -> SafetensorsMapping:
     """Open one of our files lazily after checking it: safetensors, our metadata, the right kind and,
     when `base` is given, made for that base (fingerprint over the tensors the file holds)."""
     if not os.path.isfile(path):
@@ -74,16 +76,20 @@ def load_irr_file(path: str, *, kind: str, base: Optional[Mapping[str, torch.Ten
     with open(path, "rb") as fh:
         head = fh.read(8)
     if any(head.startswith(m) for m in _PICKLE_MAGIC) or not path.endswith(".safetensors"):
-        raise IRRFileError(f"{kind} file '{path}' is not a safetensors file; pickled files (.pt/.bin/.pkl) are "
-                           "never loaded. Re-create it with `irr safety-vector` / `irr fisher`.")
+        raise IRRFileError(
+            f"{kind} file '{path}' is not a safetensors file; pickled files (.pt/.bin/.pkl) are "
+            "never loaded. Re-create it with `irr safety-vector` / `irr fisher`."
+        )
     try:
         mapping = SafetensorsMapping(path)
     except ValueError as exc:
         raise IRRFileError(str(exc)) from exc
     meta = mapping.metadata
     if meta.get("irr_callback.format") != FORMAT_VERSION:
-        raise IRRFileError(f"{kind} file '{path}' has no irr_callback metadata (format "
-                           f"{meta.get('irr_callback.format')!r}); write it with irr_callback's tools")
+        raise IRRFileError(
+            f"{kind} file '{path}' has no irr_callback metadata (format "
+            f"{meta.get('irr_callback.format')!r}); write it with irr_callback's tools"
+        )
     if meta.get("irr_callback.kind") != kind:
         raise IRRFileError(f"'{path}' holds a {meta.get('irr_callback.kind')!r}, expected a {kind!r}")
     if base is None:
@@ -96,5 +102,6 @@ def load_irr_file(path: str, *, kind: str, base: Optional[Mapping[str, torch.Ten
         raise IRRFileError(
             f"{kind} file '{path}' was made for another base model (fingerprint "
             f"{meta.get('irr_callback.base_fingerprint')} of {meta.get('irr_callback.base_model') or 'unknown'}, "
-            f"this base: {expected_fingerprint})")
+            f"this base: {expected_fingerprint})"
+        )
     return mapping

@@ -2,53 +2,79 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from .report import IRRReport
 
-_SETTINGS = ("remove_ratio", "remove_more", "identify_mode", "recalibrate", "blocksize", "percdamp",
-             "num_calibration_samples", "calibration_max_length", "target_modules")
+
+_SETTINGS = (
+    "remove_ratio",
+    "remove_more",
+    "identify_mode",
+    "recalibrate",
+    "blocksize",
+    "percdamp",
+    "num_calibration_samples",
+    "calibration_max_length",
+    "target_modules",
+)
 
 
-def build_model_card(report: IRRReport, *, base_model: Optional[str], sources: dict[str, Any],
-                     lora: Optional[dict[str, Any]] = None):
-    """A `huggingface_hub.ModelCard` with base model, method and settings, and removal statistics."""
+def build_model_card(
+    report: IRRReport,
+    *,
+    base_model: str | None,
+    sources: dict[str, Any],
+    lora: dict[str, Any] | None = None,
+    applied_by: str = "`irr_callback.IRRCallback` at the end of the training run",
+    calibration: str = "the first training examples",
+):
+    """A `huggingface_hub.ModelCard` with base model, method and settings, and removal statistics: the
+    one model card of a realigned model (the callback's and `irr apply`'s, which says so in `applied_by`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     totals = report.totals
-    data = ModelCardData(base_model=base_model if base_model and "/" in base_model else None,
-                         library_name="transformers", tags=["irr", "safety-realignment", "irr-callback"])
+    data = ModelCardData(
+        base_model=base_model if base_model and "/" in base_model else None,
+        library_name="transformers",
+        tags=["irr", "safety-realignment", "irr-callback"],
+    )
     settings = "\n".join(f"| `{k}` | `{report.config.get(k)}` |" for k in _SETTINGS)
-    source_lines = "\n".join(f"- **{kind}**: {info.get('source')}"
-                             f"{' (from cache)' if info.get('cached') else ''}"
-                             f"{' — ' + str(info.get('path')) if info.get('path') else ''}"
-                             for kind, info in sources.items())
-    per_layer = "\n".join(f"| {layer} | {s['modules']} | {s['conflicts']:,} | {s['removed']:,} | "
-                          f"{100 * s['removed_fraction']:.2f}% |" for layer, s in sorted(report.per_layer().items()))
+    source_lines = "\n".join(
+        f"- **{kind}**: {info.get('source')}"
+        f"{' (from cache)' if info.get('cached') else ''}"
+        f"{' — ' + str(info.get('path')) if info.get('path') else ''}"
+        for kind, info in sources.items()
+    )
+    per_layer = "\n".join(
+        f"| {layer} | {s['modules']} | {s['conflicts']:,} | {s['removed']:,} | {100 * s['removed_fraction']:.2f}% |"
+        for layer, s in sorted(report.per_layer().items())
+    )
     lora_text = ""
     if lora:
-        lora_text = (f"\n## LoRA\n\nThe fine-tune was a LoRA adapter. The realigned delta is dense, so the merged "
-                     f"model is exact; the re-factored adapter (truncated SVD, rank {lora.get('rank')}) has a "
-                     f"maximum relative Frobenius error of {lora.get('max_relative_error', 0.0):.4g}.\n")
+        lora_text = (
+            f"\n## LoRA\n\nThe fine-tune was a LoRA adapter. The realigned delta is dense, so the merged "
+            f"model is exact; the re-factored adapter (truncated SVD, rank {lora.get('rank')}) has a "
+            f"maximum relative Frobenius error of {lora.get('max_relative_error', 0.0):.4g}.\n"
+        )
     content = f"""---
 {data.to_yaml()}
 ---
 
 # Safety-realigned model (IRR)
 
-This model is a fine-tune of `{base_model or 'unknown base'}` whose safety-degrading weight changes were
+This model is a fine-tune of `{base_model or "unknown base"}` whose safety-degrading weight changes were
 removed after training with **IRR** (identify, remove, recalibrate; Wu et al., "Separate the Wheat from
 the Chaff", Findings of ACL 2025, arXiv:2412.11041), applied by
-`irr_callback.IRRCallback` at the end of the training run.
+{applied_by}.
 
 Every fine-tuning delta whose sign conflicts with the safety vector v = W_aligned − W_unaligned was reset
-to the base value{', ranked by Fisher importance' if report.config.get('remove_ratio', 1.0) < 1 else ''};
-the kept deltas were recalibrated (OBS update) to preserve each layer's output on the first training
-examples.
+to the base value{", ranked by Fisher importance" if report.config.get("remove_ratio", 1.0) < 1 else ""};
+the kept deltas were recalibrated (OBS update) to preserve each layer's output on {calibration}.
 
 ## Safety inputs
 
-{source_lines or '- (not recorded)'}
+{source_lines or "- (not recorded)"}
 
 ## Settings
 
@@ -58,9 +84,9 @@ examples.
 
 ## What was removed
 
-{totals['removed']:,} of {totals['entries']:,} target weight entries ({100 * totals['removed_fraction']:.2f}%)
-in {totals['modules']} modules; sign conflicts: {100 * totals['conflict_fraction']:.2f}%;
-{len(totals['fell_back_to_removal'])} modules kept plain removal because recalibration did worse.
+{totals["removed"]:,} of {totals["entries"]:,} target weight entries ({100 * totals["removed_fraction"]:.2f}%)
+in {totals["modules"]} modules; sign conflicts: {100 * totals["conflict_fraction"]:.2f}%;
+{len(totals["fell_back_to_removal"])} modules kept plain removal because recalibration did worse.
 Calibration: {report.calibration_sequences} sequences, {report.calibration_tokens} tokens.
 
 | layer | modules | conflicts | removed | removed % |

@@ -10,7 +10,6 @@ truncated SVD of Δ' at one rank for all layers (scaling folded into the factors
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -24,23 +23,35 @@ def is_peft_model(model: nn.Module) -> bool:
 
 def check_supported(model: nn.Module) -> None:
     """Refuse, before anything is changed, the PEFT setups whose realigned result we cannot represent."""
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False) or \
-            getattr(getattr(model, "get_base_model", lambda: model)(), "is_quantized", False):
-        raise TargetError("QLoRA / quantized base models are not supported: IRR writes W_A + Δ' into the base "
-                          "weights; load the base in bf16/fp16/fp32")
+    if (
+        getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+        or getattr(getattr(model, "get_base_model", lambda: model)(), "is_quantized", False)
+    ):
+        raise TargetError(
+            "QLoRA / quantized base models are not supported: IRR writes W_A + Δ' into the base "
+            "weights; load the base in bf16/fp16/fp32"
+        )
     if not is_peft_model(model):
         return
     for adapter, cfg in model.peft_config.items():
-        if getattr(cfg, "peft_type", None) is not None and str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
+        if (
+            getattr(cfg, "peft_type", None) is not None
+            and str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA"
+        ):
             raise TargetError(f"adapter '{adapter}' is {cfg.peft_type}; IRRCallback supports LoRA adapters only")
         if getattr(cfg, "use_dora", False):
-            raise TargetError(f"adapter '{adapter}' uses DoRA (use_dora=True), which IRRCallback does not support; "
-                              "train plain LoRA, or merge the adapter and realign the merged model with `realign`")
+            raise TargetError(
+                f"adapter '{adapter}' uses DoRA (use_dora=True), which IRRCallback does not support; "
+                "train plain LoRA, or merge the adapter and realign the merged model with `realign`"
+            )
         if getattr(cfg, "lora_bias", False):
             raise TargetError(f"adapter '{adapter}' has lora_bias=True, which IRRCallback does not support")
         if getattr(cfg, "modules_to_save", None):
-            raise TargetError(f"adapter '{adapter}' trains modules_to_save={list(cfg.modules_to_save)} fully; "
-                              "IRR has no base snapshot for them. Drop modules_to_save or fine-tune fully")
+            raise TargetError(
+                f"adapter '{adapter}' trains modules_to_save={list(cfg.modules_to_save)} fully; "
+                "IRR has no base snapshot for them. Drop modules_to_save or fine-tune fully"
+            )
     if len(model.peft_config) != 1:
         raise TargetError(f"{len(model.peft_config)} adapters are loaded; IRRCallback needs exactly one")
 
@@ -63,15 +74,16 @@ class RefactorResult:
         return {"rank": self.rank, "max_relative_error": self.max_error, "relative_errors": self.errors}
 
 
-def default_refactor_rank(model: nn.Module, rank: Optional[int]) -> int:
+def default_refactor_rank(model: nn.Module, rank: int | None) -> int:
     if rank is not None:
         return rank
     cfg = next(iter(model.peft_config.values()))
     return 4 * int(cfg.r)
 
 
-def refactor_lora(model: nn.Module, targets: list[Target], deltas: dict[str, torch.Tensor],
-                  bases: dict[str, torch.Tensor], rank: int) -> RefactorResult:
+def refactor_lora(
+    model: nn.Module, targets: list[Target], deltas: dict[str, torch.Tensor], bases: dict[str, torch.Tensor], rank: int
+) -> RefactorResult:
     """In place: base_layer.weight ← W_A, (A, B) ← truncated SVD of Δ' (stored layout → out×in).
 
     `deltas[name]` is Δ' in the stored weight layout, `bases[name]` is W_A. Each module gets
@@ -124,12 +136,28 @@ class LoraBackup:
             if t.kind != "lora":
                 continue
             m, ad = t.module, t.adapter
-            self.items.append((t, m.lora_A[ad], m.lora_B[ad], m.lora_A[ad].weight.detach().clone(),
-                               m.lora_B[ad].weight.detach().clone(), t.weight.detach().to("cpu", copy=True),
-                               m.r[ad], m.lora_alpha[ad], m.scaling[ad]))
+            self.items.append(
+                (
+                    t,
+                    m.lora_A[ad],
+                    m.lora_B[ad],
+                    m.lora_A[ad].weight.detach().clone(),
+                    m.lora_B[ad].weight.detach().clone(),
+                    t.weight.detach().to("cpu", copy=True),
+                    m.r[ad],
+                    m.lora_alpha[ad],
+                    m.scaling[ad],
+                )
+            )
         cfg = next(iter(model.peft_config.values()))
-        self.cfg = (cfg, cfg.r, cfg.lora_alpha, cfg.use_rslora, dict(getattr(cfg, "rank_pattern", {}) or {}),
-                    dict(getattr(cfg, "alpha_pattern", {}) or {}))
+        self.cfg = (
+            cfg,
+            cfg.r,
+            cfg.lora_alpha,
+            cfg.use_rslora,
+            dict(getattr(cfg, "rank_pattern", {}) or {}),
+            dict(getattr(cfg, "alpha_pattern", {}) or {}),
+        )
 
     def base_weights(self) -> dict[str, torch.Tensor]:
         """W_A of every LoRA target (the frozen base_layer weights as they were before realign)."""

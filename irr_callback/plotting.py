@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, floatfmt: str = ".3f") -> str:
     """A GitHub markdown table of `rows` restricted to `columns` (missing values shown as '-')."""
+
     def cell(value: Any) -> str:
         if value is None:
             return "-"
@@ -23,13 +25,23 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, fl
 def pareto_front(rows: Sequence[dict[str, Any]], x: str, y: str) -> list[dict[str, Any]]:
     """Rows not dominated on (x, y), both to be maximised, sorted by x."""
     points = [r for r in rows if r.get(x) is not None and r.get(y) is not None]
-    front = [r for r in points
-             if not any(o[x] >= r[x] and o[y] >= r[y] and (o[x] > r[x] or o[y] > r[y]) for o in points)]
+    front = [
+        r for r in points if not any(o[x] >= r[x] and o[y] >= r[y] and (o[x] > r[x] or o[y] > r[y]) for o in points)
+    ]
     return sorted(front, key=lambda r: r[x])
 
 
-def pareto_plot(rows: Sequence[dict[str, Any]], path: str, *, x: str, y: str, label: str = "method",
-                title: Optional[str] = None, xlabel: Optional[str] = None, ylabel: Optional[str] = None) -> str:
+def pareto_plot(
+    rows: Sequence[dict[str, Any]],
+    path: str,
+    *,
+    x: str,
+    y: str,
+    label: str = "method",
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+) -> str:
     """Scatter of every row on (x, y) with the Pareto front drawn; written as PNG to `path`."""
     try:
         import matplotlib

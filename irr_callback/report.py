@@ -3,49 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._version import __version__
+from .core.stats import ModuleStats
+from .saving import atomic_file
 
 
-@dataclass
-class ModuleStats:
-    """Statistics of one realigned weight matrix.
-
-    Errors are tr((Δ'−Δ) H (Δ'−Δ)ᵀ) with the undamped calibration Hessian H = 2XXᵀ/n, i.e. the
-    mean squared change of the layer output on calibration tokens (times 2). With a safety weight
-    λ > 0, `error_safety` is tr(Δ' H_s Δ'ᵀ): how far the layer still is from the aligned one on the
-    safety stream's tokens, and `error_removal` is plain removal's task + λ · safety objective.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    entries: int
-    conflicts: int
-    removed: int
-    dead_columns: int = 0
-    error_recalibrated: Optional[float] = None
-    error_removal: Optional[float] = None
-    damping: Optional[float] = None
-    damping_retries: int = 0
-    recalibrated: bool = False
-    fell_back_to_removal: bool = False
-    safety_weight: float = 0.0
-    error_safety: Optional[float] = None
-    layer: Optional[int] = None
-    hessian_tokens: Optional[int] = None
-    seconds: float = 0.0
-
-    @property
-    def removed_fraction(self) -> float:
-        return self.removed / self.entries if self.entries else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["shape"] = list(self.shape)
-        out["removed_fraction"] = self.removed_fraction
-        return out
+__all__ = ["IRRReport", "ModuleStats"]
 
 
 @dataclass
@@ -55,15 +22,15 @@ class IRRReport:
     modules: list[ModuleStats] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     status: str = "ok"
-    error: Optional[str] = None
+    error: str | None = None
     num_layers: int = 0
     calibration_sequences: int = 0
     calibration_tokens: int = 0
     safety_sequences: int = 0
     safety_tokens: int = 0
-    setting: str = "irr"  # 'irr' (the paper's), 'safety-regularised', 'recommended'
-    safety_weight: Optional[float] = None  # λ used (the one chosen when config.safety_weight == 'auto')
-    auto: Optional[dict[str, Any]] = None  # safety_weight='auto': candidates, criterion values, choice
+    setting: str = "irr"  # IRRConfig.setting_name: 'irr' (the paper's), 'safety-regularised', 'recommended'
+    safety_weight: float | None = None  # λ used (the one chosen when config.safety_weight == 'auto')
+    auto: dict[str, Any] | None = None  # safety_weight='auto': candidates, criterion values, choice
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -92,8 +59,9 @@ class IRRReport:
         """Removal statistics grouped by decoder layer index (the per-layer audit)."""
         layers: dict[int, dict[str, Any]] = {}
         for m in self.modules:
-            entry = layers.setdefault(m.layer if m.layer is not None else -1,
-                                      {"entries": 0, "removed": 0, "conflicts": 0, "modules": 0})
+            entry = layers.setdefault(
+                m.layer if m.layer is not None else -1, {"entries": 0, "removed": 0, "conflicts": 0, "modules": 0}
+            )
             entry["entries"] += m.entries
             entry["removed"] += m.removed
             entry["conflicts"] += m.conflicts
@@ -103,8 +71,6 @@ class IRRReport:
         return layers
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
         return {
             "irr_callback_version": __version__,
             "status": self.status,
@@ -131,27 +97,27 @@ class IRRReport:
 
     def save(self, path: str) -> None:
         """Write atomically: a reader never sees a half-written report."""
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with atomic_file(path, suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as fh:
             fh.write(self.to_json())
-        os.replace(tmp, path)
 
     def summary(self) -> str:
         t = self.totals
-        return (f"IRR {self.status}: {t['modules']} modules, removed {t['removed']:,} of {t['entries']:,} "
-                f"entries ({100 * t['removed_fraction']:.2f}%), sign conflicts {100 * t['conflict_fraction']:.2f}%, "
-                f"{len(t['fell_back_to_removal'])} fell back to plain removal, {self.seconds:.1f}s"
-                + self.setting_summary())
+        return (
+            f"IRR {self.status}: {t['modules']} modules, removed {t['removed']:,} of {t['entries']:,} "
+            f"entries ({100 * t['removed_fraction']:.2f}%), sign conflicts {100 * t['conflict_fraction']:.2f}%, "
+            f"{len(t['fell_back_to_removal'])} fell back to plain removal, {self.seconds:.1f}s"
+            + self.setting_summary()
+        )
 
     def setting_summary(self) -> str:
-        """'' for the paper's IRR, else the setting and λ (and that auto chose it)."""
+        """'' for the paper's IRR; else the setting and λ (and that 'auto' chose it)."""
         if not self.safety_weight:
             return ""
-        chosen = " chosen by auto" if self.auto else ""
+        chosen = " chosen by safety_weight='auto'" if self.auto else ""
         return f"; setting {self.setting}, safety weight λ={self.safety_weight:g}{chosen}"
 
 
-def _sum_or_none(values) -> Optional[float]:
+def _sum_or_none(values) -> float | None:
     vals = [v for v in values if v is not None]
     return float(sum(vals)) if vals else None
 

@@ -1,4 +1,4 @@
-"""Atomic output directories: a reader (or a crashed job) never sees a half-written model directory.
+"""Atomic outputs: a reader (or a crashed job) never sees a half-written model directory or file.
 
 Everything is written into a temporary directory beside the target, which replaces the target with
 `os.replace` only once complete. A previous directory at the target is moved aside first and
@@ -20,9 +20,10 @@ import re
 import shutil
 import socket
 import tempfile
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from transformers.utils import logging
+
 
 logger = logging.get_logger(__name__)
 
@@ -58,6 +59,22 @@ def atomic_directory(target: str) -> Iterator[str]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temp file path in `path`'s directory; on success it replaces `path`, on error it is deleted."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".irr-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def recover_interrupted(target: str) -> list[str]:
     """Undo what a killed writer of `target` left behind; returns what was done, one line per action.
 
@@ -72,7 +89,7 @@ def recover_interrupted(target: str) -> list[str]:
     for entry in os.listdir(parent):
         for kind in stale:
             prefix = f".{name}.{kind}-"
-            if entry.startswith(prefix) and _dead_local_owner(entry[len(prefix):]):
+            if entry.startswith(prefix) and _dead_local_owner(entry[len(prefix) :]):
                 stale[kind].append(os.path.join(parent, entry))
     actions = []
     if not os.path.lexists(target) and stale["old"]:
@@ -113,7 +130,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a killed child not yet reaped by its parent is a zombie: dead for our purpose
 
 
-def _proc_state(pid: int) -> Optional[str]:
+def _proc_state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0]

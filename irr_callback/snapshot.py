@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Optional
 
 import torch
 from transformers.utils import logging
 
-from .io import IRRFileError, fingerprint, load_irr_file, save_irr_file
+from .io import IRRFileError, load_irr_file, save_irr_file
 from .targets import Target
+
 
 logger = logging.get_logger(__name__)
 
@@ -38,36 +38,29 @@ class RunStore:
     def path(self, kind: str) -> str:
         return os.path.join(self.directory, f"{kind}.safetensors")
 
-    def exists(self, kind: str) -> bool:
-        return os.path.isfile(self.path(kind))
-
-    def save(self, kind: str, tensors: Mapping[str, torch.Tensor], *, base_fingerprint: str,
-             base_model: str = "") -> str:
+    def save(
+        self, kind: str, tensors: Mapping[str, torch.Tensor], *, base_fingerprint: str, base_model: str = ""
+    ) -> str:
         path = self.path(kind)
         save_irr_file(path, dict(tensors), kind=kind, base_fingerprint=base_fingerprint, base_model=base_model)
         return path
 
-    def load(self, kind: str, names: list[str], *, base_fingerprint: Optional[str] = None):
+    def load(self, kind: str, names: list[str], *, base_fingerprint: str | None = None):
         """Reopen a persisted file lazily; check it covers `names` and, when given, was made for that base."""
         path = self.path(kind)
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"resuming from a checkpoint but '{path}' does not exist: IRR needs the {kind} persisted at the "
                 "first start of this run (the base weights cannot be recovered from a fine-tuned checkpoint). "
-                "Start the run with IRRCallback from step 0, or set IRRConfig.snapshot='disk'.")
+                "Start the run with IRRCallback from step 0, or set IRRConfig.snapshot='disk'."
+            )
         mapping = load_irr_file(path, kind=kind)
         missing = [n for n in names if n not in mapping]
         if missing:
-            raise IRRFileError(f"'{path}' lacks target(s) {missing[:3]}: was the run started with other "
-                               "target_modules?")
+            raise IRRFileError(
+                f"'{path}' lacks target(s) {missing[:3]}: was the run started with other target_modules?"
+            )
         recorded = mapping.metadata.get("irr_callback.base_fingerprint")
         if base_fingerprint is not None and recorded != base_fingerprint:
             raise IRRFileError(f"'{path}' was made for base {recorded}, this run's base is {base_fingerprint}")
         return mapping
-
-    def base_fingerprint(self) -> str:
-        return load_irr_file(self.path("snapshot"), kind="snapshot").metadata["irr_callback.base_fingerprint"]
-
-
-def base_fingerprint(base: Mapping[str, torch.Tensor], names: list[str]) -> str:
-    return fingerprint(base, names)

@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,13 +22,13 @@ from transformers.utils import logging
 
 from . import distributed
 from .config import IRRConfig, IRRConfigError
-from .data import (data_fingerprint, generate_responses, load_examples, require_columns, tokenize_pairs,
-                   batches as make_batches)
+from .data import data_fingerprint, generate_responses, load_examples, padding_id, require_columns, tokenize_pairs
 from .io import IRRFileError, load_irr_file, save_irr_file
-from .safety import fisher as compute_fisher
+from .safety import fisher_from_pairs
 from .safety import safety_vector as compute_safety_vector
 from .targets import Target
 from .tensors import SafetensorsMapping
+
 
 logger = logging.get_logger(__name__)
 
@@ -41,10 +41,10 @@ def cache_root(config: IRRConfig) -> str:
 class Resolved:
     """A resolved input and where it came from (recorded in the IRR report)."""
 
-    tensors: Optional[Mapping[str, torch.Tensor]]
+    tensors: Mapping[str, torch.Tensor] | None
     source: str  # "safety_vector", "unaligned_model", "harmful_dataset", "fisher", "safety_dataset", "none"
     cached: bool = False
-    path: Optional[str] = None
+    path: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def _cache_path(config: IRRConfig, ctx: BaseContext, kind: str, key: str) -> str
     return os.path.join(cache_root(config), ctx.fingerprint, f"{kind}-{key}.safetensors")
 
 
-def _cached(path: str, kind: str, ctx: BaseContext) -> Optional[SafetensorsMapping]:
+def _cached(path: str, kind: str, ctx: BaseContext) -> SafetensorsMapping | None:
     if not os.path.isfile(path):
         return None
     try:
@@ -88,9 +88,17 @@ def _cached(path: str, kind: str, ctx: BaseContext) -> Optional[SafetensorsMappi
     return mapping
 
 
-def _store(path: str, tensors: dict[str, torch.Tensor], kind: str, ctx: BaseContext, extra: dict) -> SafetensorsMapping:
-    save_irr_file(path, tensors, kind=kind, base_fingerprint=_file_fingerprint(ctx, tensors), base_model=ctx.name,
-                  extra={f"irr_callback.{k}": str(v) for k, v in extra.items()})
+def _store(
+    path: str, tensors: dict[str, torch.Tensor], kind: str, ctx: BaseContext, extra: dict
+) -> SafetensorsMapping:
+    save_irr_file(
+        path,
+        tensors,
+        kind=kind,
+        base_fingerprint=_file_fingerprint(ctx, tensors),
+        base_model=ctx.name,
+        extra={f"irr_callback.{k}": str(v) for k, v in extra.items()},
+    )
     return SafetensorsMapping(path)
 
 
@@ -103,8 +111,10 @@ def _file_fingerprint(ctx: BaseContext, tensors: Mapping[str, torch.Tensor]) -> 
 def _check_covers(mapping: Mapping, ctx: BaseContext, what: str, path: str) -> None:
     missing = [n for n in ctx.names if n not in mapping]
     if missing:
-        raise IRRFileError(f"{what} file '{path}' has no entry for target(s) {missing[:3]} "
-                           f"({len(missing)} of {len(ctx.names)} targets missing)")
+        raise IRRFileError(
+            f"{what} file '{path}' has no entry for target(s) {missing[:3]} "
+            f"({len(missing)} of {len(ctx.names)} targets missing)"
+        )
 
 
 # ------------------------------------------------------------------------------------- safety vector
@@ -112,14 +122,20 @@ def resolve_safety_vector(config: IRRConfig, ctx: BaseContext) -> Resolved:
     if config.safety_vector:
         mapping = load_irr_file(config.safety_vector, kind="safety_vector", base=ctx.base)
         _check_covers(mapping, ctx, "safety_vector", config.safety_vector)
-        return Resolved(mapping, "safety_vector", path=config.safety_vector,
-                        info={"sign_only": mapping.metadata.get("irr_callback.sign_only") == "true"})
+        return Resolved(
+            mapping,
+            "safety_vector",
+            path=config.safety_vector,
+            info={"sign_only": mapping.metadata.get("irr_callback.sign_only") == "true"},
+        )
     if config.unaligned_model:
         return _from_unaligned_model(config, ctx)
     if config.harmful_dataset:
         return _from_harmful_dataset(config.harmful_dataset, config, ctx)
-    raise IRRConfigError("IRRConfig needs a safety input: set safety_vector (a file), unaligned_model "
-                         "(a directory or hub id) or harmful_dataset (prompt/answer pairs)")
+    raise IRRConfigError(
+        "IRRConfig needs a safety input: set safety_vector (a file), unaligned_model "
+        "(a directory or hub id) or harmful_dataset (prompt/answer pairs)"
+    )
 
 
 def _unaligned_dir(source: str) -> str:
@@ -135,22 +151,29 @@ def _unaligned_dir(source: str) -> str:
 def _from_unaligned_model(config: IRRConfig, ctx: BaseContext) -> Resolved:
     directory = _unaligned_dir(config.unaligned_model)
     shards = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-    stats = [(f, os.path.getsize(os.path.join(directory, f)), int(os.path.getmtime(os.path.join(directory, f))))
-             for f in shards]
+    stats = [
+        (f, os.path.getsize(os.path.join(directory, f)), int(os.path.getmtime(os.path.join(directory, f))))
+        for f in shards
+    ]
     key = _key("unaligned_model", os.path.abspath(directory), stats, ctx.names)
     path = _cache_path(config, ctx, "safety_vector", key)
     hit = _cached(path, "safety_vector", ctx)
     if hit is not None:
         logger.info(f"IRR: reusing cached safety vector {path}")
-        return Resolved(hit, "unaligned_model", cached=True, path=path, info={"unaligned_model": config.unaligned_model})
+        return Resolved(
+            hit, "unaligned_model", cached=True, path=path, info={"unaligned_model": config.unaligned_model}
+        )
     unaligned = SafetensorsMapping(directory)
     missing = [n for n in ctx.names if n not in unaligned]
     if missing:
-        raise KeyError(f"IRRConfig.unaligned_model '{config.unaligned_model}' has no tensor(s) {missing[:3]} "
-                       f"(it has e.g. {list(unaligned)[:3]}); is it the same architecture as the base?")
+        raise KeyError(
+            f"IRRConfig.unaligned_model '{config.unaligned_model}' has no tensor(s) {missing[:3]} "
+            f"(it has e.g. {list(unaligned)[:3]}); is it the same architecture as the base?"
+        )
     v = compute_safety_vector(ctx.base, unaligned, names=ctx.names, sign_only=True)
-    mapping = _store(path, v, "safety_vector", ctx, {"source": "unaligned_model",
-                                                     "unaligned_model": config.unaligned_model})
+    mapping = _store(
+        path, v, "safety_vector", ctx, {"source": "unaligned_model", "unaligned_model": config.unaligned_model}
+    )
     logger.info(f"IRR: safety vector from {config.unaligned_model} cached at {path}")
     return Resolved(mapping, "unaligned_model", path=path, info={"unaligned_model": config.unaligned_model})
 
@@ -159,33 +182,51 @@ def _from_harmful_dataset(source: Any, config: IRRConfig, ctx: BaseContext) -> R
     from .unaligned import harmful_finetune_vector
 
     dataset = load_examples(source, what="IRRConfig.harmful_dataset")
-    require_columns(dataset, [config.harmful_prompt_column, config.harmful_response_column],
-                    what="harmful_dataset", fields=["harmful_prompt_column", "harmful_response_column"])
-    key = _key("harmful_dataset", data_fingerprint(source, dataset), config.harmful_prompt_column,
-               config.harmful_response_column, config.unaligned_steps, config.unaligned_learning_rate,
-               config.unaligned_lora_rank, config.unaligned_batch_size, config.calibration_max_length,
-               config.irr_seed, ctx.names)
+    require_columns(
+        dataset,
+        [config.harmful_prompt_column, config.harmful_response_column],
+        what="harmful_dataset",
+        fields=["harmful_prompt_column", "harmful_response_column"],
+    )
+    key = _key(
+        "harmful_dataset",
+        data_fingerprint(source, dataset),
+        config.harmful_prompt_column,
+        config.harmful_response_column,
+        config.unaligned_steps,
+        config.unaligned_learning_rate,
+        config.unaligned_lora_rank,
+        config.unaligned_batch_size,
+        config.calibration_max_length,
+        config.irr_seed,
+        ctx.names,
+    )
     path = _cache_path(config, ctx, "safety_vector", key)
     label = source if isinstance(source, str) else type(source).__name__
     hit = _cached(path, "safety_vector", ctx)
     if hit is not None:
         logger.info(f"IRR: reusing cached safety vector {path} (harmful fine-tune skipped)")
         return Resolved(hit, "harmful_dataset", cached=True, path=path, info={"harmful_dataset": label})
-    examples = tokenize_pairs(ctx.tokenizer, dataset[config.harmful_prompt_column],
-                              dataset[config.harmful_response_column], max_length=config.calibration_max_length)
-    v = harmful_finetune_vector(ctx.model, examples, ctx.targets, config, pad_token_id=_pad_id(ctx.tokenizer))
+    examples = tokenize_pairs(
+        ctx.tokenizer,
+        dataset[config.harmful_prompt_column],
+        dataset[config.harmful_response_column],
+        max_length=config.calibration_max_length,
+    )
+    v = harmful_finetune_vector(ctx.model, examples, ctx.targets, config, pad_token_id=padding_id(ctx.tokenizer))
     mapping = _store(path, v, "safety_vector", ctx, {"source": "harmful_dataset", "harmful_dataset": label})
     logger.info(f"IRR: safety vector from a {config.unaligned_steps}-step harmful fine-tune cached at {path}")
-    return Resolved(mapping, "harmful_dataset", path=path,
-                    info={"harmful_dataset": label, "examples": len(examples), "steps": config.unaligned_steps,
-                          "lora_rank": config.unaligned_lora_rank})
-
-
-def _pad_id(tokenizer) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    return int(pad) if pad is not None else 0
+    return Resolved(
+        mapping,
+        "harmful_dataset",
+        path=path,
+        info={
+            "harmful_dataset": label,
+            "examples": len(examples),
+            "steps": config.unaligned_steps,
+            "lora_rank": config.unaligned_lora_rank,
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------- Fisher
@@ -199,16 +240,25 @@ def resolve_fisher(config: IRRConfig, ctx: BaseContext, *, safety_dataset: Any =
         return Resolved(mapping, "fisher", path=config.fisher)
     source = safety_dataset if safety_dataset is not None else config.safety_dataset
     if source is None:
-        raise IRRConfigError(f"IRRConfig.remove_ratio={config.remove_ratio} < 1 ranks deltas by Fisher importance: "
-                             "set fisher (a file) or safety_dataset (harmful prompts with safe responses)")
+        raise IRRConfigError(
+            f"IRRConfig.remove_ratio={config.remove_ratio} < 1 ranks deltas by Fisher importance: "
+            "set fisher (a file) or safety_dataset (harmful prompts with safe responses)"
+        )
     dataset = load_examples(source, what="IRRConfig.safety_dataset")
     require_columns(dataset, [config.safety_prompt_column], what="safety_dataset", fields=["safety_prompt_column"])
     if config.fisher_max_samples is not None:
         dataset = dataset.select(range(min(config.fisher_max_samples, len(dataset))))
     has_response = config.safety_response_column in dataset.column_names
-    key = _key("fisher", data_fingerprint(source, dataset), config.safety_prompt_column,
-               config.safety_response_column if has_response else f"generated:{config.safety_max_new_tokens}",
-               config.fisher_batch_size, config.fisher_max_samples, config.calibration_max_length, ctx.names)
+    key = _key(
+        "fisher",
+        data_fingerprint(source, dataset),
+        config.safety_prompt_column,
+        config.safety_response_column if has_response else f"generated:{config.safety_max_new_tokens}",
+        config.fisher_batch_size,
+        config.fisher_max_samples,
+        config.calibration_max_length,
+        ctx.names,
+    )
     path = _cache_path(config, ctx, "fisher", key)
     label = source if isinstance(source, str) else type(source).__name__
     hit = _cached(path, "fisher", ctx)
@@ -222,16 +272,33 @@ def resolve_fisher(config: IRRConfig, ctx: BaseContext, *, safety_dataset: Any =
         responses = list(dataset[config.safety_response_column])
     else:
         if ctx.tokenizer is None:
-            raise IRRConfigError(f"safety_dataset has no '{config.safety_response_column}' column, so the base "
-                                 "model's own responses are generated, which needs the Trainer's processing_class")
+            raise IRRConfigError(
+                f"safety_dataset has no '{config.safety_response_column}' column, so the base "
+                "model's own responses are generated, which needs the Trainer's processing_class"
+            )
         logger.info(f"IRR: generating the base model's responses to {len(prompts)} safety prompts")
         responses = generate_responses(ctx.model, ctx.tokenizer, prompts, max_new_tokens=config.safety_max_new_tokens)
-    examples = tokenize_pairs(ctx.tokenizer, prompts, responses, max_length=config.calibration_max_length)
-    scores = compute_fisher(ctx.model, make_batches(examples, config.fisher_batch_size, _pad_id(ctx.tokenizer)),
-                            names=ctx.names)
+    scores, used = fisher_from_pairs(
+        ctx.model,
+        ctx.tokenizer,
+        prompts,
+        responses,
+        max_length=config.calibration_max_length,
+        batch_size=config.fisher_batch_size,
+        names=ctx.names,
+    )
     mapping: Mapping[str, torch.Tensor] = scores  # the same sums on every rank; the main process caches them
     if distributed.rank_and_world()[0] == 0:
-        mapping = _store(path, scores, "fisher", ctx, {"source": "safety_dataset", "safety_dataset": label,
-                                                       "generated_responses": not has_response})
-    return Resolved(mapping, "safety_dataset", path=path,
-                    info={"safety_dataset": label, "examples": len(examples), "generated_responses": not has_response})
+        mapping = _store(
+            path,
+            scores,
+            "fisher",
+            ctx,
+            {"source": "safety_dataset", "safety_dataset": label, "generated_responses": not has_response},
+        )
+    return Resolved(
+        mapping,
+        "safety_dataset",
+        path=path,
+        info={"safety_dataset": label, "examples": used, "generated_responses": not has_response},
+    )

@@ -8,13 +8,14 @@ modules inside them, or the PEFT LoRA layers wrapping those.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from .tensors import canonical_name
+
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -39,7 +40,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(dotted name, ModuleList) of the decoder layers."""
     model = unwrap(model)
     no_split = set(getattr(model, "_no_split_modules", None) or [])
-    best: Optional[tuple[str, nn.ModuleList]] = None
+    best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
@@ -54,8 +55,10 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     if best is None:
-        raise TargetError(f"{type(model).__name__}: no decoder layers found (no ModuleList of identical blocks "
-                          "with Linear layers); IRR needs a decoder-only transformer")
+        raise TargetError(
+            f"{type(model).__name__}: no decoder layers found (no ModuleList of identical blocks "
+            "with Linear layers); IRR needs a decoder-only transformer"
+        )
     return best
 
 
@@ -67,7 +70,7 @@ class Target:
     module: nn.Module  # the module whose input defines H (the LoRA wrapper for LoRA targets)
     layer: int
     kind: str  # "linear", "conv1d" or "lora"
-    adapter: Optional[str] = None
+    adapter: str | None = None
 
     @property
     def weight(self) -> nn.Parameter:
@@ -104,7 +107,7 @@ def _is_lora(module: nn.Module) -> bool:
     return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")
 
 
-def _matches(full_name: str, patterns: Optional[Sequence[str]]) -> bool:
+def _matches(full_name: str, patterns: Sequence[str] | None) -> bool:
     if patterns is None:
         return True
     for p in patterns:
@@ -118,7 +121,9 @@ def _matches(full_name: str, patterns: Optional[Sequence[str]]) -> bool:
     return False
 
 
-def find_targets(model: nn.Module, target_modules: Optional[Sequence[str]] = None) -> tuple[str, nn.ModuleList, list[Target]]:
+def find_targets(
+    model: nn.Module, target_modules: Sequence[str] | None = None
+) -> tuple[str, nn.ModuleList, list[Target]]:
     """Decoder layers and the targets inside them, in forward order per layer.
 
     Default targets: every Linear/Conv1D in the decoder layers, or, for a PEFT LoRA model, every
@@ -148,12 +153,16 @@ def find_targets(model: nn.Module, target_modules: Optional[Sequence[str]] = Non
         targets = [t for t in targets if t.kind == "lora"]
     if not targets:
         wanted = "every Linear/Conv1D" if target_modules is None else f"target_modules={list(target_modules)}"
-        raise TargetError(f"{wanted} matched no module inside the decoder layers '{prefix}' "
-                          f"(example module names: {_examples(prefix, layers)})")
+        raise TargetError(
+            f"{wanted} matched no module inside the decoder layers '{prefix}' "
+            f"(example module names: {_examples(prefix, layers)})"
+        )
     for t in targets:
         if not t.weight.is_floating_point():
-            raise TargetError(f"{t.name}: weight dtype {t.weight.dtype} is quantized; IRR needs a floating-point "
-                              "weight (dequantize or merge into a bf16/fp16/fp32 model first)")
+            raise TargetError(
+                f"{t.name}: weight dtype {t.weight.dtype} is quantized; IRR needs a floating-point "
+                "weight (dequantize or merge into a bf16/fp16/fp32 model first)"
+            )
     return prefix, layers, targets
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from typing import Any, Iterator, Union
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
+
 
 PEFT_PREFIX = "base_model.model."
 
@@ -21,7 +22,7 @@ PEFT_PREFIX = "base_model.model."
 def canonical_name(name: str) -> str:
     """`base_model.model.x.q_proj.base_layer.weight` → `x.q_proj.weight` (PEFT wrappers removed)."""
     if name.startswith(PEFT_PREFIX):
-        name = name[len(PEFT_PREFIX):]
+        name = name[len(PEFT_PREFIX) :]
     return name.replace(".base_layer.", ".")
 
 
@@ -32,7 +33,7 @@ class SafetensorsMapping(Mapping):
     checkpoint larger than RAM can be streamed.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], device: str = "cpu"):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
         from safetensors import safe_open
 
         path = os.fspath(path)
@@ -97,8 +98,9 @@ def as_tensor_mapping(source: Any, *, what: str) -> Mapping[str, torch.Tensor]:
         return source
     if isinstance(source, (str, os.PathLike)):
         return SafetensorsMapping(source)
-    raise TypeError(f"{what}: expected a model, a mapping of name -> tensor, or a safetensors path; "
-                    f"got {type(source).__name__}")
+    raise TypeError(
+        f"{what}: expected a model, a mapping of name -> tensor, or a safetensors path; got {type(source).__name__}"
+    )
 
 
 def tensor_shape(mapping: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ from .config import IRRConfig
 from .data import batches as make_batches
 from .targets import Target, unwrap
 
+
 logger = logging.get_logger(__name__)
 
 
@@ -30,8 +31,9 @@ def plain_copy(model: nn.Module) -> nn.Module:
     return unwrap(clone)
 
 
-def harmful_finetune_vector(model: nn.Module, examples: list[dict], targets: list[Target],
-                            config: IRRConfig, *, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+def harmful_finetune_vector(
+    model: nn.Module, examples: list[dict], targets: list[Target], config: IRRConfig, *, pad_token_id: int = 0
+) -> dict[str, torch.Tensor]:
     """sign(v) (int8) for every target, from `config.unaligned_steps` steps on `examples`."""
     if not examples:
         raise ValueError("harmful_dataset: no example to fine-tune on")
@@ -46,17 +48,24 @@ def harmful_finetune_vector(model: nn.Module, examples: list[dict], targets: lis
         else:
             from peft import LoraConfig, get_peft_model
 
-            student = get_peft_model(student, LoraConfig(
-                r=config.unaligned_lora_rank, lora_alpha=2 * config.unaligned_lora_rank, lora_dropout=0.0,
-                target_modules=sorted(set(names.values()))))
+            student = get_peft_model(
+                student,
+                LoraConfig(
+                    r=config.unaligned_lora_rank,
+                    lora_alpha=2 * config.unaligned_lora_rank,
+                    lora_dropout=0.0,
+                    target_modules=sorted(set(names.values())),
+                ),
+            )
         params = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.unaligned_learning_rate, weight_decay=0.0)
         data = make_batches(examples, config.unaligned_batch_size, pad_token_id)
         device = next(student.parameters()).device
         student.train()
         loss = torch.tensor(float("nan"))
-        for _, batch in zip(logging.tqdm(range(config.unaligned_steps), desc="IRR harmful fine-tune"),
-                            itertools.cycle(data)):
+        for _, batch in zip(
+            logging.tqdm(range(config.unaligned_steps), desc="IRR harmful fine-tune"), itertools.cycle(data)
+        ):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = student(**batch, use_cache=False).loss
             if not torch.isfinite(loss):

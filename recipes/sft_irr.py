@@ -26,10 +26,15 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, HfArgumentParser, Trainer,
-                          TrainingArguments)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
 
 from irr_callback import IRRCallback, IRRConfig
 from irr_callback.data import load_examples, require_columns, tokenize_pairs
@@ -45,12 +50,13 @@ class ScriptArguments:
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_target_modules: Optional[list[str]] = field(
-        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules the adapter wraps."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules the adapter wraps."}
+    )
     use_trl: bool = field(default=False, metadata={"help": "Train with trl.SFTTrainer instead of Trainer."})
 
 
-def parse(argv: Optional[list[str]] = None) -> tuple[ScriptArguments, IRRConfig, TrainingArguments]:
+def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, IRRConfig, TrainingArguments]:
     """From command-line flags, or from one YAML file holding the same keys."""
     parser = HfArgumentParser((ScriptArguments, IRRConfig, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
@@ -69,22 +75,39 @@ def build_trainer(script: ScriptArguments, irr: IRRConfig, args: TrainingArgumen
     if script.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=script.lora_r, lora_alpha=script.lora_alpha,
-                                                 target_modules=script.lora_target_modules, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=script.lora_r,
+                lora_alpha=script.lora_alpha,
+                target_modules=script.lora_target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
     raw = load_examples(script.dataset, what="--dataset")
-    require_columns(raw, [script.prompt_column, script.response_column], what="--dataset",
-                    fields=["prompt_column", "response_column"])
+    require_columns(
+        raw,
+        [script.prompt_column, script.response_column],
+        what="--dataset",
+        fields=["prompt_column", "response_column"],
+    )
     callback = IRRCallback(irr)
     if script.use_trl:
         trainer = _trl_trainer(model, tokenizer, raw, script, args, callback)
     else:
-        rows = tokenize_pairs(tokenizer, raw[script.prompt_column], raw[script.response_column],
-                              max_length=script.max_length)
+        rows = tokenize_pairs(
+            tokenizer, raw[script.prompt_column], raw[script.response_column], max_length=script.max_length
+        )
         import datasets
 
-        trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                          processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer),
-                          callbacks=[callback])
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tokenizer,
+            data_collator=DataCollatorForSeq2Seq(tokenizer),
+            callbacks=[callback],
+        )
     callback.bind(trainer)
     return trainer, callback
 
@@ -94,8 +117,10 @@ def _trl_trainer(model, tokenizer, raw, script, args, callback):
         from trl import SFTConfig, SFTTrainer
     except ImportError as exc:
         raise ImportError("--use_trl needs TRL: pip install trl") from exc
-    data = raw.map(lambda e: {"prompt": e[script.prompt_column], "completion": e[script.response_column]},
-                   remove_columns=raw.column_names)
+    data = raw.map(
+        lambda e: {"prompt": e[script.prompt_column], "completion": e[script.response_column]},
+        remove_columns=raw.column_names,
+    )
     known = set(SFTConfig.__dataclass_fields__)
     values = {k: v for k, v in args.to_dict().items() if k in known and not k.startswith("_")}
     values.pop("push_to_hub_token", None)
@@ -103,7 +128,7 @@ def _trl_trainer(model, tokenizer, raw, script, args, callback):
     return SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[callback])
 
 
-def main(argv: Optional[list[str]] = None):
+def main(argv: list[str] | None = None):
     script, irr, args = parse(argv)
     trainer, callback = build_trainer(script, irr, args)
     trainer.train()

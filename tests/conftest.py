@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -14,22 +14,45 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+
 VOCAB = 96
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2):
     torch.manual_seed(seed)
     if arch == "llama":
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0)
+        cfg = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            pad_token_id=0,
+        )
         model = LlamaForCausalLM(cfg)
     elif arch == "qwen2":
-        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0)
+        cfg = Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            pad_token_id=0,
+        )
         model = Qwen2ForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0)
+        cfg = GPT2Config(
+            n_embd=32,
+            n_layer=layers,
+            n_head=4,
+            vocab_size=VOCAB,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(arch)
@@ -81,8 +104,9 @@ def tiny_tokenizer():
     vocab.update({f"w{i}": i for i in range(len(SPECIAL), VOCAB)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="w3")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="w3"
+    )
 
 
 def save_triple(tmp_path, arch: str = "llama"):
@@ -109,8 +133,9 @@ def write_jsonl(path, rows) -> str:
 
 def text_rows(n: int = 8, length: int = 12, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    return [{"text": " ".join(f"w{int(i)}" for i in torch.randint(4, VOCAB, (length,), generator=g))}
-            for _ in range(n)]
+    return [
+        {"text": " ".join(f"w{int(i)}" for i in torch.randint(4, VOCAB, (length,), generator=g))} for _ in range(n)
+    ]
 
 
 def fail_at_call(monkeypatch, module, name: str, n: int, message: str = "boom") -> dict:

@@ -34,6 +34,7 @@ from irr_callback.targets import TargetError, find_targets
 from tests.helpers import calibration, same_state, save_triple, state, text_rows, tiny_model, triple, write_jsonl
 from tests.workers.interrupt import train_with_irr
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "workers", "interrupt.py")
 
@@ -52,8 +53,9 @@ def ckpts(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rel")
     paths, models = save_triple(tmp)
     paths["calib"] = write_jsonl(tmp / "calib.jsonl", text_rows(6))
-    paths["safety"] = write_jsonl(tmp / "safety.jsonl", [{"prompt": r["text"], "response": "w5 w6"}
-                                                          for r in text_rows(4, seed=1)])
+    paths["safety"] = write_jsonl(
+        tmp / "safety.jsonl", [{"prompt": r["text"], "response": "w5 w6"} for r in text_rows(4, seed=1)]
+    )
     base, _, unaligned = models
     names = [t.name for t in find_targets(base)[2]]
     v = irr.safety_vector(base, unaligned, names=names, sign_only=True)
@@ -64,13 +66,27 @@ def ckpts(tmp_path_factory):
 
 def apply_args(paths, out, *extra, source=("--unaligned", None)):
     flag, value = source
-    return ["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], flag,
-            value or paths["unaligned"], "--calibration-data", paths["calib"], "--output", str(out), *extra]
+    return [
+        "apply",
+        "--base",
+        paths["base"],
+        "--finetuned",
+        paths["finetuned"],
+        flag,
+        value or paths["unaligned"],
+        "--calibration-data",
+        paths["calib"],
+        "--output",
+        str(out),
+        *extra,
+    ]
 
 
 def digest(directory) -> dict[str, str]:
-    return {f: hashlib.sha256(open(os.path.join(directory, f), "rb").read()).hexdigest()
-            for f in sorted(os.listdir(directory))}
+    return {
+        f: hashlib.sha256(open(os.path.join(directory, f), "rb").read()).hexdigest()
+        for f in sorted(os.listdir(directory))
+    }
 
 
 def siblings(path) -> list[str]:
@@ -80,8 +96,9 @@ def siblings(path) -> list[str]:
 
 def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """`same_state` that counts NaN == NaN (for models given NaN on purpose)."""
-    return a.keys() == b.keys() and all(torch.equal(a[k].nan_to_num(), b[k].nan_to_num())
-                                        and torch.equal(a[k].isnan(), b[k].isnan()) for k in a)
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k].nan_to_num(), b[k].nan_to_num()) and torch.equal(a[k].isnan(), b[k].isnan()) for k in a
+    )
 
 
 def no_model_loading(monkeypatch):
@@ -119,8 +136,13 @@ def test_model_weight_with_nan_is_named_and_nothing_changes(ckpts):
         dict(model.named_parameters())[name][0, 0] = float("nan")
     before = state(model)
     with pytest.raises(ValueError, match=f"model's '{name}' contains NaN"):
-        irr.realign(model, base=base, safety_vector=irr.safety_vector(base, unaligned), calibration=calibration(),
-                    progress=False)
+        irr.realign(
+            model,
+            base=base,
+            safety_vector=irr.safety_vector(base, unaligned),
+            calibration=calibration(),
+            progress=False,
+        )
     assert same_bits(before, state(model))
 
 
@@ -128,13 +150,26 @@ def test_base_of_another_size_is_refused_naming_the_parameter(ckpts):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _, (base, ft, unaligned), _ = ckpts
-    wide = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=96))
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=96,
+        )
+    )
     model = copy.deepcopy(ft)
     before = state(model)
     with pytest.raises(ValueError, match=r"base\['model\.layers\.0\.self_attn\.q_proj\.weight'\] has shape"):
-        irr.realign(model, base=wide, safety_vector=irr.safety_vector(base, unaligned), calibration=calibration(),
-                    progress=False)
+        irr.realign(
+            model,
+            base=wide,
+            safety_vector=irr.safety_vector(base, unaligned),
+            calibration=calibration(),
+            progress=False,
+        )
     assert same_state(before, state(model))
 
 
@@ -154,8 +189,7 @@ def test_realign_refuses_unsupported_lora_variants(ckpts, variant, match):
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], **variant))
     before = state(model)
     with pytest.raises(TargetError, match=match):
-        irr.realign(model, safety_vector=irr.safety_vector(base, unaligned), calibration=calibration(),
-                    progress=False)
+        irr.realign(model, safety_vector=irr.safety_vector(base, unaligned), calibration=calibration(), progress=False)
     assert same_state(before, state(model))
 
 
@@ -171,10 +205,17 @@ def test_callback_refuses_unsupported_peft_setups(ckpts, tmp_path):
 
     paths, (base, _, _), _ = ckpts
     cases = [
-        (lambda: get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True)),
-         "lora_bias=True"),
-        (lambda: get_peft_model(copy.deepcopy(base), IA3Config(target_modules=["k_proj", "down_proj"],
-                                                                feedforward_modules=["down_proj"])), "IA3"),
+        (
+            lambda: get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True)),
+            "lora_bias=True",
+        ),
+        (
+            lambda: get_peft_model(
+                copy.deepcopy(base),
+                IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            ),
+            "IA3",
+        ),
     ]
 
     def two_adapters():
@@ -202,17 +243,22 @@ def test_callback_harmful_and_safety_data_are_checked_naming_column_or_field(ckp
     with pytest.raises(DataError, match=r"harmful_dataset has no column 'prompt' \(harmful_prompt_column\)"):
         _begin(IRRCallback(IRRConfig(), harmful_dataset=wrong), copy.deepcopy(base), tmp_path)
     with pytest.raises(DataError, match=r"safety_dataset has no column 'prompt' \(safety_prompt_column\)"):
-        _begin(IRRCallback(IRRConfig(safety_vector=paths["v"], remove_ratio=0.5), safety_dataset=wrong),
-               copy.deepcopy(base), tmp_path)
+        _begin(
+            IRRCallback(IRRConfig(safety_vector=paths["v"], remove_ratio=0.5), safety_dataset=wrong),
+            copy.deepcopy(base),
+            tmp_path,
+        )
     from tests.helpers import tiny_tokenizer
 
     empty = datasets.Dataset.from_dict({"prompt": [], "response": []})
-    callback = IRRCallback(IRRConfig(safety_vector=paths["v"], remove_ratio=0.5, cache_dir=str(tmp_path / "c")),
-                           safety_dataset=empty)
+    callback = IRRCallback(
+        IRRConfig(safety_vector=paths["v"], remove_ratio=0.5, cache_dir=str(tmp_path / "c")), safety_dataset=empty
+    )
     args = TrainingArguments(str(tmp_path / "run"), report_to=[], use_cpu=True, save_strategy="no")
     with pytest.raises(DataError, match="none of the 0 prompt/response examples"):
-        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=copy.deepcopy(base),
-                                processing_class=tiny_tokenizer())
+        callback.on_train_begin(
+            args, TrainerState(), TrainerControl(), model=copy.deepcopy(base), processing_class=tiny_tokenizer()
+        )
 
 
 def test_apply_refuses_another_architecture_before_loading_models(ckpts, tmp_path, capsys, monkeypatch):
@@ -222,8 +268,14 @@ def test_apply_refuses_another_architecture_before_loading_models(ckpts, tmp_pat
     qwen = str(tmp_path / "qwen")
     tiny_model("qwen2").save_pretrained(qwen)
     wide = str(tmp_path / "wide")
-    LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=96).save_pretrained(wide)  # config only: never loaded
+    LlamaConfig(
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+    ).save_pretrained(wide)  # config only: never loaded
     no_model_loading(monkeypatch)
     out = tmp_path / "out"
     cases = [
@@ -279,8 +331,9 @@ def test_apply_safety_vector_missing_a_target_is_named(ckpts, tmp_path, capsys):
 
 
 # ============================================================================ untrusted files
-@pytest.mark.parametrize("flag, name", [("--safety-vector", "v.pt"), ("--safety-vector", "v.safetensors"),
-                                        ("--fisher", "f.bin")])
+@pytest.mark.parametrize(
+    "flag, name", [("--safety-vector", "v.pt"), ("--safety-vector", "v.safetensors"), ("--fisher", "f.bin")]
+)
 def test_apply_never_executes_a_pickled_safety_file(ckpts, tmp_path, capsys, flag, name):
     paths, _, _ = ckpts
     marker = tmp_path / "PWNED"
@@ -331,8 +384,7 @@ def test_resume_refuses_a_pickled_or_foreign_snapshot(ckpts, tmp_path):
         _begin(IRRCallback(cfg), copy.deepcopy(base), tmp_path, step=4, save_strategy="steps")
     assert not marker.exists()
     # a genuine snapshot of another run's base: the persisted safety vector's fingerprint disagrees
-    save_irr_file(str(snapshot), {n: base.state_dict()[n] for n in names}, kind="snapshot",
-                  base_fingerprint="0" * 32)
+    save_irr_file(str(snapshot), {n: base.state_dict()[n] for n in names}, kind="snapshot", base_fingerprint="0" * 32)
     with pytest.raises(IRRFileError, match="was made for base .*this run's base is 0{32}"):
         _begin(IRRCallback(cfg), copy.deepcopy(base), tmp_path, step=4, save_strategy="steps")
 
@@ -346,12 +398,13 @@ def test_tampered_and_corrupt_safety_vector_files(ckpts, tmp_path, capsys):
     save_irr_file(tampered, v, kind="safety_vector", base_fingerprint=fingerprint(base.state_dict(), names))
     out = tmp_path / "out"
     assert main(apply_args(paths, out, source=("--safety-vector", tampered))) == 2
-    assert f"safety_vector['{name}'] has shape (32, 64), the model's weight has shape (64, 32)" in \
-        capsys.readouterr().err
+    assert (
+        f"safety_vector['{name}'] has shape (32, 64), the model's weight has shape (64, 32)" in capsys.readouterr().err
+    )
     corrupt = str(tmp_path / "corrupt.safetensors")
     data = open(paths["v"], "rb").read()
     with open(corrupt, "wb") as fh:
-        fh.write(data[:len(data) // 2])  # e.g. an interrupted copy
+        fh.write(data[: len(data) // 2])  # e.g. an interrupted copy
     assert main(apply_args(paths, out, source=("--safety-vector", corrupt))) == 2
     assert "not a valid safetensors file" in capsys.readouterr().err
     assert not out.exists()
@@ -370,14 +423,20 @@ def _run_and_kill(tmp_path, mode: str, args: list[str], timeout: float = 120.0) 
     """Start the worker, wait until it froze at the chosen point, SIGKILL it, reap it."""
     signal_file = tmp_path / f"{mode}.frozen"
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, WORKER, str(signal_file), mode, "--", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, WORKER, str(signal_file), mode, "--", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + timeout
         while not signal_file.exists():
             if proc.poll() is not None:
-                raise AssertionError(f"worker exited ({proc.returncode}) before freezing:\n"
-                                     + proc.stdout.read().decode()[-3000:])
+                raise AssertionError(
+                    f"worker exited ({proc.returncode}) before freezing:\n" + proc.stdout.read().decode()[-3000:]
+                )
             if time.monotonic() > deadline:
                 raise AssertionError("worker did not reach the freeze point")
             time.sleep(0.05)
@@ -484,8 +543,14 @@ def test_resume_realigns_against_the_persisted_base_not_the_checkpoint(ckpts, tm
     for name in names:
         assert torch.equal(resumed._snapshot[name], base_sd[name]), name
     # and the realignment uses it: the deltas are the 0.5 of "training", not zero
-    report = irr.realign(model, base=resumed._snapshot, safety_vector=resumed._safety, calibration=calibration(),
-                         config=resumed._run_config, progress=False)
+    report = irr.realign(
+        model,
+        base=resumed._snapshot,
+        safety_vector=resumed._safety,
+        calibration=calibration(),
+        config=resumed._run_config,
+        progress=False,
+    )
     assert report.totals["conflicts"] > 0.3 * report.totals["entries"]
 
 
@@ -495,8 +560,14 @@ def test_cholesky_retries_are_reported_per_module_and_exhaustion_is_named(ckpts,
     v = irr.safety_vector(base, unaligned, sign_only=True)
     model = copy.deepcopy(ft)
     # 3 calibration tokens for 32..64 inputs and almost no damping: H is singular in float32
-    report = irr.realign(model, base=base, safety_vector=v, calibration=calibration(1, 3),
-                         config=IRRConfig(percdamp=1e-8), progress=False)
+    report = irr.realign(
+        model,
+        base=base,
+        safety_vector=v,
+        calibration=calibration(1, 3),
+        config=IRRConfig(percdamp=1e-8),
+        progress=False,
+    )
     retried = [m for m in report.modules if m.damping_retries > 0]
     assert retried and report.totals["damping_retries"] == sum(m.damping_retries for m in report.modules)
     path = tmp_path / "report.json"
@@ -505,10 +576,19 @@ def test_cholesky_retries_are_reported_per_module_and_exhaustion_is_named(ckpts,
     assert saved[retried[0].name]["damping_retries"] == retried[0].damping_retries > 0
     model = copy.deepcopy(ft)
     before = state(model)
-    with pytest.raises(NumericalError, match=r"model\.layers\.0\.\S+: the Hessian is not positive definite .* "
-                                             r"0 retries"):
-        irr.realign(model, base=base, safety_vector=v, calibration=calibration(1, 3),
-                    config=IRRConfig(percdamp=1e-8, max_damping_retries=0), progress=False)
+    with pytest.raises(
+        NumericalError,
+        match=r"model\.layers\.0\.\S+: the Hessian is not positive definite .* "
+        r"0 retries",
+    ):
+        irr.realign(
+            model,
+            base=base,
+            safety_vector=v,
+            calibration=calibration(1, 3),
+            config=IRRConfig(percdamp=1e-8, max_damping_retries=0),
+            progress=False,
+        )
     assert same_state(before, state(model))
 
 
@@ -552,10 +632,18 @@ def test_nan_in_the_solved_delta_stops_naming_the_module(ckpts, monkeypatch):
     monkeypatch.setattr(core_realign, "obs_sweep", nan_sweep)
     model = copy.deepcopy(ft)
     before = state(model)
-    with pytest.raises(NumericalError, match=r"model\.layers\.0\.mlp\.down_proj\.weight: the realigned delta "
-                                             r"contains NaN"):
-        irr.realign(model, base=base, safety_vector=irr.safety_vector(base, unaligned), calibration=calibration(),
-                    progress=False)
+    with pytest.raises(
+        NumericalError,
+        match=r"model\.layers\.0\.mlp\.down_proj\.weight: the realigned delta "
+        r"contains NaN",
+    ):
+        irr.realign(
+            model,
+            base=base,
+            safety_vector=irr.safety_vector(base, unaligned),
+            calibration=calibration(),
+            progress=False,
+        )
     assert same_state(before, state(model))  # layer 0's q..up were written first, then restored
 
 
@@ -572,12 +660,16 @@ def test_nan_hidden_states_stop_naming_the_layer(ckpts, where):
         match = r"output of decoder layer 'model\.layers\.0' after realignment contains NaN or Inf"
     before = state(model)
     with pytest.raises(NumericalError, match=match):
-        irr.realign(model, base=base, safety_vector=irr.safety_vector(base, unaligned), calibration=calibration(),
-                    progress=False)
+        irr.realign(
+            model,
+            base=base,
+            safety_vector=irr.safety_vector(base, unaligned),
+            calibration=calibration(),
+            progress=False,
+        )
     assert same_state(before, state(model))
 
 
 def test_nan_hessian_is_named():
     with pytest.raises(ValueError, match="q_proj: the Hessian contains NaN or Inf"):
-        realign_matrix(torch.randn(4, 6), torch.randn(4, 6), hessian=torch.full((6, 6), float("nan")),
-                       name="q_proj")
+        realign_matrix(torch.randn(4, 6), torch.randn(4, 6), hessian=torch.full((6, 6), float("nan")), name="q_proj")

@@ -6,19 +6,35 @@ import argparse
 import dataclasses
 import json
 import os
+import types
 import typing
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from ..config import IRRConfig
+from ..tensors import SafetensorsMapping
+
 
 # IRRConfig fields that make sense on the command line of `irr apply` / `irr sweep`; the
 # callback-only fields (snapshot, realign_checkpoints, ...) and the safety-input paths, which
 # have their own --dashed flags, are left out.
-CORE_FIELDS = ("remove_ratio", "remove_more", "identify_mode", "irr_seed", "recalibrate", "blocksize", "percdamp",
-               "max_damping_retries", "fallback_to_removal", "target_modules", "num_calibration_samples",
-               "calibration_max_length", "calibration_batch_size", "device")
+CORE_FIELDS = (
+    "remove_ratio",
+    "remove_more",
+    "identify_mode",
+    "irr_seed",
+    "recalibrate",
+    "blocksize",
+    "percdamp",
+    "max_damping_retries",
+    "fallback_to_removal",
+    "target_modules",
+    "num_calibration_samples",
+    "calibration_max_length",
+    "calibration_batch_size",
+    "device",
+)
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +65,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
             kwargs.update(type=_to_bool, metavar="BOOL")
         elif hint in (int, float, str):
             kwargs["type"] = hint
-        elif typing.get_origin(hint) is typing.Union:  # Optional[...]
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
             inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
             if typing.get_origin(inner) is list:
                 kwargs["nargs"] = "+"
@@ -64,7 +80,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> IRRConfig:
     return IRRConfig(**values)
 
 
-def check_exists(path: Optional[str], flag: str, *, allow_hub_id: bool = False) -> None:
+def check_exists(path: str | None, flag: str, *, allow_hub_id: bool = False) -> None:
     """Refuse a missing local path early, naming the flag; a hub id (`org/name`) is passed through."""
     if path is None or os.path.exists(path):
         return
@@ -88,18 +104,29 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
-def adapter_base_name(path: str) -> Optional[str]:
+def adapter_base_name(path: str) -> str | None:
     with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as fh:
         return json.load(fh).get("base_model_name_or_path")
 
 
 # Fields of config.json that decide every target's name and shape; vocab_size is left out on purpose
 # (fine-tunes often add tokens, and embeddings are not IRR targets).
-ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "n_embd", "n_inner", "n_layer", "n_head")
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "n_embd",
+    "n_inner",
+    "n_layer",
+    "n_head",
+)
 
 
-def check_same_architecture(reference: tuple[str, str], *others: tuple[str, Optional[str]]) -> None:
+def check_same_architecture(reference: tuple[str, str], *others: tuple[str, str | None]) -> None:
     """Compare the config.json of (flag, path) pairs with the reference's before any weight is loaded."""
     ref_flag, ref_path = reference
     ref = _config_dict(ref_path, ref_flag)
@@ -109,9 +136,11 @@ def check_same_architecture(reference: tuple[str, str], *others: tuple[str, Opti
         cfg = _config_dict(path, flag)
         diffs = [f"{k} {cfg.get(k)!r} vs {ref.get(k)!r}" for k in ARCHITECTURE_FIELDS if cfg.get(k) != ref.get(k)]
         if diffs:
-            raise CLIError(f"{flag} '{path}' is not the same architecture as {ref_flag} '{ref_path}' "
-                           f"({'; '.join(diffs)}): IRR compares weights entry by entry, so both must be the "
-                           f"same model family and size")
+            raise CLIError(
+                f"{flag} '{path}' is not the same architecture as {ref_flag} '{ref_path}' "
+                f"({'; '.join(diffs)}): IRR compares weights entry by entry, so both must be the "
+                f"same model family and size"
+            )
 
 
 def _config_dict(path: str, flag: str) -> dict:
@@ -123,7 +152,7 @@ def _config_dict(path: str, flag: str) -> dict:
         raise CLIError(f"{flag}: cannot read the model config of '{path}' ({type(exc).__name__}: {exc})") from exc
 
 
-def load_causal_lm(path: str, dtype: str = "auto", device: Optional[str] = None):
+def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None):
     """safetensors checkpoints, or .bin ones through torch.load(weights_only=True): a pickle that
     would run code is refused, never executed."""
     import pickle
@@ -133,15 +162,17 @@ def load_causal_lm(path: str, dtype: str = "auto", device: Optional[str] = None)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CLIError(f"'{path}': its pickled checkpoint (.bin) holds more than plain tensors and was refused "
-                       "(loaded with weights_only=True, nothing executed). If you trust it, convert it to "
-                       "safetensors yourself; irr never unpickles arbitrary objects") from exc
+        raise CLIError(
+            f"'{path}': its pickled checkpoint (.bin) holds more than plain tensors and was refused "
+            "(loaded with weights_only=True, nothing executed). If you trust it, convert it to "
+            "safetensors yourself; irr never unpickles arbitrary objects"
+        ) from exc
     if device:
         model.to(device)
     return model.eval()
 
 
-def load_tokenizer(*paths: Optional[str]):
+def load_tokenizer(*paths: str | None):
     from transformers import AutoTokenizer
 
     errors = []
@@ -153,3 +184,24 @@ def load_tokenizer(*paths: Optional[str]):
         except Exception as exc:  # a model dir without tokenizer files: try the next one
             errors.append(f"{path}: {exc}")
     raise CLIError("no tokenizer found in " + "; ".join(errors or ["(no path)"]))
+
+
+def local_or_download(path: str):
+    """Tensors of a local model directory or of a hub model's safetensors, streamed."""
+    if os.path.isdir(path):
+        return SafetensorsMapping(path)
+    from huggingface_hub import snapshot_download
+
+    return SafetensorsMapping(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+
+
+def target_parameter_names(model_path: str, target_modules=None) -> list[str]:
+    """Target parameter names from the model's config alone (an empty model on the meta device)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..targets import find_targets
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return [t.name for t in find_targets(model, target_modules)[2]]

@@ -17,18 +17,19 @@ import os
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from transformers.utils import logging
 
 from ..config import IRRConfig
 from ..io import load_irr_file
+from ..output import save_realigned, write_output
 from ..saving import atomic_directory
 from ..tensors import SafetensorsMapping, as_tensor_mapping
 from ._common import (
     CLIError,
-    add_config_arguments,
     adapter_base_name,
+    add_config_arguments,
     check_exists,
     check_output,
     check_same_architecture,
@@ -36,7 +37,10 @@ from ._common import (
     is_adapter_dir,
     load_causal_lm,
     load_tokenizer,
+    local_or_download,
+    target_parameter_names,
 )
+
 
 logger = logging.get_logger(__name__)
 
@@ -45,9 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_input_arguments(p)
     p.add_argument("--output", required=True, help="Where the realigned model is written (atomically).")
     p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
-    p.add_argument("--low-memory", action="store_true",
-                   help="Checkpoints larger than RAM: load one decoder layer at a time from the safetensors shards "
-                        "(full fine-tunes in local directories; Fisher only from --fisher).")
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="Checkpoints larger than RAM: load one decoder layer at a time from the safetensors shards "
+        "(full fine-tunes in local directories; Fisher only from --fisher).",
+    )
     add_config_arguments(p)
 
 
@@ -60,16 +67,28 @@ def add_input_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--safety-vector", help="A safety-vector .safetensors file from `irr safety-vector`.")
     imp = p.add_mutually_exclusive_group()
     imp.add_argument("--fisher", help="A Fisher .safetensors file from `irr fisher` (needed for --remove_ratio < 1).")
-    imp.add_argument("--safety-data", help="Harmful prompts with safe responses (json/jsonl/hub id) to compute Fisher.")
+    imp.add_argument(
+        "--safety-data", help="Harmful prompts with safe responses (json/jsonl/hub id) to compute Fisher."
+    )
     p.add_argument("--safety-prompt-column", default="prompt", help="Prompt column of --safety-data.")
     p.add_argument("--safety-response-column", default="response", help="Response column of --safety-data.")
-    p.add_argument("--calibration-data", required=True,
-                   help="Downstream training data (json/jsonl/hub id): input_ids, a text column, or prompt/response.")
+    p.add_argument(
+        "--calibration-data",
+        required=True,
+        help="Downstream training data (json/jsonl/hub id): input_ids, a text column, or prompt/response.",
+    )
     p.add_argument("--calibration-text-column", default=None, help="Text column of --calibration-data.")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="Dtype to load the models in.")
-    p.add_argument("--allow-base-mismatch", action="store_true",
-                   help="Accept a LoRA adapter whose recorded base differs from --base (shapes are still checked).")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="Dtype to load the models in.",
+    )
+    p.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="Accept a LoRA adapter whose recorded base differs from --base (shapes are still checked).",
+    )
 
 
 @dataclass
@@ -77,15 +96,15 @@ class Inputs:
     """Everything `irr apply` / `irr sweep` load once: models, safety inputs, calibration."""
 
     model: Any  # the fine-tuned model (a PeftModel for an adapter directory)
-    base_map: Optional[Mapping[str, Any]]  # the aligned weights (None for LoRA: the frozen weight is the base)
+    base_map: Mapping[str, Any] | None  # the aligned weights (None for LoRA: the frozen weight is the base)
     tokenizer: Any
     lora: bool
     safety_vector: Mapping[str, Any]
-    importance: Optional[Mapping[str, Any]]
+    importance: Mapping[str, Any] | None
     calibration: list[dict]
 
 
-def check_args(args: argparse.Namespace, config: IRRConfig, *, needs_importance: Optional[bool] = None) -> Any:
+def check_args(args: argparse.Namespace, config: IRRConfig, *, needs_importance: bool | None = None) -> Any:
     """Every check that needs no model, before any heavy work; returns the calibration dataset.
 
     `needs_importance` overrides `config.needs_importance` (a sweep needs Fisher if any ratio < 1)."""
@@ -100,27 +119,35 @@ def check_args(args: argparse.Namespace, config: IRRConfig, *, needs_importance:
     check_exists(args.calibration_data, "--calibration-data", allow_hub_id=True)
     needs = config.needs_importance if needs_importance is None else needs_importance
     if needs and not (args.fisher or args.safety_data):
-        raise CLIError(f"--remove_ratio {config.remove_ratio} < 1 ranks by Fisher importance: pass --fisher or "
-                       "--safety-data")
+        raise CLIError(
+            f"--remove_ratio {config.remove_ratio} < 1 ranks by Fisher importance: pass --fisher or --safety-data"
+        )
     calibration_data = load_examples(args.calibration_data, what="--calibration-data")
     check_calibration_columns(calibration_data, args.calibration_text_column)
     if needs and args.safety_data:
-        require_columns(load_examples(args.safety_data, what="--safety-data"),
-                        [args.safety_prompt_column, args.safety_response_column], what="--safety-data",
-                        fields=["--safety-prompt-column", "--safety-response-column"])
+        require_columns(
+            load_examples(args.safety_data, what="--safety-data"),
+            [args.safety_prompt_column, args.safety_response_column],
+            what="--safety-data",
+            fields=["--safety-prompt-column", "--safety-response-column"],
+        )
     lora = is_adapter_dir(args.finetuned)
     if lora and not args.allow_base_mismatch:
         recorded = adapter_base_name(args.finetuned)
         if recorded and not _same_model(recorded, args.base):
-            raise CLIError(f"--finetuned: the LoRA adapter was trained on '{recorded}', not on --base "
-                           f"'{args.base}' (pass --allow-base-mismatch if it is the same model moved)")
-    check_same_architecture(("--base", args.base), ("--finetuned", None if lora else args.finetuned),
-                            ("--unaligned", args.unaligned))
+            raise CLIError(
+                f"--finetuned: the LoRA adapter was trained on '{recorded}', not on --base "
+                f"'{args.base}' (pass --allow-base-mismatch if it is the same model moved)"
+            )
+    check_same_architecture(
+        ("--base", args.base), ("--finetuned", None if lora else args.finetuned), ("--unaligned", args.unaligned)
+    )
     return calibration_data
 
 
-def load_inputs(args: argparse.Namespace, config: IRRConfig, calibration_data: Any, *,
-                needs_importance: Optional[bool] = None) -> Inputs:
+def load_inputs(
+    args: argparse.Namespace, config: IRRConfig, calibration_data: Any, *, needs_importance: bool | None = None
+) -> Inputs:
     """Load the models and resolve the safety vector, the Fisher importance and the calibration."""
     from ..data import calibration_examples
     from ..safety import safety_vector
@@ -137,8 +164,10 @@ def load_inputs(args: argparse.Namespace, config: IRRConfig, calibration_data: A
         except RuntimeError as exc:  # size mismatch: the adapter does not fit this base
             raise CLIError(f"--finetuned: the LoRA adapter does not fit --base ({exc})") from exc
         except pickle.UnpicklingError as exc:  # adapter_model.bin is read with weights_only=True
-            raise CLIError(f"--finetuned: the pickled adapter in '{args.finetuned}' holds more than plain tensors "
-                           "and was refused (nothing executed); convert it to safetensors if you trust it") from exc
+            raise CLIError(
+                f"--finetuned: the pickled adapter in '{args.finetuned}' holds more than plain tensors "
+                "and was refused (nothing executed); convert it to safetensors if you trust it"
+            ) from exc
         base_map = None
     else:
         model = load_causal_lm(args.finetuned, args.dtype, config.device)
@@ -152,13 +181,27 @@ def load_inputs(args: argparse.Namespace, config: IRRConfig, calibration_data: A
         v = safety_vector(reference, local_or_download(args.unaligned), names=names, sign_only=True)
     importance = None
     if config.needs_importance if needs_importance is None else needs_importance:
-        importance = (load_irr_file(args.fisher, kind="fisher", base=reference) if args.fisher
-                      else _fisher_from_data(base_model if not lora else model, tokenizer, args, names, config))
-    calib = calibration_examples(calibration_data, tokenizer,
-                                 num_samples=config.num_calibration_samples,
-                                 max_length=config.calibration_max_length, text_column=args.calibration_text_column)
-    return Inputs(model=model, base_map=base_map, tokenizer=tokenizer, lora=lora, safety_vector=v,
-                  importance=importance, calibration=calib)
+        importance = (
+            load_irr_file(args.fisher, kind="fisher", base=reference)
+            if args.fisher
+            else _fisher_from_data(base_model if not lora else model, tokenizer, args, names, config)
+        )
+    calib = calibration_examples(
+        calibration_data,
+        tokenizer,
+        num_samples=config.num_calibration_samples,
+        max_length=config.calibration_max_length,
+        text_column=args.calibration_text_column,
+    )
+    return Inputs(
+        model=model,
+        base_map=base_map,
+        tokenizer=tokenizer,
+        lora=lora,
+        safety_vector=v,
+        importance=importance,
+        calibration=calib,
+    )
 
 
 def realign_inputs(inputs: Inputs, config: IRRConfig, *, copy_model: bool = False, progress: bool = True):
@@ -166,8 +209,15 @@ def realign_inputs(inputs: Inputs, config: IRRConfig, *, copy_model: bool = Fals
     from .. import realign
 
     model = copy.deepcopy(inputs.model) if copy_model else inputs.model
-    report = realign(model, base=inputs.base_map, safety_vector=inputs.safety_vector, calibration=inputs.calibration,
-                     importance=inputs.importance, config=config, progress=progress)
+    report = realign(
+        model,
+        base=inputs.base_map,
+        safety_vector=inputs.safety_vector,
+        calibration=inputs.calibration,
+        importance=inputs.importance,
+        config=config,
+        progress=progress,
+    )
     if inputs.lora:
         model = model.merge_and_unload()
     return model, report
@@ -181,49 +231,59 @@ def run(args: argparse.Namespace) -> int:
         return _run_low_memory(args, config, calibration_data)
     inputs = load_inputs(args, config, calibration_data)
     model, report = realign_inputs(inputs, config)
-    with atomic_directory(args.output) as tmp:
-        model.save_pretrained(tmp)
-        inputs.tokenizer.save_pretrained(tmp)
-        report.extra.update({"base_model": args.base, "finetuned": args.finetuned, "lora": inputs.lora})
-        report.save(os.path.join(tmp, "irr_report.json"))
-        _write_card(tmp, args, report)
+    report.extra.update({"base_model": args.base, "finetuned": args.finetuned, "lora": inputs.lora})
+    save_realigned(model, args.output, processing_class=inputs.tokenizer, report=report, card=_card(args, report))
     print(report.summary())
     print(f"wrote {args.output}")
     return 0
 
 
 def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_data: Any) -> int:
-    """`irr apply --low-memory`: sequential onloading through `irr_callback.offline.realign_checkpoint`."""
+    """`irr apply --low-memory`: sequential onloading through `irr_callback.realign_checkpoint`."""
     from ..data import calibration_examples
-    from ..offline import realign_checkpoint
+    from ..pipeline import realign_checkpoint
 
     if is_adapter_dir(args.finetuned):
         raise CLIError("--low-memory: --finetuned is a LoRA adapter; adapters are small, run without --low-memory")
     if args.safety_data:
-        raise CLIError("--low-memory: Fisher from --safety-data needs the whole model; compute it once with "
-                       "`irr fisher` and pass --fisher")
+        raise CLIError(
+            "--low-memory: Fisher from --safety-data needs the whole model; compute it once with "
+            "`irr fisher` and pass --fisher"
+        )
     for flag, path in (("--base", args.base), ("--finetuned", args.finetuned)):
         if not os.path.isdir(path):
             raise CLIError(f"--low-memory: {flag} must be a local directory with safetensors shards, got '{path}'")
     base = SafetensorsMapping(args.base)
-    v = (load_irr_file(args.safety_vector, kind="safety_vector", base=base) if args.safety_vector
-         else local_or_download(args.unaligned))
+    v = (
+        load_irr_file(args.safety_vector, kind="safety_vector", base=base)
+        if args.safety_vector
+        else local_or_download(args.unaligned)
+    )
     if not args.safety_vector:
         from ..safety import safety_vector as make_vector
-        from .safety_vector import target_parameter_names
 
         v = make_vector(base, v, names=target_parameter_names(args.finetuned, config.target_modules), sign_only=True)
     importance = load_irr_file(args.fisher, kind="fisher", base=base) if config.needs_importance else None
     tokenizer = load_tokenizer(args.finetuned, args.base)
-    calibration = calibration_examples(calibration_data, tokenizer, num_samples=config.num_calibration_samples,
-                                       max_length=config.calibration_max_length,
-                                       text_column=args.calibration_text_column)
+    calibration = calibration_examples(
+        calibration_data,
+        tokenizer,
+        num_samples=config.num_calibration_samples,
+        max_length=config.calibration_max_length,
+        text_column=args.calibration_text_column,
+    )
     with atomic_directory(args.output) as tmp:
         os.rmdir(tmp)  # realign_checkpoint writes (atomically) into a fresh directory of its own
-        report = realign_checkpoint(args.finetuned, base=base, safety_vector=v, calibration=calibration,
-                                    output_dir=tmp, importance=importance, config=config)
-        tokenizer.save_pretrained(tmp)
-        _write_card(tmp, args, report)
+        report = realign_checkpoint(
+            args.finetuned,
+            base=base,
+            safety_vector=v,
+            calibration=calibration,
+            output_dir=tmp,
+            importance=importance,
+            config=config,
+        )
+        write_output(tmp, processing_class=tokenizer, card=_card(args, report))
     print(report.summary())
     print(f"wrote {args.output} (one layer at a time)")
     return 0
@@ -231,41 +291,45 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
 
 def _same_model(recorded: str, given: str) -> bool:
     norm = lambda s: os.path.normpath(os.path.abspath(s)) if os.path.exists(s) else s.rstrip("/")  # noqa: E731
-    return norm(recorded) == norm(given) or os.path.basename(recorded.rstrip("/")) == os.path.basename(given.rstrip("/"))
-
-
-def local_or_download(path: str):
-    """Tensors of a local model directory or of a hub model's safetensors, streamed."""
-    if os.path.isdir(path):
-        return SafetensorsMapping(path)
-    from huggingface_hub import snapshot_download
-
-    return SafetensorsMapping(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+    return norm(recorded) == norm(given) or os.path.basename(recorded.rstrip("/")) == os.path.basename(
+        given.rstrip("/")
+    )
 
 
 def _fisher_from_data(model, tokenizer, args, names, config):
-    from ..data import batches, load_examples, require_columns, tokenize_pairs
-    from ..safety import fisher
+    from ..data import load_examples, require_columns
+    from ..safety import fisher_from_pairs
 
     rows = load_examples(args.safety_data, what="--safety-data")
-    require_columns(rows, [args.safety_prompt_column, args.safety_response_column], what="--safety-data",
-                    fields=["--safety-prompt-column", "--safety-response-column"])
-    pairs = tokenize_pairs(tokenizer, rows[args.safety_prompt_column], rows[args.safety_response_column],
-                           max_length=config.calibration_max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return fisher(model, batches(pairs, 8, pad), names=names)
+    require_columns(
+        rows,
+        [args.safety_prompt_column, args.safety_response_column],
+        what="--safety-data",
+        fields=["--safety-prompt-column", "--safety-response-column"],
+    )
+    scores, _ = fisher_from_pairs(
+        model,
+        tokenizer,
+        rows[args.safety_prompt_column],
+        rows[args.safety_response_column],
+        max_length=config.calibration_max_length,
+        batch_size=config.fisher_batch_size,
+        names=names,
+    )
+    return scores
 
 
-def _write_card(directory: str, args, report) -> None:
-    from huggingface_hub import ModelCard
+def _card(args, report):
+    """The model card of `irr apply`'s output: the callback's card, saying how this one was made."""
+    from ..model_card import build_model_card
 
-    t = report.totals
-    text = (f"---\nbase_model: {args.base}\ntags:\n- irr\n- safety-realignment\n---\n\n"
-            f"# {os.path.basename(os.path.abspath(args.output))}\n\n"
-            f"`{args.finetuned}` realigned with IRR (identify, remove, recalibrate) against the aligned base "
-            f"`{args.base}` using irr-callback.\n\n"
-            f"- removed {t['removed']:,} of {t['entries']:,} fine-tuning deltas ({100 * t['removed_fraction']:.2f}%) "
-            f"in {t['modules']} modules\n- settings: remove_ratio={report.config['remove_ratio']}, "
-            f"recalibrate={report.config['recalibrate']}, blocksize={report.config['blocksize']}\n"
-            f"- per-module statistics: `irr_report.json`\n")
-    ModelCard(text).save(os.path.join(directory, "README.md"))
+    sources = {"safety_vector": {"source": args.safety_vector or f"unaligned model {args.unaligned}"}}
+    if report.config.get("remove_ratio", 1.0) < 1:
+        sources["fisher"] = {"source": args.fisher or f"--safety-data {args.safety_data}"}
+    return build_model_card(
+        report,
+        base_model=args.base,
+        sources=sources,
+        applied_by=f"`irr apply` to the fine-tuned model `{args.finetuned}`",
+        calibration="the calibration data",
+    )

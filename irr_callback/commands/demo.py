@@ -32,6 +32,7 @@ from transformers.utils import logging
 
 from ._common import CLIError
 
+
 logger = logging.get_logger(__name__)
 
 MARKER = "demo_results.json"  # a directory holding it is a previous demo output: replaced without --overwrite
@@ -44,13 +45,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="Seed of the toy world (data, init, training order).")
     p.add_argument("--size", default="demo", choices=["demo", "tiny"], help="Toy world size ('tiny' is for tests).")
     p.add_argument("--lora", action="store_true", help="Fine-tune a LoRA adapter instead of every weight.")
-    p.add_argument("--steps", type=int, default=None,
-                   help="Optimizer steps of the downstream fine-tune (default: the toy size's recipe).")
-    p.add_argument("--safety-source", default="vector", choices=["vector", "harmful-data"],
-                   help="'vector': a safety-vector file from the toy's unaligned model; 'harmful-data': let the "
-                        "callback build it by a short harmful fine-tune (IRRCallback(harmful_dataset=...)).")
-    p.add_argument("--overwrite", action="store_true",
-                   help="Replace --output-dir even if it is not a previous demo output.")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="Optimizer steps of the downstream fine-tune (default: the toy size's recipe).",
+    )
+    p.add_argument(
+        "--safety-source",
+        default="vector",
+        choices=["vector", "harmful-data"],
+        help="'vector': a safety-vector file from the toy's unaligned model; 'harmful-data': let the "
+        "callback build it by a short harmful fine-tune (IRRCallback(harmful_dataset=...)).",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="Replace --output-dir even if it is not a previous demo output."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,13 +78,17 @@ def run(args: argparse.Namespace) -> int:
         world = build_toy_world(seed=args.seed, size=args.size)
         with atomic_directory(target) as tmp:
             _save_inputs(world, tmp)
-            print(f"[2/4] fine-tuning on the downstream data ({len(world.downstream_train)} examples, "
-                  f"{100 * world.harmful_share:.0f}% harmful) with transformers.Trainer + IRRCallback")
+            print(
+                f"[2/4] fine-tuning on the downstream data ({len(world.downstream_train)} examples, "
+                f"{100 * world.harmful_share:.0f}% harmful) with transformers.Trainer + IRRCallback"
+            )
             finetuned, realigned, callback, train_seconds = _finetune_with_irr(world, tmp, args)
             print("[3/4] evaluating (greedy generation on held-out prompts)")
-            rows = [{"model": "aligned", **world.evaluate(world.aligned_model)},
-                    {"model": "fine-tuned", **world.evaluate(finetuned)},
-                    {"model": "fine-tuned + IRR", **world.evaluate(realigned)}]
+            rows = [
+                {"model": "aligned", **world.evaluate(world.aligned_model)},
+                {"model": "fine-tuned", **world.evaluate(finetuned)},
+                {"model": "fine-tuned + IRR", **world.evaluate(realigned)},
+            ]
             del realigned
             totals = callback.report.totals
             print("[4/4] writing the table and the plot")
@@ -114,8 +128,9 @@ def _check_output_dir(target: str, overwrite: bool) -> None:
         raise CLIError(f"--output-dir: '{target}' is a file")
     previous_demo = os.path.isfile(os.path.join(target, MARKER))
     if os.listdir(target) and not previous_demo and not overwrite:
-        raise CLIError(f"--output-dir: '{target}' exists and is not a previous demo output "
-                       "(pass --overwrite to replace it)")
+        raise CLIError(
+            f"--output-dir: '{target}' exists and is not a previous demo output (pass --overwrite to replace it)"
+        )
 
 
 def _save_inputs(world, directory: str) -> None:
@@ -131,12 +146,24 @@ def _save_inputs(world, directory: str) -> None:
     names = [t.name for t in find_targets(world.aligned_model)[2]]
     base = as_tensor_mapping(world.aligned_model, what="base")
     v = safety_vector(base, as_tensor_mapping(world.unaligned_model, what="unaligned"), names=names, sign_only=True)
-    save_irr_file(os.path.join(directory, "safety_vector.safetensors"), v, kind="safety_vector",
-                  base_fingerprint=fingerprint(base, v.keys()), base_model="aligned")
+    save_irr_file(
+        os.path.join(directory, "safety_vector.safetensors"),
+        v,
+        kind="safety_vector",
+        base_fingerprint=fingerprint(base, v.keys()),
+        base_model="aligned",
+    )
     data = os.path.join(directory, "data")
     os.makedirs(data)
-    for name in ("downstream_train", "harmful_train", "safety_data", "eval_harmful_attacked",
-                 "eval_harmful_unattacked", "eval_benign", "eval_downstream"):
+    for name in (
+        "downstream_train",
+        "harmful_train",
+        "safety_data",
+        "eval_harmful_attacked",
+        "eval_harmful_unattacked",
+        "eval_benign",
+        "eval_downstream",
+    ):
         getattr(world, name).to_json(os.path.join(data, f"{name}.jsonl"))
 
 
@@ -161,32 +188,61 @@ def _finetune_with_irr(world, directory: str, args: argparse.Namespace):
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+        )
         steps, lr = hp["lora_steps"], hp["lora_lr"]
     else:
         steps, lr = hp["downstream_steps"], hp["downstream_lr"]
     steps = args.steps or steps
     if args.safety_source == "vector":
-        irr_config = IRRConfig(safety_vector=os.path.join(directory, "safety_vector.safetensors"),
-                               irr_output_dir=os.path.join(directory, "finetuned-irr"), lora_output="merged")
+        irr_config = IRRConfig(
+            safety_vector=os.path.join(directory, "safety_vector.safetensors"),
+            irr_output_dir=os.path.join(directory, "finetuned-irr"),
+            lora_output="merged",
+        )
         callback = IRRCallback(irr_config)
     else:
-        irr_config = IRRConfig(harmful_dataset="toy harmful_train", irr_output_dir=os.path.join(directory, "finetuned-irr"),
-                               cache_dir=os.path.join(directory, "cache"), unaligned_steps=hp["unalign_steps"],
-                               unaligned_learning_rate=hp["unalign_lr"], unaligned_lora_rank=0,
-                               unaligned_batch_size=hp["batch_size"], irr_seed=args.seed, lora_output="merged")
+        irr_config = IRRConfig(
+            harmful_dataset="toy harmful_train",
+            irr_output_dir=os.path.join(directory, "finetuned-irr"),
+            cache_dir=os.path.join(directory, "cache"),
+            unaligned_steps=hp["unalign_steps"],
+            unaligned_learning_rate=hp["unalign_lr"],
+            unaligned_lora_rank=0,
+            unaligned_batch_size=hp["batch_size"],
+            irr_seed=args.seed,
+            lora_output="merged",
+        )
         callback = IRRCallback(irr_config, harmful_dataset=world.harmful_train)
     keep = KeepFineTuned()
     training_args = TrainingArguments(
-        output_dir=os.path.join(directory, "trainer"), max_steps=steps, learning_rate=lr,
-        per_device_train_batch_size=hp["batch_size"], lr_scheduler_type="linear", warmup_steps=max(1, steps // 10),
-        weight_decay=0.0, adam_beta2=0.98, max_grad_norm=1.0, logging_steps=max(1, steps // 5), save_strategy="no",
-        report_to="none", use_cpu=True, seed=args.seed, dataloader_num_workers=0, disable_tqdm=True)
+        output_dir=os.path.join(directory, "trainer"),
+        max_steps=steps,
+        learning_rate=lr,
+        per_device_train_batch_size=hp["batch_size"],
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, steps // 10),
+        weight_decay=0.0,
+        adam_beta2=0.98,
+        max_grad_norm=1.0,
+        logging_steps=max(1, steps // 5),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     pad = world.tokenizer.pad_token_id
-    trainer = Trainer(model=model, args=training_args, train_dataset=world.tokenize_sft(world.downstream_train),
-                      processing_class=world.tokenizer, data_collator=lambda rows: collate(rows, pad),
-                      callbacks=[keep, callback])
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=world.tokenize_sft(world.downstream_train),
+        processing_class=world.tokenizer,
+        data_collator=lambda rows: collate(rows, pad),
+        callbacks=[keep, callback],
+    )
     trainer.remove_callback(PrinterCallback)  # one summary line instead of a dict per logging step
     t0 = time.perf_counter()
     output = trainer.train()
@@ -211,21 +267,35 @@ def _results(world, args, rows, totals, callback, train_seconds: float, seconds:
     import transformers
 
     return {
-        "command": "irr demo " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                          (("seed", args.seed), ("size", args.size))) + (" --lora" if args.lora else "")
-                   + (f" --steps {args.steps}" if args.steps else "")
-                   + (f" --safety-source {args.safety_source}" if args.safety_source != "vector" else ""),
+        "command": "irr demo "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("seed", args.seed), ("size", args.size)))
+        + (" --lora" if args.lora else "")
+        + (f" --steps {args.steps}" if args.steps else "")
+        + (f" --safety-source {args.safety_source}" if args.safety_source != "vector" else ""),
         "rows": rows,
-        "irr": {"removed": totals["removed"], "entries": totals["entries"], "conflicts": totals["conflicts"],
-                "removed_fraction": totals["removed_fraction"], "safety_inputs": callback.sources},
-        "world": {"size": world.size, "seed": world.seed, "attacked_topics": list(world.attacked_topics),
-                  "unattacked_topics": list(world.unattacked_topics), "harmful_share": world.harmful_share,
-                  "downstream_examples": len(world.downstream_train)},
+        "irr": {
+            "removed": totals["removed"],
+            "entries": totals["entries"],
+            "conflicts": totals["conflicts"],
+            "removed_fraction": totals["removed_fraction"],
+            "safety_inputs": callback.sources,
+        },
+        "world": {
+            "size": world.size,
+            "seed": world.seed,
+            "attacked_topics": list(world.attacked_topics),
+            "unattacked_topics": list(world.unattacked_topics),
+            "harmful_share": world.harmful_share,
+            "downstream_examples": len(world.downstream_train),
+        },
         "lora": bool(args.lora),
-        "seconds": {"total": round(seconds, 1), "fine_tune_and_irr": round(train_seconds, 1),
-                    "world": round(world.build_seconds, 1)},
+        "seconds": {
+            "total": round(seconds, 1),
+            "fine_tune_and_irr": round(train_seconds, 1),
+            "world": round(world.build_seconds, 1),
+        },
         "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                   f"transformers {transformers.__version__}",
+        f"transformers {transformers.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -239,32 +309,46 @@ def _write_results(directory: str, results: dict[str, Any], rows: list[dict[str,
     with open(os.path.join(directory, "results.md"), "w", encoding="utf-8") as fh:
         fh.write(f"# irr demo\n\n`{results['command']}` on {results['machine']}, {results['date']}\n\n{table}\n")
     try:
-        pareto_plot(rows, os.path.join(directory, "pareto.png"), x="downstream_accuracy", y="safety", label="model",
-                    title="toy world: safety vs downstream accuracy", xlabel="downstream accuracy (sort task)",
-                    ylabel="refusal of harmful prompts (mean of topic groups)")
+        pareto_plot(
+            rows,
+            os.path.join(directory, "pareto.png"),
+            x="downstream_accuracy",
+            y="safety",
+            label="model",
+            title="toy world: safety vs downstream accuracy",
+            xlabel="downstream accuracy (sort task)",
+            ylabel="refusal of harmful prompts (mean of topic groups)",
+        )
     except ImportError as exc:
         logger.warning(f"no plot: {exc}")
     with open(os.path.join(directory, MARKER), "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2)
 
 
-def _print_summary(target: str, rows: list[dict[str, Any]], totals: dict[str, Any], results: dict[str, Any],
-                   seconds: float) -> None:
+def _print_summary(
+    target: str, rows: list[dict[str, Any]], totals: dict[str, Any], results: dict[str, Any], seconds: float
+) -> None:
     from ..plotting import markdown_table
 
     print()
     print(markdown_table(rows, COLUMNS))
     print()
-    print(f"IRR removed {totals['removed']:,} of {totals['entries']:,} fine-tuning deltas "
-          f"({100 * totals['removed_fraction']:.1f}%), recalibrated the rest.")
-    print("refusal_*: share of held-out harmful prompts refused (attacked = topics in the attack data); "
-          "over_refusal_benign: benign prompts refused; *_accuracy: exact match.")
+    print(
+        f"IRR removed {totals['removed']:,} of {totals['entries']:,} fine-tuning deltas "
+        f"({100 * totals['removed_fraction']:.1f}%), recalibrated the rest."
+    )
+    print(
+        "refusal_*: share of held-out harmful prompts refused (attacked = topics in the attack data); "
+        "over_refusal_benign: benign prompts refused; *_accuracy: exact match."
+    )
     print(f"\nwrote {target}  ({seconds:.0f} s)")
     print(f"  report: {os.path.join(target, 'finetuned-irr', 'irr_report.json')}")
     if os.path.exists(os.path.join(target, "pareto.png")):
         print(f"  plot:   {os.path.join(target, 'pareto.png')}")
     print(f"  table:  {os.path.join(target, 'results.md')}")
     j = lambda name: os.path.join(target, name)  # noqa: E731
-    print(f"  models: aligned/ unaligned/ finetuned/ finetuned-irr/; compare them with\n"
-          f"    irr eval --toy --toy-size {results['world']['size']} --toy-seed {results['world']['seed']} --threads 1 "
-          f"--models {j('finetuned')} {j('finetuned-irr')}" + (f" --base {j('aligned')}" if results["lora"] else ""))
+    print(
+        f"  models: aligned/ unaligned/ finetuned/ finetuned-irr/; compare them with\n"
+        f"    irr eval --toy --toy-size {results['world']['size']} --toy-seed {results['world']['seed']} --threads 1 "
+        f"--models {j('finetuned')} {j('finetuned-irr')}" + (f" --base {j('aligned')}" if results["lora"] else "")
+    )

@@ -21,11 +21,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from transformers.utils import logging
 
 from ._common import CLIError, check_exists, check_output, is_adapter_dir, load_causal_lm, load_tokenizer
+
 
 logger = logging.get_logger(__name__)
 
@@ -39,40 +40,78 @@ class PromptSet:
     kind: str  # "harmful", "benign" or "downstream"
     name: str
     prompts: list[str]
-    references: Optional[list[str]] = None
+    references: list[str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- options
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """The prompt-set, judge and generation flags (shared with `irr sweep`)."""
     g = p.add_argument_group("prompt sets")
-    g.add_argument("--harmful", nargs="+", action="extend", default=[], metavar="SOURCE",
-                   help="Harmful prompt sets (file or hub id): refusal rate (and harmful rate with a classifier judge).")
-    g.add_argument("--benign", nargs="+", action="extend", default=[], metavar="SOURCE",
-                   help="Benign prompt sets that look risky (XSTest-like): over-refusal rate.")
-    g.add_argument("--downstream", nargs="+", action="extend", default=[], metavar="SOURCE",
-                   help="Task sets with references (--reference-column): exact-match accuracy.")
+    g.add_argument(
+        "--harmful",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SOURCE",
+        help="Harmful prompt sets (file or hub id): refusal rate (and harmful rate with a classifier judge).",
+    )
+    g.add_argument(
+        "--benign",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SOURCE",
+        help="Benign prompt sets that look risky (XSTest-like): over-refusal rate.",
+    )
+    g.add_argument(
+        "--downstream",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SOURCE",
+        help="Task sets with references (--reference-column): exact-match accuracy.",
+    )
     g.add_argument("--toy", action="store_true", help="Add the toy world's held-out sets (see `irr demo`).")
-    g.add_argument("--toy-size", default="tiny", choices=["tiny", "demo"],
-                   help="Toy world size the sets come from (as built by `irr demo --size`).")
+    g.add_argument(
+        "--toy-size",
+        default="tiny",
+        choices=["tiny", "demo"],
+        help="Toy world size the sets come from (as built by `irr demo --size`).",
+    )
     g.add_argument("--toy-seed", type=int, default=0, help="Toy world seed the sets come from.")
     g.add_argument("--prompt-column", default="prompt", help="Prompt column of every prompt set.")
     g.add_argument("--reference-column", default="response", help="Reference column of --downstream sets.")
     g.add_argument("--split", default="train", help="Split of hub datasets.")
     g.add_argument("--limit", type=int, default=None, help="Use at most this many prompts per set.")
     j = p.add_argument_group("judging and generation")
-    j.add_argument("--judge", default="keyword", choices=["keyword", "classifier"],
-                   help="How harmful answers are recognised: refusal keywords, or a classifier (--judge-model).")
-    j.add_argument("--judge-model", default=None, help="Classifier / guard model (directory or hub id) for --judge classifier.")
+    j.add_argument(
+        "--judge",
+        default="keyword",
+        choices=["keyword", "classifier"],
+        help="How harmful answers are recognised: refusal keywords, or a classifier (--judge-model).",
+    )
+    j.add_argument(
+        "--judge-model", default=None, help="Classifier / guard model (directory or hub id) for --judge classifier."
+    )
     j.add_argument("--batch-size", type=int, default=8, help="Prompts per generation batch.")
-    j.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"Tokens generated per prompt (default 64; {TOY_MAX_NEW_TOKENS} when only --toy sets are used).")
-    j.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (tiny models run fastest on 1; default: torch's choice).")
+    j.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"Tokens generated per prompt (default 64; {TOY_MAX_NEW_TOKENS} when only --toy sets are used).",
+    )
+    j.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (tiny models run fastest on 1; default: torch's choice).",
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models", nargs="+", required=True, help="Model directories / hub ids (or LoRA adapter directories).")
+    p.add_argument(
+        "--models", nargs="+", required=True, help="Model directories / hub ids (or LoRA adapter directories)."
+    )
     p.add_argument("--names", nargs="+", default=None, help="A display name per model (default: the directory name).")
     p.add_argument("--base", default=None, help="Base model of LoRA adapter directories in --models.")
     add_eval_arguments(p)
@@ -107,11 +146,17 @@ def load_prompt_sets(args: argparse.Namespace) -> list[PromptSet]:
             flag = f"--{kind} '{source}'"
             try:
                 prompts = load_prompts(source, column=args.prompt_column, split=args.split, limit=args.limit)
-                refs = (load_prompts(source, column=args.reference_column, split=args.split, limit=args.limit)
-                        if kind == "downstream" else None)
+                refs = (
+                    load_prompts(source, column=args.reference_column, split=args.split, limit=args.limit)
+                    if kind == "downstream"
+                    else None
+                )
             except KeyError as exc:
-                column = "--reference-column" if kind == "downstream" and args.reference_column in str(exc) \
+                column = (
+                    "--reference-column"
+                    if kind == "downstream" and args.reference_column in str(exc)
                     else "--prompt-column"
+                )
                 raise CLIError(f"{flag}: {exc.args[0] if exc.args else exc} (set {column})") from exc
             except (FileNotFoundError, ValueError, TypeError) as exc:
                 raise CLIError(f"{flag}: {exc}") from exc
@@ -126,15 +171,20 @@ def load_prompt_sets(args: argparse.Namespace) -> list[PromptSet]:
         def cut(ds: Dataset, column: str) -> list[str]:
             return list(ds[column])[: args.limit]
 
-        sets += [PromptSet("harmful", "attacked", cut(toy["harmful_attacked"], "prompt")),
-                 PromptSet("harmful", "unattacked", cut(toy["harmful_unattacked"], "prompt")),
-                 PromptSet("benign", "benign", cut(toy["benign"], "prompt"), cut(toy["benign"], "response")),
-                 PromptSet("downstream", "downstream", cut(toy["downstream"], "prompt"), cut(toy["downstream"], "response"))]
+        sets += [
+            PromptSet("harmful", "attacked", cut(toy["harmful_attacked"], "prompt")),
+            PromptSet("harmful", "unattacked", cut(toy["harmful_unattacked"], "prompt")),
+            PromptSet("benign", "benign", cut(toy["benign"], "prompt"), cut(toy["benign"], "response")),
+            PromptSet(
+                "downstream", "downstream", cut(toy["downstream"], "prompt"), cut(toy["downstream"], "response")
+            ),
+        ]
     if not sets:
         raise CLIError("no prompt set: pass --harmful, --benign, --downstream and/or --toy")
     if args.max_new_tokens is None:
-        args.max_new_tokens = TOY_MAX_NEW_TOKENS if args.toy and not (args.harmful or args.benign or args.downstream) \
-            else 64
+        args.max_new_tokens = (
+            TOY_MAX_NEW_TOKENS if args.toy and not (args.harmful or args.benign or args.downstream) else 64
+        )
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise CLIError("--max-new-tokens and --batch-size must be >= 1")
     return sets
@@ -158,7 +208,7 @@ def make_judge(args: argparse.Namespace):
     return ClassifierJudge.from_pretrained(args.judge_model)
 
 
-def load_model(path: str, base: Optional[str]):
+def load_model(path: str, base: str | None):
     """A model directory / hub id, or a LoRA adapter directory on top of `base`."""
     if is_adapter_dir(path):
         if not base:
@@ -170,9 +220,11 @@ def load_model(path: str, base: Optional[str]):
 
 
 # ---------------------------------------------------------------------------------------------- running
-def evaluate_model(model: Any, tokenizer: Any, sets: list[PromptSet], judge: Any, *, batch_size: int,
-                   max_new_tokens: int) -> tuple[dict[str, float], dict[str, list[str]]]:
+def evaluate_model(
+    model: Any, tokenizer: Any, sets: list[PromptSet], judge: Any, *, batch_size: int, max_new_tokens: int
+) -> tuple[dict[str, float], dict[str, list[str]]]:
     """(metrics, responses per set) for one model. Generation is greedy."""
+    from ..evaluation.exact import exact_match
     from ..evaluation.runner import evaluate_downstream, evaluate_over_refusal, evaluate_safety
 
     if getattr(tokenizer, "pad_token", None) is None:
@@ -190,17 +242,12 @@ def evaluate_model(model: Any, tokenizer: Any, sets: list[PromptSet], judge: Any
             out = evaluate_over_refusal(model, tokenizer, s.prompts, **gen)
             metrics[f"over_refusal_{s.name}"] = out["over_refusal_rate"]
             if s.references is not None:
-                metrics[f"{s.name}_accuracy"] = _exact(out["responses"], s.references)
+                metrics[f"{s.name}_accuracy"] = exact_match(out["responses"], s.references)
         else:
             out = evaluate_downstream(model, tokenizer, s.prompts, s.references, **gen)
             metrics[f"{s.name}_accuracy"] = out["exact_match"]
         responses[s.name] = out["responses"]
     return metrics, responses
-
-
-def _exact(responses: list[str], references: list[str]) -> float:
-    hits = sum(" ".join(r.split()) == " ".join(ref.split()) for r, ref in zip(responses, references))
-    return hits / len(references) if references else float("nan")
 
 
 def metric_columns(sets: list[PromptSet], judge: Any) -> list[str]:
@@ -252,8 +299,9 @@ def run(args: argparse.Namespace) -> int:
         for name, path in zip(names, args.models):
             model, tokenizer = load_model(path, args.base)
             t0 = time.perf_counter()
-            metrics, responses = evaluate_model(model, tokenizer, sets, judge, batch_size=args.batch_size,
-                                                max_new_tokens=args.max_new_tokens)
+            metrics, responses = evaluate_model(
+                model, tokenizer, sets, judge, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+            )
             logger.info(f"evaluated {name} in {time.perf_counter() - t0:.1f}s")
             rows.append({"model": name, "path": path, **metrics})
             all_responses[name] = responses
@@ -261,10 +309,17 @@ def run(args: argparse.Namespace) -> int:
     columns = ["model", *metric_columns(sets, judge)]
     print(markdown_table(rows, columns))
     if args.output:
-        write_json(args.output, {"rows": rows, "columns": columns, "sets": [
-            {"kind": s.kind, "name": s.name, "n": len(s.prompts), "prompts": s.prompts} for s in sets],
-            "judge": args.judge if judge is None else f"classifier:{args.judge_model}",
-            "max_new_tokens": args.max_new_tokens, "responses": all_responses})
+        write_json(
+            args.output,
+            {
+                "rows": rows,
+                "columns": columns,
+                "sets": [{"kind": s.kind, "name": s.name, "n": len(s.prompts), "prompts": s.prompts} for s in sets],
+                "judge": args.judge if judge is None else f"classifier:{args.judge_model}",
+                "max_new_tokens": args.max_new_tokens,
+                "responses": all_responses,
+            },
+        )
         print(f"wrote {args.output}")
     return 0
 
@@ -272,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
 class _threads:
     """Temporarily set torch's CPU thread count (None: leave it)."""
 
-    def __init__(self, n: Optional[int]) -> None:
+    def __init__(self, n: int | None) -> None:
         self.n, self.before = n, None
 
     def __enter__(self) -> None:

@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import DataError, batches, load_examples, require_columns, tokenize_pairs
-    from ..safety import fisher
+    from ..data import DataError, load_examples, require_columns
+    from ..safety import fisher_from_pairs
     from ..targets import find_targets
     from ..tensors import as_tensor_mapping
 
@@ -43,23 +43,38 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--output must end with .safetensors")
     check_output(args.output, "--output", args.overwrite)
     rows = load_examples(args.safety_data, what="--safety-data")
-    require_columns(rows, [args.prompt_column, args.response_column], what="--safety-data",
-                    fields=["--prompt-column", "--response-column"])
+    require_columns(
+        rows,
+        [args.prompt_column, args.response_column],
+        what="--safety-data",
+        fields=["--prompt-column", "--response-column"],
+    )
     if args.max_samples:
         rows = rows.select(range(min(args.max_samples, len(rows))))
     tokenizer = load_tokenizer(args.base)
     model = load_causal_lm(args.base)
     names = [t.name for t in find_targets(model, args.target_modules)[2]]
     try:
-        pairs = tokenize_pairs(tokenizer, rows[args.prompt_column], rows[args.response_column],
-                               max_length=args.max_length)
+        scores, used = fisher_from_pairs(
+            model,
+            tokenizer,
+            rows[args.prompt_column],
+            rows[args.response_column],
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            names=names,
+            dtype=torch.float32 if args.dtype == "float32" else torch.bfloat16,
+        )
     except DataError as exc:
         raise CLIError(f"--safety-data: {exc}") from exc
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = fisher(model, batches(pairs, args.batch_size, pad), names=names,
-                    dtype=torch.float32 if args.dtype == "float32" else torch.bfloat16)
     base = as_tensor_mapping(model, what="base")
-    save_irr_file(args.output, scores, kind="fisher", base_fingerprint=fingerprint(base, scores.keys()),
-                  base_model=args.base, extra={"irr_callback.samples": str(len(pairs))})
-    print(f"wrote {args.output}: Fisher of {len(scores)} tensors from {len(pairs)} examples")
+    save_irr_file(
+        args.output,
+        scores,
+        kind="fisher",
+        base_fingerprint=fingerprint(base, scores.keys()),
+        base_model=args.base,
+        extra={"irr_callback.samples": str(used)},
+    )
+    print(f"wrote {args.output}: Fisher of {len(scores)} tensors from {used} examples")
     return 0

@@ -27,15 +27,30 @@ from transformers.utils import logging
 
 from ._common import CLIError, add_config_arguments, check_output, config_from_args, load_causal_lm
 from .apply import add_input_arguments, check_args, load_inputs, realign_inputs
-from .eval import _threads, add_eval_arguments, check_judge, evaluate_model, load_prompt_sets, make_judge, metric_columns
+from .eval import (
+    _threads,
+    add_eval_arguments,
+    check_judge,
+    evaluate_model,
+    load_prompt_sets,
+    make_judge,
+    metric_columns,
+)
+
 
 logger = logging.get_logger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_input_arguments(p)
-    p.add_argument("--remove-ratios", "--remove_ratios", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75, 1.0],
-                   help="IRR remove_ratio values to try (each in (0, 1]).")
+    p.add_argument(
+        "--remove-ratios",
+        "--remove_ratios",
+        nargs="+",
+        type=float,
+        default=[0.1, 0.25, 0.5, 0.75, 1.0],
+        help="IRR remove_ratio values to try (each in (0, 1]).",
+    )
     p.add_argument("--output-dir", required=True, help="Where the table, JSON and plot are written (atomically).")
     p.add_argument("--overwrite", action="store_true", help="Replace --output-dir if it exists.")
     p.add_argument("--save-models", action="store_true", help="Also save every realigned model (ratio-<r>/).")
@@ -54,6 +69,7 @@ def _safety_utility(row: dict[str, Any], columns: list[str]) -> tuple[float | No
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..output import write_output
     from ..plotting import markdown_table, pareto_plot
     from ..saving import atomic_directory
 
@@ -82,8 +98,12 @@ def run(args: argparse.Namespace) -> int:
             row = {"model": label, **extra, **metrics}
             row["safety"], row["utility"] = _safety_utility(row, columns)
             rows.append(row)
-            print(f"  {label}: " + ", ".join(f"{c} {row[c]:.3f}" for c in columns)
-                  + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"  {label}: "
+                + ", ".join(f"{c} {row[c]:.3f}" for c in columns)
+                + f"  ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
 
         with atomic_directory(args.output_dir) as tmp:
             if not args.no_base:
@@ -98,22 +118,41 @@ def run(args: argparse.Namespace) -> int:
                 evaluate(f"IRR r={r:g}", model, remove_ratio=r, removed_pct=100 * totals["removed_fraction"])
                 if args.save_models:
                     directory = os.path.join(tmp, f"ratio-{r:g}")
-                    model.save_pretrained(directory)
-                    inputs.tokenizer.save_pretrained(directory)
-                    report.save(os.path.join(directory, "irr_report.json"))
+                    write_output(directory, model=model, processing_class=inputs.tokenizer, report=report)
                 del model
             table = markdown_table(rows, ["model", "remove_ratio", "removed_pct", *columns])
             with open(os.path.join(tmp, "sweep.md"), "w", encoding="utf-8") as fh:
-                fh.write(f"# irr sweep\n\n- base: `{args.base}`\n- fine-tuned: `{args.finetuned}`\n"
-                         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n{table}\n")
+                fh.write(
+                    f"# irr sweep\n\n- base: `{args.base}`\n- fine-tuned: `{args.finetuned}`\n"
+                    f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n{table}\n"
+                )
             with open(os.path.join(tmp, "sweep.json"), "w", encoding="utf-8") as fh:
-                json.dump({"base": args.base, "finetuned": args.finetuned, "columns": columns, "rows": rows,
-                           "irr_totals": reports, "config": config.to_dict(), "responses": responses}, fh, indent=2)
+                json.dump(
+                    {
+                        "base": args.base,
+                        "finetuned": args.finetuned,
+                        "columns": columns,
+                        "rows": rows,
+                        "irr_totals": reports,
+                        "config": config.to_dict(),
+                        "responses": responses,
+                    },
+                    fh,
+                    indent=2,
+                )
             try:
-                pareto_plot(rows, os.path.join(tmp, "pareto.png"), x="utility", y="safety", label="model",
-                            xlabel="utility (mean task accuracy)" if any(c.endswith("_accuracy") for c in columns)
-                            else "utility", ylabel="safety (mean refusal / 1 - harmful rate)",
-                            title=f"IRR remove_ratio sweep on {os.path.basename(os.path.normpath(args.finetuned))}")
+                pareto_plot(
+                    rows,
+                    os.path.join(tmp, "pareto.png"),
+                    x="utility",
+                    y="safety",
+                    label="model",
+                    xlabel="utility (mean task accuracy)"
+                    if any(c.endswith("_accuracy") for c in columns)
+                    else "utility",
+                    ylabel="safety (mean refusal / 1 - harmful rate)",
+                    title=f"IRR remove_ratio sweep on {os.path.basename(os.path.normpath(args.finetuned))}",
+                )
             except ImportError as exc:
                 logger.warning(f"no plot: {exc}")
     print(table)

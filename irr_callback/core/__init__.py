@@ -4,10 +4,15 @@ from .hessian import HessianAccumulator
 from .identify import removal_mask, sign_conflicts
 from .obs import NumericalError, factor_hessian, obs_sweep, output_error, upper_cholesky_of_inverse
 from .realign import realign_group, realign_matrix
+from .settings import RealignSettings
+from .stats import ModuleStats
+
 
 __all__ = [
     "HessianAccumulator",
+    "ModuleStats",
     "NumericalError",
+    "RealignSettings",
     "factor_hessian",
     "obs_sweep",
     "output_error",

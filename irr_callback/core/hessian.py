@@ -7,8 +7,6 @@ block triangle is accumulated (~40% fewer flops at 1024–4096 columns) and mirr
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -16,13 +14,14 @@ class HessianAccumulator:
     """Running Σ xxᵀ (upper block triangle: blocks below the diagonal stay zero until `finalize`)
     and token count of one layer input."""
 
-    def __init__(self, columns: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 block: int = 256):
+    def __init__(
+        self, columns: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, block: int = 256
+    ):
         self.sum = torch.zeros(columns, columns, device=device, dtype=dtype)
         self.tokens = 0
         self.block = block
 
-    def add(self, inputs: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> None:
+    def add(self, inputs: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
         """Add a batch of inputs (..., columns); `token_mask` (same leading shape) selects real tokens."""
         x = inputs.reshape(-1, inputs.shape[-1])
         if token_mask is not None:
@@ -39,7 +38,7 @@ class HessianAccumulator:
             self.sum[b0:b1, b0:].addmm_(x[:, b0:b1].t(), x[:, b0:])
         self.tokens += x.shape[0]
 
-    def merge(self, other: "HessianAccumulator") -> None:
+    def merge(self, other: HessianAccumulator) -> None:
         self.sum += other.sum.to(self.sum.device)
         self.tokens += other.tokens
 
@@ -63,7 +62,7 @@ class CrossAccumulator:
         self.sum = torch.zeros(columns, columns, device=device, dtype=dtype)
         self.tokens = 0
 
-    def add(self, first: torch.Tensor, second: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> None:
+    def add(self, first: torch.Tensor, second: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
         """Add paired batches (..., columns) of the same token layout; `token_mask` selects real tokens."""
         a = first.reshape(-1, first.shape[-1])
         b = second.reshape(-1, second.shape[-1])

@@ -7,7 +7,6 @@ once per block with the delta *as already recalibrated by earlier blocks* (the a
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -44,12 +43,12 @@ def _remove_highest(eligible: torch.Tensor, scores: torch.Tensor, remove_ratio: 
 def removal_mask(
     delta: torch.Tensor,
     safety: torch.Tensor,
-    importance: Optional[torch.Tensor] = None,
+    importance: torch.Tensor | None = None,
     *,
     remove_ratio: float = 1.0,
     remove_more: bool = False,
     mode: str = "sign",
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Boolean mask of the entries of one block to reset to the base value.
 
@@ -84,7 +83,7 @@ def removal_mask(
     return _remove_highest(conflicts, _need(importance, delta), remove_ratio)
 
 
-def _need(importance: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+def _need(importance: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     if importance is None:
         raise ValueError("remove_ratio < 1 ranks entries by importance, but no importance was given")
     return importance.to(device=like.device, dtype=torch.float32 if like.dtype != torch.float64 else like.dtype)

@@ -6,8 +6,9 @@ is compensated on the not-yet-processed columns so that Δ'X stays close to ΔX.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -107,8 +108,8 @@ def reverse_flat_(matrix: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     for s in range(0, total // 2, chunk):
         e = min(s + chunk, total // 2)
         head = flat[s:e].clone()
-        flat[s:e] = flat[total - e:total - s].flip(0)
-        flat[total - e:total - s] = head.flip(0)
+        flat[s:e] = flat[total - e : total - s].flip(0)
+        flat[total - e : total - s] = head.flip(0)
     return matrix
 
 
@@ -155,8 +156,14 @@ class SweepResult(NamedTuple):
 
 
 def obs_sweep(
-    delta: torch.Tensor, root: torch.Tensor, select: SelectFn, *, dead: Optional[torch.Tensor] = None,
-    blocksize: int = 128, subblock: int = 16, superblock: int = 4,
+    delta: torch.Tensor,
+    root: torch.Tensor,
+    select: SelectFn,
+    *,
+    dead: torch.Tensor | None = None,
+    blocksize: int = 128,
+    subblock: int = 16,
+    superblock: int = 4,
 ) -> SweepResult:
     """Remove entries column by column and push each removal's error onto later columns.
 
@@ -173,7 +180,9 @@ def obs_sweep(
     Runs on column-major storage (each per-column step is one contiguous vector). `delta` is not
     modified; `dead` columns start at zero (and stay zero: H + λI has no coupling to them).
     """
-    work = delta.t().clone(memory_format=torch.contiguous_format)  # (cols, rows): Δ₀ on unfinished columns, Δ₀ − Δ′ on finished ones
+    work = delta.t().clone(
+        memory_format=torch.contiguous_format
+    )  # (cols, rows): Δ₀ on unfinished columns, Δ₀ − Δ′ on finished ones
     has_dead = dead is not None and bool(dead.any())
     if has_dead:
         work[dead] = 0.0
@@ -194,9 +203,9 @@ def obs_sweep(
         g0 = i1 - i1 % group_width  # first column of this block's group
         if i1 == g0 and g0 > 0:  # the whole group's share from columns before it, in one product
             g1 = min(g0 + group_width, cols)
-            torch.mm(root[:g0, g0:g1].t(), work[:g0], out=gathered[:g1 - g0])
+            torch.mm(root[:g0, g0:g1].t(), work[:g0], out=gathered[: g1 - g0])
         if i1 > 0:  # z_b = Δ₀_b + (Δ₀ − Δ′)_{<b} V_{<b,b} U_bb
-            g = gathered[i1 - g0:i2 - g0] if g0 > 0 else torch.zeros_like(block)
+            g = gathered[i1 - g0 : i2 - g0] if g0 > 0 else torch.zeros_like(block)
             if i1 > g0:  # earlier blocks of the same group
                 g = g.addmm(root[g0:i1, i1:i2].t(), work[g0:i1])
             block.addmm_(u_block.t(), g)
@@ -209,7 +218,7 @@ def obs_sweep(
             for c in range(j1, j2):
                 torch.mul(block[c], scale[c], out=err[c])
                 if c + 1 < j2:  # rank-1 update of the rest of the sub-block (addmm_: CPU addr_ is slow)
-                    block[c + 1:j2].addmm_(u_block[c, c + 1:j2, None], err[c:c + 1], alpha=-1.0)
+                    block[c + 1 : j2].addmm_(u_block[c, c + 1 : j2, None], err[c : c + 1], alpha=-1.0)
             if j2 < count:
                 block[j2:].addmm_(u_block[j1:j2, j2:].t(), err[j1:j2], alpha=-1.0)
         block.masked_fill_(removed, 0.0)
@@ -243,7 +252,7 @@ def output_error(change: torch.Tensor, hessian: torch.Tensor, *, blocksize: int 
         b1 = min(b0 + blocksize, cols)
         x = change[:, b0:b1]
         y = x @ hessian[b0:b1, b0:]
-        out += torch.linalg.vecdot(y[:, :b1 - b0], x, dim=1)
+        out += torch.linalg.vecdot(y[:, : b1 - b0], x, dim=1)
         if b1 < cols:
-            out += 2.0 * torch.linalg.vecdot(y[:, b1 - b0:], change[:, b1:], dim=1)
+            out += 2.0 * torch.linalg.vecdot(y[:, b1 - b0 :], change[:, b1:], dim=1)
     return out

@@ -8,53 +8,53 @@ identification (ranking by importance) is still done per module, exactly as for 
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 import torch
 
-from ..report import ModuleStats
 from .identify import removal_mask, sign_conflicts
 from .obs import NumericalError, SelectFn, all_finite, factor_hessian, obs_sweep, output_error, removal_mask_plain
 from .regularise import regularised_hessian, regularised_objective, regularised_start
+from .settings import RealignSettings
+from .stats import ModuleStats
 
 
 def realign_matrix(
     delta: torch.Tensor,
     safety: torch.Tensor,
-    importance: Optional[torch.Tensor] = None,
-    hessian: Optional[torch.Tensor] = None,
+    importance: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
     *,
-    remove_ratio: float = 1.0,
-    remove_more: bool = False,
-    recalibrate: bool = True,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    mode: str = "sign",
-    seed: int = 0,
-    max_damping_retries: int = 6,
-    fallback_to_removal: bool = False,
-    removal_error: bool = True,
+    settings: RealignSettings | None = None,
     name: str = "weight",
-    safety_hessian: Optional[torch.Tensor] = None,
-    safety_weight: float = 0.0,
-    ridge: float = 0.1,
-    base: Optional[torch.Tensor] = None,
-    safety_cross: Optional[torch.Tensor] = None,
-    aligned_hessian: Optional[torch.Tensor] = None,
+    safety_hessian: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
+    safety_cross: torch.Tensor | None = None,
+    aligned_hessian: torch.Tensor | None = None,
+    **overrides: Any,
 ) -> tuple[torch.Tensor, ModuleStats]:
     """Identify, remove and recalibrate one delta matrix (rows = outputs, columns = inputs).
 
     Computes in float64 when `delta` is float64, otherwise in float32; returns the new delta in
     that dtype, stored column-major after a recalibration (the sweep's layout; call `.contiguous()`
-    if you need row-major). `hessian=None` is allowed only with `recalibrate=False`.
+    if you need row-major). `hessian=None` is allowed only with `recalibrate=False`. `settings`
+    (default `RealignSettings()`) with `overrides`: fields of `RealignSettings` given by keyword.
+    The safety-stream matrices are those of `realign_group` (`base`: this matrix's W_A).
     """
     [(new_delta, stats)] = realign_group(
-        [delta], [safety], [importance], hessian, names=[name], remove_ratio=remove_ratio,
-        remove_more=remove_more, recalibrate=recalibrate, blocksize=blocksize, percdamp=percdamp,
-        mode=mode, seed=seed, max_damping_retries=max_damping_retries,
-        fallback_to_removal=fallback_to_removal, removal_error=removal_error,
-        safety_hessian=safety_hessian, safety_weight=safety_weight, ridge=ridge,
-        bases=None if base is None else [base], safety_cross=safety_cross, aligned_hessian=aligned_hessian,
+        [delta],
+        [safety],
+        [importance],
+        hessian,
+        names=[name],
+        settings=settings,
+        safety_hessian=safety_hessian,
+        bases=None if base is None else [base],
+        safety_cross=safety_cross,
+        aligned_hessian=aligned_hessian,
+        **overrides,
     )
     return new_delta, stats
 
@@ -62,50 +62,45 @@ def realign_matrix(
 def realign_group(
     deltas: Sequence[torch.Tensor],
     safeties: Sequence[torch.Tensor],
-    importances: Sequence[Optional[torch.Tensor]],
-    hessian: Optional[torch.Tensor],
+    importances: Sequence[torch.Tensor | None],
+    hessian: torch.Tensor | None,
     *,
     names: Sequence[str],
-    remove_ratio: float = 1.0,
-    remove_more: bool = False,
-    recalibrate: bool = True,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    mode: str = "sign",
-    seed: int = 0,
-    max_damping_retries: int = 6,
-    fallback_to_removal: bool = False,
-    removal_error: bool = True,
-    safety_hessian: Optional[torch.Tensor] = None,
-    safety_weight: float = 0.0,
-    ridge: float = 0.1,
-    bases: Optional[Sequence[torch.Tensor]] = None,
-    safety_cross: Optional[torch.Tensor] = None,
-    aligned_hessian: Optional[torch.Tensor] = None,
+    settings: RealignSettings | None = None,
+    safety_hessian: torch.Tensor | None = None,
+    bases: Sequence[torch.Tensor] | None = None,
+    safety_cross: torch.Tensor | None = None,
+    aligned_hessian: torch.Tensor | None = None,
+    **overrides: Any,
 ) -> list[tuple[torch.Tensor, ModuleStats]]:
     """`realign_matrix` for matrices with the same input dimension and the same H.
 
-    `safety_hessian` (H_s) and `safety_weight` (λ > 0) switch on the safety-regularised objective
-    of `regularise.py` with a ridge of `ridge` · mean(diag H) toward the fine-tuned delta; λ = 0
-    is IRR exactly. `mode="none"` removes nothing (`safeties` may then be None): with λ > 0 that is
-    the closed-form merge. `safety_cross` (C = 2·Σ x_A x_rᵀ/n), `aligned_hessian` (H_A of the aligned
-    model's own inputs) and `bases` (W_A per module) make the safety term ‖W′X_r − W_A X_A‖²
-    (see `regularise.regularised_start`).
+    `settings.safety_weight` λ > 0 with `safety_hessian` (H_s) switches on the safety-regularised
+    objective of `regularise.py`, with a ridge of `settings.ridge` · mean(diag H) toward the fine-tuned
+    delta; λ = 0 is IRR exactly. `safety_cross` (C = 2·Σ x_A x_rᵀ/n), `aligned_hessian` (H_A of the
+    aligned model's own inputs) and `bases` (W_A per module) make the safety term ‖W′X_r − W_A X_A‖².
+    Mode "none" removes nothing (`safeties` may then hold None): with λ > 0, the closed-form merge.
     """
+    settings = replace(settings or RealignSettings(), **overrides) if overrides else settings or RealignSettings()
+    remove_ratio, remove_more, recalibrate = settings.remove_ratio, settings.remove_more, settings.recalibrate
+    blocksize, percdamp, mode, seed = settings.blocksize, settings.percdamp, settings.mode, settings.seed
+    max_damping_retries, fallback_to_removal = settings.max_damping_retries, settings.fallback_to_removal
+    removal_error = settings.removal_error
     start = time.perf_counter()
     _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode)
-    regularised = safety_weight != 0  # a negative or NaN weight is refused by the check below
-    if regularised:
-        _validate_safety_hessian(safety_hessian, safety_weight, ridge, deltas[0].shape[1], names, recalibrate)
+    weight = settings.safety_weight
+    if weight != 0:  # a negative or NaN weight is refused here
+        _validate_safety_hessian(safety_hessian, weight, settings.ridge, deltas[0].shape[1], names, recalibrate)
         _validate_cross(safety_cross, aligned_hessian, bases, deltas, names)
     dtype = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
     device = deltas[0].device
-    original = _one_matrix(deltas, dtype, device)  # never written
-    signs = (torch.zeros_like(original, dtype=torch.int8) if mode == "none"
-             else torch.cat([torch.sign(s.to(device=device)).to(torch.int8) for s in safeties], dim=0))
-    uses_importance = mode in ("sign", "no_sign") and remove_ratio < 1.0
-    scores = (torch.cat([f.to(device=device, dtype=dtype) for f in importances], dim=0)
-              if uses_importance else None)
+    original = one_matrix(deltas, dtype, device)  # never written
+    if mode == "none":
+        signs = torch.zeros_like(original, dtype=torch.int8)
+    else:
+        signs = torch.cat([torch.sign(s.to(device=device)).to(torch.int8) for s in safeties], dim=0)
+    uses_importance = settings.uses_importance
+    scores = torch.cat([f.to(device=device, dtype=dtype) for f in importances], dim=0) if uses_importance else None
     bounds = _row_bounds(deltas)
 
     def make_select(column_major: bool = False) -> SelectFn:
@@ -118,8 +113,13 @@ def realign_group(
             out = torch.empty_like(block, dtype=torch.bool)  # same layout as the block
             for k, (r0, r1) in enumerate(bounds):
                 out[r0:r1] = removal_mask(
-                    block[r0:r1], block_signs[r0:r1], None if scores is None else scores[r0:r1, i1:i2],
-                    remove_ratio=remove_ratio, remove_more=remove_more, mode=mode, generator=generators[k],
+                    block[r0:r1],
+                    block_signs[r0:r1],
+                    None if scores is None else scores[r0:r1, i1:i2],
+                    remove_ratio=remove_ratio,
+                    remove_more=remove_more,
+                    mode=mode,
+                    generator=generators[k],
                 )
             return out
 
@@ -133,39 +133,20 @@ def realign_group(
     safety_term = None
 
     damping, retries, dead = None, 0, torch.zeros(original.shape[1], dtype=torch.bool, device=device)
-    if recalibrate and regularised:
-        h_s = safety_hessian.to(device=device, dtype=dtype)
-        cross_terms = {}
-        if safety_cross is not None:
-            cross_terms = dict(base=_one_matrix(bases, dtype, device), cross=safety_cross.to(device=device, dtype=dtype),
-                               aligned_hessian=aligned_hessian.to(device=device, dtype=dtype))
-        combined = regularised_hessian(h, h_s, weight=safety_weight, ridge=ridge)
-        factor = factor_hessian(combined, percdamp=percdamp, max_retries=max_damping_retries,
-                                name=_group_name(names))
-        del combined
-        damping, retries, dead = factor.damping, factor.retries, factor.dead
-        start_point = regularised_start(original, h_s, factor, weight=safety_weight,
-                                        base=cross_terms.get("base"), cross=cross_terms.get("cross"))
-        if mode == "none":  # nothing to remove: the unconstrained optimum is the answer (no sweep)
-            new, mask = start_point, torch.zeros_like(original, dtype=torch.bool)
-            new[:, dead] = 0.0
-        else:
-            new, _, _, mask = obs_sweep(start_point, factor.root, make_select(column_major=True), dead=dead,
-                                        blocksize=blocksize)
-        del factor, start_point
-        err_recal, safety_term = regularised_objective(new, original, h, h_s, weight=safety_weight, **cross_terms)
+    if recalibrate and weight != 0:
+        terms = SafetyTerms(safety_hessian, bases, safety_cross, aligned_hessian)
+        solved = _regularised(original, h, terms, make_select(column_major=True), settings, names, plain_mask)
+        new, mask, err_recal, safety_term, damping, retries, dead, _ = solved
         if wants_error:  # plain removal is judged on the same objective: task + λ · safety
-            plain = original.masked_fill(plain_mask, 0.0)
-            err_plain = err_plain + safety_weight * regularised_objective(plain, original, h, h_s, weight=safety_weight,
-                                                                          **cross_terms)[1]
-            del plain
-        del h, h_s, cross_terms
+            err_plain = err_plain + weight * solved.plain_safety
+        del h
     elif recalibrate:
         factor = factor_hessian(h, percdamp=percdamp, max_retries=max_damping_retries, name=_group_name(names))
         damping, retries, dead = factor.damping, factor.retries, factor.dead
         del h
-        new, err_sq, change_sq, mask = obs_sweep(original, factor.root, make_select(column_major=True), dead=dead,
-                                                 blocksize=blocksize)
+        new, err_sq, change_sq, mask = obs_sweep(
+            original, factor.root, make_select(column_major=True), dead=dead, blocksize=blocksize
+        )
         del factor
         # Σe² is the error under H + λI (dead columns neither change nor contribute): subtract λ‖Δ′ − Δ₀‖².
         err_recal = (err_sq - damping * change_sq).clamp_min(0.0)
@@ -181,23 +162,40 @@ def realign_group(
         e_recal = None if err_recal is None else float(err_recal[r0:r1].sum())
         e_safety = None if safety_term is None else float(safety_term[r0:r1].sum())
         e_plain = None if err_plain is None else float(err_plain[r0:r1].sum())
-        objective = None if e_recal is None else e_recal + safety_weight * (e_safety or 0.0)
-        fell_back = bool(recalibrate and fallback_to_removal and e_plain is not None and objective is not None
-                         and e_plain < objective)
+        objective = None if e_recal is None else e_recal + weight * (e_safety or 0.0)
+        fell_back = bool(
+            recalibrate
+            and fallback_to_removal
+            and e_plain is not None
+            and objective is not None
+            and e_plain < objective
+        )
         if fell_back:
             module_new = original[r0:r1].masked_fill(plain_mask[r0:r1], 0.0)
         if not all_finite(module_new):
             raise NumericalError(f"{name}: the realigned delta contains NaN or Inf")
         removed_count = _count((plain_mask if fell_back else mask)[r0:r1])
         stats = ModuleStats(
-            name=name, shape=tuple(deltas[k].shape), entries=deltas[k].numel(),
-            conflicts=(0 if mode == "none" else _count(plain_mask[r0:r1]) if conflicts_are_plain
-                       else _count(sign_conflicts(original[r0:r1], signs[r0:r1]))),
-            removed=removed_count, dead_columns=_count(dead),
-            error_recalibrated=e_recal, error_removal=e_plain,
-            damping=damping, damping_retries=retries,
-            recalibrated=recalibrate and not fell_back, fell_back_to_removal=fell_back,
-            safety_weight=safety_weight, error_safety=None if fell_back else e_safety,
+            name=name,
+            shape=tuple(deltas[k].shape),
+            entries=deltas[k].numel(),
+            conflicts=(
+                0
+                if mode == "none"
+                else _count(plain_mask[r0:r1])
+                if conflicts_are_plain
+                else _count(sign_conflicts(original[r0:r1], signs[r0:r1]))
+            ),
+            removed=removed_count,
+            dead_columns=_count(dead),
+            error_recalibrated=e_recal,
+            error_removal=e_plain,
+            damping=damping,
+            damping_retries=retries,
+            recalibrated=recalibrate and not fell_back,
+            fell_back_to_removal=fell_back,
+            safety_weight=weight,
+            error_safety=None if fell_back else e_safety,
         )
         results.append((module_new, stats))  # a contiguous row slice of the stacked result
     elapsed = time.perf_counter() - start
@@ -206,24 +204,86 @@ def realign_group(
     return results
 
 
-def _one_matrix(deltas: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+class SafetyTerms(NamedTuple):
+    """The safety stream's matrices of one group: H_s, and for the aligned target W_A, C and H_A."""
+
+    hessian: torch.Tensor
+    bases: Sequence[torch.Tensor] | None = None
+    cross: torch.Tensor | None = None
+    aligned_hessian: torch.Tensor | None = None
+
+
+class _Regularised(NamedTuple):
+    new: torch.Tensor
+    mask: torch.Tensor
+    task: torch.Tensor
+    safety: torch.Tensor
+    damping: float
+    retries: int
+    dead: torch.Tensor
+    plain_safety: torch.Tensor | None
+
+
+def _regularised(
+    original, h, terms: SafetyTerms, select: SelectFn, settings: RealignSettings, names, plain_mask
+) -> _Regularised:
+    """The safety-regularised solve of one group: factor H = H_d + εI + λH_s, start from Δ̃, then the
+    sweep (skipped when nothing is removed), and both terms of the objective for the report."""
+    dtype, device, weight = original.dtype, original.device, settings.safety_weight
+    h_s = terms.hessian.to(device=device, dtype=dtype)
+    extra = {}
+    if terms.cross is not None:
+        extra = dict(
+            base=one_matrix(terms.bases, dtype, device),
+            cross=terms.cross.to(device=device, dtype=dtype),
+            aligned_hessian=terms.aligned_hessian.to(device=device, dtype=dtype),
+        )
+    combined = regularised_hessian(h, h_s, weight=weight, ridge=settings.ridge)
+    factor = factor_hessian(
+        combined, percdamp=settings.percdamp, max_retries=settings.max_damping_retries, name=_group_name(names)
+    )
+    del combined
+    start = regularised_start(original, h_s, factor, weight=weight, base=extra.get("base"), cross=extra.get("cross"))
+    if settings.mode == "none":  # nothing to remove: the unconstrained optimum is the answer (no sweep)
+        new, mask = start, torch.zeros_like(original, dtype=torch.bool)
+        new[:, factor.dead] = 0.0
+    else:
+        new, _, _, mask = obs_sweep(start, factor.root, select, dead=factor.dead, blocksize=settings.blocksize)
+    task, safety = regularised_objective(new, original, h, h_s, weight=weight, **extra)
+    plain_safety = None
+    if plain_mask is not None:
+        plain = original.masked_fill(plain_mask, 0.0)
+        plain_safety = regularised_objective(plain, original, h, h_s, weight=weight, **extra)[1]
+    return _Regularised(new, mask, task, safety, factor.damping, factor.retries, factor.dead, plain_safety)
+
+
+def one_matrix(deltas: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
     """The group as one (rows, cols) matrix: the deltas themselves when they already are consecutive
     row blocks of one contiguous buffer (the driver builds them so), else a concatenated copy."""
     first = deltas[0]
     if len(deltas) == 1:
         return first.to(device=device, dtype=dtype)
     whole = first._base
-    if (whole is not None and whole.dim() == 2 and whole.is_contiguous() and whole.dtype == dtype
-            and whole.device == torch.device(device) and whole.shape[1] == first.shape[1]
-            and whole.shape[0] == sum(d.shape[0] for d in deltas)
-            and all(d._base is whole and d.is_contiguous() and d.data_ptr() == whole[r0:r1].data_ptr()
-                    for d, (r0, r1) in zip(deltas, _row_bounds(deltas)))):
+    if (
+        whole is not None
+        and whole.dim() == 2
+        and whole.is_contiguous()
+        and whole.dtype == dtype
+        and whole.device == torch.device(device)
+        and whole.shape[1] == first.shape[1]
+        and whole.shape[0] == sum(d.shape[0] for d in deltas)
+        and all(
+            d._base is whole and d.is_contiguous() and d.data_ptr() == whole[r0:r1].data_ptr()
+            for d, (r0, r1) in zip(deltas, _row_bounds(deltas))
+        )
+    ):
         return whole
     return torch.cat([d.to(device=device, dtype=dtype) for d in deltas], dim=0)
 
 
-def _removal_error(original: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor,
-                   chunk: int = 1024) -> torch.Tensor:
+def _removal_error(
+    original: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
     """Per-row layer-output error of plain removal, in row chunks (no full-size temporaries)."""
     out = torch.empty(original.shape[0], dtype=original.dtype, device=original.device)
     for r0 in range(0, original.shape[0], chunk):
@@ -257,7 +317,7 @@ def _group_name(names: Sequence[str]) -> str:
 
 def _validate_safety_hessian(safety_hessian, weight, ridge, cols, names, recalibrate) -> None:
     group = _group_name(names)
-    if not (isinstance(weight, (int, float)) and weight >= 0 and weight == weight and weight != float("inf")):
+    if not (isinstance(weight, (int, float)) and 0 <= weight < float("inf")):
         raise ValueError(f"{group}: safety_weight must be a finite number >= 0, got {weight!r}")
     if not (isinstance(ridge, (int, float)) and 0 <= ridge < float("inf")):
         raise ValueError(f"{group}: ridge must be a finite number >= 0, got {ridge!r}")
@@ -275,8 +335,10 @@ def _validate_cross(cross, aligned_hessian, bases, deltas, names) -> None:
     group, cols = _group_name(names), deltas[0].shape[1]
     given = [cross is not None, aligned_hessian is not None, bases is not None]
     if any(given) and not all(given):
-        raise ValueError(f"{group}: safety_cross, aligned_hessian and bases go together (the aligned-target "
-                         "safety term); got only some of them")
+        raise ValueError(
+            f"{group}: safety_cross, aligned_hessian and bases go together (the aligned-target safety term); "
+            "got only some of them"
+        )
     if cross is None:
         return
     for label, t in (("safety_cross", cross), ("aligned_hessian", aligned_hessian)):
@@ -290,7 +352,7 @@ def _validate_cross(cross, aligned_hessian, bases, deltas, names) -> None:
 
 def _validate(deltas, safeties, importances, hessian, names, recalibrate, remove_ratio, mode) -> None:
     if mode == "none":
-        safeties = [d for d in deltas]  # no removal: the safety vector is not read
+        safeties = list(deltas)  # no removal: the safety vector is not read
     if not (len(deltas) == len(safeties) == len(importances) == len(names)) or not deltas:
         raise ValueError("realign_group needs one safety, importance and name per delta")
     if not 0.0 <= remove_ratio <= 1.0:
@@ -307,8 +369,9 @@ def _validate(deltas, safeties, importances, hessian, names, recalibrate, remove
             raise ValueError(f"{n}: importance shape {tuple(f.shape)} != delta shape {tuple(d.shape)}")
         needs_f = remove_ratio < 1.0 and mode in ("sign", "no_sign")
         if needs_f and f is None:
-            raise ValueError(f"{n}: remove_ratio={remove_ratio} < 1 ranks by importance (Fisher), "
-                             "but no importance was given")
+            raise ValueError(
+                f"{n}: remove_ratio={remove_ratio} < 1 ranks by importance (Fisher), but no importance was given"
+            )
         for label, t in (("delta", d), ("safety vector", s), ("importance", f)):
             if t is not None and t.is_floating_point() and not all_finite(t):
                 raise ValueError(f"{n}: the {label} contains NaN or Inf")

@@ -21,8 +21,6 @@ RegMean, Jin et al., ICLR 2023).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .obs import HessianFactor, output_error
@@ -47,8 +45,13 @@ def regularised_hessian(
 
 
 def regularised_start(
-    delta: torch.Tensor, safety_hessian: torch.Tensor, factor: HessianFactor, *, weight: float,
-    base: Optional[torch.Tensor] = None, cross: Optional[torch.Tensor] = None,
+    delta: torch.Tensor,
+    safety_hessian: torch.Tensor,
+    factor: HessianFactor,
+    *,
+    weight: float,
+    base: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Δ̃ = Δ − λ (Δ H_s) H⁻¹: the unconstrained optimum, with H = V Vᵀ from `factor`.
 
@@ -73,9 +76,15 @@ def regularised_start(
 
 
 def regularised_objective(
-    new_delta: torch.Tensor, delta: torch.Tensor, hessian: torch.Tensor, safety_hessian: torch.Tensor,
-    *, weight: float, base: Optional[torch.Tensor] = None, cross: Optional[torch.Tensor] = None,
-    aligned_hessian: Optional[torch.Tensor] = None,
+    new_delta: torch.Tensor,
+    delta: torch.Tensor,
+    hessian: torch.Tensor,
+    safety_hessian: torch.Tensor,
+    *,
+    weight: float,
+    base: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None,
+    aligned_hessian: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (task term ‖Δ′ − Δ‖²_{H_d}, safety term) without the ridge: what the report shows and
     what a plain-removal fallback is compared on (task + λ · safety). The safety term is ‖Δ′‖²_{H_s},

@@ -9,6 +9,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..data import padding_id
+
+
 logger = logging.get_logger(__name__)
 
 Prompt = str | list[dict[str, str]]
@@ -81,7 +84,7 @@ def generate_responses(
         add_generation_prompt=add_generation_prompt,
         system_prompt=system_prompt,
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer, default=None)
     if pad_id is None:
         raise ValueError("Tokenizer has neither pad_token nor eos_token; set tokenizer.pad_token.")
     encoded = [tokenizer(t, add_special_tokens=not templated)["input_ids"] for t in texts]

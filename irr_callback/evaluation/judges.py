@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers.utils import logging
 
+
 logger = logging.get_logger(__name__)
 
 # The toy world's refusal (see irr_callback.toy.REFUSAL). Always part of the English list.

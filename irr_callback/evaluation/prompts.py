@@ -11,6 +11,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 from transformers.utils import logging
 
+
 logger = logging.get_logger(__name__)
 
 _FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".csv", ".parquet")

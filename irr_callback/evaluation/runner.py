@@ -11,6 +11,7 @@ from .generation import generate_responses
 from .judges import ClassifierJudge, KeywordRefusalJudge
 from .prompts import load_prompts
 
+
 logger = logging.get_logger(__name__)
 
 _LOCAL_METRICS = {"exact_match", "refusal_rate", "over_refusal"}
@@ -28,7 +29,9 @@ def _judge_flags(judge: Any, responses: list[str], prompts: list[str]) -> list[b
     raise TypeError(f"judge must have .judge(responses, prompts) or be callable, got {type(judge)}")
 
 
-def _generate(model: Any, tokenizer: Any, prompts: Any, column: str, gen: dict[str, Any]) -> tuple[list[str], list[str]]:
+def _generate(
+    model: Any, tokenizer: Any, prompts: Any, column: str, gen: dict[str, Any]
+) -> tuple[list[str], list[str]]:
     prompt_list = load_prompts(prompts, column=column) if not isinstance(prompts, list) else prompts
     return prompt_list, generate_responses(model, tokenizer, prompt_list, **gen)
 
@@ -57,9 +60,17 @@ def evaluate_safety(
     refusal_judge = refusal_judge or KeywordRefusalJudge()
     judge = judge or refusal_judge
     prompt_list, responses = _generate(
-        model, tokenizer, prompts, column,
-        dict(batch_size=batch_size, max_new_tokens=max_new_tokens, use_chat_template=use_chat_template,
-             progress=progress, **generate_kwargs),
+        model,
+        tokenizer,
+        prompts,
+        column,
+        dict(
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            use_chat_template=use_chat_template,
+            progress=progress,
+            **generate_kwargs,
+        ),
     )
     refusals = [refusal_judge.is_refusal(r) for r in responses]
     harmful = _judge_flags(judge, responses, prompt_list)
@@ -88,9 +99,17 @@ def evaluate_over_refusal(
     """Generate on BENIGN prompts; ``over_refusal_rate`` = share refused (keyword judge)."""
     judge = judge or KeywordRefusalJudge()
     prompt_list, responses = _generate(
-        model, tokenizer, prompts, column,
-        dict(batch_size=batch_size, max_new_tokens=max_new_tokens, use_chat_template=use_chat_template,
-             progress=progress, **generate_kwargs),
+        model,
+        tokenizer,
+        prompts,
+        column,
+        dict(
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            use_chat_template=use_chat_template,
+            progress=progress,
+            **generate_kwargs,
+        ),
     )
     return {
         "over_refusal_rate": _rate([judge.is_refusal(r) for r in responses]),
@@ -101,10 +120,10 @@ def evaluate_over_refusal(
 
 
 def load_metric(name: str) -> Any:
-    """``evaluate.load`` that prefers the offline modules shipped in ``irr_callback/metrics``."""
+    """``evaluate.load`` that prefers the offline modules shipped in ``irr_callback/evaluation/metrics``."""
     import evaluate
 
-    from . import metric_path
+    from .metric_files import metric_path
 
     return evaluate.load(metric_path(name) if name in _LOCAL_METRICS else name)
 
@@ -133,9 +152,17 @@ def evaluate_downstream(
     dict plus ``score`` (its first value), ``n`` and ``responses``.
     """
     prompt_list, responses = _generate(
-        model, tokenizer, prompts, column,
-        dict(batch_size=batch_size, max_new_tokens=max_new_tokens, use_chat_template=use_chat_template,
-             progress=progress, **generate_kwargs),
+        model,
+        tokenizer,
+        prompts,
+        column,
+        dict(
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            use_chat_template=use_chat_template,
+            progress=progress,
+            **generate_kwargs,
+        ),
     )
     references = [str(r) for r in references]
     if len(references) != len(responses):
@@ -143,8 +170,12 @@ def evaluate_downstream(
     predictions = [postprocess(r) for r in responses] if postprocess else responses
     if callable(metric):
         value = metric(predictions, references)
-        scores: dict[str, Any] = dict(value) if isinstance(value, dict) else {getattr(metric, "__name__", "metric"): value}
+        scores: dict[str, Any] = (
+            dict(value) if isinstance(value, dict) else {getattr(metric, "__name__", "metric"): value}
+        )
     else:
-        scores = dict(load_metric(metric).compute(predictions=predictions, references=references, **(metric_kwargs or {})))
+        scores = dict(
+            load_metric(metric).compute(predictions=predictions, references=references, **(metric_kwargs or {}))
+        )
     first = next((v for k, v in scores.items() if k != "n" and isinstance(v, (int, float))), float("nan"))
     return {**scores, "score": float(first), "n": len(responses), "responses": responses, "prompts": prompt_list}

@@ -12,12 +12,13 @@ import torch
 
 import irr_callback as irr
 from irr_callback import IRRConfig, realign
-from irr_callback.driver import _capture_layer_inputs, _collect_hessians
 from irr_callback.calibration import calibration_batches
 from irr_callback.distributed import context_for
+from irr_callback.pipeline.capture import capture_layer_inputs
+from irr_callback.pipeline.hessians import collect_stream
 from irr_callback.targets import find_targets
-
 from tests.helpers import VOCAB, calibration, triple
+
 
 CALIBRATION = dict(n=10, length=8, seed=3)  # batch size 2 -> 5 batches: 3 + 2 (+1 padding) on 2 ranks
 CONFIG = dict(calibration_batch_size=2, fallback_to_removal=True)
@@ -43,16 +44,16 @@ def fisher_case() -> dict[str, torch.Tensor]:
 def hessian_case() -> dict[str, torch.Tensor]:
     """Σxxᵀ-based H and token counts of layer 0's inputs (q/k/v, o, gate/up, down)."""
     _, ft, _ = triple("llama")
-    config = IRRConfig(**CONFIG)
     _, layers, targets = find_targets(ft)
     batches = calibration_batches(calibration(**CALIBRATION), max_samples=128, max_length=512, batch_size=2)
     ctx = context_for(ft, targets)
     batches = ctx.shard_calibration(batches)
     masks = [b.get("irr_token_mask", b["attention_mask"]) for b in batches]
     with torch.no_grad():
-        hidden, args = _capture_layer_inputs(ft, layers, batches)
-        groups = _collect_hessians(layers[0], [t for t in targets if t.layer == 0], hidden, args[0], masks, config,
-                                   reduce=ctx.reduce_hessian)
+        hidden, args = capture_layer_inputs(ft, layers, batches)
+        groups = collect_stream(
+            layers[0], [t for t in targets if t.layer == 0], hidden, args[0], masks, reduce=ctx.reduce_hessian
+        )
     out = {}
     for group, (h, tokens) in groups:
         out[group[0].name] = h
@@ -66,12 +67,23 @@ def realign_case(remove_ratio: float = 1.0, model_fn=None) -> tuple[dict[str, to
     v = irr.safety_vector(base, unaligned)
     importance = {k: t.abs() + 0.01 for k, t in v.items()} if remove_ratio < 1 else None
     model = model_fn(ft) if model_fn else ft
-    report = realign(model, base=base, safety_vector=v, importance=importance, calibration=calibration(**CALIBRATION),
-                     config=IRRConfig(remove_ratio=remove_ratio, **CONFIG), progress=False)
+    report = realign(
+        model,
+        base=base,
+        safety_vector=v,
+        importance=importance,
+        calibration=calibration(**CALIBRATION),
+        config=IRRConfig(remove_ratio=remove_ratio, **CONFIG),
+        progress=False,
+    )
     _, _, targets = find_targets(model)
     weights = {t.name: _full(t.weight).detach().clone() for t in targets}
-    totals = {"removed": sum(m.removed for m in report.modules), "entries": sum(m.entries for m in report.modules),
-              "modules": len(report.modules), "tokens": report.calibration_tokens}
+    totals = {
+        "removed": sum(m.removed for m in report.modules),
+        "entries": sum(m.entries for m in report.modules),
+        "modules": len(report.modules),
+        "tokens": report.calibration_tokens,
+    }
     return weights, totals
 
 

@@ -16,10 +16,18 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    DataCollatorForSeq2Seq,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from irr_callback import IRRCallback, IRRConfig
 from tests import callback_world as world
+
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -29,10 +37,21 @@ def save_models(directory: str) -> dict[str, str]:
     """An untrained tiny Llama ("aligned") and a perturbed copy ("unaligned") saved from a config."""
     torch.manual_seed(0)
     tok = world.tokenizer()
-    aligned = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                                           pad_token_id=0, eos_token_id=1, bos_token_id=None,
-                                           max_position_embeddings=64, tie_word_embeddings=False))
+    aligned = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tok),
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=None,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
     unaligned = copy.deepcopy(aligned)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -62,38 +81,67 @@ class Probe(TrainerCallback):
 def run(paths: dict[str, str], out_dir: str, world_size: int) -> dict[str, Any]:
     """Fine-tune + IRR (remove_ratio 0.5: the Fisher is computed in the run too); returns what to compare.
 
-    Counts the callback's directory writes on this process (`irr_callback.callback.atomic_directory`).
+    Counts the callback's directory writes on this process (`irr_callback.output.atomic_directory`, the
+    one writer the callback saves through).
     """
-    import irr_callback.callback as callback_module
+    import irr_callback.output as output_module
 
     writes = []
-    original = callback_module.atomic_directory
+    original = output_module.atomic_directory
 
     def counting(target):
         writes.append(target)
         return original(target)
 
-    callback_module.atomic_directory = counting
+    output_module.atomic_directory = counting
     try:
         model = LlamaForCausalLM.from_pretrained(paths["aligned"])
-        config = IRRConfig(unaligned_model=paths["unaligned"], remove_ratio=0.5, fisher_batch_size=2,
-                           cache_dir=os.path.join(out_dir, "cache"), num_calibration_samples=10,
-                           calibration_batch_size=2, irr_output_dir=os.path.join(out_dir, "irr"))
+        config = IRRConfig(
+            unaligned_model=paths["unaligned"],
+            remove_ratio=0.5,
+            fisher_batch_size=2,
+            cache_dir=os.path.join(out_dir, "cache"),
+            num_calibration_samples=10,
+            calibration_batch_size=2,
+            irr_output_dir=os.path.join(out_dir, "irr"),
+        )
         callback = IRRCallback(config, safety_dataset=safety_dataset())
         probe = Probe()
-        args = TrainingArguments(os.path.join(out_dir, "run"), report_to=[], use_cpu=True, max_steps=STEPS,
-                                 per_device_train_batch_size=GLOBAL_BATCH // world_size, optim="sgd",
-                                 learning_rate=0.5, save_strategy="no", disable_tqdm=True, logging_strategy="no",
-                                 seed=0, dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=args, train_dataset=world.attack_dataset(),
-                          processing_class=world.tokenizer(), data_collator=DataCollatorForSeq2Seq(world.tokenizer()),
-                          callbacks=[probe, callback])
+        args = TrainingArguments(
+            os.path.join(out_dir, "run"),
+            report_to=[],
+            use_cpu=True,
+            max_steps=STEPS,
+            per_device_train_batch_size=GLOBAL_BATCH // world_size,
+            optim="sgd",
+            learning_rate=0.5,
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_strategy="no",
+            seed=0,
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=world.attack_dataset(),
+            processing_class=world.tokenizer(),
+            data_collator=DataCollatorForSeq2Seq(world.tokenizer()),
+            callbacks=[probe, callback],
+        )
         callback.bind(trainer)
         trainer.train()
     finally:
-        callback_module.atomic_directory = original
+        output_module.atomic_directory = original
     live = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     report = callback.report
-    return {"finetuned": probe.state, "live": live, "writes": writes, "status": report.status,
-            "removed": sum(m.removed for m in report.modules), "modules": len(report.modules),
-            "tokens": report.calibration_tokens, "sources": json.loads(json.dumps(callback.sources))}
+    return {
+        "finetuned": probe.state,
+        "live": live,
+        "writes": writes,
+        "status": report.status,
+        "removed": sum(m.removed for m in report.modules),
+        "modules": len(report.modules),
+        "tokens": report.calibration_tokens,
+        "sources": json.loads(json.dumps(callback.sources)),
+    }

@@ -12,13 +12,14 @@ import os
 import sys
 import traceback
 
-import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from tests.dist_workers import cases  # noqa: E402
+
 
 CASES = {
     "fisher": lambda: (cases.fisher_case(), {}),
@@ -32,7 +33,7 @@ CASES = {
 
 def fsdp2_save(out_dir: str):
     """Realign under FSDP2, then `save_realigned` (full state dict gathered, written by rank 0 only)."""
-    from irr_callback.distributed import save_realigned
+    from irr_callback.output import save_realigned
 
     holder = {}
 
@@ -47,9 +48,9 @@ def fsdp2_save(out_dir: str):
 
 def zero3(remove_ratio: float, save: bool = False):
     """Realign a ZeRO-3 engine's module (deepspeed on CPU); optionally `save_realigned` it afterwards."""
-    from irr_callback.distributed import save_realigned
-
     from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+
+    from irr_callback.output import save_realigned
 
     engines, depth = [], []
 
@@ -71,29 +72,35 @@ def zero3(remove_ratio: float, save: bool = False):
 def zero3_failure():
     """Rank 1's solver fails at layer 1 (after layer 0 was written): every rank raises and restores."""
     import irr_callback as irr
-    import irr_callback.driver as driver
+    import irr_callback.pipeline.solve as solve_step
     from irr_callback import IRRConfig, realign
     from irr_callback.targets import find_targets
     from tests.helpers import calibration, triple
 
     base, ft, unaligned = triple("llama")
     module = cases.zero3_engine(ft).module
-    original = driver.realign_group
+    original = solve_step.realign_group
 
     def failing(deltas, *args, names, **kwargs):
         if dist.get_rank() == 1 and "layers.1." in names[0]:
             raise RuntimeError("injected failure")
         return original(deltas, *args, names=names, **kwargs)
 
-    driver.realign_group = failing
+    solve_step.realign_group = failing
     try:
-        realign(module, base=base, safety_vector=irr.safety_vector(base, unaligned),
-                calibration=calibration(**cases.CALIBRATION), config=IRRConfig(**cases.CONFIG), progress=False)
+        realign(
+            module,
+            base=base,
+            safety_vector=irr.safety_vector(base, unaligned),
+            calibration=calibration(**cases.CALIBRATION),
+            config=IRRConfig(**cases.CONFIG),
+            progress=False,
+        )
         error = "no error"
     except RuntimeError as exc:
         error = str(exc)
     finally:
-        driver.realign_group = original
+        solve_step.realign_group = original
     _, _, targets = find_targets(module)
     return {t.name: cases.zero3_full(t.weight) for t in targets}, {"error": error}
 
@@ -103,8 +110,9 @@ def trainer():
     from tests.dist_workers import trainer_case
 
     models = os.path.join(OUT[0], "models")
-    result = trainer_case.run({name: os.path.join(models, name) for name in ("aligned", "unaligned")}, OUT[0],
-                              int(os.environ["WORLD_SIZE"]))
+    result = trainer_case.run(
+        {name: os.path.join(models, name) for name in ("aligned", "unaligned")}, OUT[0], int(os.environ["WORLD_SIZE"])
+    )
     result["distributed"] = dist.is_initialized() and dist.get_world_size() == int(os.environ["WORLD_SIZE"])
     tensors = {f"{key}.{k}": v for key in ("finetuned", "live") for k, v in result.pop(key).items()}
     return tensors, result
@@ -135,7 +143,10 @@ def main() -> None:
             dist.init_process_group("gloo")
         try:
             tensors, extra = CASES[name]()
-            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, f"{name}.rank{rank}.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()},
+                os.path.join(out_dir, f"{name}.rank{rank}.safetensors"),
+            )
             with open(os.path.join(out_dir, f"{name}.rank{rank}.json"), "w") as f:
                 json.dump(extra, f)
         except Exception:

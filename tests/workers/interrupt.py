@@ -64,12 +64,28 @@ def train_with_irr(output_dir: str, safety_vector: str, irr_output_dir: str, **c
     from irr_callback import IRRCallback, IRRConfig
     from tests.helpers import tiny_model, tiny_tokenizer
 
-    callback = IRRCallback(IRRConfig(safety_vector=safety_vector, irr_output_dir=irr_output_dir,
-                                     num_calibration_samples=4, **config))
-    args = TrainingArguments(output_dir, report_to=[], use_cpu=True, max_steps=2, per_device_train_batch_size=4,
-                             learning_rate=1e-3, save_strategy="no", disable_tqdm=True, logging_strategy="no", seed=0)
-    trainer = Trainer(model=tiny_model("llama"), args=args, train_dataset=tiny_train_dataset(),
-                      processing_class=tiny_tokenizer(), callbacks=[callback])
+    callback = IRRCallback(
+        IRRConfig(safety_vector=safety_vector, irr_output_dir=irr_output_dir, num_calibration_samples=4, **config)
+    )
+    args = TrainingArguments(
+        output_dir,
+        report_to=[],
+        use_cpu=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_strategy="no",
+        seed=0,
+    )
+    trainer = Trainer(
+        model=tiny_model("llama"),
+        args=args,
+        train_dataset=tiny_train_dataset(),
+        processing_class=tiny_tokenizer(),
+        callbacks=[callback],
+    )
     callback.bind(trainer)
     trainer.train()
     return callback

@@ -1,0 +1,155 @@
+"""FSDP2 (`fully_shard`): parameters are DTensors sharded on dim 0, each rank holds whole output rows.
+
+Why no weight gather: given H, the OBS update and the sign test are independent per output row, so
+each rank recalibrates its own rows on `p.to_local()` in place. Three things span rows and get a
+collective here instead: H (all-reduced raw sums, as everywhere), the per-module "recalibration vs
+plain removal" choice (the two errors summed over ranks, then decided identically everywhere), and
+the report's counts. Configurations whose per-block ranking spans all rows (0 < remove_ratio < 1,
+identify_mode 'random') and GPT-2 style Conv1D (sharded on input columns) take the gather path:
+the group's full weights are gathered (`full_tensor()`), one owner solves, the result is broadcast
+and each rank keeps its rows. Peak extra memory there: one group's full weights on every rank.
+
+Both paths call the pipeline's group solver (`solver.solve` / `solver.write` on the local rows, or
+`solver(...)` on the gathered weights): the delta → core → write step exists once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core.identify import removal_mask
+from .base import Replicated
+from .collectives import all_reduce_sum_, assign_owners, broadcast_, raise_if_any_failed
+
+
+def local_rows(weight: Any) -> tuple[torch.Tensor, slice]:
+    """The local shard (a plain tensor aliasing the parameter's storage) and the global rows it holds."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placements = tuple(weight.placements)
+    if any(not isinstance(p, Shard) or p.dim != 0 for p in placements if not p.is_replicate()):
+        raise ValueError(f"FSDP2 weight with placements {placements}: only Shard(0) is supported")
+    shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, placements)
+    return weight.to_local(), slice(offset[0], offset[0] + shape[0])
+
+
+class _View:
+    """A target seen through another weight tensor (the gathered full weight)."""
+
+    def __init__(self, target: Any, weight: torch.Tensor) -> None:
+        self._target, self.weight = target, weight
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+class RowSharded(Replicated):
+    kind = "fsdp2"
+    stop_capture_early = False  # its forward hooks gather/release parameters: let every pass complete
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._row_local: set[str] = set()
+
+    def solve_layer(self, groups, solver) -> None:
+        settings = solver.settings
+        for group, _ in groups:
+            for t in group:
+                if t.kind == "lora":
+                    raise ValueError(
+                        f"{t.name}: LoRA layers under FSDP2 are not supported by IRR; merge the "
+                        "adapter or run IRR on the saved model"
+                    )
+        row_local = settings.mode != "random" and settings.remove_ratio in (0.0, 1.0)
+        error: BaseException | None = None
+        gathered = []
+        for group, hessians in groups:
+            if row_local and all(t.kind == "linear" for t in group):
+                local = [local_rows(t.weight) for t in group]
+                results = None
+                if error is None:
+                    try:
+                        results = solver.solve(group, hessians, local=local, settings=solver.without_fallback())
+                    except Exception as exc:
+                        error = exc
+                # the error agreement is a collective: keep every rank in step even after a failure
+                self._agree_fallback(group, local, results, hessians, solver)
+            else:
+                gathered.append((group, hessians))
+        raise_if_any_failed(error)
+        if gathered:
+            self._solve_gathered(gathered, solver)
+
+    # -- row-local path ---------------------------------------------------------------------------
+    def _agree_fallback(self, group, local, results, hessians, solver) -> None:
+        """Sum both errors over ranks, choose recalibration or plain removal per module like one process,
+        then write this rank's rows."""
+        settings = solver.settings
+        errors = torch.zeros(2 * len(group), dtype=torch.float64)
+        if results is not None:
+            for k, (_, stats) in enumerate(results):
+                errors[2 * k] = stats.error_recalibrated or 0.0
+                errors[2 * k + 1] = stats.error_removal or 0.0
+        all_reduce_sum_(errors)
+        if results is None:
+            return
+        for k, (t, (shard, rows), (new_delta, stats)) in enumerate(zip(group, local, results)):
+            e_recal, e_plain = float(errors[2 * k]), float(errors[2 * k + 1])
+            if settings.recalibrate and settings.fallback_to_removal and e_plain < e_recal:
+                delta = solver.inputs.delta_into(t, torch.empty_like(new_delta), weight=shard, rows=rows)
+                signs = solver.inputs.signs(t, delta.device, rows=rows)
+                mask = removal_mask(
+                    delta,
+                    signs,
+                    remove_ratio=settings.remove_ratio,
+                    remove_more=settings.remove_more,
+                    mode=settings.mode,
+                )
+                results[k] = (delta.masked_fill(mask, 0.0), stats)
+                stats.removed, stats.recalibrated, stats.fell_back_to_removal = int(mask.sum()), False, True
+            self._row_local.add(t.name)
+        solver.write(group, results, hessians, local=local)
+
+    # -- gather path ------------------------------------------------------------------------------
+    def _solve_gathered(self, items, solver) -> None:
+        owners = assign_owners([sum(t.weight.numel() for t in g) for g, _ in items], self.world_size)
+        fulls = [[t.weight.full_tensor() for t in group] for group, _ in items]
+        error: BaseException | None = None
+        for (group, hessians), full, owner in zip(items, fulls, owners):
+            if owner == self.rank and error is None:
+                try:
+                    solver([_View(t, w) for t, w in zip(group, full)], hessians)
+                except Exception as exc:
+                    error = exc
+        raise_if_any_failed(error)
+        for (group, _), full, owner in zip(items, fulls, owners):
+            for t, w in zip(group, full):
+                broadcast_(w, owner)
+                shard, rows = local_rows(t.weight)
+                solver.backup.save(shard)
+                shard.copy_(w[rows].to(shard.dtype))
+
+    def merge_stats(self, modules, order):
+        gathered: list = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, modules)
+        merged: dict[str, Any] = {}
+        for part in gathered:
+            for s in part:
+                if s.name not in merged:
+                    merged[s.name] = s
+                elif s.name in self._row_local:  # row shards of one module: add the counts
+                    m = merged[s.name]
+                    m.entries += s.entries
+                    m.conflicts += s.conflicts
+                    m.removed += s.removed
+                    m.error_recalibrated = _add(m.error_recalibrated, s.error_recalibrated)
+                    m.error_removal = _add(m.error_removal, s.error_removal)
+                    m.seconds = max(m.seconds, s.seconds)
+        return [merged[name] for name in order if name in merged]
+
+
+def _add(a: float | None, b: float | None) -> float | None:
+    return None if a is None and b is None else (a or 0.0) + (b or 0.0)

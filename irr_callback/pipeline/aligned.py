@@ -1,0 +1,74 @@
+"""The aligned twin of the safety stream: the aligned model's weights swapped into one decoder layer.
+
+The aligned-target safety term (`IRRConfig.safety_term="aligned"`) needs each safety token's input
+to every target in the aligned model, X_A, beside its input in the model being realigned. A second
+copy of the safety stream therefore runs through every layer with W_A in place: each target gets its
+base weight (a LoRA target's adapter is switched off), every other parameter of the layer that the
+base mapping holds (norms) gets its base value, and layer -1 stands for the input embedding. The
+layer's own tensors are put back when the context ends; nothing is copied but the one layer's W_A.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..targets import Target
+
+
+class AlignedWeights:
+    """`aligned(index)`: a context with layer `index` holding the aligned weights (-1: the embedding).
+
+    Args:
+        model: the model being realigned (for its input embedding).
+        layers: its decoder layers; `prefix` their module path, e.g. "model.layers".
+        targets: every target of the run.
+        base: name → tensor mapping of the aligned weights (may hold the targets only).
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: nn.ModuleList, prefix: str, targets: list[Target], base: Mapping | None
+    ) -> None:
+        self.model, self.layers, self.prefix, self.base = model, layers, prefix, base
+        self.by_layer: dict[int, list[Target]] = {}
+        for t in targets:
+            self.by_layer.setdefault(t.layer, []).append(t)
+
+    def __call__(self, index: int) -> contextlib.AbstractContextManager:
+        return _swapped(self._swaps(index))
+
+    def _swaps(self, index: int) -> list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]:
+        base = self.base if self.base is not None else {}
+        if index < 0:
+            embedding = self.model.get_input_embeddings().weight
+            name = next((n for n, p in self.model.named_parameters() if p is embedding), None)
+            return [(embedding, lambda: base[name])] if name in base else []
+        swaps, own = [], set()
+        for t in self.by_layer.get(index, []):
+            own.add(id(t.weight))
+            if t.kind == "lora":
+                lora_b = t.module.lora_B[t.adapter].weight
+                swaps.append((lora_b, lambda p=lora_b: torch.zeros_like(p)))
+            else:
+                swaps.append((t.weight, lambda n=t.name: base[n]))
+        for name, param in self.layers[index].named_parameters():
+            full = f"{self.prefix}.{index}.{name}"
+            if id(param) not in own and "lora_" not in name and full in base:
+                swaps.append((param, lambda n=full: base[n]))
+        return swaps
+
+
+@contextlib.contextmanager
+def _swapped(swaps: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]) -> Iterator[None]:
+    saved = []
+    try:
+        for param, value in swaps:
+            saved.append((param, param.data))
+            param.data = value().to(device=param.device, dtype=param.dtype)
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data

@@ -1,0 +1,175 @@
+"""IRR on a saved checkpoint larger than RAM: one decoder layer in memory at a time.
+
+`realign_checkpoint(finetuned_dir, base=..., safety_vector=..., calibration=..., output_dir=...)`
+builds the model skeleton on the meta device, materialises the input embeddings to capture the
+layer-0 inputs, then runs the same layer loop as `realign` with two options: each layer is loaded
+from the fine-tuned safetensors shards before it is used and written as its own safetensors shard
+(then dropped) after. Base weights, safety vector and importance are read lazily per tensor. Peak
+memory is about one layer plus the calibration activations. Everything is written into a temp
+directory next to `output_dir` and renamed at the end, so a failure never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from ..config import IRRConfig
+from ..distributed import SingleProcess
+from ..output import write_output
+from ..report import IRRReport
+from ..saving import atomic_directory
+from ..targets import find_targets
+from ..tensors import SafetensorsMapping
+from .aligned import AlignedWeights
+from .in_memory import build_streams
+from .inputs import SafetyInputs
+from .loop import compute_device, run_layers
+from .offload import (
+    LayerStorage,
+    ShardWriter,
+    check_checkpoint,
+    checkpoint_dtype,
+    copy_side_files,
+    has_weights,
+    materialise,
+    module_name,
+)
+from .solve import GroupSolver
+from .streams import prepare_calibration, prepare_safety
+from .writing import make_backup
+
+
+logger = logging.get_logger(__name__)
+
+
+def realign_checkpoint(
+    finetuned_dir: str,
+    *,
+    base: Any,
+    safety_vector: Any = None,
+    calibration: Any,
+    output_dir: str,
+    safety_calibration: Any = None,
+    importance: Any = None,
+    config: IRRConfig | None = None,
+    progress: bool = True,
+) -> IRRReport:
+    """Realign the fine-tuned checkpoint in `finetuned_dir` (safetensors) into `output_dir`.
+
+    Gives the same weights as loading the model and calling `realign` with the same config, without
+    ever holding more than one decoder layer. Config, generation and tokenizer files are copied; the
+    report is saved as `output_dir/irr_report.json`.
+
+    Args:
+        finetuned_dir: a `save_pretrained` directory of a full fine-tune (safetensors; no PEFT adapter).
+        base: the aligned weights: a safetensors path (file or directory) or a name → tensor mapping.
+        safety_vector: like `base` (read per tensor); not needed with `identify_mode="none"`.
+        calibration: batches with `input_ids` (+ `attention_mask`), or a `datasets.Dataset`.
+        output_dir: where the realigned model goes; must not exist or be empty.
+        safety_calibration: harmful prompts with safe responses, as for `realign`, when
+            `config.safety_weight` is a number > 0 (its aligned twin runs through the base weights, read
+            per layer). `safety_weight="auto"` needs the model in memory: choose λ with `realign`.
+        importance: like `base`; required when `config.remove_ratio` < 1.
+        config: the `IRRConfig` (default: the paper's settings).
+        progress: show a progress bar over the layers.
+
+    Returns:
+        `IRRReport`, also saved as `output_dir/irr_report.json`.
+
+    Example:
+
+    ```python
+    >>> from irr_callback import realign_checkpoint
+    >>> report = realign_checkpoint("out/finetuned", base="meta-llama/base/model.safetensors",
+    ...                             safety_vector="safety_vector.safetensors", calibration=dataset,
+    ...                             output_dir="out/realigned")
+    ```
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = config or IRRConfig()
+    started = time.perf_counter()
+    finetuned_dir, output_dir = os.fspath(finetuned_dir), os.fspath(output_dir)
+    _check_directories(finetuned_dir, output_dir)
+    weights = SafetensorsMapping(finetuned_dir)
+    model_config = AutoConfig.from_pretrained(finetuned_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, dtype=checkpoint_dtype(weights))
+    model.eval()
+    prefix, layers, targets = find_targets(model, config.target_modules)
+    if base is None:
+        raise ValueError("base is required: the offline path realigns full fine-tunes")
+    inputs = SafetyInputs.resolve(config, base, safety_vector, importance)
+    check_checkpoint(model, prefix, weights)
+    inputs.check_shapes(targets)
+    if config.safety_weight == "auto":
+        raise ValueError(
+            "realign_checkpoint needs a number for IRRConfig.safety_weight: 'auto' scores candidates with the "
+            "whole model in memory (use realign, or irr apply without --low-memory, and pass the λ it chose)"
+        )
+    batches, report = prepare_calibration(calibration, config, model_config, len(layers))
+    safety_batches = prepare_safety(safety_calibration, config, model_config, report)
+    report.extra["offline"] = {"finetuned_dir": finetuned_dir}
+    device = torch.device(config.device) if config.device else torch.device("cpu")
+    solver = GroupSolver(inputs, config.realign_settings(), make_backup("none"), report)  # failure: temp dir dropped
+
+    try:
+        with atomic_directory(output_dir) as tmp:  # a failure leaves no output
+            writer = ShardWriter(tmp)
+            storage = LayerStorage(
+                weights,
+                prefix,
+                writer,
+                device,
+                on_load=lambda index: inputs.validate([t for t in targets if t.layer == index]),
+            )
+            with torch.no_grad():
+                aligned = AlignedWeights(model, layers, prefix, targets, inputs.base)
+                streams, _ = build_streams(batches, safety_batches, config, SingleProcess(), aligned)
+                embeddings = model.get_input_embeddings()
+                materialise(embeddings, module_name(model, embeddings), weights, device)
+                for stream in streams:
+                    stream.capture(model, layers, stubs=True)
+                embeddings.to("meta")
+                run_layers(
+                    prefix,
+                    layers,
+                    targets,
+                    streams,
+                    solver,
+                    SingleProcess(),
+                    device=compute_device(config),
+                    load_layer=storage.load,
+                    store_layer=storage.store,
+                    progress=progress,
+                    desc="IRR layers (offline)",
+                )
+                del streams
+                storage.store_rest()
+            writer.finish()
+            copy_side_files(finetuned_dir, tmp)
+            report.seconds = time.perf_counter() - started
+            write_output(tmp, report=report)
+    except BaseException as exc:
+        report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    logger.info(report.summary())
+    return report
+
+
+def _check_directories(finetuned_dir: str, output_dir: str) -> None:
+    if not os.path.isdir(finetuned_dir):
+        raise FileNotFoundError(f"finetuned_dir '{finetuned_dir}' is not a directory")
+    if os.path.exists(os.path.join(finetuned_dir, "adapter_config.json")) and not has_weights(finetuned_dir):
+        raise ValueError(
+            f"finetuned_dir '{finetuned_dir}' holds a PEFT adapter, not a full model: merge it "
+            "(model.merge_and_unload(); save_pretrained) or use `realign` on the live PeftModel"
+        )
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"output_dir '{output_dir}' already exists and is not an empty directory")

@@ -1,0 +1,155 @@
+"""`realign(model, base=..., safety_vector=..., calibration=...)`: IRR on a model in memory, in place.
+
+Checks every input, captures the calibration stream, runs the layer loop (`loop.run_layers`) under
+the process-group context the model calls for, and restores every weight on any error.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..config import IRRConfig
+from ..distributed import context_for
+from ..report import IRRReport
+from ..targets import find_targets
+from .aligned import AlignedWeights
+from .auto_weight import resolve_auto_weight, split_held_out
+from .inputs import SafetyInputs
+from .loop import compute_device, run_layers
+from .solve import GroupSolver
+from .streams import CALIBRATION, SAFETY, Stream, prepare_calibration, prepare_safety
+from .writing import make_backup
+
+
+logger = logging.get_logger(__name__)
+
+
+def realign(
+    model: nn.Module,
+    *,
+    base: Any = None,
+    safety_vector: Any = None,
+    calibration: Any,
+    safety_calibration: Any = None,
+    importance: Any = None,
+    config: IRRConfig | None = None,
+    progress: bool = True,
+) -> IRRReport:
+    """Realign a fine-tuned causal LM in place (identify, remove, recalibrate) and return what was done.
+
+    Per target weight with fine-tuning delta Δ = W_F − W_A, the entries whose sign conflicts with the
+    safety vector are removed (ranked by importance when `remove_ratio` < 1), and the remaining
+    entries are recalibrated so the layer's outputs on the calibration tokens change the least:
+    minimise tr((Δ′ − Δ) H (Δ′ − Δ)ᵀ) with Δ′ = 0 on the removed entries, H = 2XXᵀ/n. The result is
+    written as W_A + Δ′. All or nothing: on any error every weight is restored before the error propagates.
+
+    Beyond the paper, with `config.safety_weight` λ != 0 (e.g. `IRRConfig.recommended()`), a safety
+    stream of harmful prompts with safe responses travels through the layers beside the calibration
+    data and the recalibration minimises ‖Δ′ − Δ‖²_{H_d} + λ·‖W′X_r − W_A X_A‖² (the aligned model's
+    outputs on its own activations; `safety_term="delta"`: λ‖Δ′X_r‖²); `safety_weight="auto"` picks λ
+    from held-out data. With `identify_mode="none"` nothing is removed by sign and no safety vector is needed.
+
+    Args:
+        model: the fine-tuned model (`PreTrainedModel`, a `PeftModel` with LoRA adapters, or wrapped by
+            DDP / FSDP / DeepSpeed inside a process group).
+        base: the aligned model (`PreTrainedModel`), a name → tensor mapping or a safetensors path;
+            optional only when every target is a LoRA layer (its frozen weight is the base).
+        safety_vector: name → tensor mapping (or safetensors path) keyed like `model.named_parameters()`,
+            e.g. from `irr_callback.safety_vector`; entries for non-targets are ignored. Not needed (and
+            ignored) with `identify_mode="none"`.
+        calibration: batches with `input_ids` (+ `attention_mask`), e.g. a DataLoader, or a
+            `datasets.Dataset` with `input_ids`.
+        safety_calibration: harmful prompts with safe responses in the same forms, plus optional `labels`
+            (-100 on prompt tokens); needed when `config.safety_weight != 0`, ignored otherwise.
+        importance: like `safety_vector` (e.g. from `irr_callback.fisher`); required when
+            `config.remove_ratio` < 1.
+        config: the `IRRConfig` (default: the paper's settings).
+        progress: show a progress bar over the layers.
+
+    Returns:
+        `IRRReport`: per-module statistics and totals.
+
+    Example:
+
+    ```python
+    >>> from irr_callback import IRRConfig, realign, safety_vector
+    >>> vector = safety_vector(base_model, unaligned_model)
+    >>> report = realign(finetuned, base=base_model, safety_vector=vector, calibration=loader,
+    ...                  config=IRRConfig(remove_ratio=1.0))
+    >>> print(report.summary())
+    >>> # the recommended setting: no safety vector, a safety stream, λ chosen from held-out data
+    >>> report = realign(finetuned, base=base_model, calibration=loader, safety_calibration=refusals,
+    ...                  config=IRRConfig.recommended())
+    ```
+    """
+    config = config or IRRConfig()
+    started = time.perf_counter()
+    prefix, layers, targets = find_targets(model, config.target_modules)
+    inputs = SafetyInputs.resolve(config, base, safety_vector, importance)
+    inputs.validate(targets)
+    batches, report = prepare_calibration(calibration, config, getattr(model, "config", None), len(layers))
+    safety_batches = prepare_safety(safety_calibration, config, getattr(model, "config", None), report)
+    dist_ctx = context_for(model, targets)  # SingleProcess without a process group: no collectives
+    aligned = AlignedWeights(model, layers, prefix, targets, inputs.base) if config.safety_term == "aligned" else None
+    streams, held_out = build_streams(batches, safety_batches, config, dist_ctx, aligned)
+    backup = make_backup(config.backup)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for stream in streams:  # one process: layers stubbed out, the capture costs the embedding only
+                stream.capture(model, layers, stubs=dist_ctx.stop_capture_early)
+            if held_out:  # safety_weight="auto": choose λ on held-out batches, then realign with all of them
+                config = resolve_auto_weight(
+                    model, layers, targets, streams[0], streams[1], held_out, inputs, config, dist_ctx, report,
+                    device=compute_device(config), progress=progress,
+                )  # fmt: skip
+            solver = GroupSolver(inputs, config.realign_settings(), backup, report)
+            run_layers(
+                prefix, layers, targets, streams, solver, dist_ctx, device=compute_device(config), progress=progress
+            )
+    except BaseException as exc:
+        dist_ctx.restore(backup)
+        report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        backup.close()
+        model.train(was_training)
+    report.modules = dist_ctx.merge_stats(report.modules, [t.name for t in targets])
+    report.seconds = time.perf_counter() - started
+    logger.info(report.summary())
+    return report
+
+
+def build_streams(
+    batches: list, safety_batches: list, config: IRRConfig, dist_ctx: Any, aligned: AlignedWeights | None
+) -> tuple[list[Stream], dict[str, int]]:
+    """The run's streams (calibration; safety with its aligned twin when the safety weight is not 0),
+    each this rank's share padded with zero-weight batches, and (auto) how many of each stream's last
+    batches are held out to choose λ ({} otherwise)."""
+    if not safety_batches:
+        return [Stream(CALIBRATION, dist_ctx.shard_calibration(batches))], {}
+    if dist_ctx.kind not in ("single", "replicated") and config.safety_term == "aligned":
+        raise ValueError(
+            f"IRRConfig.safety_term='aligned' is not supported under {dist_ctx.kind} yet; use safety_term='delta' "
+            "there, or realign the saved model on one process"
+        )
+    held_out: dict[str, int] = {}
+    parts = {CALIBRATION: [batches], SAFETY: [safety_batches]}
+    if config.safety_weight == "auto":
+        parts = {
+            CALIBRATION: list(split_held_out(batches, "calibration")),
+            SAFETY: list(split_held_out(safety_batches, "safety_calibration")),
+        }
+    sharded = {name: [dist_ctx.shard_calibration(part) for part in split] for name, split in parts.items()}
+    if config.safety_weight == "auto":
+        held_out = {"calibration": len(sharded[CALIBRATION][1]), "safety": len(sharded[SAFETY][1])}
+    calibration = Stream(CALIBRATION, [b for part in sharded[CALIBRATION] for b in part])
+    safety_all = [b for part in sharded[SAFETY] for b in part]
+    twin = Stream(SAFETY + "(aligned)", safety_all, weights=aligned) if aligned is not None else None
+    return [calibration, Stream(SAFETY, safety_all, twin=twin)], held_out

@@ -1,0 +1,149 @@
+"""Named input streams of the layer loop, and the calibration stream built from `IRRConfig`.
+
+A `Stream` is one named input stream ("calibration"; the safety-regularised recalibration adds
+"safety"): its batches, the hidden states entering the current layer, every layer's non-hidden
+arguments (masks, rotary embeddings, positions) and the token masks that exclude padding. Every
+stream is captured, propagated through the already realigned layers and gets its own H per group.
+A stream may carry an aligned `twin`: the same batches travelling through the aligned weights
+(the aligned-target safety term pairs each token's two inputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import calibration_batches
+from ..config import IRRConfig
+from ..report import IRRReport
+from .capture import capture_layer_inputs, capture_with_stub_layers, propagate
+
+
+#: The stream every run has: the downstream calibration data.
+CALIBRATION = "calibration"
+#: Harmful prompts with safe responses (safety_weight != 0), and its aligned twin's suffixes in
+#: `GroupHessians`: H_A of the twin's inputs and the cross Gram C = 2·Σ x_A x_rᵀ / n.
+SAFETY = "safety"
+ALIGNED, CROSS = "_aligned", "_cross"
+
+WeightsContext = Callable[[int], AbstractContextManager]
+
+
+@dataclass
+class Stream:
+    """One named input stream through the layer loop.
+
+    `hidden[b]`: batch b's hidden states entering the current layer; `args[layer][b]`: (args, kwargs,
+    in_kwargs) of that layer's call on batch b; `masks[b]`: which positions are real tokens (zero for a
+    process's padding batches)."""
+
+    name: str
+    batches: list[dict[str, torch.Tensor]]
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    args: list[list[tuple[tuple, dict, bool]]] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)
+    weights: WeightsContext | None = None  # runs of layer `index` use other weights (the aligned twin)
+    twin: Stream | None = None  # the same batches through the aligned weights
+
+    def capture(self, model: nn.Module, layers: nn.ModuleList, *, stubs: bool) -> None:
+        """Record the layer-0 inputs and every layer's arguments (`stubs`: layers replaced by identities)."""
+        with self.embedding_context(model):
+            if stubs:
+                self.hidden, self.args = capture_with_stub_layers(model, layers, self.batches)
+            else:
+                self.hidden, self.args = capture_layer_inputs(model, layers, self.batches, stop_early=False)
+        self.masks = [b.get("irr_token_mask", b["attention_mask"]) for b in self.batches]
+        if self.twin is not None:
+            self.twin.capture(model, layers, stubs=stubs)
+
+    def embedding_context(self, model: nn.Module) -> AbstractContextManager:
+        """Where the stream's layer-0 inputs come from (the twin: the aligned embedding, when known)."""
+        return self.weights(-1) if self.weights is not None else contextlib.nullcontext()
+
+    def layer_context(self, index: int) -> AbstractContextManager:
+        """The weights this stream's batches see at layer `index`."""
+        return self.weights(index) if self.weights is not None else contextlib.nullcontext()
+
+    def propagate(self, layer: nn.Module, index: int) -> None:
+        """The next layer's inputs: this stream's batches run through the (realigned) layer `index`."""
+        with self.layer_context(index):
+            self.hidden = propagate(layer, self.hidden, self.args[index])
+        if self.twin is not None:
+            self.twin.propagate(layer, index)
+
+    def copy(self) -> Stream:
+        """A stream with its own hidden-state list (tensors shared until replaced): for trial runs."""
+        twin = self.twin.copy() if self.twin is not None else None
+        return Stream(self.name, self.batches, list(self.hidden), self.args, self.masks, self.weights, twin)
+
+    def subset(self, indices: list[int]) -> Stream:
+        """The batches at `indices` only (their hidden states, arguments and masks)."""
+        twin = self.twin.subset(indices) if self.twin is not None else None
+        return Stream(
+            self.name,
+            [self.batches[i] for i in indices],
+            [self.hidden[i] for i in indices],
+            [[layer_args[i] for i in indices] for layer_args in self.args],
+            [self.masks[i] for i in indices],
+            self.weights,
+            twin,
+        )
+
+
+def prepare_calibration(
+    calibration: Any, config: IRRConfig, model_config: Any, num_layers: int
+) -> tuple[list[dict[str, torch.Tensor]], IRRReport]:
+    """Padded calibration batches, and the report that will record what is done with them.
+    With `safety_weight="auto"` the batches carry `irr_loss_mask` (their held-out part is scored)."""
+    pad = getattr(model_config, "pad_token_id", None)
+    batches = calibration_batches(
+        calibration,
+        max_samples=config.num_calibration_samples,
+        max_length=config.calibration_max_length,
+        batch_size=config.calibration_batch_size,
+        pad_token_id=pad if isinstance(pad, int) else 0,
+        loss_mask=config.safety_weight == "auto",
+    )
+    report = IRRReport(
+        config=config.to_dict(),
+        num_layers=num_layers,
+        calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
+        calibration_tokens=sum(int(b["attention_mask"].sum()) for b in batches),
+        setting=config.setting_name,
+        safety_weight=None if config.safety_weight == "auto" else float(config.safety_weight) or None,
+    )
+    return batches, report
+
+
+def prepare_safety(
+    safety_calibration: Any, config: IRRConfig, model_config: Any, report: IRRReport
+) -> list[dict[str, torch.Tensor]]:
+    """Padded safety-stream batches (harmful prompts with safe responses) when the safety weight is not
+    0, with `irr_token_mask` selecting the tokens `config.safety_tokens` names (never padding); [] else."""
+    if not config.uses_safety_stream:
+        return []
+    if safety_calibration is None:
+        raise ValueError(
+            f"IRRConfig.safety_weight={config.safety_weight!r} needs safety_calibration: harmful prompts with safe "
+            "responses, tokenized like the calibration data (labels -100 on prompt tokens)"
+        )
+    pad = getattr(model_config, "pad_token_id", None)
+    batches = calibration_batches(
+        safety_calibration,
+        max_samples=config.num_safety_samples,
+        max_length=config.calibration_max_length,
+        batch_size=config.calibration_batch_size,
+        pad_token_id=pad if isinstance(pad, int) else 0,
+        token_selection=config.safety_tokens,
+        what="safety_calibration",
+        loss_mask=config.safety_weight == "auto",
+    )
+    report.safety_sequences = sum(b["input_ids"].shape[0] for b in batches)
+    report.safety_tokens = sum(int(b["irr_token_mask"].sum()) for b in batches)
+    return batches

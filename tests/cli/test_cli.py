@@ -1,0 +1,276 @@
+"""The `irr` console script on tiny checkpoints saved from configs."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import irr_callback as irr
+from irr_callback.cli import build_parser, main
+from tests.helpers import save_triple, text_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    paths, models = save_triple(tmp)
+    paths["calib"] = write_jsonl(tmp / "calib.jsonl", text_rows(8))
+    paths["safety"] = write_jsonl(
+        tmp / "safety.jsonl", [{"prompt": r["text"], "response": "w5 w6 w7"} for r in text_rows(6, seed=1)]
+    )
+    return paths, models
+
+
+def _listing(directory):
+    return sorted(os.listdir(directory))
+
+
+def test_help_explains_every_option(capsys):
+    parser = build_parser()
+    for command in ("apply", "safety-vector", "fisher"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        out = capsys.readouterr().out
+        assert "--output" in out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["apply", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--remove_ratio", "--recalibrate", "--blocksize", "--percdamp", "--calibration-data"):
+        assert flag in out
+
+
+def test_apply_with_unaligned_matches_library(ckpts, tmp_path):
+    paths, (base, ft, unaligned) = ckpts
+    out = str(tmp_path / "out")
+    rc = main(
+        [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            paths["finetuned"],
+            "--unaligned",
+            paths["unaligned"],
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            out,
+        ]
+    )
+    assert rc == 0
+    assert {"config.json", "model.safetensors", "irr_report.json", "README.md", "tokenizer.json"} <= set(_listing(out))
+    report = json.load(open(os.path.join(out, "irr_report.json")))
+    assert report["status"] == "ok" and report["totals"]["removed"] > 0
+    # same result as the library on the same inputs
+    from irr_callback.data import calibration_examples, load_examples
+    from tests.helpers import tiny_tokenizer
+
+    model = __import__("copy").deepcopy(ft)
+    calib = calibration_examples(
+        load_examples(paths["calib"], what="calib"), tiny_tokenizer(), num_samples=128, max_length=512
+    )
+    irr.realign(
+        model,
+        base=base,
+        safety_vector=irr.safety_vector(base, unaligned, sign_only=True),
+        calibration=calib,
+        progress=False,
+    )
+    name = "model.layers.1.mlp.down_proj.weight"
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as fh:
+        torch.testing.assert_close(fh.get_tensor(name), model.state_dict()[name])
+
+
+def test_safety_vector_and_fisher_files_then_apply_with_ratio(ckpts, tmp_path):
+    paths, _ = ckpts
+    v_path, f_path = str(tmp_path / "v.safetensors"), str(tmp_path / "f.safetensors")
+    assert main(["safety-vector", "--base", paths["base"], "--unaligned", paths["unaligned"], "--output", v_path]) == 0
+    assert main(["fisher", "--base", paths["base"], "--safety-data", paths["safety"], "--output", f_path]) == 0
+    with safe_open(v_path, "pt") as fh:
+        assert fh.metadata()["irr_callback.kind"] == "safety_vector"
+        assert fh.get_tensor(next(iter(fh.keys()))).dtype == torch.int8
+    out = str(tmp_path / "out")
+    rc = main(
+        [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            paths["finetuned"],
+            "--safety-vector",
+            v_path,
+            "--fisher",
+            f_path,
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            out,
+            "--remove_ratio",
+            "0.5",
+        ]
+    )
+    assert rc == 0
+    totals = json.load(open(os.path.join(out, "irr_report.json")))["totals"]
+    assert 0.35 < totals["removed"] / totals["conflicts"] < 0.65
+
+
+def test_safety_vector_for_another_base_is_refused(ckpts, tmp_path, capsys):
+    paths, _ = ckpts
+    v_path = str(tmp_path / "v.safetensors")
+    # a vector made with the fine-tuned model as "base" does not fit the real base
+    assert (
+        main(["safety-vector", "--base", paths["finetuned"], "--unaligned", paths["unaligned"], "--output", v_path])
+        == 0
+    )
+    out = str(tmp_path / "out")
+    rc = main(
+        [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            paths["finetuned"],
+            "--safety-vector",
+            v_path,
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            out,
+        ]
+    )
+    assert rc == 2 and "another base" in capsys.readouterr().err
+    assert not os.path.exists(out) and _listing(tmp_path) == ["v.safetensors"]
+
+
+@pytest.mark.parametrize("case", ["missing_base", "missing_calib", "bad_column", "output_exists", "ratio_no_fisher"])
+def test_bad_input_exits_nonzero_with_message_and_no_output(ckpts, tmp_path, capsys, case):
+    paths, _ = ckpts
+    out = tmp_path / "out"
+    args = [
+        "apply",
+        "--base",
+        paths["base"],
+        "--finetuned",
+        paths["finetuned"],
+        "--unaligned",
+        paths["unaligned"],
+        "--calibration-data",
+        paths["calib"],
+        "--output",
+        str(out),
+    ]
+    expect = {
+        "missing_base": "--base",
+        "missing_calib": "--calibration-data",
+        "bad_column": "column",
+        "output_exists": "already exists",
+        "ratio_no_fisher": "--fisher",
+    }[case]
+    if case == "missing_base":
+        args[2] = str(tmp_path / "nope")
+    elif case == "missing_calib":
+        args[8] = str(tmp_path / "nope.jsonl")
+    elif case == "bad_column":
+        args[8] = write_jsonl(tmp_path / "bad.jsonl", [{"question": "w4 w5"}])
+    elif case == "output_exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("previous")
+    elif case == "ratio_no_fisher":
+        args += ["--remove_ratio", "0.5"]
+    assert main(args) == 2
+    assert expect in capsys.readouterr().err
+    if case == "output_exists":
+        assert _listing(out) == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_lora_adapter_apply_and_base_mismatch(ckpts, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    paths, (base, _, _) = ckpts
+    model = get_peft_model(__import__("copy").deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.peft_config["default"].base_model_name_or_path = paths["base"]
+    adapter = str(tmp_path / "adapter")
+    model.save_pretrained(adapter)
+    out = str(tmp_path / "out")
+    rc = main(
+        [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            adapter,
+            "--unaligned",
+            paths["unaligned"],
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            out,
+        ]
+    )
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "irr_report.json")))
+    assert {m["name"].split(".")[-2] for m in report["modules"]} == {"q_proj", "v_proj"}
+    assert not any(f.startswith("adapter_") for f in os.listdir(out))  # a merged, dense model
+    # an adapter recorded for another base is refused
+    model.peft_config["default"].base_model_name_or_path = "some-org/another-model"
+    other = str(tmp_path / "adapter2")
+    model.save_pretrained(other)
+    rc = main(
+        [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            other,
+            "--unaligned",
+            paths["unaligned"],
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            str(tmp_path / "out2"),
+        ]
+    )
+    assert rc == 2 and "another-model" in capsys.readouterr().err
+
+
+def test_apply_low_memory_matches_in_memory_apply(ckpts, tmp_path):
+    paths, _ = ckpts
+    outs = {}
+    for mode in ("memory", "low"):
+        out = str(tmp_path / mode)
+        extra = ["--low-memory"] if mode == "low" else []
+        assert (
+            main(
+                [
+                    "apply",
+                    "--base",
+                    paths["base"],
+                    "--finetuned",
+                    paths["finetuned"],
+                    "--unaligned",
+                    paths["unaligned"],
+                    "--calibration-data",
+                    paths["calib"],
+                    "--output",
+                    out,
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        outs[mode] = out
+    from irr_callback.tensors import SafetensorsMapping
+
+    memory, low = SafetensorsMapping(outs["memory"]), SafetensorsMapping(outs["low"])
+    name = "model.layers.1.self_attn.v_proj.weight"
+    assert torch.equal(memory[name], low[name])
+    assert {"irr_report.json", "README.md", "config.json"} <= set(_listing(outs["low"]))

@@ -1,0 +1,104 @@
+"""`irr demo`: the README's first command, on the tiny toy world (the session fixture is reused)."""
+
+import json
+import os
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from irr_callback.cli import main
+
+
+def test_demo_realigns_with_trainer_and_writes_everything(toy_world, tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()  # a previous demo output is replaced without --overwrite
+    (out / "demo_results.json").write_text("{}")
+    (out / "stale.txt").write_text("old")
+
+    assert main(["demo", "--size", "tiny", "--steps", "120", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert {
+        "aligned",
+        "unaligned",
+        "finetuned",
+        "finetuned-irr",
+        "data",
+        "safety_vector.safetensors",
+        "results.md",
+        "pareto.png",
+        "demo_results.json",
+    } <= set(os.listdir(out))
+    assert not (out / "stale.txt").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".demo")]  # no temp directory left behind
+
+    results = json.loads((out / "demo_results.json").read_text())
+    rows = {r["model"]: r for r in results["rows"]}
+    aligned, ft, irr = rows["aligned"], rows["fine-tuned"], rows["fine-tuned + IRR"]
+    # the attack broke the refusals and taught the task; IRR (run by the callback at train end) restored them
+    assert aligned["refusal_attacked"] >= 0.9 and ft["refusal_attacked"] <= 0.2
+    assert ft["downstream_accuracy"] > aligned["downstream_accuracy"] + 0.3
+    assert irr["refusal_attacked"] >= 0.8 and irr["refusal_unattacked"] >= 0.8
+    assert (
+        results["irr"]["removed"] > 0 and results["irr"]["safety_inputs"]["safety_vector"]["source"] == "safety_vector"
+    )
+
+    report = json.loads((out / "finetuned-irr" / "irr_report.json").read_text())
+    assert report["status"] == "ok" and report["totals"]["removed"] == results["irr"]["removed"]
+    # the saved models are the ones in the table
+    for name, row in (("finetuned", ft), ("finetuned-irr", irr)):
+        model = AutoModelForCausalLM.from_pretrained(out / name).eval()
+        assert toy_world.evaluate(model) == {k: row[k] for k in toy_world.evaluate(model)}
+
+    for text in ("| fine-tuned + IRR |", str(out), "irr_report.json", "pareto.png", "irr eval --toy"):
+        assert text in printed
+
+
+def test_demo_with_lora_and_harmful_data_safety_source(toy_world, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert (
+        main(
+            [
+                "demo",
+                "--size",
+                "tiny",
+                "--steps",
+                "80",
+                "--lora",
+                "--safety-source",
+                "harmful-data",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    results = json.loads((out / "demo_results.json").read_text())
+    rows = {r["model"]: r for r in results["rows"]}
+    assert results["lora"] and results["irr"]["safety_inputs"]["safety_vector"]["source"] == "harmful_dataset"
+    assert rows["fine-tuned"]["refusal_attacked"] <= 0.2
+    assert rows["fine-tuned + IRR"]["refusal_attacked"] >= 0.6
+    assert os.path.isfile(out / "finetuned" / "adapter_config.json")  # the LoRA run keeps its adapter
+    assert "--base" in capsys.readouterr().out  # the suggested `irr eval` line loads the adapter on its base
+
+
+@pytest.mark.parametrize("case", ["foreign_dir", "file", "bad_steps"])
+def test_demo_bad_output_dir_or_steps_exits_before_any_work(tmp_path, capsys, case):
+    target = tmp_path / "out"
+    args = ["demo", "--size", "tiny", "--output-dir", str(target)]
+    if case == "foreign_dir":
+        target.mkdir()
+        (target / "mine.txt").write_text("keep")
+    elif case == "file":
+        target.write_text("a file")
+    else:
+        args += ["--steps", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert {"foreign_dir": "not a previous demo output", "file": "is a file", "bad_steps": "--steps"}[case] in err
+    if case == "foreign_dir":
+        assert os.listdir(target) == ["mine.txt"]
+    elif case == "file":
+        assert target.read_text() == "a file"
+    else:
+        assert not target.exists()
+    assert sorted(os.listdir(tmp_path)) == (["out"] if case != "bad_steps" else [])
