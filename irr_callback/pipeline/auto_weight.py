@@ -230,7 +230,8 @@ def resolve_auto_weight(
     progress: bool = True,
 ) -> IRRConfig:
     """Choose λ for `config` (safety_weight='auto') on captured streams whose last `held_out[name]`
-    batches are held out; record the search in `report`; return the config with λ* in place of 'auto'."""
+    batches are held out and whose first `held_out["calibration_share"]` calibration batches feed the
+    candidates' H_d; record the search in `report`; return the config with λ* in place of 'auto'."""
     if dist_ctx.kind not in ("single", "replicated"):
         raise ValueError(
             f"IRRConfig.safety_weight='auto' is not supported under {dist_ctx.kind} yet: choose λ on one process "
@@ -241,8 +242,7 @@ def resolve_auto_weight(
     started = time.perf_counter()
     n_cal = len(calibration.batches) - held_out["calibration"]
     n_saf = len(safety.batches) - held_out["safety"]
-    share = list(range(max(1, math.ceil(n_cal * AUTO_CALIBRATION_SHARE))))
-    train = [calibration.subset(share), safety.subset(list(range(n_saf)))]
+    train = [calibration.subset(list(range(held_out["calibration_share"]))), safety.subset(list(range(n_saf)))]
     held = {
         "calibration": calibration.subset(list(range(n_cal, len(calibration.batches)))),
         "safety": safety.subset(list(range(n_saf, len(safety.batches)))),

@@ -6,6 +6,7 @@ the process-group context the model calls for, and restores every weight on any 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..distributed import context_for
 from ..report import IRRReport
 from ..targets import find_targets
 from .aligned import AlignedWeights
-from .auto_weight import resolve_auto_weight, split_held_out
+from .auto_weight import AUTO_CALIBRATION_SHARE, resolve_auto_weight, split_held_out
 from .inputs import SafetyInputs
 from .loop import compute_device, run_layers
 from .solve import GroupSolver
@@ -141,14 +142,20 @@ def build_streams(
         )
     held_out: dict[str, int] = {}
     parts = {CALIBRATION: [batches], SAFETY: [safety_batches]}
-    if config.safety_weight == "auto":
+    if config.safety_weight == "auto":  # split before sharding: every process count sees the same parts
+        cal_train, cal_held = split_held_out(batches, "calibration")
+        share = max(1, math.ceil(len(cal_train) * AUTO_CALIBRATION_SHARE))
         parts = {
-            CALIBRATION: list(split_held_out(batches, "calibration")),
+            CALIBRATION: [cal_train[:share], cal_train[share:], cal_held],
             SAFETY: list(split_held_out(safety_batches, "safety_calibration")),
         }
-    sharded = {name: [dist_ctx.shard_calibration(part) for part in split] for name, split in parts.items()}
+    sharded = {name: [dist_ctx.shard_calibration(part) for part in split if part] for name, split in parts.items()}
     if config.safety_weight == "auto":
-        held_out = {"calibration": len(sharded[CALIBRATION][1]), "safety": len(sharded[SAFETY][1])}
+        held_out = {
+            "calibration": len(sharded[CALIBRATION][-1]),
+            "safety": len(sharded[SAFETY][-1]),
+            "calibration_share": len(sharded[CALIBRATION][0]),
+        }
     calibration = Stream(CALIBRATION, [b for part in sharded[CALIBRATION] for b in part])
     safety_all = [b for part in sharded[SAFETY] for b in part]
     twin = Stream(SAFETY + "(aligned)", safety_all, weights=aligned) if aligned is not None else None

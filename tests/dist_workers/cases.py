@@ -87,6 +87,30 @@ def realign_case(remove_ratio: float = 1.0, model_fn=None) -> tuple[dict[str, to
     return weights, totals
 
 
+def safety_case(weight) -> tuple[dict[str, torch.Tensor], dict]:
+    """The safety-regularised recalibration (aligned twin, no sign mask) at λ = `weight` (or 'auto')."""
+    base, ft, _ = triple("llama")
+    report = realign(
+        ft,
+        base=base,
+        calibration=calibration(**CALIBRATION),
+        safety_calibration=safety_batches(n=5),
+        config=IRRConfig.recommended(safety_weight=weight, **CONFIG),
+        progress=False,
+    )
+    _, _, targets = find_targets(ft)
+    weights = {t.name: t.weight.detach().clone() for t in targets}
+    totals = {
+        "modules": len(report.modules),
+        "tokens": report.calibration_tokens,
+        "safety_tokens": report.safety_tokens,
+        "safety_weight": report.safety_weight,
+        "candidates": [c["safety_weight"] for c in (report.auto or {}).get("candidates", [])],
+        "losses": [[c["task_loss"], c["safety_loss"]] for c in (report.auto or {}).get("candidates", [])],
+    }
+    return weights, totals
+
+
 def _full(weight: torch.Tensor) -> torch.Tensor:
     if hasattr(weight, "ds_id"):
         return zero3_full(weight)

@@ -28,6 +28,8 @@ CASES = {
     "realign_ranked": lambda: cases.realign_case(0.5),
     "fsdp2": lambda: cases.realign_case(1.0, model_fn=cases.fsdp2_shard),
     "fsdp2_ranked": lambda: cases.realign_case(0.5, model_fn=cases.fsdp2_shard),
+    "safety": lambda: cases.safety_case(0.5),
+    "safety_auto": lambda: cases.safety_case("auto"),
 }
 
 

@@ -30,6 +30,8 @@ CASES = [
     "hessian",
     "realign",
     "realign_ranked",
+    "safety",
+    "safety_auto",
     "fsdp2_ranked",
     "fsdp2_save",
     *(ZERO3_CASES if DEEPSPEED else []),
@@ -122,6 +124,24 @@ def test_realign_two_processes_equals_one(two_ranks, case, ratio):
     expected, totals = reference(ratio)
     assert_identical_ranks(ranks)
     assert extras[0] == extras[1] == totals  # merged report: every module once, global token count
+    for k, v in expected.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case,weight", [("safety", 0.5), ("safety_auto", "auto")])
+def test_safety_stream_two_processes_equals_one(two_ranks, case, weight):
+    """The safety stream and its aligned twin split across ranks, H_s / H_A / C reduced like H_d; with
+    'auto' the held-out losses are summed over ranks, so both choose the same λ and weights."""
+    ranks, extras = two_ranks(case)
+    expected, totals = cases.safety_case(weight)
+    assert_identical_ranks(ranks)
+    assert extras[0] == extras[1]
+    losses = [extra.pop("losses") for extra in (extras[0], extras[1], totals)]
+    assert extras[0] == totals  # same λ, candidates, modules and token counts
+    assert (len(losses[2]) >= 4) == (weight == "auto")  # the coarse grid (and maybe a refining midpoint)
+    for got, want in zip(losses[0], losses[2]):  # each candidate's held-out losses, summed over ranks
+        assert got == pytest.approx(want, rel=1e-4)
+    assert totals["safety_tokens"] == 70  # 10 sequences x 7 tokens ("all" tokens), padding excluded
     for k, v in expected.items():
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
 
