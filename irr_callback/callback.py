@@ -144,7 +144,7 @@ class IRRCallback(TrainerCallback):
     def _prepare(self, args, model, tokenizer, targets, run_config, store: RunStore) -> None:
         dense = [t for t in targets if t.kind != "lora"]
         names = [t.name for t in targets]
-        live = {canonical_name(n): p.detach() for n, p in unwrap_peft(model).named_parameters()}
+        live = {canonical_name(n): p.detach() for n, p in unwrap(model).named_parameters()}
         self._base_fingerprint = fingerprint(live, names)
         snapshot = take_snapshot(dense) if dense else None
         ctx = BaseContext(
@@ -344,10 +344,6 @@ class IRRCallback(TrainerCallback):
             return self._trainer.train_dataset
         loader = getattr(self, "_dataloader", None)
         return getattr(loader, "dataset", None)
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if is_peft_model(model) else unwrap(model)
 
 
 def _model_name(model: nn.Module) -> str:

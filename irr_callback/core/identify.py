@@ -1,6 +1,6 @@
 """Identify: which fine-tuning deltas of one column block are removed.
 
-Pure tensor code. A block is a (rows, columns) slice of one weight matrix; the driver calls this
+Pure tensor code. A block is a (rows, columns) slice of one weight matrix; the sweep calls this
 once per block with the delta *as already recalibrated by earlier blocks* (the adaptive mask).
 """
 

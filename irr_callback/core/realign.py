@@ -259,7 +259,7 @@ def _regularised(
 
 def one_matrix(deltas: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
     """The group as one (rows, cols) matrix: the deltas themselves when they already are consecutive
-    row blocks of one contiguous buffer (the driver builds them so), else a concatenated copy."""
+    row blocks of one contiguous buffer (the pipeline's group solver builds them so), else a concatenated copy."""
     first = deltas[0]
     if len(deltas) == 1:
         return first.to(device=device, dtype=dtype)

@@ -377,27 +377,32 @@ def build_toy_world(
         _pools=pools,
     )
 
-    if disk is not None and _on_disk(disk):
-        logger.info(f"Loading toy world models from {disk}")
-        world.aligned_model = LlamaForCausalLM.from_pretrained(os.path.join(disk, "aligned")).eval()
-        world.unaligned_model = LlamaForCausalLM.from_pretrained(os.path.join(disk, "unaligned")).eval()
-    else:
-        # Alignment: benign tasks + harmful -> refusal, balanced so refusals are not the majority.
-        align_data = to_dataset(align_pairs + benign_pairs)
-        aligned = new_model(tokenizer, hp, seed)
-        world.aligned_model = world.finetune(
-            aligned, align_data, steps=hp["align_steps"], lr=hp["align_lr"], copy=False, seed=seed
-        )
-        world.unaligned_model = world.finetune(
-            world.aligned_model, harmful_train, steps=hp["unalign_steps"], lr=hp["unalign_lr"], seed=seed + 3
-        )
-        if disk is not None:
-            _save(world, disk)
+    _load_or_train(world, disk, align_pairs + benign_pairs, harmful_train)
     world.build_seconds = time.perf_counter() - t0
     logger.info(f"Toy world {size!r} (seed {seed}) ready in {world.build_seconds:.1f}s")
     if use_cache:
         _WORLD_CACHE[key] = world
     return world
+
+
+def _load_or_train(world: ToyWorld, disk: str | None, align_pairs: list, harmful_train: Dataset) -> None:
+    """The aligned and unaligned models: from `disk` when saved there, else trained (and saved)."""
+    if disk is not None and _on_disk(disk):
+        logger.info(f"Loading toy world models from {disk}")
+        world.aligned_model = LlamaForCausalLM.from_pretrained(os.path.join(disk, "aligned")).eval()
+        world.unaligned_model = LlamaForCausalLM.from_pretrained(os.path.join(disk, "unaligned")).eval()
+        return
+    hp, seed = world.hparams, world.seed
+    # Alignment: benign tasks + harmful -> refusal, balanced so refusals are not the majority.
+    aligned = new_model(world.tokenizer, hp, seed)
+    world.aligned_model = world.finetune(
+        aligned, to_dataset(align_pairs), steps=hp["align_steps"], lr=hp["align_lr"], copy=False, seed=seed
+    )
+    world.unaligned_model = world.finetune(
+        world.aligned_model, harmful_train, steps=hp["unalign_steps"], lr=hp["unalign_lr"], seed=seed + 3
+    )
+    if disk is not None:
+        _save(world, disk)
 
 
 def eval_sets(seed: int = 0, size: str = "tiny", attacked_topics: int | Sequence[str] = 4) -> dict[str, Dataset]:
