@@ -96,7 +96,7 @@ def realign(
     batches, report = prepare_calibration(calibration, config, getattr(model, "config", None), len(layers))
     safety_batches = prepare_safety(safety_calibration, config, getattr(model, "config", None), report)
     dist_ctx = context_for(model, targets)  # SingleProcess without a process group: no collectives
-    aligned = AlignedWeights(model, layers, prefix, targets, inputs.base) if config.safety_term == "aligned" else None
+    aligned = AlignedWeights(model, layers, prefix, targets, inputs.base)
     streams, held_out = build_streams(batches, safety_batches, config, dist_ctx, aligned)
     backup = make_backup(config.backup)
     was_training = model.training
@@ -128,11 +128,11 @@ def realign(
 
 
 def build_streams(
-    batches: list, safety_batches: list, config: IRRConfig, dist_ctx: Any, aligned: AlignedWeights | None
+    batches: list, safety_batches: list, config: IRRConfig, dist_ctx: Any, aligned: AlignedWeights
 ) -> tuple[list[Stream], dict[str, int]]:
     """The run's streams (calibration; safety with its aligned twin when the safety weight is not 0),
     each this rank's share padded with zero-weight batches, and (auto) how many of each stream's last
-    batches are held out to choose λ ({} otherwise)."""
+    batches are held out to choose λ ({} otherwise). The aligned twin only with `safety_term="aligned"`."""
     if not safety_batches:
         return [Stream(CALIBRATION, dist_ctx.shard_calibration(batches))], {}
     if dist_ctx.kind not in ("single", "replicated") and config.safety_term == "aligned":
@@ -158,5 +158,5 @@ def build_streams(
         }
     calibration = Stream(CALIBRATION, [b for part in sharded[CALIBRATION] for b in part])
     safety_all = [b for part in sharded[SAFETY] for b in part]
-    twin = Stream(SAFETY + "(aligned)", safety_all, weights=aligned) if aligned is not None else None
+    twin = Stream(SAFETY + "(aligned)", safety_all, weights=aligned) if config.safety_term == "aligned" else None
     return [calibration, Stream(SAFETY, safety_all, twin=twin)], held_out

@@ -1,0 +1,214 @@
+"""The safety stream through the layer loop: padding-free tokens, its aligned twin, the offline path,
+`safety_weight="auto"` (data only, deterministic) and the checks before anything is written."""
+
+import copy
+
+import pytest
+import torch
+
+from irr_callback import IRRConfig, IRRConfigError, realign, realign_checkpoint
+from irr_callback.calibration import CalibrationError
+from irr_callback.tensors import SafetensorsMapping
+from tests.helpers import VOCAB, calibration, same_state, state, triple
+
+
+def safety_rows(n: int = 8, prompt: int = 4, response: int = 5, seed: int = 11, pad_left: int = 0):
+    """Harmful-prompt stand-ins with "safe responses": labels -100 on the prompt (and on padding)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (prompt + response,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        mask = torch.ones_like(ids)
+        if pad_left:
+            ids = torch.cat([torch.zeros(pad_left, dtype=torch.long), ids])
+            labels = torch.cat([torch.full((pad_left,), -100), labels])
+            mask = torch.cat([torch.zeros(pad_left, dtype=torch.long), mask])
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return rows
+
+
+def run(config, *, safety=None, cal=None, model=None, base=None):
+    b, ft, _ = triple("llama")
+    model = copy.deepcopy(model if model is not None else ft)
+    report = realign(
+        model,
+        base=base if base is not None else b,
+        calibration=cal if cal is not None else calibration(n=16, length=10),
+        safety_calibration=safety if safety is not None else safety_rows(),
+        config=config,
+        progress=False,
+    )
+    return model, report
+
+
+@pytest.mark.parametrize("term", ["aligned", "delta"])
+def test_safety_stream_sees_padding_free_tokens_only(term):
+    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term, calibration_batch_size=4)
+    plain, report = run(cfg)
+    padded, padded_report = run(cfg, safety=safety_rows(pad_left=3))  # the same rows, left-padded
+    for (name, a), (_, b) in zip(plain.named_parameters(), padded.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert report.safety_tokens == padded_report.safety_tokens == 8 * 9
+    response_only = IRRConfig.recommended(safety_weight=0.5, safety_term=term, safety_tokens="response")
+    assert run(response_only)[1].safety_tokens == 8 * 5
+
+
+def test_zero_weight_ignores_the_safety_stream_and_is_the_paper():
+    import irr_callback as irr
+
+    base, ft, unaligned = triple("llama")
+    v = irr.safety_vector(base, unaligned)
+    paper, with_data = copy.deepcopy(ft), copy.deepcopy(ft)
+    cal = calibration(n=16, length=10)
+    realign(paper, base=base, safety_vector=v, calibration=cal, progress=False)
+    report = realign(
+        with_data, base=base, safety_vector=v, calibration=cal, safety_calibration=safety_rows(), progress=False
+    )
+    assert same_state(state(paper), state(with_data))
+    assert report.setting == "irr" and report.safety_weight is None and report.safety_tokens == 0
+
+
+@pytest.mark.parametrize("term", ["aligned", "delta"])
+def test_larger_weight_trades_task_error_for_safety_error(term):
+    """At layer 0 both streams' inputs do not depend on λ, so the regularised least squares trade off
+    by construction: the safety term falls and the task term rises with λ."""
+    safety, task = [], []
+    for weight in (0.1, 1.0, 10.0):
+        _, report = run(IRRConfig.recommended(safety_weight=weight, safety_term=term))
+        first = [m for m in report.modules if m.layer == 0]
+        safety.append(sum(m.error_safety for m in first))
+        task.append(sum(m.error_recalibrated for m in first))
+    assert safety == sorted(safety, reverse=True) and task == sorted(task)
+    assert safety[0] > safety[-1] and task[0] < task[-1]
+
+
+def test_auto_is_deterministic_and_reads_only_calibration_and_safety_data(monkeypatch):
+    base, ft, _ = triple("llama")
+    cal, safe = calibration(n=16, length=10), safety_rows()
+    allowed = {tuple(row.tolist()) for row in cal[0]["input_ids"]} | {tuple(r["input_ids"].tolist()) for r in safe}
+    seen = []
+    original = type(ft).forward
+
+    def spy(self, input_ids=None, **kwargs):
+        seen.extend(tuple(row[row != 0].tolist()) for row in input_ids)  # padding dropped
+        return original(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(ft), "forward", spy)
+    first, report = run(IRRConfig.recommended(), cal=cal, safety=safe)
+    assert seen and all(any(row == a[: len(row)] for a in allowed) for row in seen)
+    second, again = run(IRRConfig.recommended(), cal=cal, safety=safe)
+    assert same_state(state(first), state(second))
+    assert report.safety_weight == again.safety_weight and report.safety_weight in [
+        c["safety_weight"] for c in report.auto["candidates"]
+    ]
+    assert report.auto["candidates"] == again.auto["candidates"]
+    assert {"criterion", "reason", "chosen", "references", "seconds"} <= set(report.auto)
+    assert report.setting == "recommended" and "chosen by safety_weight='auto'" in report.summary()
+    fixed, _ = run(IRRConfig.recommended(safety_weight=report.safety_weight), cal=cal, safety=safe)
+    assert same_state(state(first), state(fixed))  # auto = the fixed run at the λ it chose
+
+
+def test_auto_chooses_the_smallest_weight_that_restores_the_safety_loss():
+    from irr_callback.pipeline.auto_weight import choose_weight
+
+    losses = {0.0: (0.1, 2.0), float("inf"): (4.0, 0.0), 0.1: (0.2, 0.5), 0.3: (0.4, 0.01), 1.0: (1.0, 0.001)}
+    assert choose_weight(losses)[0] == 0.3  # 0.01 / 2.0 = 0.005 <= 0.01; 0.1 leaves 25%
+    undamaged = {**losses, 0.0: (0.1, 0.02)}  # the fine-tune did not hurt safety: the smallest λ
+    assert choose_weight(undamaged)[0] == 0.1
+    hopeless = {0.0: (0.1, 2.0), float("inf"): (4.0, 0.0), 0.1: (0.2, 1.5), 0.3: (0.4, 1.0)}
+    assert choose_weight(hopeless)[0] == 0.3 and not choose_weight(hopeless)[1]["passing"]
+
+
+@pytest.mark.parametrize("term", ["aligned", "delta"])
+def test_offline_equals_in_memory_with_the_safety_stream(tmp_path, term):
+    base, ft, _ = triple("llama")
+    ft.save_pretrained(tmp_path / "ft")
+    base.save_pretrained(tmp_path / "base")
+    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term)
+    cal = calibration(n=16, length=10)
+    report = realign_checkpoint(
+        str(tmp_path / "ft"),
+        base=str(tmp_path / "base"),
+        calibration=cal,
+        safety_calibration=safety_rows(),
+        output_dir=str(tmp_path / "out"),
+        config=cfg,
+        progress=False,
+    )
+    expected = copy.deepcopy(ft)
+    expected_report = realign(expected, base=base, calibration=cal, safety_calibration=safety_rows(), config=cfg)
+    written = SafetensorsMapping(str(tmp_path / "out"))
+    for key, value in expected.state_dict().items():
+        assert torch.equal(written[key], value), key
+    assert report.safety_tokens == expected_report.safety_tokens > 0
+    assert [m.error_safety for m in report.modules] == [m.error_safety for m in expected_report.modules]
+
+
+def test_offline_refuses_auto_before_writing(tmp_path):
+    base, ft, _ = triple("llama")
+    ft.save_pretrained(tmp_path / "ft")
+    with pytest.raises(ValueError, match="needs a number for IRRConfig.safety_weight"):
+        realign_checkpoint(
+            str(tmp_path / "ft"),
+            base=base,
+            calibration=calibration(),
+            safety_calibration=safety_rows(),
+            output_dir=str(tmp_path / "out"),
+            config=IRRConfig.recommended(),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "value", [-1.0, float("nan"), float("inf"), "lots", True, [0.5]], ids=["neg", "nan", "inf", "word", "bool", "list"]
+)
+def test_bad_safety_weight_names_the_field(value):
+    with pytest.raises(IRRConfigError, match="IRRConfig.safety_weight"):
+        IRRConfig(safety_weight=value)
+
+
+def test_config_fields_are_checked_and_parsed():
+    assert IRRConfig(safety_weight="AUTO ").safety_weight == "auto"
+    assert IRRConfig(safety_weight="0.25").safety_weight == 0.25
+    with pytest.raises(IRRConfigError, match="safety_term"):
+        IRRConfig(safety_term="both")
+    with pytest.raises(IRRConfigError, match="safety_tokens"):
+        IRRConfig(safety_tokens="labels")
+    with pytest.raises(IRRConfigError, match="safety_ridge"):
+        IRRConfig(safety_ridge=-0.1)
+    with pytest.raises(IRRConfigError, match="IRRConfig.recalibrate"):
+        IRRConfig(safety_weight=0.5, recalibrate=False)
+    assert IRRConfig().setting_name == "irr" and IRRConfig.recommended().setting_name == "recommended"
+    assert IRRConfig.recommended(safety_weight=0.3).setting_name == "safety-regularised"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(safety=None), ValueError, "needs safety_calibration"),
+        (dict(safety=[]), CalibrationError, "safety_calibration"),
+        (dict(safety=[{"text": "no ids"}]), CalibrationError, "safety_calibration item #0 has no 'input_ids'"),
+        (dict(safety=safety_rows(response=0)), CalibrationError, "no tokens of the 'response' tokens"),
+    ],
+    ids=["missing", "empty", "no-input-ids", "no-response-tokens"],
+)
+def test_bad_safety_data_is_named_before_anything_is_written(kwargs, error, match):
+    base, ft, _ = triple("llama")
+    before = state(ft)
+    cfg = IRRConfig.recommended(safety_weight=0.5, safety_tokens="response")
+    with pytest.raises(error, match=match):
+        realign(ft, base=base, calibration=calibration(), safety_calibration=kwargs["safety"], config=cfg)
+    assert same_state(before, state(ft))
+
+
+def test_sign_mode_without_a_safety_vector_names_it():
+    base, ft, _ = triple("llama")
+    with pytest.raises(ValueError, match="no safety_vector was given"):
+        realign(ft, base=base, calibration=calibration(), config=IRRConfig(safety_weight=0.5))
+
+
+def test_auto_needs_two_batches_of_each_stream():
+    with pytest.raises(ValueError, match="at least 2 × calibration_batch_size"):
+        run(IRRConfig.recommended(calibration_batch_size=16), safety=safety_rows(n=8))
