@@ -12,6 +12,11 @@ peak when on GPU, and checks that both give the same weights (float32 tolerance)
 
     python benchmarks/bench_end_to_end.py                       # hidden 1024, 8 layers, 16 x 256 tokens, batches of 4
     python benchmarks/bench_end_to_end.py --hidden 512 --layers 4 --seqs 8 --tokens 128   # quick
+    python benchmarks/bench_end_to_end.py --kinds ours,safety_fixed,safety_auto --name bench_auto_weight
+
+The safety kinds add a safety stream of `--safety-seqs` sequences (prompt = first half, labels on
+the second half): safety_fixed is `IRRConfig.recommended(safety_weight=0.3)` (one realignment with
+the aligned twin), safety_auto is `IRRConfig.recommended()` (the λ search plus that realignment).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ def build(workdir: str, args) -> dict:
     save_file(safety, os.path.join(workdir, "safety.safetensors"))
     ids = torch.randint(3, args.vocab, (args.seqs, args.tokens), generator=g)
     save_file({"input_ids": ids}, os.path.join(workdir, "calibration.safetensors"))
+    safety_ids = torch.randint(3, args.vocab, (args.safety_seqs, args.tokens), generator=g)
+    save_file({"input_ids": safety_ids}, os.path.join(workdir, "safety_calibration.safetensors"))
     targets = sum(t.numel() for t in safety.values())
     return {"target_params": targets, "model_params": sum(p.numel() for p in base.parameters())}
 
@@ -133,6 +140,21 @@ def worker(kind: str, workdir: str, args) -> dict:
         del base, safety
     elif kind == "floor":
         forward_floor(model, batches)
+    elif kind in ("safety_fixed", "safety_auto"):
+        realign(
+            model,
+            base=os.path.join(workdir, "base"),
+            calibration=batches,
+            safety_calibration=safety_batches(workdir, batch, device),
+            config=IRRConfig.recommended(
+                safety_weight=0.3 if kind == "safety_fixed" else "auto",
+                num_calibration_samples=len(ids),
+                num_safety_samples=args.safety_seqs,
+                calibration_max_length=ids.shape[1],
+                calibration_batch_size=batch,
+            ),
+            progress=False,
+        )
     else:
         cfg = IRRConfig(
             backup="cpu" if kind == "ours_cpu_backup" else "disk",
@@ -174,6 +196,23 @@ def worker(kind: str, workdir: str, args) -> dict:
     return out
 
 
+def safety_batches(workdir: str, batch: int, device: str) -> list[dict]:
+    """The safety stream: prompt = first half of each sequence (labels -100), response = the rest."""
+    from safetensors.torch import load_file
+
+    ids = load_file(os.path.join(workdir, "safety_calibration.safetensors"))["input_ids"]
+    labels = ids.clone()
+    labels[:, : ids.shape[1] // 2] = -100
+    return [
+        {
+            "input_ids": ids[i : i + batch].to(device),
+            "attention_mask": torch.ones_like(ids[i : i + batch]).to(device),
+            "labels": labels[i : i + batch].to(device),
+        }
+        for i in range(0, len(ids), batch)
+    ]
+
+
 def compare(workdir: str, a: str, b: str) -> dict:
     from safetensors.torch import load_file
 
@@ -209,6 +248,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--seqs", type=int, default=16, help="calibration sequences")
+    parser.add_argument("--safety-seqs", type=int, default=16, help="safety-stream sequences (safety kinds)")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per calibration sequence")
     parser.add_argument(
         "--batch",
@@ -252,7 +292,7 @@ def main() -> None:
         checks = {
             k: compare(workdir, k, "reference")
             for k in runs
-            if k not in ("reference", "floor") and "reference" in runs
+            if k not in ("reference", "floor", "safety_fixed", "safety_auto") and "reference" in runs
         }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -288,7 +328,20 @@ def main() -> None:
         "memory (RssAnon sampled every 5 ms) excludes them. Each pipeline first runs once on a 1-layer toy model "
         "so one-time costs (code pages, thread pools) are not counted."
     )
-    write_results(args.name, {"model": vars(args) | sizes, "runs": runs, "checks": checks}, "\n".join(md))
+    ratios = {}
+    if "safety_auto" in runs:
+        for other in ("ours", "safety_fixed"):
+            if other in runs:
+                ratios[f"safety_auto / {other}"] = runs["safety_auto"]["seconds"] / runs[other]["seconds"]
+        md.append(
+            "\nsafety_fixed: `IRRConfig.recommended(safety_weight=0.3)`, one realignment with the safety stream "
+            f"({args.safety_seqs} × {args.tokens} tokens) and its aligned twin; safety_auto: "
+            "`IRRConfig.recommended()`, the λ search (docs/safety-weight.md) and then that realignment. Cost of auto: "
+            + ", ".join(f"{k} = {v:.2f}×" for k, v in ratios.items())
+            + " (budget: 3× one realignment)."
+        )
+    payload = {"model": vars(args) | sizes, "runs": runs, "checks": checks, "ratios": ratios}
+    write_results(args.name, payload, "\n".join(md))
 
 
 if __name__ == "__main__":

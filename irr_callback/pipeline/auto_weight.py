@@ -31,6 +31,7 @@ from transformers.utils import logging
 from ..config import IRRConfig
 from ..report import IRRReport
 from ..targets import Target
+from .capture import propagate
 from .hessians import collect_hessians
 from .inputs import SafetyInputs
 from .solve import GroupSolver
@@ -38,10 +39,12 @@ from .streams import Stream
 from .writing import make_backup, write_weight
 
 
-AUTO_CANDIDATES = (0.1, 0.3, 1.0, 3.0)
+AUTO_CANDIDATES = (0.1, 0.3, 1.0)
+AUTO_FALLBACK = 3.0  # tried when no coarse candidate restores the safety loss
 AUTO_TOLERANCE = 0.01  # of the gap between F's and A's held-out safety loss
 AUTO_MIN_GAP = 0.05  # nats per response token: below it fine-tuning did not damage safety
 AUTO_CALIBRATION_SHARE = 0.25  # of the (non held-out) calibration batches, for the candidates' H_d
+AUTO_SAFETY_SHARE = 0.5  # of the (non held-out) safety batches, for the candidates' H_s
 HELD_OUT_SHARE = 0.25  # of each stream's batches, held out to judge the candidates
 
 Losses = dict[float, tuple[float, float]]
@@ -59,14 +62,19 @@ def split_held_out(batches: list[dict[str, torch.Tensor]], what: str) -> tuple[l
 
 
 def search_weight(run_candidates: Callable[[Sequence[float], bool], Losses]) -> tuple[float, dict[str, Any]]:
-    """Coarse-to-fine: `AUTO_CANDIDATES` with the references, then the geometric midpoint (to one
-    significant digit) between the smallest passing λ and the candidate below it."""
+    """Coarse-to-fine, four candidates at most: `AUTO_CANDIDATES` with the references, then one more:
+    the geometric midpoint (to one significant digit) between the smallest passing λ and the candidate
+    below it, or `AUTO_FALLBACK` when none passed (and fine-tuning did damage safety)."""
     losses = dict(run_candidates(AUTO_CANDIDATES, True))
     weight, table = choose_weight(losses)
+    extra = None
     if table["passing"] and weight > AUTO_CANDIDATES[0]:
         lower = max(c for c in AUTO_CANDIDATES if c < weight)
-        middle = float(f"{math.sqrt(lower * weight):.1g}")  # 0.1..0.3 -> 0.2
-        losses.update(run_candidates((middle,), False))
+        extra = float(f"{math.sqrt(lower * weight):.1g}")  # 0.1..0.3 -> 0.2
+    elif not table["passing"] and table["candidates"][0]["safety_left"] is not None:
+        extra = AUTO_FALLBACK
+    if extra is not None:
+        losses.update(run_candidates((extra,), False))
         weight, table = choose_weight(losses)
     return weight, table
 
@@ -126,10 +134,16 @@ def held_out_losses(
 ) -> Losses:
     """{λ: (held-out task loss, held-out safety loss)} for every candidate (and with `references` for
     λ = 0 and λ = ∞). `train`: the streams the candidates' H come from; `held`: "calibration" and
-    "safety" held-out streams (their batches carry `irr_loss_mask`). Every weight is restored."""
+    "safety" held-out streams (their batches carry `irr_loss_mask`). Every weight is restored.
+    The aligned twin's states do not depend on λ: one twin serves every candidate, propagated once."""
     levels = ([0.0] if references else []) + list(candidates) + ([math.inf] if references else [])
     held_state = {c: [held["calibration"].copy(), held["safety"].copy()] for c in levels}
-    train_state = {c: [s.copy() for s in train] for c in candidates}
+    train_state = {c: [s.copy(share_twin=True) for s in train] for c in candidates}
+    twins = [s.twin.copy() for s in train if s.twin is not None]
+    for c in candidates:  # the copies share one twin
+        for stream in train_state[c]:
+            if stream.twin is not None:
+                stream.twin = twins[0]
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
@@ -152,9 +166,12 @@ def held_out_losses(
                         solver(group, hessians)
                     del groups
                 for stream in held_state[c] + train_state.get(c, []):
-                    stream.propagate(layer, index)
+                    stream.propagate(layer, index, twin=False)
             finally:
                 backup.restore()
+        for twin in twins:  # the aligned weights: the same for every candidate
+            with twin.layer_context(index):
+                twin.hidden = propagate(layer, twin.hidden, twin.args[index])
     return {
         c: (
             _loss(model, layers, held_state[c][0], dist_ctx),
@@ -230,8 +247,9 @@ def resolve_auto_weight(
     progress: bool = True,
 ) -> IRRConfig:
     """Choose λ for `config` (safety_weight='auto') on captured streams whose last `held_out[name]`
-    batches are held out and whose first `held_out["calibration_share"]` calibration batches feed the
-    candidates' H_d; record the search in `report`; return the config with λ* in place of 'auto'."""
+    batches are held out and whose first `held_out["calibration_share"]` calibration (and
+    `["safety_share"]` safety) batches feed the candidates' Hessians; record the search in `report`;
+    return the config with λ* in place of 'auto'."""
     if dist_ctx.kind not in ("single", "replicated"):
         raise ValueError(
             f"IRRConfig.safety_weight='auto' is not supported under {dist_ctx.kind} yet: choose λ on one process "
@@ -242,7 +260,8 @@ def resolve_auto_weight(
     started = time.perf_counter()
     n_cal = len(calibration.batches) - held_out["calibration"]
     n_saf = len(safety.batches) - held_out["safety"]
-    train = [calibration.subset(list(range(held_out["calibration_share"]))), safety.subset(list(range(n_saf)))]
+    share = {name: list(range(held_out[f"{name}_share"])) for name in ("calibration", "safety")}
+    train = [calibration.subset(share["calibration"]), safety.subset(share["safety"])]
     held = {
         "calibration": calibration.subset(list(range(n_cal, len(calibration.batches)))),
         "safety": safety.subset(list(range(n_saf, len(safety.batches)))),

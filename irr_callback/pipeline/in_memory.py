@@ -19,7 +19,7 @@ from ..distributed import context_for
 from ..report import IRRReport
 from ..targets import find_targets
 from .aligned import AlignedWeights
-from .auto_weight import AUTO_CALIBRATION_SHARE, resolve_auto_weight, split_held_out
+from .auto_weight import AUTO_CALIBRATION_SHARE, AUTO_SAFETY_SHARE, resolve_auto_weight, split_held_out
 from .inputs import SafetyInputs
 from .loop import compute_device, run_layers
 from .solve import GroupSolver
@@ -144,10 +144,12 @@ def build_streams(
     parts = {CALIBRATION: [batches], SAFETY: [safety_batches]}
     if config.safety_weight == "auto":  # split before sharding: every process count sees the same parts
         cal_train, cal_held = split_held_out(batches, "calibration")
+        saf_train, saf_held = split_held_out(safety_batches, "safety_calibration")
         share = max(1, math.ceil(len(cal_train) * AUTO_CALIBRATION_SHARE))
+        saf_share = max(1, math.ceil(len(saf_train) * AUTO_SAFETY_SHARE))
         parts = {
             CALIBRATION: [cal_train[:share], cal_train[share:], cal_held],
-            SAFETY: list(split_held_out(safety_batches, "safety_calibration")),
+            SAFETY: [saf_train[:saf_share], saf_train[saf_share:], saf_held],
         }
     sharded = {name: [dist_ctx.shard_calibration(part) for part in split if part] for name, split in parts.items()}
     if config.safety_weight == "auto":
@@ -155,6 +157,7 @@ def build_streams(
             "calibration": len(sharded[CALIBRATION][-1]),
             "safety": len(sharded[SAFETY][-1]),
             "calibration_share": len(sharded[CALIBRATION][0]),
+            "safety_share": len(sharded[SAFETY][0]),
         }
     calibration = Stream(CALIBRATION, [b for part in sharded[CALIBRATION] for b in part])
     safety_all = [b for part in sharded[SAFETY] for b in part]

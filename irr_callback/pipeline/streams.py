@@ -70,16 +70,18 @@ class Stream:
         """The weights this stream's batches see at layer `index`."""
         return self.weights(index) if self.weights is not None else contextlib.nullcontext()
 
-    def propagate(self, layer: nn.Module, index: int) -> None:
-        """The next layer's inputs: this stream's batches run through the (realigned) layer `index`."""
+    def propagate(self, layer: nn.Module, index: int, *, twin: bool = True) -> None:
+        """The next layer's inputs: this stream's batches run through the (realigned) layer `index`, and
+        (`twin`) its aligned twin's through the aligned weights."""
         with self.layer_context(index):
             self.hidden = propagate(layer, self.hidden, self.args[index])
-        if self.twin is not None:
+        if twin and self.twin is not None:
             self.twin.propagate(layer, index)
 
-    def copy(self) -> Stream:
-        """A stream with its own hidden-state list (tensors shared until replaced): for trial runs."""
-        twin = self.twin.copy() if self.twin is not None else None
+    def copy(self, *, share_twin: bool = False) -> Stream:
+        """A stream with its own hidden-state list (tensors shared until replaced): for trial runs.
+        `share_twin`: the copy keeps the same twin object (its states do not depend on the trial)."""
+        twin = self.twin if share_twin or self.twin is None else self.twin.copy()
         return Stream(self.name, self.batches, list(self.hidden), self.args, self.masks, self.weights, twin)
 
     def subset(self, indices: list[int]) -> Stream:
