@@ -419,7 +419,6 @@ class IRRCallback(TrainerCallback):
         loader = getattr(self, "_dataloader", None)
         return getattr(loader, "dataset", None)
 
-
     def _check_auto_rows(self, config: IRRConfig, rows: int) -> None:
         if config.safety_weight == "auto" and min(rows, config.num_safety_samples) <= config.calibration_batch_size:
             raise IRRConfigError(

@@ -125,7 +125,9 @@ def _method(report: IRRReport, calibration: str) -> str:
     if report.safety_weight is None:
         weight = "λ (not chosen: the run failed)"
     elif report.auto:
-        weight = f"λ = {report.safety_weight:g}, chosen by `safety_weight='auto'` from held-out calibration and safety data"
+        weight = (
+            f"λ = {report.safety_weight:g}, chosen by `safety_weight='auto'` from held-out calibration and safety data"
+        )
     else:
         weight = f"λ = {report.safety_weight:g}"
     target = "the aligned model's outputs on its own activations" if config.get("safety_term") == "aligned" else "zero"

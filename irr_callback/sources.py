@@ -330,7 +330,9 @@ def load_safety_pairs(config: IRRConfig, ctx: BaseContext, source: Any, label: s
     responses when the response column is missing (`ctx.model` must still be the base)."""
     import datasets
 
-    dataset = source if isinstance(source, datasets.Dataset) else load_examples(source, what="IRRConfig.safety_dataset")
+    dataset = (
+        source if isinstance(source, datasets.Dataset) else load_examples(source, what="IRRConfig.safety_dataset")
+    )
     prompts, responses, generated = safety_pairs(
         dataset,
         prompt_column=config.safety_prompt_column,

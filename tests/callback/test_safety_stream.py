@@ -132,7 +132,9 @@ def test_bad_safety_data_is_refused_at_train_begin_naming_the_field(tmp_path, mo
 
 def test_recommended_ignores_unaligned_model_and_paper_default_needs_no_safety_data(tmp_path, monkeypatch):
     _no_safety_vector(monkeypatch)
-    callback = IRRCallback(IRRConfig.recommended(unaligned_model=str(tmp_path / "never-read")), safety_dataset=refusals())
+    callback = IRRCallback(
+        IRRConfig.recommended(unaligned_model=str(tmp_path / "never-read")), safety_dataset=refusals()
+    )
     _begin(callback, tmp_path)
     assert callback.sources["safety_vector"]["source"] == "none" and len(callback._safety_calibration) == 24
     assert IRRConfig().setting_name == "irr" and not IRRConfig().uses_safety_stream
