@@ -189,13 +189,15 @@ def safety_pairs(
     tokenizer=None,
     max_new_tokens: int = 128,
     max_samples: int | None = None,
+    check_only: bool = False,
 ) -> tuple[list[str], list[str], bool]:
     """(prompts, responses, generated) of a safety dataset (harmful prompts with safe responses): the one
     reader of safety data (Fisher importance and the safety stream alike).
 
     Rows with an empty prompt (or an empty response, when the column exists) are dropped; without the
     response column the base `model`'s own greedy answers are generated (as the IRR authors built their
-    Fisher data). Errors name the dataset (`what`) and the option that chose the column (`fields`)."""
+    Fisher data). Errors name the dataset (`what`) and the option that chose the column (`fields`).
+    `check_only`: the checks that need no model (responses not generated, [] when the column is missing)."""
     if len(dataset) == 0:
         raise DataError(f"{what} is empty: it needs harmful prompts with safe responses")
     require_columns(dataset, [prompt_column], what=what, fields=[fields[0]])
@@ -220,6 +222,8 @@ def safety_pairs(
     prompts = [prompts[k] for k in keep]
     if has_response:
         return prompts, [responses[k] for k in keep], False
+    if check_only:
+        return prompts, [], False
     if model is None or tokenizer is None:
         raise DataError(
             f"{what} has no response column '{response_column}' ({fields[1]}), so the base model's own "
