@@ -226,22 +226,16 @@ class IRRCallback(TrainerCallback):
             if state.is_main_process:
                 if snapshot:
                     store.save("snapshot", snapshot, base_fingerprint=self._base_fingerprint, base_model=ctx.name)
-                if safety.tensors is not None:
-                    store.save(
-                        "safety_vector",
-                        {n: safety.tensors[n] for n in names},
-                        base_fingerprint=self._base_fingerprint,
-                        base_model=ctx.name,
-                    )
+                for kind, tensors in (("safety_vector", safety.tensors), ("fisher", importance.tensors)):
+                    if tensors is not None:  # no safety vector with identify_mode='none'
+                        store.save(
+                            kind,
+                            {n: tensors[n] for n in names},
+                            base_fingerprint=self._base_fingerprint,
+                            base_model=ctx.name,
+                        )
                 if self._safety_calibration is not None:
                     _save_rows(store, self._safety_calibration, self._base_fingerprint, self.sources)
-                if importance.tensors is not None:
-                    store.save(
-                        "fisher",
-                        {n: importance.tensors[n] for n in names},
-                        base_fingerprint=self._base_fingerprint,
-                        base_model=ctx.name,
-                    )
             state.wait_for_everyone()
         if snapshot and self.config.snapshot == "disk":
             snapshot = SafetensorsMapping(store.path("snapshot"))

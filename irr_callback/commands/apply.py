@@ -206,7 +206,7 @@ def check_args(args: argparse.Namespace, config: IRRConfig, *, variants: Sequenc
 def _check_safety_stream(args: argparse.Namespace, configs: Sequence[IRRConfig], calibration_rows: int) -> None:
     """A safety weight needs --safety-data with usable rows (and, for 'auto', enough of both data sets
     to hold some out); --low-memory needs a number and a response column."""
-    from ..data import load_examples, require_columns, safety_pairs
+    from ..data import load_examples, require_columns
 
     weights = sorted({str(c.safety_weight) for c in configs if c.uses_safety_stream})
     if not args.safety_data:
@@ -231,14 +231,7 @@ def _check_safety_stream(args: argparse.Namespace, configs: Sequence[IRRConfig],
                 what="--safety-data (--low-memory cannot generate the base model's answers)",
                 fields=["--safety-response-column"],
             )
-    prompts, _, _ = safety_pairs(
-        rows,
-        prompt_column=args.safety_prompt_column,
-        response_column=args.safety_response_column,
-        what="--safety-data",
-        fields=("--safety-prompt-column", "--safety-response-column"),
-        check_only=True,
-    )
+    prompts, _, _ = _read_safety_data(args, rows, check_only=True)
     config = configs[0]
     if auto:
         for flag, n, limit in (
@@ -326,22 +319,33 @@ def _safety_rows(args, config: IRRConfig, base_model, tokenizer, lora: bool) -> 
     (a LoRA model generates with its adapter disabled)."""
     import contextlib
 
-    from ..data import load_examples, safety_pairs, tokenize_pairs
+    from ..data import load_examples, tokenize_pairs
 
     rows = load_examples(args.safety_data, what="--safety-data")
     with base_model.disable_adapter() if lora else contextlib.nullcontext():
-        prompts, responses, generated = safety_pairs(
+        prompts, responses, generated = _read_safety_data(
+            args,
             rows,
-            prompt_column=args.safety_prompt_column,
-            response_column=args.safety_response_column,
-            what="--safety-data",
-            fields=("--safety-prompt-column", "--safety-response-column"),
             model=base_model,
             tokenizer=tokenizer,
             max_new_tokens=config.safety_max_new_tokens,
             max_samples=config.num_safety_samples,
         )
     return tokenize_pairs(tokenizer, prompts, responses, max_length=config.calibration_max_length), generated
+
+
+def _read_safety_data(args, rows, **kwargs):
+    """`data.safety_pairs` on --safety-data, its errors naming the flags."""
+    from ..data import safety_pairs
+
+    return safety_pairs(
+        rows,
+        prompt_column=args.safety_prompt_column,
+        response_column=args.safety_response_column,
+        what="--safety-data",
+        fields=("--safety-prompt-column", "--safety-response-column"),
+        **kwargs,
+    )
 
 
 def realign_inputs(inputs: Inputs, config: IRRConfig, *, copy_model: bool = False, progress: bool = True):

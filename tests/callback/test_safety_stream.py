@@ -8,22 +8,13 @@ import json
 
 import datasets
 import pytest
-import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from irr_callback import IRRCallback, IRRConfig, IRRConfigError
 from irr_callback import sources as sources_module
 from irr_callback.data import DataError
 from tests import callback_world as world
-from tests.callback.test_callback import run
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.callback.test_callback import _one_thread, run  # noqa: F401  (one thread: the module fixture)
 
 
 def refusals(n: int | None = None, *, responses: bool = True) -> datasets.Dataset:

@@ -165,28 +165,17 @@ def test_apply_bad_safety_input_exits_2_naming_the_field(ckpts, tmp_path, capsys
 
 def test_sweep_safety_weight_axis(saved, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "sweep"
-    args = [
-        "sweep",
-        "--base",
-        saved["aligned"],
-        "--finetuned",
-        saved["finetuned"],
-        "--calibration-data",
-        saved["downstream_train"],
-        "--safety-data",
-        saved["safety_data"],
-        "--toy",
-        "--limit",
-        "16",
-        "--threads",
-        "1",
-        "--batch-size",
-        "64",
-        "--no-base",
-        "--save-models",
-        "--output-dir",
-        str(out),
-    ]
+    flags = {
+        "--base": saved["aligned"],
+        "--finetuned": saved["finetuned"],
+        "--calibration-data": saved["downstream_train"],
+        "--safety-data": saved["safety_data"],  # alone: the recommended preset
+        "--limit": "16",
+        "--threads": "1",
+        "--batch-size": "64",
+    }
+    args = ["sweep", "--toy", "--no-base", "--save-models", *[x for kv in flags.items() for x in kv]]
+    args += ["--output-dir", str(out)]
     assert main([*args, "--safety-weights", "0", "1", "auto"]) == 0
     assert {"sweep.md", "sweep.json", "pareto.png", "lambda-0", "lambda-1", "lambda-auto"} <= set(os.listdir(out))
     result = json.load(open(out / "sweep.json"))
