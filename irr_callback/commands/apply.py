@@ -376,20 +376,25 @@ def run(args: argparse.Namespace) -> int:
         return _run_low_memory(args, config, calibration_data)
     inputs = load_inputs(args, config, calibration_data)
     model, report = realign_inputs(inputs, config)
-    report.extra.update(
-        {
-            "base_model": args.base,
-            "finetuned": args.finetuned,
-            "lora": inputs.lora,
-            "preset": chosen_preset(args),
-            "safety_inputs": _sources(args, report, generated=inputs.safety_generated),
-        }
-    )
+    _record(args, report, lora=inputs.lora, generated=inputs.safety_generated)
     card = _card(args, report, generated=inputs.safety_generated)
     save_realigned(model, args.output, processing_class=inputs.tokenizer, report=report, card=card)
     print(report.summary())
     print(f"wrote {args.output}")
     return 0
+
+
+def _record(args, report, *, lora: bool, generated: bool = False) -> None:
+    """What `irr apply` adds to the report's `extra`: its inputs, the preset and the safety-input sources."""
+    report.extra.update(
+        {
+            "base_model": args.base,
+            "finetuned": args.finetuned,
+            "lora": lora,
+            "preset": chosen_preset(args),
+            "safety_inputs": _sources(args, report, generated=generated),
+        }
+    )
 
 
 def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_data: Any) -> int:
@@ -442,7 +447,8 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
             importance=importance,
             config=config,
         )
-        write_output(tmp, processing_class=tokenizer, card=_card(args, report))
+        _record(args, report, lora=False)
+        write_output(tmp, processing_class=tokenizer, report=report, card=_card(args, report))
     print(report.summary())
     print(f"wrote {args.output} (one layer at a time)")
     return 0
