@@ -24,6 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from . import distributed
 from .config import IRRConfig, IRRConfigError
 from .data import calibration_examples
 from .io import fingerprint
@@ -198,6 +199,12 @@ class IRRCallback(TrainerCallback):
             tokenizer=tokenizer,
         )
         config = dataclasses.replace(run_config, harmful_dataset=self.harmful_dataset or run_config.harmful_dataset)
+        sharded = distributed.sharding_kind(model, targets)
+        if config.uses_safety_stream and config.safety_term == "aligned" and sharded:
+            raise IRRConfigError(
+                f"IRRConfig.safety_term='aligned' is not supported with weights sharded by {sharded} yet (its aligned "
+                "twin stream needs whole layers): set safety_term='delta', or realign the saved model on one process"
+            )
         state = _partial_state()
         pairs = None
         if config.uses_safety_stream:  # read once (the base answers now, before training), Fisher reuses it

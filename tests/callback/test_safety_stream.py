@@ -129,3 +129,13 @@ def test_recommended_ignores_unaligned_model_and_paper_default_needs_no_safety_d
     _begin(callback, tmp_path)
     assert callback.sources["safety_vector"]["source"] == "none" and len(callback._safety_calibration) == 24
     assert IRRConfig().setting_name == "irr" and not IRRConfig().uses_safety_stream
+
+
+def test_aligned_safety_term_under_sharded_weights_is_refused_at_train_begin(tmp_path, monkeypatch):
+    from irr_callback import distributed
+
+    monkeypatch.setattr(distributed, "sharding_kind", lambda model, targets: "fsdp2")
+    with pytest.raises(IRRConfigError, match=r"safety_term='aligned' is not supported with weights sharded by fsdp2"):
+        _begin(IRRCallback(IRRConfig.recommended(), safety_dataset=refusals()), tmp_path)
+    monkeypatch.setattr(distributed, "sharding_kind", lambda model, targets: None)
+    _begin(IRRCallback(IRRConfig.recommended(), safety_dataset=refusals()), tmp_path)
