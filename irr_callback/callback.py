@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +24,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .config import IRRConfig
+from . import distributed
+from .config import IRRConfig, IRRConfigError
 from .data import calibration_examples
 from .io import fingerprint
 from .model_card import build_model_card
@@ -39,7 +41,15 @@ from .peft_utils import (
 from .pipeline import realign
 from .report import IRRReport
 from .snapshot import RunStore, take_snapshot
-from .sources import BaseContext, Resolved, resolve_fisher, resolve_safety_vector
+from .sources import (
+    BaseContext,
+    Resolved,
+    load_safety_pairs,
+    resolve_fisher,
+    resolve_safety_vector,
+    safety_calibration_examples,
+    safety_source,
+)
 from .targets import find_targets, unwrap
 from .tensors import SafetensorsMapping, canonical_name
 
@@ -68,8 +78,10 @@ class IRRCallback(TrainerCallback):
         config: the `IRRConfig` (safety inputs, calibration, callback behaviour).
         harmful_dataset: a `datasets.Dataset` of harmful prompt/response pairs for the safety vector;
             takes precedence over `IRRConfig.harmful_dataset` (a path or hub id).
-        safety_dataset: a `datasets.Dataset` of harmful prompts with safe responses for the Fisher;
-            takes precedence over `IRRConfig.safety_dataset`.
+        safety_dataset: a `datasets.Dataset` of harmful prompts with safe responses, for the Fisher and,
+            when the config uses a safety weight (e.g. `IRRConfig.recommended()`), the safety stream;
+            takes precedence over `IRRConfig.safety_dataset`. Without a response column the base
+            model's own answers are generated at train begin.
 
     Example:
 
@@ -79,6 +91,8 @@ class IRRCallback(TrainerCallback):
     >>> trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[callback])
     >>> trainer.train()  # the realigned model is saved next to the fine-tuned one
     >>> print(callback.report.summary())
+    >>> # the recommended setting: no unaligned model, only harmful prompts (+ safe responses)
+    >>> callback = IRRCallback(IRRConfig.recommended(), safety_dataset=refusals)
     ```
     """
 
@@ -95,6 +109,7 @@ class IRRCallback(TrainerCallback):
         self._snapshot: Mapping[str, torch.Tensor] | None = None
         self._safety: Mapping[str, torch.Tensor] | None = None
         self._importance: Mapping[str, torch.Tensor] | None = None
+        self._safety_calibration: list[dict] | None = None  # the safety stream's tokenized rows
         self._base_fingerprint: str | None = None
 
     def bind(self, trainer) -> IRRCallback:
@@ -113,6 +128,7 @@ class IRRCallback(TrainerCallback):
         model = self._model(model)
         tokenizer = self._tokenizer(processing_class)
         check_supported(model)
+        self._check_safety_inputs()
         run_config, targets = self._targets(model)
         names = [t.name for t in targets]
         store = RunStore(args.output_dir)
@@ -122,10 +138,37 @@ class IRRCallback(TrainerCallback):
             self._prepare(args, model, tokenizer, targets, run_config, store)
         self._run_config = run_config
         self._prepared = True
+        stream = self.sources.get("safety_calibration")
         logger.info(
             f"IRR: ready to realign {len(names)} target weights at train end "
-            f"(safety vector: {self.sources['safety_vector']['source']})"
+            f"(setting: {run_config.setting_name}, safety_weight={run_config.safety_weight!r}; "
+            f"safety vector: {self.sources['safety_vector']['source']}"
+            + (f"; safety stream: {stream['examples']} sequences" if stream else "")
+            + ")"
         )
+
+    def _check_safety_inputs(self) -> None:
+        """Before any heavy work: the safety data a safety weight needs, and enough of the training
+        data for `safety_weight='auto'` to hold some out (the safety vector's sources are checked by
+        `resolve_safety_vector`)."""
+        config = self.config
+        if not config.uses_safety_stream:
+            return
+        if safety_source(config, self.safety_dataset) is None:
+            raise IRRConfigError(
+                f"IRRConfig.safety_weight={config.safety_weight!r} needs safety_dataset: harmful prompts with safe "
+                "responses (IRRCallback(config, safety_dataset=...) or IRRConfig.safety_dataset; without a response "
+                "column the base model's own answers are generated)"
+            )
+        train = self._train_dataset()
+        if config.safety_weight == "auto" and train is not None and hasattr(train, "__len__"):
+            n = min(len(train), config.num_calibration_samples)
+            if n <= config.calibration_batch_size:
+                raise IRRConfigError(
+                    f"IRRConfig.safety_weight='auto' holds out part of the calibration data to choose λ, but "
+                    f"{n} training examples make one batch of calibration_batch_size={config.calibration_batch_size}: "
+                    "raise num_calibration_samples or lower calibration_batch_size"
+                )
 
     def _targets(self, model: nn.Module):
         """The weights to realign: every LoRA layer of a PeftModel, else `config.target_modules`."""
@@ -156,12 +199,33 @@ class IRRCallback(TrainerCallback):
             tokenizer=tokenizer,
         )
         config = dataclasses.replace(run_config, harmful_dataset=self.harmful_dataset or run_config.harmful_dataset)
+        sharded = distributed.sharding_kind(model, targets)
+        if config.uses_safety_stream and config.safety_term == "aligned" and sharded:
+            raise IRRConfigError(
+                f"IRRConfig.safety_term='aligned' is not supported with weights sharded by {sharded} yet (its aligned "
+                "twin stream needs whole layers): set safety_term='delta', or realign the saved model on one process"
+            )
         state = _partial_state()
-        with state.main_process_first():  # the main process computes; the others then hit the cache
-            safety = resolve_safety_vector(config, ctx)
+        pairs = None
+        if config.uses_safety_stream:  # read once (the base answers now, before training), Fisher reuses it
+            pairs = load_safety_pairs(config, ctx, safety_source(config, self.safety_dataset))
+            self._safety_calibration = safety_calibration_examples(config, pairs, tokenizer)
+            self._check_auto_rows(config, len(self._safety_calibration))
+        if config.needs_safety_vector:
+            with state.main_process_first():  # the main process computes; the others then hit the cache
+                safety = resolve_safety_vector(config, ctx)
+        else:  # identify_mode='none': no unaligned model, no harmful fine-tune
+            safety = Resolved(None, "none")
         # the Fisher is sharded over the processes (collectives inside): every rank at once, not main first
-        importance = resolve_fisher(config, ctx, safety_dataset=self.safety_dataset)
+        importance = resolve_fisher(config, ctx, safety_dataset=self.safety_dataset, pairs=pairs)
         self.sources = {"safety_vector": safety.describe(), "importance": importance.describe()}
+        if pairs is not None:
+            self.sources["safety_calibration"] = {
+                "source": "safety_dataset",
+                "safety_dataset": pairs.label,
+                "examples": len(self._safety_calibration),
+                "generated_responses": pairs.generated,
+            }
         persist = (
             self.config.snapshot == "disk" or str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
         )
@@ -169,19 +233,16 @@ class IRRCallback(TrainerCallback):
             if state.is_main_process:
                 if snapshot:
                     store.save("snapshot", snapshot, base_fingerprint=self._base_fingerprint, base_model=ctx.name)
-                store.save(
-                    "safety_vector",
-                    {n: safety.tensors[n] for n in names},
-                    base_fingerprint=self._base_fingerprint,
-                    base_model=ctx.name,
-                )
-                if importance.tensors is not None:
-                    store.save(
-                        "fisher",
-                        {n: importance.tensors[n] for n in names},
-                        base_fingerprint=self._base_fingerprint,
-                        base_model=ctx.name,
-                    )
+                for kind, tensors in (("safety_vector", safety.tensors), ("fisher", importance.tensors)):
+                    if tensors is not None:  # no safety vector with identify_mode='none'
+                        store.save(
+                            kind,
+                            {n: tensors[n] for n in names},
+                            base_fingerprint=self._base_fingerprint,
+                            base_model=ctx.name,
+                        )
+                if self._safety_calibration is not None:
+                    _save_rows(store, self._safety_calibration, self._base_fingerprint, self.sources)
             state.wait_for_everyone()
         if snapshot and self.config.snapshot == "disk":
             snapshot = SafetensorsMapping(store.path("snapshot"))
@@ -196,17 +257,30 @@ class IRRCallback(TrainerCallback):
             fp = self._snapshot.metadata["irr_callback.base_fingerprint"]
             if self.config.snapshot == "cpu":
                 self._snapshot = {n: self._snapshot[n] for n in dense}
-        self._safety = store.load("safety_vector", names, base_fingerprint=fp)
-        self._base_fingerprint = self._safety.metadata["irr_callback.base_fingerprint"]
+        self._safety = None
+        if run_config.needs_safety_vector:
+            self._safety = store.load("safety_vector", names, base_fingerprint=fp)
+            fp = self._safety.metadata["irr_callback.base_fingerprint"]
+        if run_config.uses_safety_stream:
+            self._safety_calibration, fp = _load_rows(store, fp)
+        self._base_fingerprint = fp
         self._importance = (
             store.load("fisher", names, base_fingerprint=self._base_fingerprint)
             if run_config.needs_importance
             else None
         )
         self.sources = {
-            "safety_vector": Resolved(None, "resumed", path=store.path("safety_vector")).describe(),
+            "safety_vector": (
+                Resolved(None, "resumed", path=store.path("safety_vector"))
+                if self._safety is not None
+                else Resolved(None, "none")
+            ).describe(),
             "importance": Resolved(None, "resumed" if self._importance is not None else "none").describe(),
         }
+        if self._safety_calibration is not None:
+            self.sources["safety_calibration"] = Resolved(
+                None, "resumed", path=_rows_path(store), info={"examples": len(self._safety_calibration)}
+            ).describe()
         logger.info(f"IRR: resumed run, base snapshot and safety inputs reloaded from {store.directory}")
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -266,6 +340,7 @@ class IRRCallback(TrainerCallback):
                 safety_vector=self._safety,
                 importance=self._importance,
                 calibration=calibration,
+                safety_calibration=self._safety_calibration,
                 config=config,
                 progress=not args.disable_tqdm,
             )
@@ -319,7 +394,7 @@ class IRRCallback(TrainerCallback):
         save_realigned(
             merged if peft else model, target, processing_class=tokenizer, report=report, card=card, extra=adapter
         )
-        logger.info(f"IRR: realigned model saved to {target}")
+        logger.info(f"IRR: realigned model saved to {target} ({report.setting_line()})")
 
     def _write_run_report(self, args) -> None:
         if self.report is not None and _partial_state().is_main_process:
@@ -344,6 +419,47 @@ class IRRCallback(TrainerCallback):
             return self._trainer.train_dataset
         loader = getattr(self, "_dataloader", None)
         return getattr(loader, "dataset", None)
+
+    def _check_auto_rows(self, config: IRRConfig, rows: int) -> None:
+        if config.safety_weight == "auto" and min(rows, config.num_safety_samples) <= config.calibration_batch_size:
+            raise IRRConfigError(
+                f"IRRConfig.safety_weight='auto' holds out part of the safety data to choose λ, but safety_dataset "
+                f"gave {rows} usable rows, one batch of calibration_batch_size={config.calibration_batch_size}: "
+                "give more rows or lower calibration_batch_size"
+            )
+
+
+_ROWS_FILE = "safety_calibration.json"
+
+
+def _rows_path(store: RunStore) -> str:
+    return os.path.join(store.directory, _ROWS_FILE)
+
+
+def _save_rows(store: RunStore, rows: list[dict], base_fingerprint: str, sources: dict) -> None:
+    """The safety stream's tokenized rows (the base model's generated answers included) for a resumed run."""
+    from .saving import atomic_file
+
+    os.makedirs(store.directory, exist_ok=True)
+    payload = {"base_fingerprint": base_fingerprint, "source": sources.get("safety_calibration"), "rows": rows}
+    with atomic_file(_rows_path(store), suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh)
+
+
+def _load_rows(store: RunStore, fingerprint: str | None) -> tuple[list[dict], str]:
+    path = _rows_path(store)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"resuming from a checkpoint but '{path}' does not exist: the safety stream's rows are persisted at "
+            "the first start of the run (the base model's answers cannot be regenerated after fine-tuning). "
+            "Start the run with IRRCallback from step 0."
+        )
+    with open(path, encoding="utf-8") as fh:
+        payload = json.load(fh)
+    recorded = payload.get("base_fingerprint")
+    if fingerprint is not None and recorded != fingerprint:
+        raise ValueError(f"'{path}' was made for base {recorded}, this run's base is {fingerprint}")
+    return payload["rows"], recorded
 
 
 def _model_name(model: nn.Module) -> str:

@@ -213,7 +213,10 @@ class IRRConfig:
     )
     safety_dataset: str | None = field(
         default=None,
-        metadata={"help": "Harmful prompts with safe responses (hub id or json/jsonl) for the Fisher importance."},
+        metadata={
+            "help": "Harmful prompts with safe responses (hub id or json/jsonl): the safety stream of safety_weight "
+            "(IRRConfig.recommended()) and the Fisher importance."
+        },
     )
     safety_prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of safety_dataset."})
     safety_response_column: str = field(

@@ -178,6 +178,62 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
     return answers
 
 
+def safety_pairs(
+    dataset,
+    *,
+    prompt_column: str,
+    response_column: str,
+    what: str,
+    fields: tuple[str, str] = ("safety_prompt_column", "safety_response_column"),
+    model=None,
+    tokenizer=None,
+    max_new_tokens: int = 128,
+    max_samples: int | None = None,
+    check_only: bool = False,
+) -> tuple[list[str], list[str], bool]:
+    """(prompts, responses, generated) of a safety dataset (harmful prompts with safe responses): the one
+    reader of safety data (Fisher importance and the safety stream alike).
+
+    Rows with an empty prompt (or an empty response, when the column exists) are dropped; without the
+    response column the base `model`'s own greedy answers are generated (as the IRR authors built their
+    Fisher data). Errors name the dataset (`what`) and the option that chose the column (`fields`).
+    `check_only`: the checks that need no model (responses not generated, [] when the column is missing)."""
+    if len(dataset) == 0:
+        raise DataError(f"{what} is empty: it needs harmful prompts with safe responses")
+    require_columns(dataset, [prompt_column], what=what, fields=[fields[0]])
+    has_response = response_column in dataset.column_names
+    prompts = list(dataset[prompt_column])
+    responses = list(dataset[response_column]) if has_response else [None] * len(prompts)
+    keep = [
+        k
+        for k, (p, r) in enumerate(zip(prompts, responses))
+        if isinstance(p, str) and p.strip() and (not has_response or (isinstance(r, str) and r.strip()))
+    ]
+    if not keep:
+        columns = f"'{prompt_column}'" + (f" and '{response_column}'" if has_response else "")
+        raise DataError(
+            f"{what} has no usable row: every one of its {len(prompts)} rows has an empty {columns} "
+            f"({fields[0]}{', ' + fields[1] if has_response else ''})"
+        )
+    if len(keep) < len(prompts):
+        logger.warning(f"IRR: {what}: {len(prompts) - len(keep)} rows with an empty prompt or response dropped")
+    if max_samples is not None:
+        keep = keep[:max_samples]
+    prompts = [prompts[k] for k in keep]
+    if has_response:
+        return prompts, [responses[k] for k in keep], False
+    if check_only:
+        return prompts, [], False
+    if model is None or tokenizer is None:
+        raise DataError(
+            f"{what} has no response column '{response_column}' ({fields[1]}), so the base model's own "
+            "responses would be generated, which needs the base model and its tokenizer here: add the "
+            "column or name it"
+        )
+    logger.info(f"IRR: generating the base model's responses to {len(prompts)} prompts of {what}")
+    return prompts, generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens), True
+
+
 def check_calibration_columns(dataset, text_column: str | None = None) -> None:
     """Fail early (before any model is loaded) when no column can feed calibration."""
     columns = list(getattr(dataset, "column_names", None) or [])

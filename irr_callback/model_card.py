@@ -18,6 +18,8 @@ _SETTINGS = (
     "calibration_max_length",
     "target_modules",
 )
+# shown when the run used the safety stream (IRRConfig.recommended() or another safety_weight != 0)
+_SAFETY_SETTINGS = ("safety_weight", "safety_term", "safety_ridge", "safety_tokens", "num_safety_samples")
 
 
 def build_model_card(
@@ -39,7 +41,11 @@ def build_model_card(
         library_name="transformers",
         tags=["irr", "safety-realignment", "irr-callback"],
     )
-    settings = "\n".join(f"| `{k}` | `{report.config.get(k)}` |" for k in _SETTINGS)
+    regularised = report.setting != "irr" or bool(report.safety_weight)
+    shown = _SETTINGS + (_SAFETY_SETTINGS if regularised else ())
+    settings = "\n".join(f"| `{k}` | `{report.config.get(k)}` |" for k in shown)
+    if regularised and report.safety_weight is not None:
+        settings += f"\n| λ used | `{report.safety_weight:g}` |"
     source_lines = "\n".join(
         f"- **{kind}**: {info.get('source')}"
         f"{' (from cache)' if info.get('cached') else ''}"
@@ -68,9 +74,7 @@ removed after training with **IRR** (identify, remove, recalibrate; Wu et al., "
 the Chaff", Findings of ACL 2025, arXiv:2412.11041), applied by
 {applied_by}.
 
-Every fine-tuning delta whose sign conflicts with the safety vector v = W_aligned − W_unaligned was reset
-to the base value{", ranked by Fisher importance" if report.config.get("remove_ratio", 1.0) < 1 else ""};
-the kept deltas were recalibrated (OBS update) to preserve each layer's output on {calibration}.
+{_method(report, calibration)}
 
 ## Safety inputs
 
@@ -87,7 +91,7 @@ the kept deltas were recalibrated (OBS update) to preserve each layer's output o
 {totals["removed"]:,} of {totals["entries"]:,} target weight entries ({100 * totals["removed_fraction"]:.2f}%)
 in {totals["modules"]} modules; sign conflicts: {100 * totals["conflict_fraction"]:.2f}%;
 {len(totals["fell_back_to_removal"])} modules kept plain removal because recalibration did worse.
-Calibration: {report.calibration_sequences} sequences, {report.calibration_tokens} tokens.
+Calibration: {report.calibration_sequences} sequences, {report.calibration_tokens} tokens.{_safety_line(report)}
 
 | layer | modules | conflicts | removed | removed % |
 |---|---|---|---|---|
@@ -98,3 +102,44 @@ Full per-module statistics: `irr_report.json`.
 IRR reduces, but does not guarantee the absence of, harmful behaviour: evaluate before deploying.
 """
     return ModelCard(content)
+
+
+def _method(report: IRRReport, calibration: str) -> str:
+    """What was done, in words: the paper's IRR, or the safety-regularised recalibration and its λ."""
+    config = report.config
+    ranked = ", ranked by Fisher importance" if config.get("remove_ratio", 1.0) < 1 else ""
+    removal = (
+        "No delta was removed by sign (`identify_mode='none'`, no safety vector needed)"
+        if config.get("identify_mode") == "none"
+        else "Every fine-tuning delta whose sign conflicts with the safety vector v = W_aligned − W_unaligned was "
+        f"reset to the base value{ranked}"
+    )
+    if report.setting == "irr" and not report.safety_weight:
+        return (
+            f"Setting: **irr** (the paper's IRR, `IRRConfig()`). {removal}; the kept deltas were recalibrated "
+            f"(OBS update) to preserve each layer's output on {calibration}."
+        )
+    preset = " (`IRRConfig.recommended()`, the setting the irr-callback README recommends)" * (
+        report.setting == "recommended"
+    )
+    if report.safety_weight is None:
+        weight = "λ (not chosen: the run failed)"
+    elif report.auto:
+        weight = (
+            f"λ = {report.safety_weight:g}, chosen by `safety_weight='auto'` from held-out calibration and safety data"
+        )
+    else:
+        weight = f"λ = {report.safety_weight:g}"
+    target = "the aligned model's outputs on its own activations" if config.get("safety_term") == "aligned" else "zero"
+    return (
+        f"Setting: **{report.setting}**{preset}, safety-regularised recalibration (beyond the paper). {removal}; "
+        f"the deltas were recalibrated to preserve each layer's output on {calibration} while holding its "
+        f"output on harmful prompts with safe responses (the safety stream) at {target}, with safety weight "
+        f"{weight}."
+    )
+
+
+def _safety_line(report: IRRReport) -> str:
+    if not report.safety_sequences:
+        return ""
+    return f"\nSafety stream: {report.safety_sequences} sequences, {report.safety_tokens} tokens."

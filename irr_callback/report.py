@@ -111,10 +111,18 @@ class IRRReport:
 
     def setting_summary(self) -> str:
         """'' for the paper's IRR; else the setting and λ (and that 'auto' chose it)."""
-        if not self.safety_weight:
+        if self.setting == "irr" and not self.safety_weight:
             return ""
+        return "; " + self.setting_line()
+
+    def setting_line(self) -> str:
+        """The setting in words, for log lines and the model card: 'setting irr (the paper's IRR)' or
+        e.g. "setting recommended, safety weight λ=0.2 chosen by safety_weight='auto'"."""
+        if self.setting == "irr" and not self.safety_weight:
+            return "setting irr (the paper's IRR)"
+        weight = "not chosen" if self.safety_weight is None else f"{self.safety_weight:g}"
         chosen = " chosen by safety_weight='auto'" if self.auto else ""
-        return f"; setting {self.setting}, safety weight λ={self.safety_weight:g}{chosen}"
+        return f"setting {self.setting}, safety weight λ={weight}{chosen}"
 
 
 def _sum_or_none(values) -> float | None:

@@ -16,6 +16,13 @@ LoRA on q/v with an existing unaligned model, on 8 GPUs:
         --unaligned_model my-org/llama-2-7b-chat-unaligned --lora_output both \\
         --output_dir out/code-irr-lora --bf16
 
+The recommended setting (IRRConfig.recommended(): no unaligned model, no harmful fine-tune; only
+harmful prompts with safe responses, or prompts alone and the base model writes its own answers):
+
+    python recipes/sft_irr.py \\
+        --model_name_or_path meta-llama/Llama-3.2-1B-Instruct --dataset train.jsonl \\
+        --preset recommended --safety_dataset refusals.jsonl --output_dir out/sft-irr
+
 From a YAML file holding the same keys:  python recipes/sft_irr.py config.yaml
 With TRL's SFTTrainer (pip install trl): add --use_trl.
 
@@ -54,6 +61,15 @@ class ScriptArguments:
         default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Modules the adapter wraps."}
     )
     use_trl: bool = field(default=False, metadata={"help": "Train with trl.SFTTrainer instead of Trainer."})
+    preset: str = field(
+        default="paper",
+        metadata={
+            "help": "'paper': the IRRConfig flags as given (IRRConfig(), the paper's IRR, by default). "
+            "'recommended': IRRConfig.recommended() (identify_mode none, safety_weight auto, safety_term aligned; "
+            "needs --safety_dataset, no unaligned model); IRRConfig flags set to a non-default value override it.",
+            "choices": ["paper", "recommended"],
+        },
+    )
 
 
 def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, IRRConfig, TrainingArguments]:
@@ -64,7 +80,17 @@ def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, IRRConfig, Tr
         script, irr, args = parser.parse_yaml_file(argv[0])
     else:
         script, irr, args = parser.parse_args_into_dataclasses(argv)
-    return script, irr, args
+    return script, with_preset(irr, script.preset), args
+
+
+def with_preset(irr: IRRConfig, preset: str) -> IRRConfig:
+    """`irr` itself ('paper'), or `IRRConfig.recommended()` with the fields `irr` sets to a non-default value."""
+    if preset == "paper":
+        return irr
+    if preset != "recommended":
+        raise ValueError(f"--preset must be 'paper' or 'recommended', got {preset!r}")
+    defaults = IRRConfig().to_dict()
+    return IRRConfig.recommended(**{k: v for k, v in irr.to_dict().items() if v != defaults[k]})
 
 
 def build_trainer(script: ScriptArguments, irr: IRRConfig, args: TrainingArguments):

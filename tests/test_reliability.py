@@ -255,7 +255,7 @@ def test_callback_harmful_and_safety_data_are_checked_naming_column_or_field(ckp
         IRRConfig(safety_vector=paths["v"], remove_ratio=0.5, cache_dir=str(tmp_path / "c")), safety_dataset=empty
     )
     args = TrainingArguments(str(tmp_path / "run"), report_to=[], use_cpu=True, save_strategy="no")
-    with pytest.raises(DataError, match="none of the 0 prompt/response examples"):
+    with pytest.raises(DataError, match="safety_dataset is empty"):
         callback.on_train_begin(
             args, TrainerState(), TrainerControl(), model=copy.deepcopy(base), processing_class=tiny_tokenizer()
         )

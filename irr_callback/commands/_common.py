@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
-from ..config import IRRConfig
+from ..config import RECOMMENDED, IRRConfig
 from ..tensors import SafetensorsMapping
 
 
 # IRRConfig fields that make sense on the command line of `irr apply` / `irr sweep`; the
 # callback-only fields (snapshot, realign_checkpoints, ...) and the safety-input paths, which
-# have their own --dashed flags, are left out.
+# have their own --dashed flags, are left out. The safety_* fields drive the safety stream
+# (safety-regularised recalibration, `IRRConfig.recommended()`), read from --safety-data.
 CORE_FIELDS = (
     "remove_ratio",
     "remove_more",
@@ -34,7 +35,16 @@ CORE_FIELDS = (
     "calibration_max_length",
     "calibration_batch_size",
     "device",
+    "safety_weight",
+    "safety_term",
+    "safety_ridge",
+    "safety_tokens",
+    "num_safety_samples",
+    "safety_max_new_tokens",
 )
+
+#: --preset values: the paper's IRR (`IRRConfig()`) or the recommended setting (`IRRConfig.recommended()`)
+PRESETS = ("paper", "recommended")
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,14 +63,24 @@ def _to_bool(text: str) -> bool:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """One `--field` flag per core IRRConfig field, typed and documented from the dataclass."""
-    group = parser.add_argument_group("IRR settings (IRRConfig)")
+    """One `--field` flag per core IRRConfig field, typed and documented from the dataclass.
+
+    A flag left out stays out of the namespace (`argparse.SUPPRESS`), so `config_from_args` can tell
+    what the user set: the preset (`--preset`) fills the rest."""
+    group = parser.add_argument_group(
+        "IRR settings (IRRConfig; the defaults shown are IRRConfig()'s, --preset recommended changes "
+        f"{', '.join(sorted(RECOMMENDED))} unless given)"
+    )
     hints = typing.get_type_hints(IRRConfig)
     for f in dataclasses.fields(IRRConfig):
         if f.name not in CORE_FIELDS or f.name in exclude:
             continue
         hint = hints[f.name]
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs: dict[str, Any] = {
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"),
+        }
         if hint is bool:
             kwargs.update(type=_to_bool, metavar="BOOL")
         elif hint in (int, float, str):
@@ -74,10 +94,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
         group.add_argument(f"--{f.name}", f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace, **overrides: Any) -> IRRConfig:
+def config_from_args(args: argparse.Namespace, *, preset: str = "paper", **overrides: Any) -> IRRConfig:
+    """The IRRConfig of the flags given (and `overrides`) on top of the preset: `IRRConfig()` ('paper')
+    or `IRRConfig.recommended()` ('recommended')."""
     values = {name: getattr(args, name) for name in CORE_FIELDS if hasattr(args, name)}
     values.update(overrides)
-    return IRRConfig(**values)
+    return IRRConfig.recommended(**values) if preset == "recommended" else IRRConfig(**values)
 
 
 def check_exists(path: str | None, flag: str, *, allow_hub_id: bool = False) -> None:

@@ -1,12 +1,24 @@
 """Post-hoc IRR on saved checkpoints.
 
   irr apply --base ALIGNED --finetuned FT_DIR --unaligned UNALIGNED_DIR \\
-            --calibration-data train.jsonl --output FT_DIR-irr
+            --calibration-data train.jsonl --output FT_DIR-irr                 # the paper's IRR
+
+  irr apply --base ALIGNED --finetuned FT_DIR --safety-data refusals.jsonl \\
+            --calibration-data train.jsonl --output FT_DIR-irr                 # the recommended preset
 
 `--finetuned` may be a full model directory or a LoRA adapter directory (its base must be
 `--base`). The safety vector comes from `--unaligned` (streamed from its safetensors) or from a
 file written by `irr safety-vector`; Fisher importance (only for --remove_ratio < 1) from
-`--fisher` or `--safety-data`. The output directory is written atomically.
+`--fisher` or `--safety-data`.
+
+With only `--safety-data` (harmful prompts with safe responses; no --unaligned, no --safety-vector)
+the preset is the recommended one, `IRRConfig.recommended()`: nothing removed by sign, the deltas
+recalibrated with a safety stream and `--safety_weight auto` (λ chosen from held-out calibration and
+safety data); no unaligned model is needed. `--preset paper|recommended` chooses explicitly; any
+IRRConfig flag given overrides the preset. Without a response column the base model's own answers are
+generated. `--low-memory` needs a number for --safety_weight (auto scores candidates with the whole
+model in memory): run once in memory or take the λ an earlier report chose. The output directory is
+written atomically; its irr_report.json and README.md name the setting and the λ used.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ import argparse
 import copy
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +39,7 @@ from ..output import save_realigned, write_output
 from ..saving import atomic_directory
 from ..tensors import SafetensorsMapping, as_tensor_mapping
 from ._common import (
+    PRESETS,
     CLIError,
     adapter_base_name,
     add_config_arguments,
@@ -62,16 +75,34 @@ def add_input_arguments(p: argparse.ArgumentParser) -> None:
     """Models, safety inputs and calibration data (shared with `irr sweep`)."""
     p.add_argument("--base", required=True, help="The aligned model the fine-tune started from (directory or hub id).")
     p.add_argument("--finetuned", required=True, help="The fine-tuned model directory, or a LoRA adapter directory.")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--unaligned", help="Unaligned model (directory or hub id); v = base - unaligned, streamed.")
     src.add_argument("--safety-vector", help="A safety-vector .safetensors file from `irr safety-vector`.")
-    imp = p.add_mutually_exclusive_group()
-    imp.add_argument("--fisher", help="A Fisher .safetensors file from `irr fisher` (needed for --remove_ratio < 1).")
-    imp.add_argument(
-        "--safety-data", help="Harmful prompts with safe responses (json/jsonl/hub id) to compute Fisher."
+    p.add_argument("--fisher", help="A Fisher .safetensors file from `irr fisher` (needed for --remove_ratio < 1).")
+    p.add_argument(
+        "--safety-data",
+        help="Harmful prompts with safe responses (json/jsonl/hub id): the safety stream of --safety_weight "
+        "(the recommended preset) and the Fisher when --fisher is not given. Given alone (no --unaligned, "
+        "no --safety-vector), it selects the recommended preset: no unaligned model needed.",
     )
-    p.add_argument("--safety-prompt-column", default="prompt", help="Prompt column of --safety-data.")
-    p.add_argument("--safety-response-column", default="response", help="Response column of --safety-data.")
+    p.add_argument(
+        "--safety-prompt-column", default="prompt", help="Prompt column of --safety-data (default: prompt)."
+    )
+    p.add_argument(
+        "--safety-response-column",
+        default="response",
+        help="Response column of --safety-data (default: response); if absent, the base model's own answers are "
+        "generated (not with --low-memory).",
+    )
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="'paper': IRRConfig(), the paper's IRR (needs --unaligned or --safety-vector). 'recommended': "
+        "IRRConfig.recommended() (identify_mode none, safety_weight auto, safety_term aligned; needs only "
+        "--safety-data). Default: recommended when only --safety-data is given, else paper. IRRConfig flags "
+        "given override the preset.",
+    )
     p.add_argument(
         "--calibration-data",
         required=True,
@@ -99,15 +130,33 @@ class Inputs:
     base_map: Mapping[str, Any] | None  # the aligned weights (None for LoRA: the frozen weight is the base)
     tokenizer: Any
     lora: bool
-    safety_vector: Mapping[str, Any]
+    safety_vector: Mapping[str, Any] | None  # None when no config reads it (identify_mode="none")
     importance: Mapping[str, Any] | None
     calibration: list[dict]
+    safety_calibration: list[dict] | None = None  # the safety stream's rows, when a safety weight is used
+    safety_generated: bool = False  # its responses were generated by the base model
 
 
-def check_args(args: argparse.Namespace, config: IRRConfig, *, needs_importance: bool | None = None) -> Any:
+def chosen_preset(args: argparse.Namespace) -> str:
+    """--preset, else 'recommended' when only --safety-data names a safety input, else 'paper'."""
+    if args.preset:
+        return args.preset
+    return "recommended" if args.safety_data and not (args.unaligned or args.safety_vector) else "paper"
+
+
+def make_config(args: argparse.Namespace, **overrides: Any) -> IRRConfig:
+    """The run's IRRConfig: the flags given on top of the chosen preset."""
+    return config_from_args(args, preset=chosen_preset(args), **overrides)
+
+
+def _any(configs: Sequence[IRRConfig], what: str) -> bool:
+    return any(getattr(c, what) for c in configs)
+
+
+def check_args(args: argparse.Namespace, config: IRRConfig, *, variants: Sequence[IRRConfig] = ()) -> Any:
     """Every check that needs no model, before any heavy work; returns the calibration dataset.
 
-    `needs_importance` overrides `config.needs_importance` (a sweep needs Fisher if any ratio < 1)."""
+    `variants`: the other configs of the run (a sweep's grid); an input any of them needs is checked."""
     from ..data import check_calibration_columns, load_examples, require_columns
 
     check_exists(args.base, "--base", allow_hub_id=True)
@@ -117,14 +166,23 @@ def check_args(args: argparse.Namespace, config: IRRConfig, *, needs_importance:
     check_exists(args.fisher, "--fisher")
     check_exists(args.safety_data, "--safety-data", allow_hub_id=True)
     check_exists(args.calibration_data, "--calibration-data", allow_hub_id=True)
-    needs = config.needs_importance if needs_importance is None else needs_importance
+    configs = [config, *variants]
+    needs = _any(configs, "needs_importance")
+    if _any(configs, "needs_safety_vector") and not (args.unaligned or args.safety_vector):
+        raise CLIError(
+            f"no safety vector: identify_mode={config.identify_mode!r} (preset {chosen_preset(args)}) needs "
+            "--unaligned or --safety-vector; or give only --safety-data for the recommended preset "
+            "(--preset recommended), which needs no unaligned model"
+        )
     if needs and not (args.fisher or args.safety_data):
         raise CLIError(
             f"--remove_ratio {config.remove_ratio} < 1 ranks by Fisher importance: pass --fisher or --safety-data"
         )
     calibration_data = load_examples(args.calibration_data, what="--calibration-data")
     check_calibration_columns(calibration_data, args.calibration_text_column)
-    if needs and args.safety_data:
+    if _any(configs, "uses_safety_stream"):
+        _check_safety_stream(args, configs, len(calibration_data))
+    if needs and args.safety_data and not args.fisher:
         require_columns(
             load_examples(args.safety_data, what="--safety-data"),
             [args.safety_prompt_column, args.safety_response_column],
@@ -145,10 +203,54 @@ def check_args(args: argparse.Namespace, config: IRRConfig, *, needs_importance:
     return calibration_data
 
 
+def _check_safety_stream(args: argparse.Namespace, configs: Sequence[IRRConfig], calibration_rows: int) -> None:
+    """A safety weight needs --safety-data with usable rows (and, for 'auto', enough of both data sets
+    to hold some out); --low-memory needs a number and a response column."""
+    from ..data import load_examples, require_columns
+
+    weights = sorted({str(c.safety_weight) for c in configs if c.uses_safety_stream})
+    if not args.safety_data:
+        raise CLIError(
+            f"--safety_weight {', '.join(weights)} needs --safety-data: harmful prompts with safe responses "
+            "(json/jsonl/hub id)"
+        )
+    auto = any(c.safety_weight == "auto" for c in configs)
+    low_memory = getattr(args, "low_memory", False)
+    if low_memory and auto:
+        raise CLIError(
+            "--low-memory needs a number for --safety_weight: 'auto' scores its candidates with the whole model "
+            "in memory. Run `irr apply` without --low-memory once, or pass the λ an earlier run chose "
+            "(irr_report.json: safety_weight)"
+        )
+    rows = load_examples(args.safety_data, what="--safety-data")
+    if low_memory:
+        if len(rows):
+            require_columns(
+                rows,
+                [args.safety_response_column],
+                what="--safety-data (--low-memory cannot generate the base model's answers)",
+                fields=["--safety-response-column"],
+            )
+    prompts, _, _ = _read_safety_data(args, rows, check_only=True)
+    config = configs[0]
+    if auto:
+        for flag, n, limit in (
+            ("--calibration-data", calibration_rows, config.num_calibration_samples),
+            ("--safety-data", len(prompts), config.num_safety_samples),
+        ):
+            if min(n, limit) <= config.calibration_batch_size:
+                raise CLIError(
+                    f"--safety_weight auto holds out part of {flag} to choose λ, but its {min(n, limit)} rows make "
+                    f"one batch of --calibration_batch_size {config.calibration_batch_size}: give more rows or "
+                    "lower --calibration_batch_size"
+                )
+
+
 def load_inputs(
-    args: argparse.Namespace, config: IRRConfig, calibration_data: Any, *, needs_importance: bool | None = None
+    args: argparse.Namespace, config: IRRConfig, calibration_data: Any, *, variants: Sequence[IRRConfig] = ()
 ) -> Inputs:
-    """Load the models and resolve the safety vector, the Fisher importance and the calibration."""
+    """Load the models and resolve the safety vector, the Fisher importance, the calibration and (with a
+    safety weight) the safety stream's rows; `variants` as for `check_args`."""
     from ..data import calibration_examples
     from ..safety import safety_vector
     from ..targets import find_targets
@@ -175,12 +277,17 @@ def load_inputs(
     _, _, targets = find_targets(model, config.target_modules)
     names = [t.name for t in targets]
     reference = base_map if base_map is not None else as_tensor_mapping(model, what="base")
+    configs = [config, *variants]
+    v = None
     if args.safety_vector:
         v = load_irr_file(args.safety_vector, kind="safety_vector", base=reference)
-    else:
+    elif _any(configs, "needs_safety_vector"):
         v = safety_vector(reference, local_or_download(args.unaligned), names=names, sign_only=True)
+    safety_rows, generated = None, False
+    if _any(configs, "uses_safety_stream"):
+        safety_rows, generated = _safety_rows(args, config, base_model if not lora else model, tokenizer, lora)
     importance = None
-    if config.needs_importance if needs_importance is None else needs_importance:
+    if _any(configs, "needs_importance"):
         importance = (
             load_irr_file(args.fisher, kind="fisher", base=reference)
             if args.fisher
@@ -201,6 +308,43 @@ def load_inputs(
         safety_vector=v,
         importance=importance,
         calibration=calib,
+        safety_calibration=safety_rows,
+        safety_generated=generated,
+    )
+
+
+def _safety_rows(args, config: IRRConfig, base_model, tokenizer, lora: bool) -> tuple[list[dict], bool]:
+    """--safety-data tokenized like the calibration data (`data.tokenize_pairs`: the chat template when the
+    tokenizer has one, labels -100 on the prompt); missing responses are the base model's own answers
+    (a LoRA model generates with its adapter disabled)."""
+    import contextlib
+
+    from ..data import load_examples, tokenize_pairs
+
+    rows = load_examples(args.safety_data, what="--safety-data")
+    with base_model.disable_adapter() if lora else contextlib.nullcontext():
+        prompts, responses, generated = _read_safety_data(
+            args,
+            rows,
+            model=base_model,
+            tokenizer=tokenizer,
+            max_new_tokens=config.safety_max_new_tokens,
+            max_samples=config.num_safety_samples,
+        )
+    return tokenize_pairs(tokenizer, prompts, responses, max_length=config.calibration_max_length), generated
+
+
+def _read_safety_data(args, rows, **kwargs):
+    """`data.safety_pairs` on --safety-data, its errors naming the flags."""
+    from ..data import safety_pairs
+
+    return safety_pairs(
+        rows,
+        prompt_column=args.safety_prompt_column,
+        response_column=args.safety_response_column,
+        what="--safety-data",
+        fields=("--safety-prompt-column", "--safety-response-column"),
+        **kwargs,
     )
 
 
@@ -214,6 +358,7 @@ def realign_inputs(inputs: Inputs, config: IRRConfig, *, copy_model: bool = Fals
         base=inputs.base_map,
         safety_vector=inputs.safety_vector,
         calibration=inputs.calibration,
+        safety_calibration=inputs.safety_calibration,
         importance=inputs.importance,
         config=config,
         progress=progress,
@@ -224,18 +369,32 @@ def realign_inputs(inputs: Inputs, config: IRRConfig, *, copy_model: bool = Fals
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = make_config(args)
     check_output(args.output, "--output", args.overwrite)
     calibration_data = check_args(args, config)
     if args.low_memory:
         return _run_low_memory(args, config, calibration_data)
     inputs = load_inputs(args, config, calibration_data)
     model, report = realign_inputs(inputs, config)
-    report.extra.update({"base_model": args.base, "finetuned": args.finetuned, "lora": inputs.lora})
-    save_realigned(model, args.output, processing_class=inputs.tokenizer, report=report, card=_card(args, report))
+    _record(args, report, lora=inputs.lora, generated=inputs.safety_generated)
+    card = _card(args, report, generated=inputs.safety_generated)
+    save_realigned(model, args.output, processing_class=inputs.tokenizer, report=report, card=card)
     print(report.summary())
     print(f"wrote {args.output}")
     return 0
+
+
+def _record(args, report, *, lora: bool, generated: bool = False) -> None:
+    """What `irr apply` adds to the report's `extra`: its inputs, the preset and the safety-input sources."""
+    report.extra.update(
+        {
+            "base_model": args.base,
+            "finetuned": args.finetuned,
+            "lora": lora,
+            "preset": chosen_preset(args),
+            "safety_inputs": _sources(args, report, generated=generated),
+        }
+    )
 
 
 def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_data: Any) -> int:
@@ -245,7 +404,7 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
 
     if is_adapter_dir(args.finetuned):
         raise CLIError("--low-memory: --finetuned is a LoRA adapter; adapters are small, run without --low-memory")
-    if args.safety_data:
+    if config.needs_importance and not args.fisher:
         raise CLIError(
             "--low-memory: Fisher from --safety-data needs the whole model; compute it once with "
             "`irr fisher` and pass --fisher"
@@ -254,15 +413,16 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
         if not os.path.isdir(path):
             raise CLIError(f"--low-memory: {flag} must be a local directory with safetensors shards, got '{path}'")
     base = SafetensorsMapping(args.base)
-    v = (
-        load_irr_file(args.safety_vector, kind="safety_vector", base=base)
-        if args.safety_vector
-        else local_or_download(args.unaligned)
-    )
-    if not args.safety_vector:
+    v = None
+    if args.safety_vector:
+        v = load_irr_file(args.safety_vector, kind="safety_vector", base=base)
+    elif config.needs_safety_vector:
         from ..safety import safety_vector as make_vector
 
-        v = make_vector(base, v, names=target_parameter_names(args.finetuned, config.target_modules), sign_only=True)
+        unaligned = local_or_download(args.unaligned)
+        v = make_vector(
+            base, unaligned, names=target_parameter_names(args.finetuned, config.target_modules), sign_only=True
+        )
     importance = load_irr_file(args.fisher, kind="fisher", base=base) if config.needs_importance else None
     tokenizer = load_tokenizer(args.finetuned, args.base)
     calibration = calibration_examples(
@@ -272,6 +432,9 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
         max_length=config.calibration_max_length,
         text_column=args.calibration_text_column,
     )
+    safety_rows = None
+    if config.uses_safety_stream:  # responses from the file only (checked): nothing to generate with
+        safety_rows, _ = _safety_rows(args, config, None, tokenizer, False)
     with atomic_directory(args.output) as tmp:
         os.rmdir(tmp)  # realign_checkpoint writes (atomically) into a fresh directory of its own
         report = realign_checkpoint(
@@ -280,10 +443,12 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
             safety_vector=v,
             calibration=calibration,
             output_dir=tmp,
+            safety_calibration=safety_rows,
             importance=importance,
             config=config,
         )
-        write_output(tmp, processing_class=tokenizer, card=_card(args, report))
+        _record(args, report, lora=False)
+        write_output(tmp, processing_class=tokenizer, report=report, card=_card(args, report))
     print(report.summary())
     print(f"wrote {args.output} (one layer at a time)")
     return 0
@@ -319,17 +484,32 @@ def _fisher_from_data(model, tokenizer, args, names, config):
     return scores
 
 
-def _card(args, report):
+def _sources(args, report, *, generated: bool = False) -> dict[str, dict[str, Any]]:
+    """Where each safety input came from, for the report and the model card."""
+    config = report.config
+    sources: dict[str, dict[str, Any]] = {}
+    if config.get("identify_mode") == "none":
+        sources["safety_vector"] = {"source": "none (identify_mode='none': nothing removed by sign)"}
+    else:
+        sources["safety_vector"] = {"source": args.safety_vector or f"unaligned model {args.unaligned}"}
+    if config.get("remove_ratio", 1.0) < 1 and config.get("identify_mode") not in ("none", "random"):
+        sources["fisher"] = {"source": args.fisher or f"--safety-data {args.safety_data}"}
+    if report.safety_sequences:
+        answers = ", responses generated by the base model" if generated else ""
+        sources["safety_calibration"] = {
+            "source": f"--safety-data {args.safety_data} ({report.safety_sequences} sequences{answers})"
+        }
+    return sources
+
+
+def _card(args, report, *, generated: bool = False):
     """The model card of `irr apply`'s output: the callback's card, saying how this one was made."""
     from ..model_card import build_model_card
 
-    sources = {"safety_vector": {"source": args.safety_vector or f"unaligned model {args.unaligned}"}}
-    if report.config.get("remove_ratio", 1.0) < 1:
-        sources["fisher"] = {"source": args.fisher or f"--safety-data {args.safety_data}"}
     return build_model_card(
         report,
         base_model=args.base,
-        sources=sources,
+        sources=_sources(args, report, generated=generated),
         applied_by=f"`irr apply` to the fine-tuned model `{args.finetuned}`",
         calibration="the calibration data",
     )

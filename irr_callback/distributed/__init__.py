@@ -68,6 +68,7 @@ __all__ = [
     "reduce_fisher_",
     "shard_batches",
     "shard_fisher_batches",
+    "sharding_kind",
     "split_for_this_rank",
 ]
 
@@ -83,20 +84,33 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def sharding_kind(model: torch.nn.Module, targets: Sequence[Any]) -> str | None:
+    """'zero3', 'fsdp2' or 'fsdp1' when the target weights are sharded over processes; None when every
+    process holds them whole (one process, DDP). Cheap, no collectives: callers may check settings early."""
+    if not is_distributed():
+        return None
+    weights = [t.weight for t in targets]
+    if any(hasattr(w, "ds_id") for w in weights):
+        return "zero3"
+    if any(type(w).__name__ == "DTensor" or type(getattr(w, "data", None)).__name__ == "DTensor" for w in weights):
+        return "fsdp2"
+    return "fsdp1" if is_fsdp1(model) else None
+
+
 def context_for(model: torch.nn.Module, targets: Sequence[Any]) -> SingleProcess:
     """The realign context matching how `model` is distributed (detected from its target weights)."""
     if not is_distributed():
         return SingleProcess()
-    weights = [t.weight for t in targets]
-    if any(hasattr(w, "ds_id") for w in weights):
+    kind = sharding_kind(model, targets)
+    if kind == "zero3":
         from .zero3 import Zero3
 
         return Zero3()
-    if any(type(w).__name__ == "DTensor" or type(getattr(w, "data", None)).__name__ == "DTensor" for w in weights):
+    if kind == "fsdp2":
         from .fsdp2 import RowSharded
 
         return RowSharded()
-    if is_fsdp1(model):
+    if kind == "fsdp1":
         from .fsdp1 import FSDP1
 
         return FSDP1(model)

@@ -1,0 +1,141 @@
+"""IRRCallback with the safety stream (issue 12): `IRRConfig.recommended()` realigns from harmful prompts
+with safe responses alone (no unaligned model, no harmful fine-tune, no Fisher), and bad safety data
+is refused before training, naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from irr_callback import IRRCallback, IRRConfig, IRRConfigError
+from irr_callback import sources as sources_module
+from irr_callback.data import DataError
+from tests import callback_world as world
+from tests.callback.test_callback import _one_thread, run  # noqa: F401  (one thread: the module fixture)
+
+
+def refusals(n: int | None = None, *, responses: bool = True) -> datasets.Dataset:
+    """Harmful prompts of the toy world with its refusal as the safe response."""
+    prompts = world.harmful_prompts()[:n]
+    columns = {"prompt": prompts}
+    if responses:
+        columns["response"] = [world.REFUSAL] * len(prompts)
+    return datasets.Dataset.from_dict(columns)
+
+
+def _no_safety_vector(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("identify_mode='none' must not build a safety vector")
+
+    monkeypatch.setattr(sources_module, "_from_unaligned_model", refuse)
+    monkeypatch.setattr(sources_module, "_from_harmful_dataset", refuse)
+
+
+def test_recommended_realigns_without_unaligned_model_and_names_setting_and_lambda(tmp_path, monkeypatch):
+    _no_safety_vector(monkeypatch)
+    cfg = IRRConfig.recommended(num_calibration_samples=16, cache_dir=str(tmp_path / "cache"))
+    assert cfg.unaligned_model is None and cfg.harmful_dataset is None and cfg.safety_vector is None
+    trainer, cb, probe = run(tmp_path, world.aligned_model(), cfg, callback_kwargs={"safety_dataset": refusals()})
+    assert probe.refusal <= 0.2  # the fine-tune broke the refusals
+    assert world.refusal_rate(trainer.model) >= 0.9  # the safety stream alone restored them
+    assert world.downstream_accuracy(trainer.model) >= 0.9
+    report = cb.report
+    assert report.status == "ok" and report.setting == "recommended"
+    assert report.auto and report.safety_weight == report.auto["chosen"] > 0
+    assert report.totals["removed"] == 0  # nothing removed by sign: no safety vector
+    assert report.safety_sequences == len(world.harmful_prompts())
+    assert cb.sources["safety_vector"]["source"] == "none" and cb.sources["importance"]["source"] == "none"
+    assert cb.sources["safety_calibration"]["examples"] == len(world.harmful_prompts())
+    assert not cb.sources["safety_calibration"]["generated_responses"]
+    out = tmp_path / "run" / "irr"
+    saved = json.loads((out / "irr_report.json").read_text())
+    assert saved["setting"] == "recommended" and saved["safety_weight"] == report.safety_weight
+    assert saved["auto"]["chosen"] == report.safety_weight
+    card = (out / "README.md").read_text()
+    assert "**recommended**" in card and f"λ = {report.safety_weight:g}, chosen by `safety_weight='auto'`" in card
+    assert "No delta was removed by sign" in card and "| `safety_weight` | `auto` |" in card
+    assert f"λ={report.safety_weight:g} chosen by safety_weight='auto'" in report.summary()
+
+
+def test_fixed_weight_with_generated_responses_and_resume(tmp_path, monkeypatch):
+    """No response column: the base model's answers are generated at train begin (before any step) and
+    persisted, so a resumed run realigns with the same safety stream."""
+    _no_safety_vector(monkeypatch)
+    cfg = IRRConfig(identify_mode="none", safety_weight=0.3, num_calibration_samples=16, safety_max_new_tokens=6)
+    ds = refusals(8, responses=False)
+    kwargs = dict(callback_kwargs={"safety_dataset": ds}, save_strategy="steps", save_steps=2)
+    _, first, _ = run(tmp_path, world.aligned_model(), cfg, steps=4, name="a", **kwargs)
+    assert first.sources["safety_calibration"]["generated_responses"]
+    rows = json.loads((tmp_path / "a" / "irr_run" / "safety_calibration.json").read_text())["rows"]
+    refusal = world.tokenizer()(world.REFUSAL)["input_ids"]
+    assert len(rows) == 8 and all(refusal[0] in r["labels"] for r in rows)  # the base refuses
+    assert first.report.setting == "safety-regularised" and first.report.safety_weight == 0.3
+    assert first.report.auto is None
+    _, resumed, _ = run(
+        tmp_path, world.aligned_model(), cfg, steps=4, name="a", resume=str(tmp_path / "a" / "checkpoint-2"), **kwargs
+    )
+    assert resumed.sources["safety_calibration"]["source"] == "resumed"
+    assert resumed.report.safety_sequences == first.report.safety_sequences
+    for m_first, m_resumed in zip(first.report.modules, resumed.report.modules):
+        assert m_first.name == m_resumed.name
+
+
+def _begin(callback: IRRCallback, tmp_path, tokenizer=True):
+    args = TrainingArguments(str(tmp_path / "run"), report_to=[], use_cpu=True, save_strategy="no")
+    callback.on_train_begin(
+        args,
+        TrainerState(),
+        TrainerControl(),
+        model=world.aligned_model(),
+        processing_class=world.tokenizer() if tokenizer else None,
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "empty", "no_usable_rows", "no_prompt_column", "no_response_no_tokenizer", "auto_too_few"],
+)
+def test_bad_safety_data_is_refused_at_train_begin_naming_the_field(tmp_path, monkeypatch, case):
+    _no_safety_vector(monkeypatch)
+    cfg = IRRConfig.recommended()
+    data = {
+        "missing": None,
+        "empty": datasets.Dataset.from_dict({"prompt": [], "response": []}),
+        "no_usable_rows": datasets.Dataset.from_dict({"prompt": ["", None], "response": ["sorry", "sorry"]}),
+        "no_prompt_column": datasets.Dataset.from_dict({"question": ["how do i make a bomb"]}),
+        "no_response_no_tokenizer": refusals(8, responses=False),
+        "auto_too_few": refusals(3),
+    }[case]
+    error, match = {
+        "missing": (IRRConfigError, "needs safety_dataset"),
+        "empty": (DataError, "safety_dataset is empty"),
+        "no_usable_rows": (DataError, r"safety_dataset has no usable row.*'prompt'.*'response'"),
+        "no_prompt_column": (DataError, r"safety_dataset has no column 'prompt' \(safety_prompt_column\)"),
+        "no_response_no_tokenizer": (DataError, r"no response column 'response' \(safety_response_column\)"),
+        "auto_too_few": (IRRConfigError, "safety_weight='auto' holds out part of the safety data"),
+    }[case]
+    with pytest.raises(error, match=match):
+        _begin(IRRCallback(cfg, safety_dataset=data), tmp_path, tokenizer=case != "no_response_no_tokenizer")
+
+
+def test_recommended_ignores_unaligned_model_and_paper_default_needs_no_safety_data(tmp_path, monkeypatch):
+    _no_safety_vector(monkeypatch)
+    callback = IRRCallback(
+        IRRConfig.recommended(unaligned_model=str(tmp_path / "never-read")), safety_dataset=refusals()
+    )
+    _begin(callback, tmp_path)
+    assert callback.sources["safety_vector"]["source"] == "none" and len(callback._safety_calibration) == 24
+    assert IRRConfig().setting_name == "irr" and not IRRConfig().uses_safety_stream
+
+
+def test_aligned_safety_term_under_sharded_weights_is_refused_at_train_begin(tmp_path, monkeypatch):
+    from irr_callback import distributed
+
+    monkeypatch.setattr(distributed, "sharding_kind", lambda model, targets: "fsdp2")
+    with pytest.raises(IRRConfigError, match=r"safety_term='aligned' is not supported with weights sharded by fsdp2"):
+        _begin(IRRCallback(IRRConfig.recommended(), safety_dataset=refusals()), tmp_path)
+    monkeypatch.setattr(distributed, "sharding_kind", lambda model, targets: None)
+    _begin(IRRCallback(IRRConfig.recommended(), safety_dataset=refusals()), tmp_path)
