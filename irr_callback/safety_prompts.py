@@ -55,7 +55,7 @@ class PromptSet:
     def describe(self) -> dict[str, Any]:
         out = {
             "set": self.name,
-            "source": self.source,
+            "origin": self.source,  # "hub" or "shipped"
             "license": self.license,
             "prompts": len(self.prompts),
             "available": self.available,
