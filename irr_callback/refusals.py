@@ -118,13 +118,17 @@ def write_refusals(
     cache_dir: str | None = None,
     progress: bool = False,
     min_refusal_rate: float = MIN_REFUSAL_RATE,
+    cached_only: bool = False,
 ) -> Refusals:
     """The model's own greedy answers to `prompts` (same order), cached when `cache_dir` is given.
 
     Generation runs on `model` itself (no copy; eval mode and no autograd for the duration, its mode
     restored after), in batches of `batch_size`, with the tokenizer's chat template when it has one.
-    The cache file is `<cache_dir>/<base_fingerprint>/refusals-<key>.json`; `base_fingerprint`
-    defaults to a fingerprint of every weight of `model`.
+    The cache file is `<cache_dir>/<fingerprint>/refusals-<key>.json`. The fingerprint is
+    `base_fingerprint` when given (the callback's fingerprint of the base's target weights, the same
+    directory as the other safety inputs: a resumed run, whose live model is no longer the base, finds
+    the answers the base wrote), else a fingerprint of every weight of `model`. `cached_only=True`
+    (a resumed run) raises instead of generating when the answers are not in the cache.
     """
     prompts = [str(p) for p in prompts]
     if not prompts:
@@ -134,18 +138,23 @@ def write_refusals(
             "the base model's answers to the safety prompts are generated with the run's tokenizer: pass "
             "processing_class to the Trainer (or to IRRCallback.bind)"
         )
-    weights = {n: p for n, p in model.named_parameters()}
-    model_fp = weights_fingerprint(weights)
+    model_fp = base_fingerprint or weights_fingerprint(dict(model.named_parameters()))
     settings = {"max_new_tokens": max_new_tokens, "greedy": True}
     key = _digest([_FORMAT, model_fp, prompts, settings, _tokenizer_identity(tokenizer)])[:20]
     path = None
     if cache_dir is not None:
-        path = os.path.join(os.path.expanduser(cache_dir), base_fingerprint or model_fp, f"refusals-{key}.json")
+        path = os.path.join(os.path.expanduser(cache_dir), model_fp, f"refusals-{key}.json")
         hit = _read(path, prompts)
         if hit is not None:
             logger.info(f"IRR: reusing the base model's cached answers to {len(prompts)} safety prompts ({path})")
             rate = check_refusals(hit, min_rate=min_refusal_rate)
             return Refusals(prompts, hit, rate, 0.0, cached=True, path=path, settings=settings)
+    if cached_only:
+        raise FileNotFoundError(
+            f"the base model's answers to the {len(prompts)} safety prompts are not in the cache "
+            f"({path or 'no cache_dir'}), and the live model is no longer the base (resumed run): set "
+            "safety_dataset= with responses, or restart the run from step 0"
+        )
     logger.info(
         f"IRR: the base model writes its answers to {len(prompts)} safety prompts (greedy, batches of {batch_size})"
     )
@@ -164,7 +173,7 @@ def write_refusals(
     logger.info(f"IRR: {len(prompts)} safety answers generated in {seconds:.1f} s")
     rate = check_refusals(responses, min_rate=min_refusal_rate)
     if path is not None:
-        _write(path, prompts, responses, {"model_fingerprint": model_fp, **settings, "seconds": seconds})
+        _write(path, prompts, responses, {"fingerprint": model_fp, **settings, "seconds": seconds})
     return Refusals(prompts, responses, rate, seconds, path=path, settings=settings)
 
 
@@ -202,6 +211,7 @@ def safety_dataset_for_run(
     online: bool | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    cached_only: bool = False,
 ):
     """The safety data of a run as a `datasets.Dataset` with the config's prompt and response columns,
     and a description of it for the report: `(dataset, info)`.
@@ -211,7 +221,8 @@ def safety_dataset_for_run(
     - neither: `num_safety_samples` default harmful prompts (the hub set online, the shipped set
       offline; `irr_seed` picks them), answered by the base model.
 
-    Answers are cached under `cache_dir` (`IRRConfig.cache_dir`, `$IRR_CACHE`, ~/.cache/irr_callback).
+    Answers are cached under `cache_dir` (`IRRConfig.cache_dir`, `$IRR_CACHE`, ~/.cache/irr_callback),
+    in the directory of `base_fingerprint`; a resumed run passes `cached_only=True` (see `write_refusals`).
     """
     import datasets
 
@@ -241,6 +252,7 @@ def safety_dataset_for_run(
         base_fingerprint=base_fingerprint,
         cache_dir=cache_root(config),
         progress=progress,
+        cached_only=cached_only,
     )
     info.update(answers.describe())
     logger.info(

@@ -78,15 +78,22 @@ def test_batched_answers_equal_one_at_a_time(tmp_path):
     assert batched == single
 
 
-def test_changed_weights_miss_the_cache(tmp_path, monkeypatch):
+def test_cache_keys_on_the_weights_or_the_given_base_fingerprint(tmp_path, monkeypatch):
     calls = counting_generation(monkeypatch)
     model, tok = tiny_model(), tiny_tokenizer()
-    kwargs = dict(max_new_tokens=3, base_fingerprint="fp", cache_dir=str(tmp_path))
+    kwargs = dict(max_new_tokens=3, cache_dir=str(tmp_path))
     refusals.write_refusals(model, tok, ["w5 w6", "w7"], **kwargs)
-    with torch.no_grad():
-        model.lm_head.weight.add_(1.0)  # not a target, but it changes what the model writes
-    refusals.write_refusals(model, tok, ["w5 w6", "w7"], **kwargs)
+    refusals.write_refusals(model, tok, ["w5 w6", "w7"], base_fingerprint="fp", **kwargs)
     assert calls["n"] == 2
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # no fingerprint given: any changed weight is another model
+    refusals.write_refusals(model, tok, ["w5 w6", "w7"], **kwargs)
+    assert calls["n"] == 3
+    # a resumed run: the live model is fine-tuned, the answers the base wrote are found by its fingerprint
+    resumed = refusals.write_refusals(model, tok, ["w5 w6", "w7"], base_fingerprint="fp", cached_only=True, **kwargs)
+    assert resumed.cached and calls["n"] == 3
+    with pytest.raises(FileNotFoundError, match="resumed run"):
+        refusals.write_refusals(model, tok, ["w8"], base_fingerprint="fp", cached_only=True, **kwargs)
 
 
 def test_damaged_cache_entry_is_regenerated(tmp_path, monkeypatch):
