@@ -213,7 +213,13 @@ class IRRConfig:
     )
     safety_dataset: str | None = field(
         default=None,
-        metadata={"help": "Harmful prompts with safe responses (hub id or json/jsonl) for the Fisher importance."},
+        metadata={
+            "help": "Harmful prompts with safe responses (hub id or json/jsonl) for the Fisher importance and the "
+            "safety stream; without a response column the base model writes its own answers. Not set and needed "
+            "(safety_weight != 0): num_safety_samples default harmful prompts, AdvBench's harmful behaviours "
+            "(hub id walledai/AdvBench, MIT) online, else the 140 requests shipped in irr_callback/resources "
+            "(Apache-2.0), answered by the base model at train begin (docs/defaults.md)."
+        },
     )
     safety_prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of safety_dataset."})
     safety_response_column: str = field(

@@ -100,3 +100,15 @@ def test_offline_variables_skip_the_hub(monkeypatch, variable):
     monkeypatch.setattr(datasets, "load_dataset", _fake_hub(calls))
     assert sp.load_default_prompts(8).source == "shipped" and calls == []
     assert sp.load_default_prompts(8, online=True).source == "hub"  # an explicit online=True asks the hub
+
+
+def test_hub_id_is_pinned_in_the_config_help_and_the_docs():
+    from dataclasses import fields
+    from pathlib import Path
+
+    from irr_callback import IRRConfig
+
+    help_text = next(f for f in fields(IRRConfig) if f.name == "safety_dataset").metadata["help"]
+    assert sp.HUB_DATASET in help_text and "MIT" in help_text
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "defaults.md").read_text()
+    assert sp.HUB_DATASET in docs and sp.HUB_REVISION in docs and sp.SHIPPED_FILE in docs
