@@ -105,15 +105,14 @@ def shipped_prompts(
 ) -> PromptSet:
     """The set shipped inside the package (no network)."""
     every = [r["prompt"] for r in shipped_rows()]
-    chosen = select(every, num_prompts, seed=seed, split=split)
-    return PromptSet(
-        chosen,
-        SHIPPED_NAME,
-        "shipped",
-        SHIPPED_LICENSE,
-        available=len(select(every, None, seed=seed, split=split)),
-        seed=seed,
-        split=split,
+    return _prompt_set(
+        every,
+        num_prompts,
+        seed,
+        split,
+        name=SHIPPED_NAME,
+        source="shipped",
+        license=SHIPPED_LICENSE,
         fallback_reason=fallback_reason,
     )
 
@@ -134,19 +133,20 @@ def hub_prompts(
     if column not in data.column_names:
         raise KeyError(f"hub dataset '{dataset_id}' has no column '{column}' (columns: {data.column_names})")
     every = [str(p) for p in data[column]]
-    chosen = select(every, num_prompts, seed=seed, split=split)
-    if not chosen:
-        raise ValueError(f"hub dataset '{dataset_id}' gave no usable prompt in split '{split}'")
     license = HUB_LICENSE if dataset_id == HUB_DATASET else "see the dataset card"
+    chosen = _prompt_set(
+        every, num_prompts, seed, split, name=dataset_id, source="hub", license=license, revision=revision
+    )
+    if not chosen.prompts:
+        raise ValueError(f"hub dataset '{dataset_id}' gave no usable prompt in split '{split}'")
+    return chosen
+
+
+def _prompt_set(every: list[str], num_prompts: int | None, seed: int, split: str, **fields: Any) -> PromptSet:
+    """`num_prompts` of `every` (see `select`), and how many the split had."""
+    available = len(select(every, None, seed=seed, split=split))
     return PromptSet(
-        chosen,
-        dataset_id,
-        "hub",
-        license,
-        available=len(select(every, None, seed=seed, split=split)),
-        seed=seed,
-        split=split,
-        revision=revision,
+        select(every, num_prompts, seed=seed, split=split), available=available, seed=seed, split=split, **fields
     )
 
 

@@ -14,7 +14,6 @@ import json
 import os
 
 import pytest
-import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from irr_callback import IRRCallback, IRRConfig, refusals
@@ -26,18 +25,7 @@ from tests import callback_world as world
 WIRED = "safety_calibration" in inspect.getsource(callback_module)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_no_argument_callback_uses_the_recommended_preset():
-    callback = IRRCallback()
-    assert callback.config == IRRConfig.recommended() and callback.config.setting_name == "recommended"
-    assert callback.safety_dataset is None and callback.harmful_dataset is None
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_with_default_callback(output_dir: str) -> tuple[Trainer, IRRCallback]:
