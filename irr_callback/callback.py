@@ -37,6 +37,7 @@ from .peft_utils import (
     refactor_lora,
 )
 from .pipeline import realign
+from .refusals import safety_dataset_for_run
 from .report import IRRReport
 from .snapshot import RunStore, take_snapshot
 from .sources import BaseContext, Resolved, resolve_fisher, resolve_safety_vector
@@ -65,7 +66,9 @@ class IRRCallback(TrainerCallback):
     the saved directory.
 
     Args:
-        config: the `IRRConfig` (safety inputs, calibration, callback behaviour).
+        config: the `IRRConfig` (safety inputs, calibration, callback behaviour); default
+            `IRRConfig.recommended()`: with no safety input given, the base model answers default harmful
+            prompts at train begin (`refusals.safety_dataset_for_run`, docs/defaults.md).
         harmful_dataset: a `datasets.Dataset` of harmful prompt/response pairs for the safety vector;
             takes precedence over `IRRConfig.harmful_dataset` (a path or hub id).
         safety_dataset: a `datasets.Dataset` of harmful prompts with safe responses for the Fisher;
@@ -83,7 +86,7 @@ class IRRCallback(TrainerCallback):
     """
 
     def __init__(self, config: IRRConfig | None = None, *, harmful_dataset: Any = None, safety_dataset: Any = None):
-        self.config = config or IRRConfig()
+        self.config = config or IRRConfig.recommended()
         self.harmful_dataset = harmful_dataset
         self.safety_dataset = safety_dataset
         self.report: IRRReport | None = None
@@ -117,7 +120,7 @@ class IRRCallback(TrainerCallback):
         names = [t.name for t in targets]
         store = RunStore(args.output_dir)
         if state.global_step > 0:
-            self._reload(store, targets, run_config)
+            self._reload(store, targets, run_config, model, tokenizer)
         else:
             self._prepare(args, model, tokenizer, targets, run_config, store)
         self._run_config = run_config
@@ -157,11 +160,19 @@ class IRRCallback(TrainerCallback):
         )
         config = dataclasses.replace(run_config, harmful_dataset=self.harmful_dataset or run_config.harmful_dataset)
         state = _partial_state()
+        safety_data = None
+        if config.uses_safety_stream:  # harmful prompts with safe answers; the base writes missing answers
+            with state.main_process_first():
+                self.safety_dataset, safety_data = safety_dataset_for_run(
+                    model, tokenizer, config, safety_dataset=self.safety_dataset, base_fingerprint=ctx.fingerprint
+                )
         with state.main_process_first():  # the main process computes; the others then hit the cache
             safety = resolve_safety_vector(config, ctx)
         # the Fisher is sharded over the processes (collectives inside): every rank at once, not main first
         importance = resolve_fisher(config, ctx, safety_dataset=self.safety_dataset)
         self.sources = {"safety_vector": safety.describe(), "importance": importance.describe()}
+        if safety_data is not None:
+            self.sources["safety_data"] = safety_data
         persist = (
             self.config.snapshot == "disk" or str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
         )
@@ -187,7 +198,7 @@ class IRRCallback(TrainerCallback):
             snapshot = SafetensorsMapping(store.path("snapshot"))
         self._snapshot, self._safety, self._importance = snapshot, safety.tensors, importance.tensors
 
-    def _reload(self, store: RunStore, targets, run_config) -> None:
+    def _reload(self, store: RunStore, targets, run_config, model, tokenizer) -> None:
         dense = [t.name for t in targets if t.kind != "lora"]
         names = [t.name for t in targets]
         fp = None
@@ -207,6 +218,15 @@ class IRRCallback(TrainerCallback):
             "safety_vector": Resolved(None, "resumed", path=store.path("safety_vector")).describe(),
             "importance": Resolved(None, "resumed" if self._importance is not None else "none").describe(),
         }
+        if run_config.uses_safety_stream:  # the live model is no longer the base: its answers come from the cache
+            self.safety_dataset, self.sources["safety_data"] = safety_dataset_for_run(
+                model,
+                tokenizer,
+                run_config,
+                safety_dataset=self.safety_dataset,
+                base_fingerprint=self._base_fingerprint,
+                cached_only=True,
+            )
         logger.info(f"IRR: resumed run, base snapshot and safety inputs reloaded from {store.directory}")
 
     # ------------------------------------------------------------------------------ checkpoints

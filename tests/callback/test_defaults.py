@@ -28,6 +28,12 @@ WIRED = "safety_calibration" in inspect.getsource(callback_module)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def test_no_argument_callback_uses_the_recommended_preset():
+    callback = IRRCallback()
+    assert callback.config == IRRConfig.recommended() and callback.config.setting_name == "recommended"
+    assert callback.safety_dataset is None and callback.harmful_dataset is None
+
+
 def train_with_default_callback(output_dir: str) -> tuple[Trainer, IRRCallback]:
     callback = IRRCallback()
     args = TrainingArguments(
