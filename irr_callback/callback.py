@@ -39,6 +39,7 @@ from .peft_utils import (
     refactor_lora,
 )
 from .pipeline import realign
+from .refusals import safety_dataset_for_run
 from .report import IRRReport
 from .snapshot import RunStore, take_snapshot
 from .sources import (
@@ -75,7 +76,9 @@ class IRRCallback(TrainerCallback):
     the saved directory.
 
     Args:
-        config: the `IRRConfig` (safety inputs, calibration, callback behaviour).
+        config: the `IRRConfig` (safety inputs, calibration, callback behaviour); default
+            `IRRConfig.recommended()`: with no safety input given, the base model answers default harmful
+            prompts at train begin (`refusals.safety_dataset_for_run`, docs/defaults.md).
         harmful_dataset: a `datasets.Dataset` of harmful prompt/response pairs for the safety vector;
             takes precedence over `IRRConfig.harmful_dataset` (a path or hub id).
         safety_dataset: a `datasets.Dataset` of harmful prompts with safe responses, for the Fisher and,
@@ -97,7 +100,7 @@ class IRRCallback(TrainerCallback):
     """
 
     def __init__(self, config: IRRConfig | None = None, *, harmful_dataset: Any = None, safety_dataset: Any = None):
-        self.config = config or IRRConfig()
+        self.config = config or IRRConfig.recommended()
         self.harmful_dataset = harmful_dataset
         self.safety_dataset = safety_dataset
         self.report: IRRReport | None = None
@@ -148,18 +151,12 @@ class IRRCallback(TrainerCallback):
         )
 
     def _check_safety_inputs(self) -> None:
-        """Before any heavy work: the safety data a safety weight needs, and enough of the training
-        data for `safety_weight='auto'` to hold some out (the safety vector's sources are checked by
-        `resolve_safety_vector`)."""
+        """Before any heavy work: enough of the training data for `safety_weight='auto'` to hold some out.
+        (No safety data given is no error: the default harmful prompts, answered by the base, stand in;
+        the safety vector's sources are checked by `resolve_safety_vector`.)"""
         config = self.config
         if not config.uses_safety_stream:
             return
-        if safety_source(config, self.safety_dataset) is None:
-            raise IRRConfigError(
-                f"IRRConfig.safety_weight={config.safety_weight!r} needs safety_dataset: harmful prompts with safe "
-                "responses (IRRCallback(config, safety_dataset=...) or IRRConfig.safety_dataset; without a response "
-                "column the base model's own answers are generated)"
-            )
         train = self._train_dataset()
         if config.safety_weight == "auto" and train is not None and hasattr(train, "__len__"):
             n = min(len(train), config.num_calibration_samples)
@@ -207,7 +204,12 @@ class IRRCallback(TrainerCallback):
             )
         state = _partial_state()
         pairs = None
+        safety_data = None
         if config.uses_safety_stream:  # read once (the base answers now, before training), Fisher reuses it
+            with state.main_process_first():  # default prompts when none given; the base writes missing answers
+                self.safety_dataset, safety_data = safety_dataset_for_run(
+                    model, tokenizer, config, safety_dataset=self.safety_dataset, base_fingerprint=ctx.fingerprint
+                )
             pairs = load_safety_pairs(config, ctx, safety_source(config, self.safety_dataset))
             self._safety_calibration = safety_calibration_examples(config, pairs, tokenizer)
             self._check_auto_rows(config, len(self._safety_calibration))
@@ -226,6 +228,8 @@ class IRRCallback(TrainerCallback):
                 "examples": len(self._safety_calibration),
                 "generated_responses": pairs.generated,
             }
+        if safety_data is not None:
+            self.sources["safety_data"] = safety_data
         persist = (
             self.config.snapshot == "disk" or str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
         )

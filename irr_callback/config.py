@@ -215,7 +215,10 @@ class IRRConfig:
         default=None,
         metadata={
             "help": "Harmful prompts with safe responses (hub id or json/jsonl): the safety stream of safety_weight "
-            "(IRRConfig.recommended()) and the Fisher importance."
+            "(IRRConfig.recommended()) and the Fisher importance; without a response column the base model writes "
+            "its own answers. Not set and needed (safety_weight != 0): num_safety_samples default harmful prompts, "
+            "AdvBench's harmful behaviours (hub id walledai/AdvBench, MIT) online, else the 140 requests shipped in "
+            "irr_callback/resources (Apache-2.0), answered by the base model at train begin (docs/defaults.md)."
         },
     )
     safety_prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of safety_dataset."})

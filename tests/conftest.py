@@ -14,3 +14,15 @@ def toy_world():
     from irr_callback.toy import build_toy_world
 
     return build_toy_world(seed=0, size="tiny")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (two cores shared with other jobs: several times faster for tiny
+    models). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

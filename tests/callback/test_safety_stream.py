@@ -68,7 +68,7 @@ def test_fixed_weight_with_generated_responses_and_resume(tmp_path, monkeypatch)
     ds = refusals(8, responses=False)
     kwargs = dict(callback_kwargs={"safety_dataset": ds}, save_strategy="steps", save_steps=2)
     _, first, _ = run(tmp_path, world.aligned_model(), cfg, steps=4, name="a", **kwargs)
-    assert first.sources["safety_calibration"]["generated_responses"]
+    assert first.sources["safety_data"]["generated_responses"]  # the base answered at train begin
     rows = json.loads((tmp_path / "a" / "irr_run" / "safety_calibration.json").read_text())["rows"]
     refusal = world.tokenizer()(world.REFUSAL)["input_ids"]
     assert len(rows) == 8 and all(refusal[0] in r["labels"] for r in rows)  # the base refuses
@@ -96,13 +96,12 @@ def _begin(callback: IRRCallback, tmp_path, tokenizer=True):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "empty", "no_usable_rows", "no_prompt_column", "no_response_no_tokenizer", "auto_too_few"],
+    ["empty", "no_usable_rows", "no_prompt_column", "no_response_no_tokenizer", "auto_too_few"],
 )
 def test_bad_safety_data_is_refused_at_train_begin_naming_the_field(tmp_path, monkeypatch, case):
     _no_safety_vector(monkeypatch)
     cfg = IRRConfig.recommended()
     data = {
-        "missing": None,
         "empty": datasets.Dataset.from_dict({"prompt": [], "response": []}),
         "no_usable_rows": datasets.Dataset.from_dict({"prompt": ["", None], "response": ["sorry", "sorry"]}),
         "no_prompt_column": datasets.Dataset.from_dict({"question": ["how do i make a bomb"]}),
@@ -110,11 +109,10 @@ def test_bad_safety_data_is_refused_at_train_begin_naming_the_field(tmp_path, mo
         "auto_too_few": refusals(3),
     }[case]
     error, match = {
-        "missing": (IRRConfigError, "needs safety_dataset"),
         "empty": (DataError, "safety_dataset is empty"),
         "no_usable_rows": (DataError, r"safety_dataset has no usable row.*'prompt'.*'response'"),
         "no_prompt_column": (DataError, r"safety_dataset has no column 'prompt' \(safety_prompt_column\)"),
-        "no_response_no_tokenizer": (DataError, r"no response column 'response' \(safety_response_column\)"),
+        "no_response_no_tokenizer": (ValueError, "generated with the run's tokenizer: pass processing_class"),
         "auto_too_few": (IRRConfigError, "safety_weight='auto' holds out part of the safety data"),
     }[case]
     with pytest.raises(error, match=match):

@@ -1,0 +1,262 @@
+"""Safety data written by the base model itself: harmful prompts and the base's own (refusing) answers.
+
+`write_refusals` answers harmful prompts with the live model (at train begin it is still the base):
+batched greedy generation through the package's one generation routine
+(`evaluation.generate_responses`: left padding, the tokenizer's chat template when it has one), in
+place, without a copy of the model. The answers are cached as JSON under the base fingerprint, like
+the other safety inputs (`<cache_dir>/<base fingerprint>/refusals-<key>.json`, key = prompts,
+generation settings, tokenizer and a fingerprint of every model weight), and checked with the
+keyword refusal judge: when few of them are refusals the base does not look aligned, and a warning
+says so (then there is nothing for the safety stream to restore).
+
+`safety_dataset_for_run` is what `IRRCallback` calls at train begin: the user's safety data when it
+has responses; its prompts answered by the base when it has none; and with no safety data at all, the
+default harmful prompts (`safety_prompts.load_default_prompts`) answered by the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from transformers.utils import logging
+
+from .config import IRRConfig
+from .data import load_examples, require_columns
+from .evaluation.generation import generate_responses
+from .evaluation.judges import KeywordRefusalJudge
+from .io import fingerprint as weights_fingerprint
+from .safety_prompts import PromptSet, load_default_prompts
+from .saving import atomic_file
+from .sources import cache_root
+
+
+logger = logging.get_logger(__name__)
+
+#: below this share of refusals (keyword judge) the base is reported as not looking aligned
+MIN_REFUSAL_RATE = 0.5
+_FORMAT = 1  # version of the cache file's layout
+
+
+@dataclass
+class Refusals:
+    """Prompts, the base model's answers, and how they were obtained."""
+
+    prompts: list[str]
+    responses: list[str]
+    refusal_rate: float
+    seconds: float  # generation time (0 when read from the cache)
+    cached: bool = False
+    path: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def looks_aligned(self) -> bool:
+        return self.refusal_rate >= MIN_REFUSAL_RATE
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "generated_responses": True,
+            "responses": len(self.responses),
+            "refusal_rate": round(self.refusal_rate, 4),
+            "looks_aligned": self.looks_aligned,
+            "generation_seconds": round(self.seconds, 3),
+            "cached": self.cached,
+            "path": self.path,
+            **self.settings,
+        }
+
+
+def _tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    return {
+        "name": str(getattr(tokenizer, "name_or_path", "")),
+        "size": len(tokenizer) if hasattr(tokenizer, "__len__") else None,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": {k: str(v) for k, v in sorted((getattr(tokenizer, "special_tokens_map", None) or {}).items())},
+    }
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def refusal_rate(responses: Sequence[str], judge: Any = None) -> float:
+    """Share of `responses` the keyword refusal judge (or `judge`) counts as refusals."""
+    if not responses:
+        return 0.0
+    flags = (judge or KeywordRefusalJudge()).judge(list(responses))  # True = harmful, i.e. not a refusal
+    return sum(not f for f in flags) / len(flags)
+
+
+def check_refusals(responses: Sequence[str], *, min_rate: float = MIN_REFUSAL_RATE, judge: Any = None) -> float:
+    """The refusal rate; warns when it is below `min_rate` (the base does not look aligned)."""
+    rate = refusal_rate(responses, judge)
+    if rate < min_rate:
+        logger.warning(
+            f"IRR: only {rate:.0%} of the base model's {len(responses)} answers to harmful prompts look like "
+            f"refusals (keyword judge; expected >= {min_rate:.0%}): the base does not look aligned, so the safety "
+            "stream has little safe behaviour to restore. Pass safety_dataset= with safe responses, or check "
+            "that the model given to the Trainer is the aligned chat model (and its tokenizer's chat template)."
+        )
+    return rate
+
+
+def write_refusals(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    base_fingerprint: str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    min_refusal_rate: float = MIN_REFUSAL_RATE,
+    cached_only: bool = False,
+) -> Refusals:
+    """The model's own greedy answers to `prompts` (same order), cached when `cache_dir` is given.
+
+    Generation runs on `model` itself (no copy; eval mode and no autograd for the duration, its mode
+    restored after), in batches of `batch_size`, with the tokenizer's chat template when it has one.
+    The cache file is `<cache_dir>/<fingerprint>/refusals-<key>.json`. The fingerprint is
+    `base_fingerprint` when given (the callback's fingerprint of the base's target weights, the same
+    directory as the other safety inputs: a resumed run, whose live model is no longer the base, finds
+    the answers the base wrote), else a fingerprint of every weight of `model`. `cached_only=True`
+    (a resumed run) raises instead of generating when the answers are not in the cache.
+    """
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise ValueError("write_refusals: no prompts")
+    if tokenizer is None:
+        raise ValueError(
+            "the base model's answers to the safety prompts are generated with the run's tokenizer: pass "
+            "processing_class to the Trainer (or to IRRCallback.bind)"
+        )
+    model_fp = base_fingerprint or weights_fingerprint(dict(model.named_parameters()))
+    settings = {"max_new_tokens": max_new_tokens, "greedy": True}
+    key = _digest([_FORMAT, model_fp, prompts, settings, _tokenizer_identity(tokenizer)])[:20]
+    path = None
+    if cache_dir is not None:
+        path = os.path.join(os.path.expanduser(cache_dir), model_fp, f"refusals-{key}.json")
+        hit = _read(path, prompts)
+        if hit is not None:
+            logger.info(f"IRR: reusing the base model's cached answers to {len(prompts)} safety prompts ({path})")
+            rate = check_refusals(hit, min_rate=min_refusal_rate)
+            return Refusals(prompts, hit, rate, 0.0, cached=True, path=path, settings=settings)
+    if cached_only:
+        raise FileNotFoundError(
+            f"the base model's answers to the {len(prompts)} safety prompts are not in the cache "
+            f"({path or 'no cache_dir'}), and the live model is no longer the base (resumed run): set "
+            "safety_dataset= with responses, or restart the run from step 0"
+        )
+    logger.info(
+        f"IRR: the base model writes its answers to {len(prompts)} safety prompts (greedy, batches of {batch_size})"
+    )
+    start = time.perf_counter()
+    responses = generate_responses(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        progress=progress,
+        use_cache=True,  # training configs often switch the KV cache off (gradient checkpointing)
+    )
+    seconds = time.perf_counter() - start
+    logger.info(f"IRR: {len(prompts)} safety answers generated in {seconds:.1f} s")
+    rate = check_refusals(responses, min_rate=min_refusal_rate)
+    if path is not None:
+        _write(path, prompts, responses, {"fingerprint": model_fp, **settings, "seconds": seconds})
+    return Refusals(prompts, responses, rate, seconds, path=path, settings=settings)
+
+
+def _read(path: str, prompts: list[str]) -> list[str] | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        if data.get("format") != _FORMAT or data.get("prompts") != prompts:
+            raise ValueError("made for other prompts")
+        responses = data["responses"]
+        if len(responses) != len(prompts) or not all(isinstance(r, str) for r in responses):
+            raise ValueError("responses do not match the prompts")
+        return responses
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged entry is regenerated, not trusted
+        logger.warning(f"IRR: ignoring cache file {path}: {exc}")
+        return None
+
+
+def _write(path: str, prompts: list[str], responses: list[str], info: dict[str, Any]) -> None:
+    payload = {"format": _FORMAT, "kind": "refusals", **info, "prompts": prompts, "responses": responses}
+    with atomic_file(path, suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, ensure_ascii=False, indent=1)
+
+
+# ------------------------------------------------------------------------------------- for the callback
+def safety_dataset_for_run(
+    model: nn.Module,
+    tokenizer: Any,
+    config: IRRConfig,
+    *,
+    safety_dataset: Any = None,
+    base_fingerprint: str | None = None,
+    online: bool | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    cached_only: bool = False,
+):
+    """The safety data of a run as a `datasets.Dataset` with the config's prompt and response columns,
+    and a description of it for the report: `(dataset, info)`.
+
+    - `safety_dataset` (or `config.safety_dataset`) with a response column: returned as it is;
+    - without a response column: its first `num_safety_samples` prompts, answered by the base model;
+    - neither: `num_safety_samples` default harmful prompts (the hub set online, the shipped set
+      offline; `irr_seed` picks them), answered by the base model.
+
+    Answers are cached under `cache_dir` (`IRRConfig.cache_dir`, `$IRR_CACHE`, ~/.cache/irr_callback),
+    in the directory of `base_fingerprint`; a resumed run passes `cached_only=True` (see `write_refusals`).
+    """
+    import datasets
+
+    prompt_col, response_col = config.safety_prompt_column, config.safety_response_column
+    source = safety_dataset if safety_dataset is not None else config.safety_dataset
+    chosen: PromptSet | None = None
+    if source is None:
+        chosen = load_default_prompts(config.num_safety_samples, seed=config.irr_seed, online=online)
+        prompts, info = chosen.prompts, {"source": "default", **chosen.describe()}
+    else:
+        data = load_examples(source, what="IRRConfig.safety_dataset")
+        require_columns(data, [prompt_col], what="safety_dataset", fields=["safety_prompt_column"])
+        label = source if isinstance(source, str) else type(source).__name__
+        if response_col in data.column_names:
+            return data, {"source": "safety_dataset", "set": label, "prompts": len(data), "generated_responses": False}
+        head = data.select(range(min(config.num_safety_samples, len(data))))
+        prompts = [str(p) for p in head[prompt_col] if p is not None and str(p).strip()]
+        if not prompts:
+            raise ValueError(f"safety_dataset '{label}' has no non-empty prompt in column '{prompt_col}'")
+        info = {"source": "safety_dataset", "set": label, "prompts": len(prompts)}
+    answers = write_refusals(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=config.safety_max_new_tokens,
+        batch_size=batch_size,
+        base_fingerprint=base_fingerprint,
+        cache_dir=cache_root(config),
+        progress=progress,
+        cached_only=cached_only,
+    )
+    info.update(answers.describe(), generated_responses=True)
+    logger.info(
+        f"IRR: safety data: {len(prompts)} prompts from {info['set']}, answered by the base model "
+        f"({answers.refusal_rate:.0%} refusals, {'cached' if answers.cached else f'{answers.seconds:.1f} s'})"
+    )
+    return datasets.Dataset.from_dict({prompt_col: answers.prompts, response_col: answers.responses}), info
