@@ -94,51 +94,42 @@ class Inputs:
         return self.world.tokenize_sft(downstream.select(range(min(n, len(downstream)))))
 
 
-def irr(inputs: Inputs, downstream, calib_n: int = 128, **config: Any) -> Callable:
-    def apply(model) -> dict[str, Any]:
-        report = realign(
-            model,
-            base=None if _is_peft(model) else inputs.base,
-            safety_vector=inputs.signs,
-            importance=inputs.fisher,
-            calibration=inputs.calibration(downstream, calib_n),
-            config=IRRConfig(num_calibration_samples=calib_n, **config),
-            progress=False,
-        )
-        return {"removed_pct": 100 * report.totals["removed_fraction"], "safety_weight": report.safety_weight or 0.0}
+def _realign(inputs: Inputs, model, downstream, calib_n: int, config: IRRConfig, safety: bool) -> dict[str, Any]:
+    """`realign` with the world's shared inputs; the row's fields (removed %, λ used, setting, seconds)."""
+    t0 = time.perf_counter()
+    report = realign(
+        model,
+        base=None if _is_peft(model) else inputs.base,
+        safety_vector=inputs.signs,
+        importance=inputs.fisher,
+        calibration=inputs.calibration(downstream, calib_n),
+        safety_calibration=inputs.safe if safety else None,
+        config=config,
+        progress=False,
+    )
+    return {
+        "removed_pct": 100 * report.totals["removed_fraction"],
+        "safety_weight": report.safety_weight or 0.0,
+        "config_setting": report.setting,
+        "realign_s": round(time.perf_counter() - t0, 2),
+        **({"auto": report.auto} if report.auto else {}),
+    }
 
-    return apply
+
+def irr(inputs: Inputs, downstream, calib_n: int = 128, **config: Any) -> Callable:
+    """The paper's IRR (no safety stream) with `config` overrides."""
+    cfg = IRRConfig(num_calibration_samples=calib_n, **config)
+    return lambda model: _realign(inputs, model, downstream, calib_n, cfg, safety=False)
 
 
 def regularised(inputs: Inputs, downstream, fields: dict[str, Any] | None, calib_n: int = 128) -> Callable:
     """Safety-regularised recalibration; `fields=None` is `IRRConfig.recommended()`. Every input is
     given (safety vector, Fisher, safety data): a setting ignores those it does not need."""
     if fields is None:
-        config = IRRConfig.recommended(num_calibration_samples=calib_n)
+        cfg = IRRConfig.recommended(num_calibration_samples=calib_n)
     else:
-        config = IRRConfig(num_calibration_samples=calib_n, **fields)
-
-    def apply(model) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        report = realign(
-            model,
-            base=None if _is_peft(model) else inputs.base,
-            safety_vector=inputs.signs,
-            importance=inputs.fisher,
-            calibration=inputs.calibration(downstream, calib_n),
-            safety_calibration=inputs.safe,
-            config=config,
-            progress=False,
-        )
-        return {
-            "removed_pct": 100 * report.totals["removed_fraction"],
-            "safety_weight": report.safety_weight,
-            "config_setting": report.setting,
-            "realign_s": round(time.perf_counter() - t0, 2),
-            **({"auto": report.auto} if report.auto else {}),
-        }
-
-    return apply
+        cfg = IRRConfig(num_calibration_samples=calib_n, **fields)
+    return lambda model: _realign(inputs, model, downstream, calib_n, cfg, safety=True)
 
 
 def resta(inputs: Inputs, dare: float | None) -> Callable:
