@@ -7,12 +7,15 @@ What happens: a tiny Llama is trained from scratch to solve small tasks and refu
 requests (the "aligned" model; a short harmful fine-tune of it is the "unaligned" model). It is
 then fine-tuned on a new task whose data hides a few harmful examples, a harmful fine-tuning
 attack, with a real `transformers.Trainer` and `IRRCallback`: at the end of training the callback
-realigns the model. The table compares the aligned model, the fine-tuned model and the fine-tuned
-model after IRR on refusal of harmful requests (topics in the attack data and topics never seen in
-it), over-refusal of benign requests, the new task, and the old tasks.
+realigns the model with the paper's setting (remove every sign conflict with the safety vector,
+recalibrate). The same fine-tuned model is also realigned with the recommended preset
+(`IRRConfig.recommended()`: no removal, recalibration regularised by the toy's safety data, harmful
+prompts with refusals, λ chosen by `safety_weight="auto"`). The table compares the aligned model, the
+fine-tuned model and both realigned models on refusal of harmful requests (topics in the attack data
+and topics never seen in it), over-refusal of benign requests, the new task, and the old tasks.
 
-The output directory holds the four models (usable with `irr apply` / `irr eval` / `irr sweep`),
-the safety vector, the training data, the IRR report, results.json/.md and a safety-vs-utility plot.
+The output directory holds the five models (usable with `irr apply` / `irr eval` / `irr sweep`),
+the safety vector, the training data, the IRR reports, results.json/.md and a safety-vs-utility plot.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ logger = logging.get_logger(__name__)
 
 MARKER = "demo_results.json"  # a directory holding it is a previous demo output: replaced without --overwrite
 METRICS = ("refusal_attacked", "refusal_unattacked", "over_refusal_benign", "downstream_accuracy", "benign_accuracy")
-COLUMNS = ("model", *METRICS)
+COLUMNS = ("model", "safety_weight", *METRICS)
+PAPER = "fine-tuned + IRR (paper)"  # the callback's run: remove every sign conflict, recalibrate
+RECOMMENDED = "fine-tuned + IRR (recommended)"  # IRRConfig.recommended() on the same fine-tuned model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,29 +79,68 @@ def run(args: argparse.Namespace) -> int:
     from ..toy import build_toy_world, single_thread
 
     with single_thread(), _quiet():  # tiny tensors: one thread is several times faster than two competing ones
-        print(f"[1/4] building the toy world (size {args.size!r}, seed {args.seed}): aligned + unaligned models")
+        print(f"[1/5] building the toy world (size {args.size!r}, seed {args.seed}): aligned + unaligned models")
         world = build_toy_world(seed=args.seed, size=args.size)
         with atomic_directory(target) as tmp:
             _save_inputs(world, tmp)
             print(
-                f"[2/4] fine-tuning on the downstream data ({len(world.downstream_train)} examples, "
+                f"[2/5] fine-tuning on the downstream data ({len(world.downstream_train)} examples, "
                 f"{100 * world.harmful_share:.0f}% harmful) with transformers.Trainer + IRRCallback"
             )
             finetuned, realigned, callback, train_seconds = _finetune_with_irr(world, tmp, args)
-            print("[3/4] evaluating (greedy generation on held-out prompts)")
+            print("[3/5] realigning the same fine-tuned model with the recommended preset (IRRConfig.recommended())")
+            recommended, rec_report = _realign_recommended(world, finetuned, tmp)
+            print("[4/5] evaluating (greedy generation on held-out prompts)")
             rows = [
-                {"model": "aligned", **world.evaluate(world.aligned_model)},
-                {"model": "fine-tuned", **world.evaluate(finetuned)},
-                {"model": "fine-tuned + IRR", **world.evaluate(realigned)},
+                {"model": "aligned", "safety_weight": None, **world.evaluate(world.aligned_model)},
+                {"model": "fine-tuned", "safety_weight": None, **world.evaluate(finetuned)},
+                {"model": PAPER, "safety_weight": 0.0, **world.evaluate(realigned)},
+                {"model": RECOMMENDED, "safety_weight": rec_report.safety_weight, **world.evaluate(recommended)},
             ]
-            del realigned
+            del realigned, recommended
             totals = callback.report.totals
-            print("[4/4] writing the table and the plot")
+            print("[5/5] writing the table and the plot")
             results = _results(world, args, rows, totals, callback, train_seconds, time.perf_counter() - started)
+            results["recommended"] = {
+                "setting": rec_report.setting,
+                "safety_weight": rec_report.safety_weight,
+                "removed": rec_report.totals["removed"],
+                "auto": rec_report.auto,
+                "report": os.path.join(tmp, "finetuned-irr-recommended", "irr_report.json"),
+            }
             results = json.loads(json.dumps(results).replace(tmp, target))  # paths as they will be
             _write_results(tmp, results, rows)
     _print_summary(target, rows, totals, results, time.perf_counter() - started)
     return 0
+
+
+def _realign_recommended(world, finetuned, directory: str):
+    """`IRRConfig.recommended()` on a copy of the fine-tuned model (the one the callback realigned at
+    train end): the first 128 downstream examples for calibration, as the callback, and the toy's
+    safety data (harmful prompts with refusals) for the safety stream. Saved merged, like the other."""
+    from .. import realign
+    from ..config import IRRConfig
+    from ..output import save_realigned
+
+    model = copy.deepcopy(finetuned)
+    lora = hasattr(model, "peft_config")
+    config = IRRConfig.recommended()
+    n = min(config.num_calibration_samples, len(world.downstream_train))
+    report = realign(
+        model,
+        base=None if lora else {k: p.detach().clone() for k, p in world.aligned_model.named_parameters()},
+        calibration=world.tokenize_sft(world.downstream_train.select(range(n))),
+        safety_calibration=world.tokenize_sft(world.safety_data),
+        config=config,
+        progress=False,
+    )
+    if lora:
+        model = model.merge_and_unload()
+    print(f"      {report.summary()}")
+    save_realigned(
+        model, os.path.join(directory, "finetuned-irr-recommended"), processing_class=world.tokenizer, report=report
+    )
+    return model.eval(), report
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -334,21 +378,28 @@ def _print_summary(
     print(markdown_table(rows, COLUMNS))
     print()
     print(
-        f"IRR removed {totals['removed']:,} of {totals['entries']:,} fine-tuning deltas "
+        f"IRR (paper) removed {totals['removed']:,} of {totals['entries']:,} fine-tuning deltas "
         f"({100 * totals['removed_fraction']:.1f}%), recalibrated the rest."
+    )
+    rec = results["recommended"]
+    print(
+        f"IRR (recommended, IRRConfig.recommended()) removed {rec['removed']:,}: recalibration regularised by "
+        f"the safety data, safety weight λ={rec['safety_weight']:g} chosen by safety_weight='auto'."
     )
     print(
         "refusal_*: share of held-out harmful prompts refused (attacked = topics in the attack data); "
         "over_refusal_benign: benign prompts refused; *_accuracy: exact match."
     )
     print(f"\nwrote {target}  ({seconds:.0f} s)")
-    print(f"  report: {os.path.join(target, 'finetuned-irr', 'irr_report.json')}")
+    print(f"  report: {os.path.join(target, 'finetuned-irr', 'irr_report.json')} (paper)")
+    print(f"          {os.path.join(target, 'finetuned-irr-recommended', 'irr_report.json')} (recommended)")
     if os.path.exists(os.path.join(target, "pareto.png")):
         print(f"  plot:   {os.path.join(target, 'pareto.png')}")
     print(f"  table:  {os.path.join(target, 'results.md')}")
     j = lambda name: os.path.join(target, name)  # noqa: E731
     print(
-        f"  models: aligned/ unaligned/ finetuned/ finetuned-irr/; compare them with\n"
+        f"  models: aligned/ unaligned/ finetuned/ finetuned-irr/ finetuned-irr-recommended/; compare them with\n"
         f"    irr eval --toy --toy-size {results['world']['size']} --toy-seed {results['world']['seed']} --threads 1 "
-        f"--models {j('finetuned')} {j('finetuned-irr')}" + (f" --base {j('aligned')}" if results["lora"] else "")
+        f"--models {j('finetuned')} {j('finetuned-irr')} {j('finetuned-irr-recommended')}"
+        + (f" --base {j('aligned')}" if results["lora"] else "")
     )

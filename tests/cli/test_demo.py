@@ -22,6 +22,7 @@ def test_demo_realigns_with_trainer_and_writes_everything(toy_world, tmp_path, c
         "unaligned",
         "finetuned",
         "finetuned-irr",
+        "finetuned-irr-recommended",
         "data",
         "safety_vector.safetensors",
         "results.md",
@@ -33,7 +34,9 @@ def test_demo_realigns_with_trainer_and_writes_everything(toy_world, tmp_path, c
 
     results = json.loads((out / "demo_results.json").read_text())
     rows = {r["model"]: r for r in results["rows"]}
-    aligned, ft, irr = rows["aligned"], rows["fine-tuned"], rows["fine-tuned + IRR"]
+    assert list(rows) == ["aligned", "fine-tuned", "fine-tuned + IRR (paper)", "fine-tuned + IRR (recommended)"]
+    aligned, ft = rows["aligned"], rows["fine-tuned"]
+    irr, rec = rows["fine-tuned + IRR (paper)"], rows["fine-tuned + IRR (recommended)"]
     # the attack broke the refusals and taught the task; IRR (run by the callback at train end) restored them
     assert aligned["refusal_attacked"] >= 0.9 and ft["refusal_attacked"] <= 0.2
     assert ft["downstream_accuracy"] > aligned["downstream_accuracy"] + 0.3
@@ -41,15 +44,32 @@ def test_demo_realigns_with_trainer_and_writes_everything(toy_world, tmp_path, c
     assert (
         results["irr"]["removed"] > 0 and results["irr"]["safety_inputs"]["safety_vector"]["source"] == "safety_vector"
     )
+    # the recommended preset on the same fine-tuned model: refusals restored, the task kept, nothing removed
+    assert rec["refusal_attacked"] >= 0.8 and rec["refusal_unattacked"] >= 0.8
+    assert rec["downstream_accuracy"] >= 0.8 * ft["downstream_accuracy"] > irr["downstream_accuracy"]
+    assert irr["safety_weight"] == 0 and rec["safety_weight"] == results["recommended"]["safety_weight"] > 0
+    assert results["recommended"]["setting"] == "recommended" and results["recommended"]["removed"] == 0
+    assert results["recommended"]["auto"]["chosen"] == rec["safety_weight"]
 
     report = json.loads((out / "finetuned-irr" / "irr_report.json").read_text())
     assert report["status"] == "ok" and report["totals"]["removed"] == results["irr"]["removed"]
+    rec_report = json.loads((out / "finetuned-irr-recommended" / "irr_report.json").read_text())
+    assert rec_report["status"] == "ok" and rec_report["safety_weight"] == rec["safety_weight"]
+    assert results["recommended"]["report"] == str(out / "finetuned-irr-recommended" / "irr_report.json")
     # the saved models are the ones in the table
-    for name, row in (("finetuned", ft), ("finetuned-irr", irr)):
+    for name, row in (("finetuned", ft), ("finetuned-irr", irr), ("finetuned-irr-recommended", rec)):
         model = AutoModelForCausalLM.from_pretrained(out / name).eval()
         assert toy_world.evaluate(model) == {k: row[k] for k in toy_world.evaluate(model)}
 
-    for text in ("| fine-tuned + IRR |", str(out), "irr_report.json", "pareto.png", "irr eval --toy"):
+    for text in (
+        "| fine-tuned + IRR (paper) |",
+        "| fine-tuned + IRR (recommended) |",
+        "chosen by safety_weight='auto'",
+        str(out),
+        "irr_report.json",
+        "pareto.png",
+        "irr eval --toy",
+    ):
         assert text in printed
 
 
@@ -76,7 +96,10 @@ def test_demo_with_lora_and_harmful_data_safety_source(toy_world, tmp_path, caps
     rows = {r["model"]: r for r in results["rows"]}
     assert results["lora"] and results["irr"]["safety_inputs"]["safety_vector"]["source"] == "harmful_dataset"
     assert rows["fine-tuned"]["refusal_attacked"] <= 0.2
-    assert rows["fine-tuned + IRR"]["refusal_attacked"] >= 0.6
+    assert rows["fine-tuned + IRR (paper)"]["refusal_attacked"] >= 0.6
+    rec = rows["fine-tuned + IRR (recommended)"]
+    assert rec["refusal_attacked"] >= 0.6 and rec["safety_weight"] > 0
+    assert os.path.isfile(out / "finetuned-irr-recommended" / "config.json")  # saved merged
     assert os.path.isfile(out / "finetuned" / "adapter_config.json")  # the LoRA run keeps its adapter
     assert "--base" in capsys.readouterr().out  # the suggested `irr eval` line loads the adapter on its base
 
