@@ -6,6 +6,8 @@ copy of the safety stream therefore runs through every layer with W_A in place: 
 base weight (a LoRA target's adapter is switched off), every other parameter of the layer that the
 base mapping holds (norms) gets its base value, and layer -1 stands for the input embedding. The
 layer's own tensors are put back when the context ends; nothing is copied but the one layer's W_A.
+A LoRA target's W_A is its frozen weight, which the layer's solve overwrites with W_A + Δ′: the
+first use of a layer (its H pass, before any write) keeps a copy of those weights for that layer.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class AlignedWeights:
         self, model: nn.Module, layers: nn.ModuleList, prefix: str, targets: list[Target], base: Mapping | None
     ) -> None:
         self.model, self.layers, self.prefix, self.base = model, layers, prefix, base
+        self._lora_bases: tuple[int, dict[str, torch.Tensor]] = (-1, {})  # (layer, W_A of its LoRA targets)
         self.by_layer: dict[int, list[Target]] = {}
         for t in targets:
             self.by_layer.setdefault(t.layer, []).append(t)
@@ -52,13 +55,24 @@ class AlignedWeights:
             if t.kind == "lora":
                 lora_b = t.module.lora_B[t.adapter].weight
                 swaps.append((lora_b, lambda p=lora_b: torch.zeros_like(p)))
+                frozen = self._lora_base(index, t)
+                swaps.append((t.weight, lambda w=frozen: w))
             else:
                 swaps.append((t.weight, lambda n=t.name: base[n]))
-        for name, param in self.layers[index].named_parameters():
+        for name, param in self.layers[index].named_parameters():  # norms and other untargeted weights
             full = f"{self.prefix}.{index}.{name}"
             if id(param) not in own and "lora_" not in name and full in base:
                 swaps.append((param, lambda n=full: base[n]))
         return swaps
+
+    def _lora_base(self, index: int, target: Target) -> torch.Tensor:
+        """The LoRA target's frozen weight as it was when layer `index` was first used (before its solve)."""
+        layer, kept = self._lora_bases
+        if layer != index:
+            self._lora_bases = layer, kept = index, {}
+        if target.name not in kept:
+            kept[target.name] = target.weight.detach().clone()
+        return kept[target.name]
 
 
 @contextlib.contextmanager

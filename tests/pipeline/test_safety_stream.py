@@ -212,3 +212,25 @@ def test_sign_mode_without_a_safety_vector_names_it():
 def test_auto_needs_two_batches_of_each_stream():
     with pytest.raises(ValueError, match="at least 2 × calibration_batch_size"):
         run(IRRConfig.recommended(calibration_batch_size=16), safety=safety_rows(n=8))
+
+
+@pytest.mark.parametrize("term", ["aligned", "delta"])
+def test_lora_adapter_equals_its_merged_model(term):
+    """A PeftModel is realigned like its merged dense model with the base as `base`: the aligned twin
+    of a LoRA layer uses the frozen weight as it was before the layer's solve overwrote it."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _, _ = triple("llama", layers=3)
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    dense = copy.deepcopy(lora).merge_and_unload()
+    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term)
+    realign(lora, calibration=calibration(n=16, length=10), safety_calibration=safety_rows(), config=cfg)
+    realign(dense, base=base, calibration=calibration(n=16, length=10), safety_calibration=safety_rows(), config=cfg)
+    merged = lora.merge_and_unload()
+    for (name, a), (_, b) in zip(merged.named_parameters(), dense.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
