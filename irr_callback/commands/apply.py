@@ -522,9 +522,7 @@ def _fisher_from_data(model, tokenizer, args, names, config):
     return scores
 
 
-def _sources(
-    args, report, *, generated: bool = False, safety_data: dict | None = None
-) -> dict[str, dict[str, Any]]:
+def _sources(args, report, *, generated: bool = False, safety_data: dict | None = None) -> dict[str, dict[str, Any]]:
     """Where each safety input came from, for the report and the model card."""
     config = report.config
     sources: dict[str, dict[str, Any]] = {}
