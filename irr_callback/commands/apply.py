@@ -222,7 +222,8 @@ def check_args(args: argparse.Namespace, config: IRRConfig, *, variants: Sequenc
 
 def _check_safety_stream(args: argparse.Namespace, configs: Sequence[IRRConfig], calibration_rows: int) -> None:
     """A safety weight needs --safety-data with usable rows (and, for 'auto', enough of both data sets
-    to hold some out); --low-memory needs a number and a response column."""
+    to hold some out); --low-memory needs a number and a response column. With no safety input at all the
+    default prompts stand in (not with --low-memory: nothing to generate their answers with)."""
     from ..data import load_examples, require_columns
 
     weights = sorted({str(c.safety_weight) for c in configs if c.uses_safety_stream})
@@ -246,22 +247,26 @@ def _check_safety_stream(args: argparse.Namespace, configs: Sequence[IRRConfig],
                 "--low-memory cannot generate the base model's answers to the default safety prompts: pass "
                 "--safety-data with a response column (harmful prompts with safe responses)"
             )
-        return  # the default prompts: num_safety_samples of them (enough to hold some out for 'auto')
-    rows = load_examples(args.safety_data, what="--safety-data")
-    if low_memory:
-        if len(rows):
+        n_safety = configs[0].num_safety_samples  # the default prompts: at most that many (140 shipped)
+    else:
+        rows = load_examples(args.safety_data, what="--safety-data")
+        if low_memory and len(rows):
             require_columns(
                 rows,
                 [args.safety_response_column],
                 what="--safety-data (--low-memory cannot generate the base model's answers)",
                 fields=["--safety-response-column"],
             )
-    prompts, _, _ = _read_safety_data(args, rows, check_only=True)
+        n_safety = len(_read_safety_data(args, rows, check_only=True)[0])
     config = configs[0]
     if auto:
         for flag, n, limit in (
             ("--calibration-data", calibration_rows, config.num_calibration_samples),
-            ("--safety-data", len(prompts), config.num_safety_samples),
+            (
+                "--safety-data" if args.safety_data else "the default safety prompts",
+                n_safety,
+                config.num_safety_samples,
+            ),
         ):
             if min(n, limit) <= config.calibration_batch_size:
                 raise CLIError(
