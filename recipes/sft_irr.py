@@ -1,6 +1,13 @@
 """Supervised fine-tuning that ends with a safety-realigned model (IRR), full or LoRA.
 
-Single process (full fine-tuning, safety vector from a harmful fine-tune the callback runs itself):
+By default, with no safety flag, it realigns like `IRRCallback()`: IRRConfig.recommended() on default
+harmful prompts (AdvBench online, the shipped set offline) answered by the base model at train begin:
+
+    python recipes/sft_irr.py \\
+        --model_name_or_path meta-llama/Llama-3.2-1B-Instruct --dataset train.jsonl --output_dir out/sft-irr
+
+The paper's IRR (--preset paper, chosen by default when a sign-mask input is given: --unaligned_model,
+--safety_vector or --harmful_dataset), single process (full fine-tuning, safety vector from a harmful fine-tune the callback runs itself):
 
     python recipes/sft_irr.py \\
         --model_name_or_path meta-llama/Llama-2-7b-chat-hf --dataset sahil2801/CodeAlpaca-20k \\
@@ -16,8 +23,8 @@ LoRA on q/v with an existing unaligned model, on 8 GPUs:
         --unaligned_model my-org/llama-2-7b-chat-unaligned --lora_output both \\
         --output_dir out/code-irr-lora --bf16
 
-The recommended setting (IRRConfig.recommended(): no unaligned model, no harmful fine-tune; only
-harmful prompts with safe responses, or prompts alone and the base model writes its own answers):
+The recommended setting with your own safety data (harmful prompts with safe responses, or prompts
+alone and the base model writes its own answers):
 
     python recipes/sft_irr.py \\
         --model_name_or_path meta-llama/Llama-3.2-1B-Instruct --dataset train.jsonl \\
@@ -62,12 +69,15 @@ class ScriptArguments:
     )
     use_trl: bool = field(default=False, metadata={"help": "Train with trl.SFTTrainer instead of Trainer."})
     preset: str = field(
-        default="paper",
+        default="auto",
         metadata={
-            "help": "'paper': the IRRConfig flags as given (IRRConfig(), the paper's IRR, by default). "
-            "'recommended': IRRConfig.recommended() (identify_mode none, safety_weight auto, safety_term aligned; "
-            "needs --safety_dataset, no unaligned model); IRRConfig flags set to a non-default value override it.",
-            "choices": ["paper", "recommended"],
+            "help": "'paper': the IRRConfig flags as given (IRRConfig(), the paper's IRR; needs --unaligned_model, "
+            "--safety_vector or --harmful_dataset). 'recommended': IRRConfig.recommended() (identify_mode none, "
+            "safety_weight auto, safety_term aligned; --safety_dataset, or with none the default harmful prompts "
+            "answered by the base: IRRCallback()'s defaults); IRRConfig flags set to a non-default value override "
+            "it. 'auto' (default): paper when a sign-mask input (--unaligned_model, --safety_vector, "
+            "--harmful_dataset) is given, else recommended.",
+            "choices": ["auto", "paper", "recommended"],
         },
     )
 
@@ -84,11 +94,14 @@ def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, IRRConfig, Tr
 
 
 def with_preset(irr: IRRConfig, preset: str) -> IRRConfig:
-    """`irr` itself ('paper'), or `IRRConfig.recommended()` with the fields `irr` sets to a non-default value."""
+    """`irr` itself ('paper'), or `IRRConfig.recommended()` with the fields `irr` sets to a non-default value;
+    'auto': 'paper' when `irr` names a sign-mask input, else 'recommended'."""
+    if preset == "auto":
+        preset = "paper" if irr.unaligned_model or irr.safety_vector or irr.harmful_dataset else "recommended"
     if preset == "paper":
         return irr
     if preset != "recommended":
-        raise ValueError(f"--preset must be 'paper' or 'recommended', got {preset!r}")
+        raise ValueError(f"--preset must be 'auto', 'paper' or 'recommended', got {preset!r}")
     defaults = IRRConfig().to_dict()
     return IRRConfig.recommended(**{k: v for k, v in irr.to_dict().items() if v != defaults[k]})
 

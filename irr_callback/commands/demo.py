@@ -9,10 +9,12 @@ then fine-tuned on a new task whose data hides a few harmful examples, a harmful
 attack, with a real `transformers.Trainer` and `IRRCallback`: at the end of training the callback
 realigns the model with the paper's setting (remove every sign conflict with the safety vector,
 recalibrate). The same fine-tuned model is also realigned with the recommended preset
-(`IRRConfig.recommended()`: no removal, recalibration regularised by the toy's safety data, harmful
-prompts with refusals, λ chosen by `safety_weight="auto"`). The table compares the aligned model, the
-fine-tuned model and both realigned models on refusal of harmful requests (topics in the attack data
-and topics never seen in it), over-refusal of benign requests, the new task, and the old tasks.
+(`IRRConfig.recommended()`: no removal, recalibration regularised by safety data, λ chosen by
+`safety_weight="auto"`); its safety data are the toy's harmful prompts without responses, answered by
+the aligned model itself (`refusals.safety_dataset_for_run`, as `IRRCallback` does at train begin).
+The table compares the aligned model, the fine-tuned model and both realigned models on refusal of
+harmful requests (topics in the attack data and topics never seen in it), over-refusal of benign
+requests, the new task, and the old tasks.
 
 The output directory holds the five models (usable with `irr apply` / `irr eval` / `irr sweep`),
 the safety vector, the training data, the IRR reports, results.json/.md and a safety-vs-utility plot.
@@ -106,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 "safety_weight": rec_report.safety_weight,
                 "removed": rec_report.totals["removed"],
                 "auto": rec_report.auto,
+                "safety_data": rec_report.extra["safety_inputs"]["safety_data"],
                 "report": os.path.join(tmp, "finetuned-irr-recommended", "irr_report.json"),
             }
             results = json.loads(json.dumps(results).replace(tmp, target))  # paths as they will be
@@ -116,24 +119,34 @@ def run(args: argparse.Namespace) -> int:
 
 def _realign_recommended(world, finetuned, directory: str):
     """`IRRConfig.recommended()` on a copy of the fine-tuned model (the one the callback realigned at
-    train end): the first 128 downstream examples for calibration, as the callback, and the toy's
-    safety data (harmful prompts with refusals) for the safety stream. Saved merged, like the other."""
+    train end): the first 128 downstream examples for calibration, as the callback, and for the safety
+    stream the toy's harmful prompts without responses, answered by the aligned model (the callback's
+    `refusals.safety_dataset_for_run`, cached under `<directory>/cache`). Saved merged, like the other."""
     from .. import realign
     from ..config import IRRConfig
     from ..output import save_realigned
+    from ..refusals import safety_dataset_for_run
 
     model = copy.deepcopy(finetuned)
     lora = hasattr(model, "peft_config")
-    config = IRRConfig.recommended()
+    config = IRRConfig.recommended(cache_dir=os.path.join(directory, "cache"))
     n = min(config.num_calibration_samples, len(world.downstream_train))
+    safety, safety_info = safety_dataset_for_run(
+        world.aligned_model, world.tokenizer, config, safety_dataset=world.safety_data.remove_columns("response")
+    )
+    print(
+        f"      safety data: {safety_info['prompts']} toy harmful prompts answered by the aligned model "
+        f"({100 * safety_info['refusal_rate']:.0f}% refusals)"
+    )
     report = realign(
         model,
         base=None if lora else {k: p.detach().clone() for k, p in world.aligned_model.named_parameters()},
         calibration=world.tokenize_sft(world.downstream_train.select(range(n))),
-        safety_calibration=world.tokenize_sft(world.safety_data),
+        safety_calibration=world.tokenize_sft(safety),
         config=config,
         progress=False,
     )
+    report.extra["safety_inputs"] = {"safety_data": {**safety_info, "set": "the toy's harmful prompts"}}
     if lora:
         model = model.merge_and_unload()
     print(f"      {report.summary()}")

@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         help="Safety weights λ to try: numbers >= 0 and/or 'auto' (0 is the paper's IRR). Default: the preset's "
-        "(paper: 0, recommended: auto). Any λ != 0 needs --safety-data.",
+        "(paper: 0, recommended: auto). Any λ != 0 reads --safety-data (with no safety input at all: the "
+        "default harmful prompts answered by --base, as `irr apply`).",
     )
     p.add_argument("--output-dir", required=True, help="Where the table, JSON and plot are written (atomically).")
     p.add_argument("--overwrite", action="store_true", help="Replace --output-dir if it exists.")

@@ -3,9 +3,8 @@ harmful prompts, lets the base write its own answers at train begin (cached unde
 fingerprint), realigns with `IRRConfig.recommended()` at train end, and writes the output and a
 report that names the default set. A second run reuses the cached answers.
 
-Needs the safety stream wired into `IRRCallback` (`safety_calibration` passed to `realign`, no
-safety vector needed with `identify_mode="none"`): until that is merged the end-to-end test is an
-expected failure (strict once the wiring is in)."""
+On the toy world: harmful prompts without responses, answered by the toy base at train begin, realign
+like the toy's own refusals (same refusal and downstream figures within 0.05)."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import json
 import os
 
 import pytest
+import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from irr_callback import IRRCallback, IRRConfig, refusals
@@ -85,3 +85,66 @@ def test_trainer_with_no_argument_callback_offline(tmp_path, monkeypatch):
     second = json.loads((tmp_path / "run2" / "irr" / "irr_report.json").read_text())
     assert second["status"] == "ok" and second["extra"]["safety_inputs"]["safety_data"]["cached"] is True
     assert again.sources["safety_data"]["path"] == data["path"]
+
+
+def _toy_run(world, output_dir: str, safety_dataset) -> tuple[Trainer, IRRCallback]:
+    """The toy world's downstream fine-tune (the demo's recipe, 120 steps) with the recommended preset."""
+    import copy
+
+    from irr_callback.data import collate
+
+    hp = world.hparams
+    callback = IRRCallback(
+        IRRConfig.recommended(cache_dir=os.path.join(output_dir, "cache")), safety_dataset=safety_dataset
+    )
+    args = TrainingArguments(
+        output_dir,
+        max_steps=120,
+        learning_rate=hp["downstream_lr"],
+        per_device_train_batch_size=hp["batch_size"],
+        lr_scheduler_type="linear",
+        warmup_steps=12,
+        weight_decay=0.0,
+        adam_beta2=0.98,
+        max_grad_norm=1.0,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    pad = world.tokenizer.pad_token_id
+    trainer = Trainer(
+        model=copy.deepcopy(world.aligned_model),
+        args=args,
+        train_dataset=world.tokenize_sft(world.downstream_train),
+        processing_class=world.tokenizer,
+        data_collator=lambda rows: collate(rows, pad),
+        callbacks=[callback],
+    )
+    trainer.train()
+    return trainer, callback
+
+
+def test_toy_prompts_answered_by_the_base_realign_like_the_toys_own_refusals(toy_world, tmp_path):
+    """`IRRCallback(safety_dataset=<harmful prompts without responses>)`: the toy base writes the answers
+    at train begin; the realigned model scores like the one realigned with the toy's own refusals."""
+    world = toy_world
+    own, own_cb = _toy_run(world, str(tmp_path / "own"), world.safety_data)
+    prompts_only = world.safety_data.remove_columns("response")
+    base, base_cb = _toy_run(world, str(tmp_path / "base"), prompts_only)
+    assert own_cb.sources["safety_data"]["generated_responses"] is False
+    written = base_cb.sources["safety_data"]
+    assert written["generated_responses"] and written["prompts"] == len(world.safety_data) and written["looks_aligned"]
+    for cb in (own_cb, base_cb):
+        assert cb.report.status == "ok" and cb.report.setting == "recommended" and cb.report.totals["removed"] == 0
+    scores = {"own": world.evaluate(own.model), "base": world.evaluate(base.model)}
+    for metric in ("refusal_attacked", "refusal_unattacked", "downstream_accuracy"):
+        assert abs(scores["base"][metric] - scores["own"][metric]) <= 0.05, (metric, scores)
+    assert scores["base"]["refusal_attacked"] >= 0.8  # and the realignment restored the refusals
+    answers = base_cb.safety_dataset["response"]  # the base's answers, as the safety stream read them
+    if answers == world.safety_data["response"]:  # identical safety data (so on the tiny world): identical weights
+        assert base_cb.report.safety_weight == own_cb.report.safety_weight
+        for (name, a), (_, b) in zip(own.model.named_parameters(), base.model.named_parameters()):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)

@@ -1,4 +1,5 @@
-"""recipes/sft_irr.py with the recommended preset: no unaligned model, only safety data (issue 12)."""
+"""recipes/sft_irr.py with the recommended preset: no unaligned model, only safety data (issue 12), or no
+safety flag at all: the default prompts answered by the base, `IRRCallback()`'s defaults (issue 14)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,7 @@ def test_recipe_recommended_preset_realigns_from_safety_data_alone(files, tmp_pa
     safety.write_text(
         "".join(json.dumps({"prompt": p, "response": world.REFUSAL}) + "\n" for p in world.harmful_prompts())
     )
-    args = _without_unaligned(
-        _args(files, tmp_path / "out", "--preset", "recommended", "--safety_dataset", str(safety))
-    )
+    args = _without_unaligned(_args(files, tmp_path / "out", "--safety_dataset", str(safety)))  # preset auto
     trainer, callback = _recipe().main(args)
     report = callback.report
     assert report.status == "ok" and report.setting == "recommended" and report.safety_weight > 0
@@ -30,13 +29,41 @@ def test_recipe_recommended_preset_realigns_from_safety_data_alone(files, tmp_pa
     assert saved["setting"] == "recommended" and saved["auto"]["chosen"] == report.safety_weight
 
 
-def test_recipe_preset_keeps_flags_given_and_paper_stays_default(files, tmp_path):  # noqa: F811
+def test_recipe_with_no_safety_flag_realigns_like_the_no_argument_callback(files, tmp_path, monkeypatch):  # noqa: F811
+    from irr_callback import IRRConfig
+    from irr_callback import safety_prompts as sp
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the shipped prompts
+    args = _without_unaligned(_args(files, tmp_path / "out", "--safety_max_new_tokens", "8"))
+    assert not any(a in args for a in ("--safety_dataset", "--harmful_dataset", "--safety_vector", "--preset"))
+    trainer, callback = _recipe().main(args)
+    report = callback.report
+    assert report.status == "ok" and report.setting == "recommended" and report.totals["removed"] == 0
+    assert callback.config == IRRConfig.recommended(
+        num_calibration_samples=16, cache_dir=str(files / "cache"), safety_max_new_tokens=8
+    )
+    assert callback.sources["safety_vector"]["source"] == "none"
+    data = json.loads((tmp_path / "out" / "irr" / "irr_report.json").read_text())["extra"]["safety_inputs"]
+    assert data["safety_data"]["set"] == sp.SHIPPED_NAME and data["safety_data"]["generated_responses"]
+    assert data["safety_data"]["prompts"] == IRRConfig().num_safety_samples
+
+
+def test_recipe_preset_keeps_flags_given_and_paper_with_a_sign_mask_input(files, tmp_path):  # noqa: F811
+    from irr_callback import IRRConfig
+
     recipe = _recipe()
-    _, irr, _ = recipe.parse(["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path)])
-    assert irr.setting_name == "irr" and irr.identify_mode == "sign" and irr.safety_weight == 0
+    common = ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path)]
+    _, irr, _ = recipe.parse(common)  # no safety flag: the recommended preset, IRRCallback()'s config
+    assert irr == IRRConfig.recommended() and irr.identify_mode == "none" and irr.safety_weight == "auto"
+    for flag in ("--unaligned_model", "--safety_vector", "--harmful_dataset"):  # a sign-mask input: the paper's
+        _, irr, _ = recipe.parse([*common, flag, "x"])
+        assert irr.setting_name == "irr" and irr.identify_mode == "sign" and irr.safety_weight == 0
+    _, irr, _ = recipe.parse([*common, "--preset", "paper"])  # the old default, explicitly
+    assert irr == IRRConfig() and irr.identify_mode == "sign" and irr.safety_weight == 0
+    _, irr, _ = recipe.parse([*common, "--preset", "recommended", "--unaligned_model", "x"])
+    assert irr.identify_mode == "none" and irr.unaligned_model == "x"  # explicit preset wins
     _, irr, _ = recipe.parse(
-        ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path), "--preset", "recommended"]
-        + ["--safety_weight", "0.5", "--num_calibration_samples", "16"]
+        [*common, "--preset", "recommended"] + ["--safety_weight", "0.5", "--num_calibration_samples", "16"]
     )
     assert irr.identify_mode == "none" and irr.safety_weight == 0.5 and irr.num_calibration_samples == 16
     assert irr.safety_term == "aligned" and irr.setting_name == "safety-regularised"

@@ -50,6 +50,10 @@ def test_demo_realigns_with_trainer_and_writes_everything(toy_world, tmp_path, c
     assert irr["safety_weight"] == 0 and rec["safety_weight"] == results["recommended"]["safety_weight"] > 0
     assert results["recommended"]["setting"] == "recommended" and results["recommended"]["removed"] == 0
     assert results["recommended"]["auto"]["chosen"] == rec["safety_weight"]
+    # its safety data: the toy's harmful prompts without responses, answered by the aligned model
+    written = results["recommended"]["safety_data"]
+    assert written["generated_responses"] and written["prompts"] == 64 and written["looks_aligned"]
+    assert written["cached"] is False and written["path"].startswith(str(out / "cache"))
 
     report = json.loads((out / "finetuned-irr" / "irr_report.json").read_text())
     assert report["status"] == "ok" and report["totals"]["removed"] == results["irr"]["removed"]
