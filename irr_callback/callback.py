@@ -118,7 +118,8 @@ class IRRCallback(TrainerCallback):
         snapshot = take_snapshot(dense) if dense else None
         ctx = BaseContext(model=model, targets=targets, base=live, fingerprint=self._base_fingerprint,
                           name=_model_name(model), tokenizer=tokenizer)
-        config = dataclasses.replace(run_config, harmful_dataset=self.harmful_dataset or run_config.harmful_dataset)
+        harmful = run_config.harmful_dataset if self.harmful_dataset is None else self.harmful_dataset
+        config = dataclasses.replace(run_config, harmful_dataset=harmful)  # an empty Dataset is refused, not skipped
         state = _partial_state()
         with state.main_process_first():  # the main process computes; the others then hit the cache
             safety = resolve_safety_vector(config, ctx)
@@ -167,6 +168,7 @@ class IRRCallback(TrainerCallback):
         try:
             self._realign_and_save(clone, args, processing_class, os.path.join(checkpoint, "irr"), live=False)
         except Exception as exc:
+            exc = exc.__cause__ if isinstance(exc, _SaveFailed) else exc
             logger.warning(f"IRR: realigned copy of {checkpoint} failed ({type(exc).__name__}: {exc}); "
                            "training continues")
         finally:
@@ -182,6 +184,18 @@ class IRRCallback(TrainerCallback):
         try:
             self.report = self._realign_and_save(self._model(model), args, processing_class, target, live=True)
             self.output_path = target if self.config.save_realigned else None
+        except _SaveFailed as exc:  # the live model IS realigned; only writing `target` failed
+            cause = exc.__cause__
+            self.report = exc.report
+            self.report.status = "save_failed"
+            self.report.error = f"{type(cause).__name__}: {cause}"
+            self._write_run_report(args)
+            if self.config.on_error == "raise":
+                raise cause from None
+            logger.warning(f"IRR realigned the model ({self.report.totals['modules']} modules), but saving it to "
+                           f"{target} failed: {self.report.error}. The live model (trainer.model) IS realigned: "
+                           "save it with trainer.save_model()")
+            return
         except Exception as exc:
             self.report = IRRReport(config=self._run_config.to_dict())
             self.report.status, self.report.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -224,7 +238,10 @@ class IRRCallback(TrainerCallback):
                 backup.restore()
             raise
         if self.config.save_realigned:
-            self._save(model, merged, tokenizer, report, target)
+            try:
+                self._save(model, merged, tokenizer, report, target)
+            except Exception as exc:
+                raise _SaveFailed(report) from exc
         return report
 
     def _wants_merged(self) -> bool:
@@ -281,6 +298,14 @@ class IRRCallback(TrainerCallback):
             return self._trainer.train_dataset
         loader = getattr(self, "_dataloader", None)
         return getattr(loader, "dataset", None)
+
+
+class _SaveFailed(Exception):
+    """Realignment succeeded (the model is realigned in place) but writing its directory failed."""
+
+    def __init__(self, report: IRRReport) -> None:
+        super().__init__("saving the realigned model failed")
+        self.report = report
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

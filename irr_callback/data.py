@@ -22,31 +22,78 @@ class DataError(ValueError):
     """A dataset cannot be used; the message names the parameter, file or column."""
 
 
+# Suffixes that make a name a file the user means on this machine, never a hub id.
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".safetensors", ".bin", ".pt",
+                  ".pth", ".pkl", ".yaml", ".yml", ".gz", ".bz2", ".xz", ".zst")
+
+
+def looks_like_local_path(path: Any) -> bool:
+    """True for what a user means as a local path: it starts with `.`, `/` or `~`, has more than one `/`, ends in a
+    file extension (`data/x.jsonl`), or its first part is a directory that exists here (`models/nope` next to a
+    `models/` folder). Anything else (`org/name`) may be a hub id."""
+    text = os.fspath(path)
+    if text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or "\\" in text:
+        return True
+    if text.count("/") > 1 or text.lower().endswith(LOCAL_SUFFIXES):
+        return True
+    head = text.split("/", 1)[0]
+    return "/" in text and bool(head) and os.path.isdir(head)
+
+
+def check_local_path(path: Any, what: str, error: Optional[type] = None) -> None:
+    """Raise `error` (DataError by default) with "<what>: '<path>' does not exist" for a missing local path, before
+    anything would look it up on the Hub; hub-id-like names pass."""
+    text = os.fspath(path)
+    if not os.path.exists(os.path.expanduser(text)) and looks_like_local_path(text):
+        raise (error or DataError)(f"{what}: '{text}' does not exist")
+
+
+def _empty_file(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return not fh.read(1 << 16).strip()
+
+
 def load_examples(source: Any, *, what: str):
-    """A `datasets.Dataset` from a Dataset, a list of dicts, a local json/jsonl file or a hub id."""
+    """A `datasets.Dataset` from a Dataset, a list of dicts, a local json/jsonl file or a hub id.
+
+    An empty source raises DataError naming `what` and saying that it is empty; a missing local path
+    raises "does not exist" (never a hub lookup)."""
     import datasets
 
+    dataset = None
     if isinstance(source, datasets.Dataset):
-        return source
-    if isinstance(source, datasets.DatasetDict):
+        dataset = source
+    elif isinstance(source, datasets.DatasetDict):
         if "train" not in source:
             raise DataError(f"{what}: the DatasetDict has no 'train' split (splits: {list(source)})")
-        return source["train"]
-    if isinstance(source, list):
-        return datasets.Dataset.from_list(source)
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
+        dataset = source["train"]
+    elif isinstance(source, list):
+        dataset = datasets.Dataset.from_list(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(source))
+        check_local_path(path, what)
         if os.path.isfile(path):
             if not path.endswith((".json", ".jsonl")):
                 raise DataError(f"{what}: '{path}' must be a .json or .jsonl file")
-            return datasets.load_dataset("json", data_files=path, split="train")
-        if os.path.isdir(path) or path.startswith((".", "/")):
-            if os.path.isdir(path):
-                return datasets.load_dataset(path, split="train")
-            raise DataError(f"{what}: '{path}' does not exist")
-        return datasets.load_dataset(path, split="train")  # hub id
-    raise DataError(f"{what}: expected a datasets.Dataset, a list of dicts, a json/jsonl path or a hub id; "
-                    f"got {type(source).__name__}")
+            if _empty_file(path):
+                raise DataError(f"{what}: '{path}' is empty (no examples)")
+            try:
+                dataset = datasets.load_dataset("json", data_files=path, split="train")
+            except StopIteration:  # what `datasets` raises for a file with no rows
+                raise DataError(f"{what}: '{path}' is empty (no examples)") from None
+            except ValueError as exc:  # `[]`: "Instruction 'train' corresponds to no data!"
+                if "corresponds to no data" not in str(exc):
+                    raise
+                raise DataError(f"{what}: '{path}' is empty (no examples)") from None
+        else:
+            dataset = datasets.load_dataset(path, split="train")  # a dataset directory or a hub id
+    else:
+        raise DataError(f"{what}: expected a datasets.Dataset, a list of dicts, a json/jsonl path or a hub id; "
+                        f"got {type(source).__name__}")
+    if len(dataset) == 0:
+        label = f"'{os.fspath(source)}'" if isinstance(source, (str, os.PathLike)) else f"the {type(source).__name__}"
+        raise DataError(f"{what}: {label} is empty (no examples)")
+    return dataset
 
 
 def data_fingerprint(source: Any, dataset) -> str:

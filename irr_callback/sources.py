@@ -22,8 +22,8 @@ from transformers.utils import logging
 
 from . import distributed
 from .config import IRRConfig, IRRConfigError
-from .data import (data_fingerprint, generate_responses, load_examples, require_columns, tokenize_pairs,
-                   batches as make_batches)
+from .data import (check_local_path, data_fingerprint, generate_responses, load_examples, require_columns,
+                   tokenize_pairs, batches as make_batches)
 from .io import IRRFileError, load_irr_file, save_irr_file
 from .safety import fisher as compute_fisher
 from .safety import safety_vector as compute_safety_vector
@@ -116,20 +116,26 @@ def resolve_safety_vector(config: IRRConfig, ctx: BaseContext) -> Resolved:
                         info={"sign_only": mapping.metadata.get("irr_callback.sign_only") == "true"})
     if config.unaligned_model:
         return _from_unaligned_model(config, ctx)
-    if config.harmful_dataset:
+    if (config.harmful_dataset is not None and not isinstance(config.harmful_dataset, str)) or config.harmful_dataset:
         return _from_harmful_dataset(config.harmful_dataset, config, ctx)
     raise IRRConfigError("IRRConfig needs a safety input: set safety_vector (a file), unaligned_model "
                          "(a directory or hub id) or harmful_dataset (prompt/answer pairs)")
 
 
 def _unaligned_dir(source: str) -> str:
+    source = os.path.expanduser(source)
     if os.path.isdir(source):
         return source
-    if os.path.exists(source) or source.startswith((".", "/")):
+    check_local_path(source, "IRRConfig.unaligned_model", FileNotFoundError)  # never a hub lookup for a local path
+    if os.path.exists(source):
         raise FileNotFoundError(f"IRRConfig.unaligned_model: '{source}' is not a model directory")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
+    try:
+        return snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
+    except Exception as exc:  # not found, not reachable, offline
+        raise FileNotFoundError(f"IRRConfig.unaligned_model: cannot load '{source}' from the Hub "
+                                f"({type(exc).__name__}: {exc})") from exc
 
 
 def _from_unaligned_model(config: IRRConfig, ctx: BaseContext) -> Resolved:

@@ -285,6 +285,30 @@ def test_save_failure_leaves_no_partial_directory(tmp_path, unaligned_dir, monke
     with pytest.raises(OSError, match="disk full"):
         run(tmp_path, world.aligned_model(), cfg, steps=2)
     assert sorted(os.listdir(tmp_path / "run")) == ["irr_report.json"]
+    assert json.loads((tmp_path / "run" / "irr_report.json").read_text())["status"] == "save_failed"
+
+
+def test_save_failure_with_warn_says_the_live_model_is_realigned(tmp_path, unaligned_dir, monkeypatch, caplog):
+    """on_error="warn", realignment ok, save failed: the warning and the report say what really happened."""
+    from irr_callback import callback
+
+    def broken_card(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(callback, "build_model_card", broken_card)
+    cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8,
+                    on_error="warn")
+    with caplog.at_level("WARNING", logger="irr_callback"):
+        trainer, cb, probe = run(tmp_path, world.aligned_model(), cfg, steps=2)
+    assert cb.report.status == "save_failed" and "disk full" in cb.report.error
+    assert cb.report.totals["modules"] > 0 and cb.report.totals["removed"] > 0 and cb.output_path is None
+    live = trainer.model.state_dict()
+    assert any(not torch.equal(probe.state[k], live[k]) for k in live)  # the live model was realigned
+    report = json.loads((tmp_path / "run" / "irr_report.json").read_text())
+    assert report["status"] == "save_failed" and report["totals"]["removed"] == cb.report.totals["removed"]
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "IS realigned" in warning and "disk full" in warning and "stays the fine-tuned" not in warning
+    assert not (tmp_path / "run" / "irr").exists()
 
 
 # ------------------------------------------------------------------------------------- Fisher, missing inputs

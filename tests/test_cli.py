@@ -121,6 +121,81 @@ def test_bad_input_exits_nonzero_with_message_and_no_output(ckpts, tmp_path, cap
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
+@pytest.mark.parametrize("case", ["apply_calib", "apply_safety", "sv_harmful", "fisher_safety"])
+def test_empty_data_file_is_named_exit_2(ckpts, tmp_path, capsys, case):
+    """An empty .jsonl is "<flag>: '<file>' is empty", exit 2 (not a bare StopIteration from datasets)."""
+    paths, _ = ckpts
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    apply = ["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--unaligned", paths["unaligned"],
+             "--calibration-data", paths["calib"], "--output", str(tmp_path / "out")]
+    args, flag = {
+        "apply_calib": ([str(empty) if a == paths["calib"] else a for a in apply], "--calibration-data"),
+        "apply_safety": (apply + ["--safety-data", str(empty), "--remove_ratio", "0.5"], "--safety-data"),
+        "sv_harmful": (["safety-vector", "--base", paths["base"], "--harmful-data", str(empty), "--output",
+                        str(tmp_path / "v.safetensors")], "--harmful-data"),
+        "fisher_safety": (["fisher", "--base", paths["base"], "--safety-data", str(empty), "--output",
+                           str(tmp_path / "f.safetensors")], "--safety-data"),
+    }[case]
+    assert main(args) == 2
+    assert f"{flag}: '{empty}' is empty" in capsys.readouterr().err
+    assert _listing(tmp_path) == ["empty.jsonl"]
+
+
+@pytest.mark.parametrize("case", ["calib", "base", "unaligned", "sv_base", "sv_harmful", "fisher_base"])
+def test_relative_local_path_that_does_not_exist_is_named_never_looked_up(ckpts, tmp_path, capsys, monkeypatch,
+                                                                          case):
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    def hub(*args, **kwargs):
+        raise AssertionError("looked up on the Hub")
+
+    for module, name in ((huggingface_hub, "snapshot_download"), (datasets, "load_dataset"),
+                         (transformers.AutoConfig, "from_pretrained")):
+        monkeypatch.setattr(module, name, hub)
+    paths, _ = ckpts
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("models")  # `models/nope` next to a models/ folder is a local path, not the hub id models/nope
+    apply = ["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--unaligned", paths["unaligned"],
+             "--calibration-data", paths["calib"], "--output", "out"]
+    sv = ["safety-vector", "--base", paths["base"], "--unaligned", paths["unaligned"], "--output", "v.safetensors"]
+
+    def swap(args, old, new):
+        return [new if a == old else a for a in args]
+
+    args, flag, missing = {
+        "calib": (swap(apply, paths["calib"], "data/nope.jsonl"), "--calibration-data", "data/nope.jsonl"),
+        "base": (swap(apply, paths["base"], "models/nope"), "--base", "models/nope"),
+        "unaligned": (swap(apply, paths["unaligned"], "./nope"), "--unaligned", "./nope"),
+        "sv_base": (swap(sv, paths["base"], "models/nope"), "--base", "models/nope"),
+        "sv_harmful": (sv[:3] + ["--harmful-data", "nope.jsonl", "--output", "v.safetensors"], "--harmful-data",
+                       "nope.jsonl"),
+        "fisher_base": (["fisher", "--base", "models/nope", "--safety-data", paths["calib"], "--output",
+                         "f.safetensors"], "--base", "models/nope"),
+    }[case]
+    assert main(args) == 2
+    assert f"{flag}: '{missing}' does not exist" in capsys.readouterr().err
+    assert _listing(tmp_path) == ["models"]
+
+
+def test_model_that_cannot_be_found_is_named_by_its_flag(ckpts, tmp_path, capsys):
+    """A hub-id-like name that cannot be loaded (offline here) names the flag it came from."""
+    paths, _ = ckpts
+    missing = "irr-callback-tests/no-such-model"
+    assert main(["safety-vector", "--base", missing, "--unaligned", paths["unaligned"], "--output",
+                 str(tmp_path / "v.safetensors")]) == 2
+    assert f"--base: cannot read the model config of '{missing}'" in capsys.readouterr().err
+    assert main(["safety-vector", "--base", paths["base"], "--unaligned", missing, "--output",
+                 str(tmp_path / "v.safetensors")]) == 2
+    assert f"--unaligned: cannot read the model config of '{missing}'" in capsys.readouterr().err
+    assert main(["eval", "--models", missing, "--harmful", paths["calib"], "--prompt-column", "text",
+                 "--output", str(tmp_path / "e.json")]) == 2
+    assert f"--models: cannot load '{missing}'" in capsys.readouterr().err
+    assert _listing(tmp_path) == []
+
+
 def test_lora_adapter_apply_and_base_mismatch(ckpts, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 

@@ -93,3 +93,17 @@ def test_recipe_with_trl_sfttrainer(files, tmp_path):
     assert type(trainer).__name__ == "SFTTrainer"
     assert callback.report.status == "ok"
     margin("recipe trl irr refusal", world.refusal_rate(trainer.model), ge=0.9)
+
+
+@pytest.mark.parametrize("case", ["empty", "missing"])
+def test_recipe_bad_dataset_is_one_line_exit_2(files, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    if case == "empty":
+        (tmp_path / "empty.jsonl").write_text("")
+    dataset = {"empty": "empty.jsonl", "missing": "data/nope.jsonl"}[case]
+    args = _args(files, tmp_path / "out")
+    args[args.index("--dataset") + 1] = dataset
+    assert _recipe().cli(args) == 2
+    expect = {"empty": "is empty", "missing": "does not exist"}[case]
+    assert f"sft_irr.py: error: --dataset: '{dataset}' {expect}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

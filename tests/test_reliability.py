@@ -210,9 +210,75 @@ def test_callback_harmful_and_safety_data_are_checked_naming_column_or_field(ckp
     callback = IRRCallback(IRRConfig(safety_vector=paths["v"], remove_ratio=0.5, cache_dir=str(tmp_path / "c")),
                            safety_dataset=empty)
     args = TrainingArguments(str(tmp_path / "run"), report_to=[], use_cpu=True, save_strategy="no")
-    with pytest.raises(DataError, match="none of the 0 prompt/response examples"):
+    with pytest.raises(DataError, match=r"safety_dataset: the Dataset is empty"):
         callback.on_train_begin(args, TrainerState(), TrainerControl(), model=copy.deepcopy(base),
                                 processing_class=tiny_tokenizer())
+
+
+def _no_hub(monkeypatch):
+    """Any hub lookup fails the test: a local-looking path must never reach the Hub."""
+    import huggingface_hub
+
+    local_json = datasets.load_dataset
+
+    def hub(*args, **kwargs):
+        if args and args[0] == "json":  # a local file through the json builder
+            return local_json(*args, **kwargs)
+        raise AssertionError(f"hub lookup for {args or kwargs}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+
+
+def test_callback_empty_or_missing_inputs_are_named(ckpts, tmp_path, monkeypatch):
+    """An empty Dataset or file says "is empty" naming the field (not "needs a safety input"); a local-looking
+    path that does not exist says "does not exist" and never reaches the Hub."""
+    paths, (base, _, _), _ = ckpts
+    from tests.helpers import tiny_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    empty_file = tmp_path / "empty.jsonl"
+    empty_file.write_text("\n")
+    _no_hub(monkeypatch)
+    empty = datasets.Dataset.from_dict({"prompt": [], "response": []})
+    cases = [
+        (IRRCallback(IRRConfig(cache_dir="c"), harmful_dataset=empty), DataError, "harmful_dataset: the Dataset is empty"),
+        (IRRCallback(IRRConfig(harmful_dataset=str(empty_file), cache_dir="c")), DataError,
+         "IRRConfig.harmful_dataset: '.*empty.jsonl' is empty"),
+        (IRRCallback(IRRConfig(harmful_dataset="nope.jsonl", cache_dir="c")), DataError,
+         "IRRConfig.harmful_dataset: 'nope.jsonl' does not exist"),
+        (IRRCallback(IRRConfig(unaligned_model="models/nope", cache_dir="c")), FileNotFoundError,
+         "IRRConfig.unaligned_model: 'models/nope' does not exist"),
+        (IRRCallback(IRRConfig(safety_vector=paths["v"], remove_ratio=0.5, safety_dataset="data/nope.jsonl",
+                               cache_dir="c")), DataError, "IRRConfig.safety_dataset: 'data/nope.jsonl' does not exist"),
+    ]
+    args = TrainingArguments(str(tmp_path / "run"), report_to=[], use_cpu=True, save_strategy="no")
+    for callback, error, match in cases:
+        model = copy.deepcopy(base)
+        with pytest.raises(error, match=match):
+            callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model,
+                                    processing_class=tiny_tokenizer())
+        assert same_state(state(model), state(base))
+
+
+def test_local_looking_paths_and_empty_data(tmp_path, monkeypatch):
+    from irr_callback.data import load_examples, looks_like_local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for path in ("data/nope.jsonl", "nope.jsonl", "./x", "../x", "/abs/x", "~/x", "a/b/c", "models/nope"):
+        assert looks_like_local_path(path), path
+    for hub_id in ("gpt2", "org/name", "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen2.5-0.5B", "imdb"):
+        assert not looks_like_local_path(hub_id), hub_id
+    _no_hub(monkeypatch)
+    (tmp_path / "blank.jsonl").write_text("")
+    (tmp_path / "list.json").write_text("[]")
+    for source, match in [("blank.jsonl", "'blank.jsonl' is empty"), ("list.json", "'list.json' is empty"),
+                          ([], "the list is empty"), (datasets.Dataset.from_dict({"a": []}), "the Dataset is empty"),
+                          ("data/nope.jsonl", "'data/nope.jsonl' does not exist")]:
+        with pytest.raises(DataError, match=f"--flag: {match}"):
+            load_examples(source, what="--flag")
 
 
 def test_apply_refuses_another_architecture_before_loading_models(ckpts, tmp_path, capsys, monkeypatch):

@@ -66,9 +66,11 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> IRRConfig:
 
 def check_exists(path: Optional[str], flag: str, *, allow_hub_id: bool = False) -> None:
     """Refuse a missing local path early, naming the flag; a hub id (`org/name`) is passed through."""
-    if path is None or os.path.exists(path):
+    from ..data import looks_like_local_path
+
+    if path is None or os.path.exists(os.path.expanduser(path)):
         return
-    if allow_hub_id and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+    if allow_hub_id and not looks_like_local_path(path):
         return
     raise CLIError(f"{flag}: '{path}' does not exist")
 
@@ -123,15 +125,17 @@ def _config_dict(path: str, flag: str) -> dict:
         raise CLIError(f"{flag}: cannot read the model config of '{path}' ({type(exc).__name__}: {exc})") from exc
 
 
-def load_causal_lm(path: str, dtype: str = "auto", device: Optional[str] = None):
+def load_causal_lm(path: str, dtype: str = "auto", device: Optional[str] = None, *, flag: Optional[str] = None):
     """safetensors checkpoints, or .bin ones through torch.load(weights_only=True): a pickle that
-    would run code is refused, never executed."""
+    would run code is refused, never executed. A model that cannot be found is an error naming `flag`."""
     import pickle
 
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], weights_only=True)
+    except OSError as exc:  # not a local directory, and not found (or not reachable) on the Hub
+        raise CLIError(f"{flag or 'model'}: cannot load '{path}' ({exc})") from exc
     except pickle.UnpicklingError as exc:
         raise CLIError(f"'{path}': its pickled checkpoint (.bin) holds more than plain tensors and was refused "
                        "(loaded with weights_only=True, nothing executed). If you trust it, convert it to "

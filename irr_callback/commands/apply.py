@@ -128,7 +128,7 @@ def load_inputs(args: argparse.Namespace, config: IRRConfig, calibration_data: A
 
     lora = is_adapter_dir(args.finetuned)
     tokenizer = load_tokenizer(args.finetuned, args.base)
-    base_model = load_causal_lm(args.base, args.dtype, config.device)
+    base_model = load_causal_lm(args.base, args.dtype, config.device, flag="--base")
     if lora:
         from peft import PeftModel
 
@@ -141,7 +141,7 @@ def load_inputs(args: argparse.Namespace, config: IRRConfig, calibration_data: A
                            "and was refused (nothing executed); convert it to safetensors if you trust it") from exc
         base_map = None
     else:
-        model = load_causal_lm(args.finetuned, args.dtype, config.device)
+        model = load_causal_lm(args.finetuned, args.dtype, config.device, flag="--finetuned")
         base_map = as_tensor_mapping(base_model, what="base")
     _, _, targets = find_targets(model, config.target_modules)
     names = [t.name for t in targets]
@@ -234,13 +234,17 @@ def _same_model(recorded: str, given: str) -> bool:
     return norm(recorded) == norm(given) or os.path.basename(recorded.rstrip("/")) == os.path.basename(given.rstrip("/"))
 
 
-def local_or_download(path: str):
+def local_or_download(path: str, flag: str = "model"):
     """Tensors of a local model directory or of a hub model's safetensors, streamed."""
     if os.path.isdir(path):
         return SafetensorsMapping(path)
     from huggingface_hub import snapshot_download
 
-    return SafetensorsMapping(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+    try:
+        directory = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+    except Exception as exc:  # not found, not reachable, offline: name the flag, not just the hub's words
+        raise CLIError(f"{flag}: cannot load '{path}' ({type(exc).__name__}: {exc})") from exc
+    return SafetensorsMapping(directory)
 
 
 def _fisher_from_data(model, tokenizer, args, names, config):

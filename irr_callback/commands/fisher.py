@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
                     fields=["--prompt-column", "--response-column"])
     if args.max_samples:
         rows = rows.select(range(min(args.max_samples, len(rows))))
+    model = load_causal_lm(args.base, flag="--base")
     tokenizer = load_tokenizer(args.base)
-    model = load_causal_lm(args.base)
     names = [t.name for t in find_targets(model, args.target_modules)[2]]
     try:
         pairs = tokenize_pairs(tokenizer, rows[args.prompt_column], rows[args.response_column],
