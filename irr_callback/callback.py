@@ -26,7 +26,7 @@ from transformers.utils import logging
 from .config import IRRConfig
 from .data import calibration_examples
 from .driver import realign
-from .io import fingerprint
+from .io import fingerprint, fingerprint_id
 from .model_card import build_model_card
 from .peft_utils import (LoraBackup, check_supported, default_refactor_rank, is_peft_model, lora_module_names,
                          refactor_lora)
@@ -221,7 +221,7 @@ class IRRCallback(TrainerCallback):
             report = realign(model, base=self._snapshot, safety_vector=self._safety, importance=self._importance,
                              calibration=calibration, config=config, progress=not args.disable_tqdm)
             report.extra["safety_inputs"] = self.sources
-            report.extra["base_fingerprint"] = self._base_fingerprint
+            report.extra["base_fingerprint"] = fingerprint_id(self._base_fingerprint)
             merged = None
             if peft:
                 merged = self._merged_copy(model) if self._wants_merged() else None

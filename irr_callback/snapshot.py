@@ -16,7 +16,14 @@ from typing import Optional
 import torch
 from transformers.utils import logging
 
-from .io import IRRFileError, fingerprint, load_irr_file, save_irr_file
+from .io import (
+    IRRFileError,
+    fingerprint,
+    fingerprint_id,
+    load_irr_file,
+    same_base,
+    save_irr_file,
+)
 from .targets import Target
 
 logger = logging.get_logger(__name__)
@@ -61,8 +68,9 @@ class RunStore:
             raise IRRFileError(f"'{path}' lacks target(s) {missing[:3]}: was the run started with other "
                                "target_modules?")
         recorded = mapping.metadata.get("irr_callback.base_fingerprint")
-        if base_fingerprint is not None and recorded != base_fingerprint:
-            raise IRRFileError(f"'{path}' was made for base {recorded}, this run's base is {base_fingerprint}")
+        if base_fingerprint is not None and not same_base(recorded, base_fingerprint):
+            raise IRRFileError(f"'{path}' was made for base {fingerprint_id(recorded or '')}, this run's base is "
+                               f"{fingerprint_id(base_fingerprint)}")
         return mapping
 
     def base_fingerprint(self) -> str:

@@ -3,7 +3,7 @@
 Safety vector, first source given wins: `safety_vector` file (ours, checked against the base) →
 `unaligned_model` (streamed shard by shard) → `harmful_dataset` (a short harmful fine-tune of a copy
 of the base). Fisher: `fisher` file → computed on the base from `safety_dataset`. Computed results
-are cached as our safetensors files under `<cache_dir>/<base fingerprint>/`, keyed by the data and
+are cached as our safetensors files under `<cache_dir>/<base fingerprint id>/`, keyed by the data and
 the settings, so the next run on the same base reuses them.
 """
 
@@ -24,7 +24,7 @@ from . import distributed
 from .config import IRRConfig, IRRConfigError
 from .data import (check_local_path, data_fingerprint, generate_responses, load_examples, require_columns,
                    tokenize_pairs, batches as make_batches)
-from .io import IRRFileError, load_irr_file, save_irr_file
+from .io import IRRFileError, fingerprint_id, load_irr_file, save_irr_file
 from .safety import fisher as compute_fisher
 from .safety import safety_vector as compute_safety_vector
 from .targets import Target
@@ -72,7 +72,7 @@ def _key(*parts: Any) -> str:
 
 
 def _cache_path(config: IRRConfig, ctx: BaseContext, kind: str, key: str) -> str:
-    return os.path.join(cache_root(config), ctx.fingerprint, f"{kind}-{key}.safetensors")
+    return os.path.join(cache_root(config), fingerprint_id(ctx.fingerprint), f"{kind}-{key}.safetensors")
 
 
 def _cached(path: str, kind: str, ctx: BaseContext) -> Optional[SafetensorsMapping]:
@@ -138,8 +138,25 @@ def _unaligned_dir(source: str) -> str:
                                 f"({type(exc).__name__}: {exc})") from exc
 
 
+def _check_unaligned_architecture(directory: str, config: IRRConfig, ctx: BaseContext) -> None:
+    """The same check as `irr apply`/`irr safety-vector`: the unaligned model's config.json against the live base's."""
+    from .architecture import check_same_architecture, model_config_dict
+
+    base = model_config_dict(ctx.model)
+    if base is None:
+        return  # not a transformers model: the tensor names and shapes are still checked
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"IRRConfig.unaligned_model: '{config.unaligned_model}' has no config.json")
+    unaligned = AutoConfig.from_pretrained(directory).to_dict()  # as the CLI reads it (derived fields filled in)
+    check_same_architecture((f"the base model '{ctx.name or 'being trained'}'", base),
+                            (f"IRRConfig.unaligned_model '{config.unaligned_model}'", unaligned), IRRConfigError)
+
+
 def _from_unaligned_model(config: IRRConfig, ctx: BaseContext) -> Resolved:
     directory = _unaligned_dir(config.unaligned_model)
+    _check_unaligned_architecture(directory, config, ctx)
     shards = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     stats = [(f, os.path.getsize(os.path.join(directory, f)), int(os.path.getmtime(os.path.join(directory, f))))
              for f in shards]

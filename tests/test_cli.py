@@ -80,6 +80,19 @@ def test_safety_vector_and_fisher_files_then_apply_with_ratio(ckpts, tmp_path):
     assert 0.35 < totals["removed"] / totals["conflicts"] < 0.65
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_safety_vector_made_from_float32_applies_in_another_dtype(ckpts, tmp_path, dtype):
+    """The base fingerprint does not depend on the dtype the base is loaded in (issue 15: it was refused as
+    "made for another base model")."""
+    paths, _ = ckpts
+    v_path = str(tmp_path / "v.safetensors")
+    assert main(["safety-vector", "--base", paths["base"], "--unaligned", paths["unaligned"], "--output", v_path]) == 0
+    out = str(tmp_path / "out")
+    assert main(["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--safety-vector", v_path,
+                 "--calibration-data", paths["calib"], "--output", out, "--dtype", dtype]) == 0
+    assert json.load(open(os.path.join(out, "irr_report.json")))["status"] == "ok"
+
+
 def test_safety_vector_for_another_base_is_refused(ckpts, tmp_path, capsys):
     paths, _ = ckpts
     v_path = str(tmp_path / "v.safetensors")

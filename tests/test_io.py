@@ -49,3 +49,43 @@ def test_foreign_safetensors_without_metadata_is_refused(tmp_path):
     with pytest.raises(IRRFileError, match="no irr_callback metadata"):
         load_irr_file(path, kind="safety_vector")
     assert SafetensorsMapping(path)["a"].shape == (2,)
+
+
+def test_fingerprint_does_not_depend_on_dtype_or_device_but_on_the_weights(tmp_path):
+    from irr_callback.io import _fingerprint_v1, fingerprint_id, same_base
+    from tests.helpers import perturbed, tiny_model
+
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters() if ".layers." in n]
+    fp32 = fingerprint(model.state_dict(), names)
+    for dtype in (torch.bfloat16, torch.float16):
+        other = {k: t.to(dtype) for k, t in model.state_dict().items()}
+        assert same_base(fp32, fingerprint(other, names)), dtype
+        assert same_base(fingerprint(other, names), fp32), dtype
+    # bf16 -> fp16 (double rounding) still the same base
+    twice = {k: t.to(torch.bfloat16).to(torch.float16) for k, t in model.state_dict().items()}
+    assert same_base(fp32, fingerprint(twice, names))
+    if torch.cuda.is_available():
+        assert same_base(fp32, fingerprint({k: t.cuda() for k, t in model.state_dict().items()}, names))
+    # another base of the same architecture: a fine-tune-sized change, another initialisation, one tensor moved
+    for different in (perturbed(model, 0.005, seed=1), tiny_model(seed=1)):
+        assert not same_base(fp32, fingerprint(different.state_dict(), names))
+    moved = dict(model.state_dict())
+    moved[names[0]] = moved[names[0]] * 1.05
+    assert not same_base(fp32, fingerprint(moved, names))
+    assert not same_base(fp32, fingerprint(model.state_dict(), names[1:]))  # other tensors
+    assert not same_base(None, fp32) and not same_base("garbage", fp32)
+    assert len(fingerprint_id(fp32)) == 32 and fingerprint_id(fp32).isalnum()
+
+    # a file made from the fp32 weights loads against the bf16 ones, and is refused for another base
+    v = {n: torch.ones_like(model.state_dict()[n], dtype=torch.int8) for n in names}
+    path = str(tmp_path / "v.safetensors")
+    save_irr_file(path, v, kind="safety_vector", base_fingerprint=fp32)
+    load_irr_file(path, kind="safety_vector", base={k: t.to(torch.bfloat16) for k, t in model.state_dict().items()})
+    with pytest.raises(IRRFileError, match="another base"):
+        load_irr_file(path, kind="safety_vector", base=tiny_model(seed=1).state_dict())
+    # files written before (version-1 fingerprints) still load against their own base, exactly
+    save_irr_file(path, v, kind="safety_vector", base_fingerprint=_fingerprint_v1(model.state_dict(), names))
+    load_irr_file(path, kind="safety_vector", base=model.state_dict())
+    with pytest.raises(IRRFileError, match="another base"):
+        load_irr_file(path, kind="safety_vector", base=tiny_model(seed=1).state_dict())

@@ -305,6 +305,28 @@ def test_apply_refuses_another_architecture_before_loading_models(ckpts, tmp_pat
         assert not out.exists() and not siblings(out)
 
 
+def test_every_pairing_of_two_checkpoints_refuses_another_architecture(ckpts, tmp_path, capsys):
+    """The check `irr apply` runs is also run by `irr safety-vector` and the callback's unaligned_model (a Qwen2
+    unaligned model has tensors with the Llama base's names and shapes: without it, a meaningless vector)."""
+    paths, (base, _, _), _ = ckpts
+    qwen = str(tmp_path / "qwen")
+    tiny_model("qwen2").save_pretrained(qwen)
+    out = tmp_path / "v.safetensors"
+    assert main(["safety-vector", "--base", paths["base"], "--unaligned", qwen, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--unaligned '{qwen}' is not the same architecture as --base" in err and "'qwen2' vs 'llama'" in err
+    assert not out.exists()
+    model = copy.deepcopy(base)
+    callback = IRRCallback(IRRConfig(unaligned_model=qwen, cache_dir=str(tmp_path / "c")))
+    with pytest.raises(irr.IRRConfigError, match=r"IRRConfig.unaligned_model '.*qwen' is not the same architecture "
+                                                 r"as the base model .*model_type 'qwen2' vs 'llama'"):
+        _begin(callback, model, tmp_path)
+    assert same_state(state(model), state(base)) and not (tmp_path / "c").exists()
+    # the same architecture still passes (a real unaligned model)
+    _begin(IRRCallback(IRRConfig(unaligned_model=paths["unaligned"], cache_dir=str(tmp_path / "c"))),
+           copy.deepcopy(base), tmp_path)
+
+
 def test_apply_checks_safety_data_columns_before_loading_models(ckpts, tmp_path, capsys, monkeypatch):
     paths, _, _ = ckpts
     bad = write_jsonl(tmp_path / "safety.jsonl", [{"prompt": "w4", "answer": "w5"}])

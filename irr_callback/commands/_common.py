@@ -95,25 +95,15 @@ def adapter_base_name(path: str) -> Optional[str]:
         return json.load(fh).get("base_model_name_or_path")
 
 
-# Fields of config.json that decide every target's name and shape; vocab_size is left out on purpose
-# (fine-tunes often add tokens, and embeddings are not IRR targets).
-ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "head_dim", "n_embd", "n_inner", "n_layer", "n_head")
-
-
 def check_same_architecture(reference: tuple[str, str], *others: tuple[str, Optional[str]]) -> None:
     """Compare the config.json of (flag, path) pairs with the reference's before any weight is loaded."""
+    from ..architecture import check_same_architecture as check
+
     ref_flag, ref_path = reference
     ref = _config_dict(ref_path, ref_flag)
     for flag, path in others:
-        if path is None:
-            continue
-        cfg = _config_dict(path, flag)
-        diffs = [f"{k} {cfg.get(k)!r} vs {ref.get(k)!r}" for k in ARCHITECTURE_FIELDS if cfg.get(k) != ref.get(k)]
-        if diffs:
-            raise CLIError(f"{flag} '{path}' is not the same architecture as {ref_flag} '{ref_path}' "
-                           f"({'; '.join(diffs)}): IRR compares weights entry by entry, so both must be the "
-                           f"same model family and size")
+        if path is not None:
+            check((f"{ref_flag} '{ref_path}'", ref), (f"{flag} '{path}'", _config_dict(path, flag)), CLIError)
 
 
 def _config_dict(path: str, flag: str) -> dict:
