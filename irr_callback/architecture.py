@@ -13,7 +13,8 @@ ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hi
 
 def architecture_differences(reference: dict, other: dict) -> list[str]:
     """'field other-value vs reference-value' for every architecture field that differs."""
-    return [f"{k} {other.get(k)!r} vs {reference.get(k)!r}" for k in ARCHITECTURE_FIELDS if other.get(k) != reference.get(k)]
+    return [f"{k} {other.get(k)!r} vs {reference.get(k)!r}" for k in ARCHITECTURE_FIELDS
+            if other.get(k) != reference.get(k)]
 
 
 def model_config_dict(model: Any) -> Optional[dict]:

@@ -117,7 +117,7 @@ class IRRCallback(TrainerCallback):
         self._base_fingerprint = fingerprint(live, names)
         snapshot = take_snapshot(dense) if dense else None
         ctx = BaseContext(model=model, targets=targets, base=live, fingerprint=self._base_fingerprint,
-                          name=_model_name(model), tokenizer=tokenizer)
+                          name=_model_name(model), tokenizer=tokenizer, progress=_show_progress(args))
         harmful = run_config.harmful_dataset if self.harmful_dataset is None else self.harmful_dataset
         config = dataclasses.replace(run_config, harmful_dataset=harmful)  # an empty Dataset is refused, not skipped
         state = _partial_state()
@@ -219,7 +219,7 @@ class IRRCallback(TrainerCallback):
         backup = LoraBackup(model, targets) if peft else None
         try:
             report = realign(model, base=self._snapshot, safety_vector=self._safety, importance=self._importance,
-                             calibration=calibration, config=config, progress=not args.disable_tqdm)
+                             calibration=calibration, config=config, progress=_show_progress(args))
             report.extra["safety_inputs"] = self.sources
             report.extra["base_fingerprint"] = fingerprint_id(self._base_fingerprint)
             merged = None
@@ -306,6 +306,11 @@ class _SaveFailed(Exception):
     def __init__(self, report: IRRReport) -> None:
         super().__init__("saving the realigned model failed")
         self.report = report
+
+
+def _show_progress(args) -> bool:
+    """Progress bars as the Trainer shows its own: not with disable_tqdm, and on the local main process only."""
+    return not args.disable_tqdm and _partial_state().is_local_main_process
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

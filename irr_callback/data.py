@@ -180,16 +180,17 @@ def batches(examples: list[dict], batch_size: int, pad_token_id: int = 0) -> lis
     return [collate(examples[i:i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
 
 
-def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int) -> list[str]:
+def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                       progress: bool = True) -> list[str]:
     """The base model's own greedy answers (how the IRR authors built Fisher data), one prompt at a time
-    so no padding side matters; the model's train/eval mode is restored."""
+    so no padding side matters; the model's train/eval mode is restored. `progress`: a progress bar."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     answers = []
     try:
         with torch.no_grad():
-            for prompt in logging.tqdm(prompts, desc="IRR safety responses"):
+            for prompt in logging.tqdm(prompts, desc="IRR safety responses", disable=not progress):
                 prompt_ids, _ = _chat_ids(tokenizer, str(prompt), None)
                 ids = torch.tensor([prompt_ids], device=device)
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -61,6 +61,7 @@ class BaseContext:
     fingerprint: str
     name: str  # base model id/path, for metadata
     tokenizer: Any = None
+    progress: bool = True  # progress bars (the Trainer's disable_tqdm, main process only)
 
     @property
     def names(self) -> list[str]:
@@ -196,7 +197,8 @@ def _from_harmful_dataset(source: Any, config: IRRConfig, ctx: BaseContext) -> R
         return Resolved(hit, "harmful_dataset", cached=True, path=path, info={"harmful_dataset": label})
     examples = tokenize_pairs(ctx.tokenizer, dataset[config.harmful_prompt_column],
                               dataset[config.harmful_response_column], max_length=config.calibration_max_length)
-    v = harmful_finetune_vector(ctx.model, examples, ctx.targets, config, pad_token_id=_pad_id(ctx.tokenizer))
+    v = harmful_finetune_vector(ctx.model, examples, ctx.targets, config, pad_token_id=_pad_id(ctx.tokenizer),
+                                progress=ctx.progress)
     mapping = _store(path, v, "safety_vector", ctx, {"source": "harmful_dataset", "harmful_dataset": label})
     logger.info(f"IRR: safety vector from a {config.unaligned_steps}-step harmful fine-tune cached at {path}")
     return Resolved(mapping, "harmful_dataset", path=path,
@@ -248,10 +250,11 @@ def resolve_fisher(config: IRRConfig, ctx: BaseContext, *, safety_dataset: Any =
             raise IRRConfigError(f"safety_dataset has no '{config.safety_response_column}' column, so the base "
                                  "model's own responses are generated, which needs the Trainer's processing_class")
         logger.info(f"IRR: generating the base model's responses to {len(prompts)} safety prompts")
-        responses = generate_responses(ctx.model, ctx.tokenizer, prompts, max_new_tokens=config.safety_max_new_tokens)
+        responses = generate_responses(ctx.model, ctx.tokenizer, prompts, max_new_tokens=config.safety_max_new_tokens,
+                                       progress=ctx.progress)
     examples = tokenize_pairs(ctx.tokenizer, prompts, responses, max_length=config.calibration_max_length)
     scores = compute_fisher(ctx.model, make_batches(examples, config.fisher_batch_size, _pad_id(ctx.tokenizer)),
-                            names=ctx.names)
+                            names=ctx.names, progress=ctx.progress)
     mapping: Mapping[str, torch.Tensor] = scores  # the same sums on every rank; the main process caches them
     if distributed.rank_and_world()[0] == 0:
         mapping = _store(path, scores, "fisher", ctx, {"source": "safety_dataset", "safety_dataset": label,

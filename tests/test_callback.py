@@ -343,6 +343,50 @@ def test_remove_ratio_below_one_computes_fisher_from_generated_responses(tmp_pat
     assert cb2.sources["importance"]["cached"] is True
 
 
+def test_progress_bars_follow_disable_tqdm_and_show_on_the_main_process_only(tmp_path, capfd, monkeypatch):
+    """The harmful fine-tune, safety-response, Fisher and layer bars behave like the Trainer's own."""
+    import datasets
+
+    from irr_callback import callback as callback_module
+
+    safety = datasets.Dataset.from_dict({"prompt": world.harmful_prompts()[:4]})  # responses are generated
+    bars = ("IRR harmful fine-tune", "IRR safety responses", "Fisher", "IRR layers")
+    real_state = callback_module._partial_state
+    for name, disable, main in (("quiet", True, True), ("shown", False, True), ("replica", False, False)):
+        if not main:
+            monkeypatch.setattr(callback_module, "_partial_state", lambda: type(
+                "Replica", (), {"is_local_main_process": False, "is_main_process": True,
+                                "main_process_first": real_state().main_process_first,
+                                "wait_for_everyone": lambda self: None})())
+        cfg = IRRConfig(harmful_dataset="given-below", remove_ratio=0.5, unaligned_steps=2, safety_max_new_tokens=2,
+                        fisher_batch_size=4, num_calibration_samples=4, cache_dir=str(tmp_path / name))
+        run(tmp_path, world.aligned_model(), cfg, steps=1, name=name, disable_tqdm=disable,
+            callback_kwargs={"safety_dataset": safety, "harmful_dataset": world.harmful_pairs_dataset()})
+        err = capfd.readouterr().err
+        for bar in bars:
+            assert (bar in err) == (not disable and main), (name, bar)
+
+
+def test_irr_log_lines_follow_the_trainer_log_level(tmp_path, unaligned_dir, caplog):
+    """IRR's INFO lines show with TrainingArguments(log_level="info") or set_verbosity_info(), not by default."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=4)
+    try:
+        for name, log_level, verbosity in (("default", "passive", hf_logging.WARNING),
+                                           ("log_level", "info", hf_logging.WARNING),
+                                           ("verbosity", "passive", hf_logging.INFO)):
+            hf_logging.set_verbosity(verbosity)
+            caplog.clear()
+            run(tmp_path, world.aligned_model(), cfg, steps=1, name=name, log_level=log_level)
+            lines = [r.getMessage() for r in caplog.records if r.name.startswith("irr_callback")]
+            shown = any(m.startswith("IRR: ready to realign") for m in lines)
+            assert shown == (name != "default"), (name, lines)
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def test_missing_safety_input_is_named(tmp_path):
     with pytest.raises(ValueError, match="safety_vector.*unaligned_model.*harmful_dataset"):
         run(tmp_path, world.aligned_model(), IRRConfig(), steps=1)

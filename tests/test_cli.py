@@ -64,6 +64,31 @@ def test_apply_with_unaligned_matches_library(ckpts, tmp_path):
         torch.testing.assert_close(fh.get_tensor(name), model.state_dict()[name])
 
 
+def test_verbose_shows_irr_lines_and_not_everyone_elses(ckpts, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from irr_callback.logs import LOGGER
+
+    paths, _ = ckpts
+    seen = []
+    import irr_callback.commands.apply as apply_cmd
+
+    original = apply_cmd.realign_inputs
+    monkeypatch.setattr(apply_cmd, "realign_inputs", lambda *a, **k: seen.append(hf_logging.get_verbosity())
+                        or original(*a, **k))
+    for verbose in (False, True):
+        caplog.clear()
+        args = ["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--unaligned", paths["unaligned"],
+                "--calibration-data", paths["calib"], "--output", str(tmp_path / f"out-{verbose}")]
+        assert main(["-v", *args] if verbose else args) == 0
+        irr_info = [r for r in caplog.records if r.name.startswith("irr_callback") and r.levelno == logging.INFO]
+        assert bool(irr_info) == verbose and (not verbose or any("IRR ok" in r.getMessage() for r in irr_info))
+    assert seen == [hf_logging.WARNING] * 2  # -v does not turn on transformers' own INFO output
+    assert LOGGER.getEffectiveLevel() == hf_logging.get_verbosity()  # back to following transformers
+
+
 def test_safety_vector_and_fisher_files_then_apply_with_ratio(ckpts, tmp_path):
     paths, _ = ckpts
     v_path, f_path = str(tmp_path / "v.safetensors"), str(tmp_path / "f.safetensors")

@@ -243,7 +243,8 @@ def test_callback_empty_or_missing_inputs_are_named(ckpts, tmp_path, monkeypatch
     _no_hub(monkeypatch)
     empty = datasets.Dataset.from_dict({"prompt": [], "response": []})
     cases = [
-        (IRRCallback(IRRConfig(cache_dir="c"), harmful_dataset=empty), DataError, "harmful_dataset: the Dataset is empty"),
+        (IRRCallback(IRRConfig(cache_dir="c"), harmful_dataset=empty), DataError,
+         "harmful_dataset: the Dataset is empty"),
         (IRRCallback(IRRConfig(harmful_dataset=str(empty_file), cache_dir="c")), DataError,
          "IRRConfig.harmful_dataset: '.*empty.jsonl' is empty"),
         (IRRCallback(IRRConfig(harmful_dataset="nope.jsonl", cache_dir="c")), DataError,
@@ -251,7 +252,8 @@ def test_callback_empty_or_missing_inputs_are_named(ckpts, tmp_path, monkeypatch
         (IRRCallback(IRRConfig(unaligned_model="models/nope", cache_dir="c")), FileNotFoundError,
          "IRRConfig.unaligned_model: 'models/nope' does not exist"),
         (IRRCallback(IRRConfig(safety_vector=paths["v"], remove_ratio=0.5, safety_dataset="data/nope.jsonl",
-                               cache_dir="c")), DataError, "IRRConfig.safety_dataset: 'data/nope.jsonl' does not exist"),
+                               cache_dir="c")), DataError,
+         "IRRConfig.safety_dataset: 'data/nope.jsonl' does not exist"),
     ]
     args = TrainingArguments(str(tmp_path / "run"), report_to=[], use_cpu=True, save_strategy="no")
     for callback, error, match in cases:
