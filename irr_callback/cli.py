@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from transformers.utils import logging
 
-from .commands._common import CLIError
+from .commands._common import CLIError, HelpFormatter
 
 COMMANDS = {
     "apply": "Post-hoc IRR on saved checkpoints (full model or LoRA adapter directory).",
@@ -25,14 +25,13 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irr", description="IRR post-hoc safety re-alignment for fine-tuned language models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="Show IRR's own progress lines (INFO); other libraries stay at WARNING.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         module = _command_module(name)
-        p = sub.add_parser(name, help=help_text, description=module.__doc__,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=module.__doc__, formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -41,6 +41,28 @@ def test_help_explains_every_option(capsys):
         assert flag in out
 
 
+@pytest.mark.parametrize("command", ["apply", "safety-vector", "fisher", "eval", "sweep", "demo"])
+def test_help_is_formatted_for_reading(capsys, command):
+    """Usage examples kept line by line, each flag listed once, no "(default: None)" on required flags, one
+    default per flag."""
+    import re
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out
+    for line in out.splitlines():
+        flags = re.findall(r"(--[\w-]+)(?: [A-Z_\[\]. ]+)?(?:,|$)", line.strip()) if line.startswith("  --") else []
+        assert len(flags) == len(set(flags)), line  # not "--recalibrate BOOL, --recalibrate BOOL"
+    assert out.lower().count("(default: the device") <= 1 and "decoder layer). (default" not in out
+    examples = [line for line in out.splitlines() if line.strip().startswith(f"irr {command} ")]
+    assert examples, "the usage examples of the module docstring are shown as written"
+    assert all(not line.rstrip().endswith("\\") or line.startswith("  ") for line in examples)
+    if command == "apply":
+        assert "  irr apply --base ALIGNED --finetuned FT_DIR --unaligned UNALIGNED_DIR \\\n" in out
+        assert "--recalibrate BOOL    " in out and "(default: True)" in out  # an informative default stays
+
+
 def test_apply_with_unaligned_matches_library(ckpts, tmp_path):
     paths, (base, ft, unaligned) = ckpts
     out = str(tmp_path / "out")

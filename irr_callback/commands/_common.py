@@ -23,6 +23,18 @@ CORE_FIELDS = ("remove_ratio", "remove_more", "identify_mode", "irr_seed", "reca
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Usage examples in the description kept as written (line breaks, shell continuations); "(default: X)"
+    only where it tells something: not for required flags, switches, None, or a help text that names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default is None or action.default is argparse.SUPPRESS
+                or "default" in text.lower() or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return text
+        return super()._get_help_string(action)
+
+
 class CLIError(Exception):
     """Printed as `irr <command>: error: ...` with exit status 2."""
 
@@ -55,7 +67,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
                 kwargs["nargs"] = "+"
             else:
                 kwargs["type"] = inner
-        group.add_argument(f"--{f.name}", f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
+        flags = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])  # one flag when the two are equal
+        group.add_argument(*flags, dest=f.name, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> IRRConfig:
