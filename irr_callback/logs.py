@@ -31,11 +31,16 @@ class _FollowTransformers(logging.Logger):
             return self._explicit
         from transformers.utils import logging as hf_logging
 
-        return hf_logging.get_verbosity()
+        return _Following(hf_logging.get_verbosity())
 
     @level.setter
     def level(self, value: int) -> None:
-        self._explicit = value
+        # a level read while following and set back (pytest's caplog.at_level does that) keeps following
+        self._explicit = logging.NOTSET if isinstance(value, _Following) else value
+
+
+class _Following(int):
+    """The level the package logger reports while it follows transformers (not an explicit setting)."""
 
 
 class _WhenRootIsSilent(logging.Filter):
