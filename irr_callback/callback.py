@@ -206,6 +206,17 @@ class IRRCallback(TrainerCallback):
             logger.warning(f"IRR failed; the model stays the fine-tuned model: {self.report.error}")
             return
         self._write_run_report(args)
+        self._end_run(args)
+
+    def _end_run(self, args) -> None:
+        """The run ended well: `<output_dir>/_irr_run/` (a copy of the base's targets, for resuming) is not needed
+        any more. A later `train()` with this callback starts a new IRR run from the model as it is then."""
+        state = _partial_state()
+        state.wait_for_everyone()  # no rank still reads the disk snapshot
+        if state.is_main_process:
+            RunStore(args.output_dir).remove()
+        self._snapshot = self._safety = self._importance = None
+        self._prepared = False
 
     def _realign_and_save(self, model: nn.Module, args, processing_class, target: str, *, live: bool) -> IRRReport:
         """Realign `model` in place (all or nothing, LoRA refactor included) and save it atomically."""

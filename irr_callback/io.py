@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .saving import publish_file
 from .tensors import SafetensorsMapping
 
 FORMAT_VERSION = "1"
@@ -131,7 +132,7 @@ def save_irr_file(path: str, tensors: Mapping[str, torch.Tensor], *, kind: str, 
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        publish_file(tmp, path)  # umask-respecting mode, fsync, atomic rename, fsync of the directory
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

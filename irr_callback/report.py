@@ -119,6 +119,8 @@ class IRRReport:
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(self.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename: never an empty report after a power loss
         os.replace(tmp, path)
 
     def summary(self) -> str:

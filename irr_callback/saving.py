@@ -39,6 +39,8 @@ def atomic_directory(target: str) -> Iterator[str]:
     tmp = _sibling(target, "tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: give it the mode makedirs would
+        fsync_tree(tmp)  # every file and directory on disk before the rename makes them visible
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -54,8 +56,51 @@ def atomic_directory(target: str) -> Iterator[str]:
             os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(parent)  # the rename itself
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file, then every directory bottom up (their entries), `path` last."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                fsync_file(os.path.join(root, name))
+        fsync_dir(root)
+
+
+def publish_file(tmp: str, path: str) -> None:
+    """Make the complete temp file `tmp` the file `path`: the mode `open()` would give it (umask respected, not
+    mkstemp's 0600), its bytes on disk, then the atomic rename, then the directory entry on disk. A power loss
+    leaves the previous file or the new one, never an empty file under the final name."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def recover_interrupted(target: str) -> list[str]:

@@ -34,6 +34,17 @@ class Probe(TrainerCallback):
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class Interrupt(TrainerCallback):
+    """Stops the run as a crash or a Ctrl-C would (on_train_end never runs)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
 LAST: dict = {}
 
 
@@ -204,7 +215,10 @@ def test_resume_gives_the_same_realigned_weights_and_checkpoints_get_realigned_c
                                 cache_dir=str(tmp_path / "c"), num_calibration_samples=16), name="plain", **common)
     assert all(torch.equal(probe_plain.state[k], t) for k, t in probe_straight.state.items())
 
-    interrupted, _, _ = run(tmp_path, world.aligned_model(), cfg, name="resumed", **common)
+    with pytest.raises(KeyboardInterrupt):  # killed after the checkpoint at step 6: _irr_run/ stays for the resume
+        run(tmp_path, world.aligned_model(), cfg, name="resumed", extra_callbacks=[Interrupt(8)], **common)
+    assert (tmp_path / "resumed" / "_irr_run" / "snapshot.safetensors").exists()
+    assert not (tmp_path / "straight" / "_irr_run").exists()  # a run that ended well removed it
     # resume from the middle in a new Trainer: the snapshot must come from disk, not from the checkpoint
     resumed, cb, _ = run(tmp_path, world.aligned_model(), cfg, name="resumed",
                          resume=str(tmp_path / "resumed" / "checkpoint-6"), **common)
@@ -214,13 +228,37 @@ def test_resume_gives_the_same_realigned_weights_and_checkpoints_get_realigned_c
         torch.testing.assert_close(t, expected[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_run_store_is_hidden_from_push_to_hub_and_removed_when_the_run_ends_well(tmp_path, unaligned_dir):
+    import fnmatch
+    import inspect
+
+    from irr_callback.snapshot import RUN_DIR
+
+    # Trainer.push_to_hub uploads output_dir minus its ignore patterns ("_*", "checkpoint-*" in transformers)
+    assert '"_*"' in inspect.getsource(Trainer.push_to_hub) and fnmatch.fnmatch(RUN_DIR, "_*")
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.setdefault("during", sorted(os.listdir(args.output_dir)))
+
+    cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8)
+    trainer, cb, _ = run(tmp_path, world.aligned_model(), cfg, steps=2, save_strategy="steps", save_steps=1,
+                         extra_callbacks=[Look()])
+    assert "_irr_run" in seen["during"] and "irr_run" not in seen["during"]  # persisted for a resume, hidden
+    assert cb.report.status == "ok"
+    assert not [n for n in os.listdir(tmp_path / "run") if n.endswith("irr_run")]  # removed at the end
+
+
 def test_resume_without_persisted_snapshot_is_refused(tmp_path, unaligned_dir):
     cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8)
-    run(tmp_path, world.aligned_model(), cfg, steps=4, save_strategy="steps", save_steps=2, name="r")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, world.aligned_model(), cfg, steps=4, save_strategy="steps", save_steps=2, name="r",
+            extra_callbacks=[Interrupt(3)])
     import shutil
 
-    shutil.rmtree(tmp_path / "r" / "irr_run")
-    with pytest.raises(FileNotFoundError, match="irr_run"):
+    shutil.rmtree(tmp_path / "r" / "_irr_run")
+    with pytest.raises(FileNotFoundError, match="_irr_run"):
         run(tmp_path, world.aligned_model(), cfg, steps=4, save_strategy="steps", save_steps=2, name="r",
             resume=str(tmp_path / "r" / "checkpoint-2"))
 

@@ -89,3 +89,41 @@ def test_fingerprint_does_not_depend_on_dtype_or_device_but_on_the_weights(tmp_p
     load_irr_file(path, kind="safety_vector", base=model.state_dict())
     with pytest.raises(IRRFileError, match="another base"):
         load_irr_file(path, kind="safety_vector", base=tiny_model(seed=1).state_dict())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_respect_the_umask_and_are_fsynced_before_the_rename(tmp_path, monkeypatch, umask):
+    """Directories and files get the mode open()/makedirs would give them (not mkdtemp's 0700 / mkstemp's 0600),
+    and every file and directory is fsynced before the rename that publishes it (power loss: no empty file)."""
+    import stat
+
+    from irr_callback import saving
+    from irr_callback.saving import atomic_directory
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    before = os.umask(umask)
+    try:
+        with atomic_directory(str(tmp_path / "out")) as tmp:
+            os.makedirs(os.path.join(tmp, "adapter"))
+            with open(os.path.join(tmp, "adapter", "w.bin"), "w") as fh:
+                fh.write("x")
+        path = str(tmp_path / "v.safetensors")
+        save_irr_file(path, {"a": torch.ones(2, dtype=torch.int8)}, kind="safety_vector", base_fingerprint="f")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    assert saving.current_umask() == before
+    renamed = [e for e in events if e[0] == "replace"]
+    dir_rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("/out"))
+    synced_before = {e[1] for e in events[:dir_rename] if e[0] == "fsync"}
+    tmp_dir = renamed[[e[2] for e in renamed].index(str(tmp_path / "out"))][1]
+    assert {tmp_dir, os.path.join(tmp_dir, "adapter"), os.path.join(tmp_dir, "adapter", "w.bin")} <= synced_before
+    assert ("fsync", str(tmp_path)) in events[dir_rename:]  # the parent, after the rename
+    file_rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == path)
+    tmp_file = events[file_rename][1]
+    assert ("fsync", tmp_file) in events[:file_rename] and ("fsync", str(tmp_path)) in events[file_rename:]

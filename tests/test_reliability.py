@@ -410,11 +410,22 @@ def test_callback_never_executes_a_pickled_safety_vector(tmp_path):
         assert not (tmp_path / "irr").exists()
 
 
+def test_resume_of_a_run_started_before_the_rename_finds_irr_run(ckpts, tmp_path):
+    paths, (base, _, _), names = ckpts
+    cfg = IRRConfig(safety_vector=paths["v"])
+    _begin(IRRCallback(cfg), copy.deepcopy(base), tmp_path, save_strategy="steps")
+    os.rename(tmp_path / "run" / "_irr_run", tmp_path / "run" / "irr_run")  # what an older version wrote
+    resumed = IRRCallback(cfg)
+    _begin(resumed, copy.deepcopy(base), tmp_path, step=4, save_strategy="steps")
+    assert resumed.sources["safety_vector"]["source"] == "resumed"
+    assert os.path.basename(os.path.dirname(resumed.sources["safety_vector"]["path"])) == "irr_run"
+
+
 def test_resume_refuses_a_pickled_or_foreign_snapshot(ckpts, tmp_path):
     paths, (base, _, _), names = ckpts
     cfg = IRRConfig(safety_vector=paths["v"], snapshot="disk")
     _begin(IRRCallback(cfg), copy.deepcopy(base), tmp_path, save_strategy="steps")
-    snapshot = tmp_path / "run" / "irr_run" / "snapshot.safetensors"
+    snapshot = tmp_path / "run" / "_irr_run" / "snapshot.safetensors"
     marker = tmp_path / "PWNED"
     write_pickle_payload(snapshot, marker)
     with pytest.raises(IRRFileError, match="not a safetensors file"):

@@ -263,13 +263,17 @@ def _fisher_from_data(model, tokenizer, args, names, config):
 def _write_card(directory: str, args, report) -> None:
     from huggingface_hub import ModelCard
 
+    from ..model_card import count, display_name, hub_id, method_text
+
     t = report.totals
-    text = (f"---\nbase_model: {args.base}\ntags:\n- irr\n- safety-realignment\n---\n\n"
+    base_id = hub_id(args.base)  # a local path is not a hub id: no base_model line then
+    header = f"base_model: {base_id}\n" if base_id else ""
+    text = (f"---\n{header}tags:\n- irr\n- safety-realignment\n---\n\n"
             f"# {os.path.basename(os.path.abspath(args.output))}\n\n"
-            f"`{args.finetuned}` realigned with IRR (identify, remove, recalibrate) against the aligned base "
-            f"`{args.base}` using irr-callback.\n\n"
+            f"`{display_name(args.finetuned)}` realigned with IRR (identify, remove, recalibrate) against the aligned "
+            f"base `{display_name(args.base)}` using irr-callback. {method_text(report.config)}\n\n"
             f"- removed {t['removed']:,} of {t['entries']:,} fine-tuning deltas ({100 * t['removed_fraction']:.2f}%) "
-            f"in {t['modules']} modules\n- settings: remove_ratio={report.config['remove_ratio']}, "
+            f"in {count(t['modules'], 'module')}\n- settings: remove_ratio={report.config['remove_ratio']}, "
             f"recalibrate={report.config['recalibrate']}, blocksize={report.config['blocksize']}\n"
             f"- per-module statistics: `irr_report.json`\n")
     ModelCard(text).save(os.path.join(directory, "README.md"))
