@@ -56,7 +56,7 @@ def atomic_directory(target: str) -> Iterator[str]:
             os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(parent)  # the rename itself
+    fsync_path(parent)  # the rename itself
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -68,15 +68,8 @@ def current_umask() -> int:
     return mask
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file (its bytes) or a directory (its entries)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -89,8 +82,8 @@ def fsync_tree(path: str) -> None:
     for root, dirs, files in os.walk(path, topdown=False):
         for name in files:
             if not os.path.islink(os.path.join(root, name)):
-                fsync_file(os.path.join(root, name))
-        fsync_dir(root)
+                fsync_path(os.path.join(root, name))
+        fsync_path(root)
 
 
 def publish_file(tmp: str, path: str) -> None:
@@ -98,9 +91,9 @@ def publish_file(tmp: str, path: str) -> None:
     mkstemp's 0600), its bytes on disk, then the atomic rename, then the directory entry on disk. A power loss
     leaves the previous file or the new one, never an empty file under the final name."""
     os.chmod(tmp, 0o666 & ~current_umask())
-    fsync_file(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def recover_interrupted(target: str) -> list[str]:
