@@ -3,7 +3,8 @@ callback's `unaligned_model`): IRR compares weights entry by entry, so both must
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 # Fields of config.json that decide every target's name and shape; vocab_size is left out on purpose
 # (fine-tunes often add tokens, and embeddings are not IRR targets).

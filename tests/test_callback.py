@@ -243,8 +243,8 @@ def test_run_store_is_hidden_from_push_to_hub_and_removed_when_the_run_ends_well
             seen.setdefault("during", sorted(os.listdir(args.output_dir)))
 
     cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8)
-    trainer, cb, _ = run(tmp_path, world.aligned_model(), cfg, steps=2, save_strategy="steps", save_steps=1,
-                         extra_callbacks=[Look()])
+    _, cb, _ = run(tmp_path, world.aligned_model(), cfg, steps=2, save_strategy="steps", save_steps=1,
+                   extra_callbacks=[Look()])
     assert "_irr_run" in seen["during"] and "irr_run" not in seen["during"]  # persisted for a resume, hidden
     assert cb.report.status == "ok"
     assert not [n for n in os.listdir(tmp_path / "run") if n.endswith("irr_run")]  # removed at the end

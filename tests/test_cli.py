@@ -137,7 +137,8 @@ def test_safety_vector_made_from_float32_applies_in_another_dtype(ckpts, tmp_pat
     out = str(tmp_path / "out")
     assert main(["apply", "--base", paths["base"], "--finetuned", paths["finetuned"], "--safety-vector", v_path,
                  "--calibration-data", paths["calib"], "--output", out, "--dtype", dtype]) == 0
-    assert json.load(open(os.path.join(out, "irr_report.json")))["status"] == "ok"
+    with open(os.path.join(out, "irr_report.json")) as fh:
+        assert json.load(fh)["status"] == "ok"
 
 
 def test_safety_vector_for_another_base_is_refused(ckpts, tmp_path, capsys):

@@ -85,7 +85,7 @@ def test_sweep_matches_apply_and_writes_table_and_plot(saved, tmp_path, capsys):
     # IRR was not run on the fine-tuned model: '-' (null), not 0.000
     assert "remove_ratio" not in rows["fine-tuned"] and "removed_pct" not in rows["fine-tuned"]
     table = (out / "sweep.md").read_text()
-    assert [line for line in table.splitlines() if line.startswith("| fine-tuned |")][0].startswith(
+    assert next(line for line in table.splitlines() if line.startswith("| fine-tuned |")).startswith(
         "| fine-tuned | - | - |")
     assert 0 < rows["IRR r=0.25"]["removed_pct"] < rows["IRR r=1"]["removed_pct"]
     margin("sweep ft refusal_attacked", rows["fine-tuned"]["refusal_attacked"], le=0.2)

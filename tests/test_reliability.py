@@ -411,7 +411,7 @@ def test_callback_never_executes_a_pickled_safety_vector(tmp_path):
 
 
 def test_resume_of_a_run_started_before_the_rename_finds_irr_run(ckpts, tmp_path):
-    paths, (base, _, _), names = ckpts
+    paths, (base, _, _), _ = ckpts
     cfg = IRRConfig(safety_vector=paths["v"])
     _begin(IRRCallback(cfg), copy.deepcopy(base), tmp_path, save_strategy="steps")
     os.rename(tmp_path / "run" / "_irr_run", tmp_path / "run" / "irr_run")  # what an older version wrote
