@@ -257,7 +257,7 @@ def load_inputs(
 
     lora = is_adapter_dir(args.finetuned)
     tokenizer = load_tokenizer(args.finetuned, args.base)
-    base_model = load_causal_lm(args.base, args.dtype, config.device)
+    base_model = load_causal_lm(args.base, args.dtype, config.device, flag="--base")
     if lora:
         from peft import PeftModel
 
@@ -272,7 +272,7 @@ def load_inputs(
             ) from exc
         base_map = None
     else:
-        model = load_causal_lm(args.finetuned, args.dtype, config.device)
+        model = load_causal_lm(args.finetuned, args.dtype, config.device, flag="--finetuned")
         base_map = as_tensor_mapping(base_model, what="base")
     _, _, targets = find_targets(model, config.target_modules)
     names = [t.name for t in targets]
@@ -282,7 +282,7 @@ def load_inputs(
     if args.safety_vector:
         v = load_irr_file(args.safety_vector, kind="safety_vector", base=reference)
     elif _any(configs, "needs_safety_vector"):
-        v = safety_vector(reference, local_or_download(args.unaligned), names=names, sign_only=True)
+        v = safety_vector(reference, local_or_download(args.unaligned, "--unaligned"), names=names, sign_only=True)
     safety_rows, generated = None, False
     if _any(configs, "uses_safety_stream"):
         safety_rows, generated = _safety_rows(args, config, base_model if not lora else model, tokenizer, lora)
@@ -419,7 +419,7 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
     elif config.needs_safety_vector:
         from ..safety import safety_vector as make_vector
 
-        unaligned = local_or_download(args.unaligned)
+        unaligned = local_or_download(args.unaligned, "--unaligned")
         v = make_vector(
             base, unaligned, names=target_parameter_names(args.finetuned, config.target_modules), sign_only=True
         )
@@ -504,12 +504,12 @@ def _sources(args, report, *, generated: bool = False) -> dict[str, dict[str, An
 
 def _card(args, report, *, generated: bool = False):
     """The model card of `irr apply`'s output: the callback's card, saying how this one was made."""
-    from ..model_card import build_model_card
+    from ..model_card import build_model_card, display_name
 
     return build_model_card(
         report,
         base_model=args.base,
         sources=_sources(args, report, generated=generated),
-        applied_by=f"`irr apply` to the fine-tuned model `{args.finetuned}`",
+        applied_by=f"`irr apply` to the fine-tuned model `{display_name(args.finetuned)}`",
         calibration="the calibration data",
     )
