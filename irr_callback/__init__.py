@@ -3,6 +3,7 @@
 `realign` repairs a fine-tuned model in place; `IRRCallback` does it at the end of a Trainer run.
 """
 
+from . import logs  # noqa: F401  (IRR's loggers follow transformers' verbosity; first, before any logger exists)
 from ._version import __version__
 from .config import IRRConfig, IRRConfigError
 from .pipeline import realign, realign_checkpoint

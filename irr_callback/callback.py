@@ -27,7 +27,7 @@ from transformers.utils import logging
 from . import distributed
 from .config import IRRConfig, IRRConfigError
 from .data import calibration_examples
-from .io import fingerprint
+from .io import fingerprint, fingerprint_id, same_base
 from .model_card import build_model_card
 from .output import save_realigned
 from .peft_utils import (
@@ -194,8 +194,10 @@ class IRRCallback(TrainerCallback):
             fingerprint=self._base_fingerprint,
             name=_model_name(model),
             tokenizer=tokenizer,
+            progress=_show_progress(args),
         )
-        config = dataclasses.replace(run_config, harmful_dataset=self.harmful_dataset or run_config.harmful_dataset)
+        harmful = run_config.harmful_dataset if self.harmful_dataset is None else self.harmful_dataset
+        config = dataclasses.replace(run_config, harmful_dataset=harmful)  # an empty Dataset is refused, not skipped
         sharded = distributed.sharding_kind(model, targets)
         if config.uses_safety_stream and config.safety_term == "aligned" and sharded:
             raise IRRConfigError(
@@ -208,7 +210,12 @@ class IRRCallback(TrainerCallback):
         if config.uses_safety_stream:  # read once (the base answers now, before training), Fisher reuses it
             with state.main_process_first():  # default prompts when none given; the base writes missing answers
                 self.safety_dataset, safety_data = safety_dataset_for_run(
-                    model, tokenizer, config, safety_dataset=self.safety_dataset, base_fingerprint=ctx.fingerprint
+                    model,
+                    tokenizer,
+                    config,
+                    safety_dataset=self.safety_dataset,
+                    base_fingerprint=ctx.fingerprint,
+                    progress=ctx.progress,
                 )
             pairs = load_safety_pairs(config, ctx, safety_source(config, self.safety_dataset))
             self._safety_calibration = safety_calibration_examples(config, pairs, tokenizer)
@@ -297,6 +304,7 @@ class IRRCallback(TrainerCallback):
         try:
             self._realign_and_save(clone, args, processing_class, os.path.join(checkpoint, "irr"), live=False)
         except Exception as exc:
+            exc = exc.__cause__ if isinstance(exc, _SaveFailed) else exc
             logger.warning(
                 f"IRR: realigned copy of {checkpoint} failed ({type(exc).__name__}: {exc}); training continues"
             )
@@ -313,6 +321,20 @@ class IRRCallback(TrainerCallback):
         try:
             self.report = self._realign_and_save(self._model(model), args, processing_class, target, live=True)
             self.output_path = target if self.config.save_realigned else None
+        except _SaveFailed as exc:  # the live model IS realigned; only writing `target` failed
+            cause = exc.__cause__
+            self.report = exc.report
+            self.report.status = "save_failed"
+            self.report.error = f"{type(cause).__name__}: {cause}"
+            self._write_run_report(args)
+            if self.config.on_error == "raise":
+                raise cause from None
+            logger.warning(
+                f"IRR realigned the model ({self.report.totals['modules']} modules), but saving it to "
+                f"{target} failed: {self.report.error}. The live model (trainer.model) IS realigned: "
+                "save it with trainer.save_model()"
+            )
+            return
         except Exception as exc:
             self.report = IRRReport(config=self._run_config.to_dict())
             self.report.status, self.report.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -323,6 +345,17 @@ class IRRCallback(TrainerCallback):
             logger.warning(f"IRR failed; the model stays the fine-tuned model: {self.report.error}")
             return
         self._write_run_report(args)
+        self._end_run(args)
+
+    def _end_run(self, args) -> None:
+        """The run ended well: `<output_dir>/_irr_run/` (a copy of the base's targets, for resuming) is not needed
+        any more. A later `train()` with this callback starts a new IRR run from the model as it is then."""
+        state = _partial_state()
+        state.wait_for_everyone()  # no rank still reads the disk snapshot
+        if state.is_main_process:
+            RunStore(args.output_dir).remove()
+        self._snapshot = self._safety = self._importance = self._safety_calibration = None
+        self._prepared = False
 
     def _realign_and_save(self, model: nn.Module, args, processing_class, target: str, *, live: bool) -> IRRReport:
         """Realign `model` in place (all or nothing, LoRA refactor included) and save it atomically."""
@@ -346,10 +379,10 @@ class IRRCallback(TrainerCallback):
                 calibration=calibration,
                 safety_calibration=self._safety_calibration,
                 config=config,
-                progress=not args.disable_tqdm,
+                progress=_show_progress(args),
             )
             report.extra["safety_inputs"] = self.sources
-            report.extra["base_fingerprint"] = self._base_fingerprint
+            report.extra["base_fingerprint"] = fingerprint_id(self._base_fingerprint)
             merged = None
             if peft:
                 merged = self._merged_copy(model) if self._wants_merged() else None
@@ -369,7 +402,10 @@ class IRRCallback(TrainerCallback):
                 backup.restore()
             raise
         if self.config.save_realigned:
-            self._save(model, merged, tokenizer, report, target)
+            try:
+                self._save(model, merged, tokenizer, report, target)
+            except Exception as exc:
+                raise _SaveFailed(report) from exc
         return report
 
     def _wants_merged(self) -> bool:
@@ -461,9 +497,25 @@ def _load_rows(store: RunStore, fingerprint: str | None) -> tuple[list[dict], st
     with open(path, encoding="utf-8") as fh:
         payload = json.load(fh)
     recorded = payload.get("base_fingerprint")
-    if fingerprint is not None and recorded != fingerprint:
-        raise ValueError(f"'{path}' was made for base {recorded}, this run's base is {fingerprint}")
+    if fingerprint is not None and not same_base(recorded, fingerprint):
+        raise ValueError(
+            f"'{path}' was made for base {fingerprint_id(recorded or '')}, this run's base is "
+            f"{fingerprint_id(fingerprint)}"
+        )
     return payload["rows"], recorded
+
+
+class _SaveFailed(Exception):
+    """Realignment succeeded (the model is realigned in place) but writing its directory failed."""
+
+    def __init__(self, report: IRRReport) -> None:
+        super().__init__("saving the realigned model failed")
+        self.report = report
+
+
+def _show_progress(args) -> bool:
+    """Progress bars as the Trainer shows its own: not with disable_tqdm, and on the local main process only."""
+    return not args.disable_tqdm and _partial_state().is_local_main_process
 
 
 def _model_name(model: nn.Module) -> str:

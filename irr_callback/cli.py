@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging as pylogging
 import sys
 from collections.abc import Sequence
 
 from transformers.utils import logging
 
-from .commands._common import CLIError
+from .commands._common import CLIError, HelpFormatter
 
 
 COMMANDS = {
@@ -26,15 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irr",
         description="IRR post-hoc safety re-alignment for fine-tuned language models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log at INFO level.")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Show IRR's own progress lines (INFO); other libraries stay at WARNING.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         module = _command_module(name)
-        p = sub.add_parser(
-            name, help=help_text, description=module.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        p = sub.add_parser(name, help=help_text, description=module.__doc__, formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -47,9 +51,12 @@ def _command_module(name: str):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.set_verbosity_info() if args.verbose else logging.set_verbosity_warning()
+    from .logs import level
+
+    logging.set_verbosity_warning()  # transformers, datasets, ...: warnings only, with or without -v
     try:
-        return int(args._run(args) or 0)
+        with level(pylogging.INFO if args.verbose else None):
+            return int(args._run(args) or 0)
     except (CLIError, ValueError, KeyError, OSError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"irr {args.command}: error: {message}", file=sys.stderr)

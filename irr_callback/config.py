@@ -270,7 +270,9 @@ class IRRConfig:
     on_error: str = field(
         default="raise",
         metadata={
-            "help": "If IRR fails at train end: 'raise' the error or only 'warn'; the model stays fine-tuned either way."
+            "help": "If IRR fails at train end: 'raise' the error or only 'warn'. A failed realignment "
+            "leaves the fine-tuned model; if only saving fails afterwards, the live model is "
+            "realigned (report status 'save_failed')."
         },
     )
 

@@ -23,33 +23,98 @@ class DataError(ValueError):
     """A dataset cannot be used; the message names the parameter, file or column."""
 
 
+# Suffixes that make a name a file the user means on this machine, never a hub id.
+LOCAL_SUFFIXES = (
+    ".json",
+    ".jsonl",
+    ".csv",
+    ".tsv",
+    ".txt",
+    ".parquet",
+    ".arrow",
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".pkl",
+    ".yaml",
+    ".yml",
+    ".gz",
+    ".bz2",
+    ".xz",
+    ".zst",
+)
+
+
+def looks_like_local_path(path: Any) -> bool:
+    """True for what a user means as a local path: it starts with `.`, `/` or `~`, has more than one `/`, ends in a
+    file extension (`data/x.jsonl`), or its first part is a directory that exists here (`models/nope` next to a
+    `models/` folder). Anything else (`org/name`) may be a hub id."""
+    text = os.fspath(path)
+    if text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or "\\" in text:
+        return True
+    if text.count("/") > 1 or text.lower().endswith(LOCAL_SUFFIXES):
+        return True
+    head = text.split("/", 1)[0]
+    return "/" in text and bool(head) and os.path.isdir(head)
+
+
+def check_local_path(path: Any, what: str, error: type | None = None) -> None:
+    """Raise `error` (DataError by default) with "<what>: '<path>' does not exist" for a missing local path, before
+    anything would look it up on the Hub; hub-id-like names pass."""
+    text = os.fspath(path)
+    if not os.path.exists(os.path.expanduser(text)) and looks_like_local_path(text):
+        raise (error or DataError)(f"{what}: '{text}' does not exist")
+
+
+def _empty_file(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return not fh.read(1 << 16).strip()
+
+
 def load_examples(source: Any, *, what: str):
-    """A `datasets.Dataset` from a Dataset, a list of dicts, a local json/jsonl file or a hub id."""
+    """A `datasets.Dataset` from a Dataset, a list of dicts, a local json/jsonl file or a hub id.
+
+    An empty source raises DataError naming `what` and saying that it is empty; a missing local path
+    raises "does not exist" (never a hub lookup)."""
     import datasets
 
+    dataset = None
     if isinstance(source, datasets.Dataset):
-        return source
-    if isinstance(source, datasets.DatasetDict):
+        dataset = source
+    elif isinstance(source, datasets.DatasetDict):
         if "train" not in source:
             raise DataError(f"{what}: the DatasetDict has no 'train' split (splits: {list(source)})")
-        return source["train"]
-    if isinstance(source, list):
-        return datasets.Dataset.from_list(source)
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
+        dataset = source["train"]
+    elif isinstance(source, list):
+        dataset = datasets.Dataset.from_list(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(source))
+        check_local_path(path, what)
         if os.path.isfile(path):
             if not path.endswith((".json", ".jsonl")):
                 raise DataError(f"{what}: '{path}' must be a .json or .jsonl file")
-            return datasets.load_dataset("json", data_files=path, split="train")
-        if os.path.isdir(path) or path.startswith((".", "/")):
-            if os.path.isdir(path):
-                return datasets.load_dataset(path, split="train")
-            raise DataError(f"{what}: '{path}' does not exist")
-        return datasets.load_dataset(path, split="train")  # hub id
-    raise DataError(
-        f"{what}: expected a datasets.Dataset, a list of dicts, a json/jsonl path or a hub id; "
-        f"got {type(source).__name__}"
-    )
+            if _empty_file(path):
+                raise DataError(f"{what}: '{path}' is empty (no examples)")
+            try:
+                dataset = datasets.load_dataset("json", data_files=path, split="train")
+            except StopIteration:  # what `datasets` raises for a file with no rows
+                raise DataError(f"{what}: '{path}' is empty (no examples)") from None
+            except ValueError as exc:  # `[]`: "Instruction 'train' corresponds to no data!"
+                if "corresponds to no data" not in str(exc):
+                    raise
+                raise DataError(f"{what}: '{path}' is empty (no examples)") from None
+        else:
+            dataset = datasets.load_dataset(path, split="train")  # a dataset directory or a hub id
+    else:
+        raise DataError(
+            f"{what}: expected a datasets.Dataset, a list of dicts, a json/jsonl path or a hub id; "
+            f"got {type(source).__name__}"
+        )
+    if len(dataset) == 0:
+        label = f"'{os.fspath(source)}'" if isinstance(source, (str, os.PathLike)) else f"the {type(source).__name__}"
+        raise DataError(f"{what}: {label} is empty (no examples)")
+    return dataset
 
 
 def data_fingerprint(source: Any, dataset) -> str:
@@ -152,16 +217,18 @@ def batches(examples: list[dict], batch_size: int, pad_token_id: int = 0) -> lis
     return [collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
 
 
-def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int) -> list[str]:
+def generate_responses(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int, progress: bool = True
+) -> list[str]:
     """The base model's own greedy answers (how the IRR authors built Fisher data), one prompt at a time
-    so no padding side matters; the model's train/eval mode is restored."""
+    so no padding side matters; the model's train/eval mode is restored. `progress`: a progress bar."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     answers = []
     try:
         with torch.no_grad():
-            for prompt in logging.tqdm(prompts, desc="IRR safety responses"):
+            for prompt in logging.tqdm(prompts, desc="IRR safety responses", disable=not progress):
                 prompt_ids, _ = _chat_ids(tokenizer, str(prompt), None)
                 ids = torch.tensor([prompt_ids], device=device)
                 pad = padding_id(tokenizer, default=None)
@@ -190,6 +257,7 @@ def safety_pairs(
     max_new_tokens: int = 128,
     max_samples: int | None = None,
     check_only: bool = False,
+    progress: bool = True,
 ) -> tuple[list[str], list[str], bool]:
     """(prompts, responses, generated) of a safety dataset (harmful prompts with safe responses): the one
     reader of safety data (Fisher importance and the safety stream alike).
@@ -197,7 +265,8 @@ def safety_pairs(
     Rows with an empty prompt (or an empty response, when the column exists) are dropped; without the
     response column the base `model`'s own greedy answers are generated (as the IRR authors built their
     Fisher data). Errors name the dataset (`what`) and the option that chose the column (`fields`).
-    `check_only`: the checks that need no model (responses not generated, [] when the column is missing)."""
+    `check_only`: the checks that need no model (responses not generated, [] when the column is missing).
+    `progress`: a progress bar while responses are generated."""
     if len(dataset) == 0:
         raise DataError(f"{what} is empty: it needs harmful prompts with safe responses")
     require_columns(dataset, [prompt_column], what=what, fields=[fields[0]])
@@ -231,7 +300,11 @@ def safety_pairs(
             "column or name it"
         )
     logger.info(f"IRR: generating the base model's responses to {len(prompts)} prompts of {what}")
-    return prompts, generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens), True
+    return (
+        prompts,
+        generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, progress=progress),
+        True,
+    )
 
 
 def check_calibration_columns(dataset, text_column: str | None = None) -> None:

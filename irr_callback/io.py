@@ -25,11 +25,73 @@ class IRRFileError(ValueError):
     """A file is not one of ours, is of the wrong kind, or was made for another base model."""
 
 
-def fingerprint(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None = None, sample: int = 256) -> str:
-    """Short hash of names, shapes and a strided sample of values (as float32, so loading a bf16
-    checkpoint in float32 keeps the fingerprint): identifies a base model cheaply."""
+_FINGERPRINT = "irr2"
+_FINGERPRINT_SAMPLES = 2048  # values sampled over all the tensors, at most 256 per tensor, at least 8
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> str:
+    """Identifies a base model cheaply, whatever its dtype or device: `irr2:<hash of the names and shapes>:<a strided
+    sample of the values rounded to bfloat16, base64>`. The same weights held in float32, bfloat16 or float16 give
+    fingerprints that `same_base` accepts (their samples agree within one bfloat16 step); another base's do not."""
+    import base64
+
+    names = sorted(names if names is not None else tensors.keys())
+    per_tensor = max(8, min(256, _FINGERPRINT_SAMPLES // max(1, len(names))))
+    structure = hashlib.sha256()
+    values = []
+    for name in names:
+        t = tensors[name].detach()
+        structure.update(f"{name}|{tuple(t.shape)}|".encode())
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // per_tensor)
+        sample = flat[::step][:per_tensor].to(torch.float32).cpu().to(torch.bfloat16).contiguous()
+        values.append(sample.view(torch.int16).numpy().tobytes())
+    return f"{_FINGERPRINT}:{structure.hexdigest()[:24]}:{base64.b64encode(b''.join(values)).decode()}"
+
+
+def fingerprint_id(fp: str) -> str:
+    """A short, filename-safe name for a fingerprint (cache directories, reports, messages)."""
+    if not fp.startswith(f"{_FINGERPRINT}:"):
+        return fp  # a version-1 fingerprint is already 32 hex digits
+    return hashlib.sha256(fp.encode()).hexdigest()[:32]
+
+
+def _fingerprint_values(fp: str) -> tuple[str, torch.Tensor] | None:
+    import base64
+    import binascii
+
+    parts = fp.split(":")
+    if len(parts) != 3 or parts[0] != _FINGERPRINT:
+        return None
+    try:
+        raw = bytearray(base64.b64decode(parts[2], validate=True))
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) % 2:
+        return None
+    return parts[1], torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16).to(torch.float32)
+
+
+def same_base(recorded: str | None, computed: str) -> bool:
+    """Whether two fingerprints are of the same weights: the same names and shapes, and every sampled value within
+    one bfloat16 step (what rounding float32 weights to bfloat16 or float16 can change), so a base loaded in another
+    dtype or on another device still matches. A version-1 fingerprint (dtype-dependent) must match exactly."""
+    if recorded is None:
+        return False
+    if recorded == computed:
+        return True
+    a, b = _fingerprint_values(recorded), _fingerprint_values(computed)
+    if a is None or b is None or a[0] != b[0] or a[1].shape != b[1].shape:
+        return False
+    x, y = a[1], b[1]
+    tolerance = 2.0**-7 * torch.maximum(x.abs(), y.abs()) * 1.01 + 2.0**-23  # + float16's subnormal step
+    return bool(((x - y).abs() <= tolerance).all())
+
+
+def _fingerprint_v1(tensors: Mapping[str, torch.Tensor], names: Iterable[str], sample: int = 256) -> str:
+    """The version-1 fingerprint (files written before `irr2`): exact float32 values, so dtype-dependent."""
     digest = hashlib.sha256()
-    for name in sorted(names if names is not None else tensors.keys()):
+    for name in sorted(names):
         t = tensors[name].detach()
         flat = t.reshape(-1)
         step = max(1, flat.numel() // sample)
@@ -37,6 +99,17 @@ def fingerprint(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None
         digest.update(f"{name}|{tuple(t.shape)}|".encode())
         digest.update(values.numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def matches_base(recorded: str | None, base: Mapping[str, torch.Tensor], names: Iterable[str]) -> tuple[bool, str]:
+    """(whether `recorded` is the fingerprint of `base` over `names`, the fingerprint of `base` as recorded files
+    write it). Reads files of both fingerprint versions."""
+    names = list(names)
+    if recorded is not None and not recorded.startswith(f"{_FINGERPRINT}:"):
+        legacy = _fingerprint_v1(base, names)
+        return recorded == legacy, legacy
+    computed = fingerprint(base, names)
+    return same_base(recorded, computed), computed
 
 
 def save_irr_file(
@@ -97,11 +170,12 @@ def load_irr_file(path: str, *, kind: str, base: Mapping[str, torch.Tensor] | No
     absent = [k for k in mapping if k not in base]
     if absent:
         raise IRRFileError(f"{kind} file '{path}' has tensors the base model lacks, e.g. {absent[:3]}")
-    expected_fingerprint = fingerprint(base, mapping.keys())
-    if meta.get("irr_callback.base_fingerprint") != expected_fingerprint:
+    recorded = meta.get("irr_callback.base_fingerprint")
+    ok, expected_fingerprint = matches_base(recorded, base, mapping.keys())
+    if not ok:
         raise IRRFileError(
             f"{kind} file '{path}' was made for another base model (fingerprint "
-            f"{meta.get('irr_callback.base_fingerprint')} of {meta.get('irr_callback.base_model') or 'unknown'}, "
-            f"this base: {expected_fingerprint})"
+            f"{fingerprint_id(recorded or '')} of {meta.get('irr_callback.base_model') or 'unknown'}, "
+            f"this base: {fingerprint_id(expected_fingerprint)})"
         )
     return mapping

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 from .report import IRRReport
@@ -20,6 +22,109 @@ _SETTINGS = (
 )
 # shown when the run used the safety stream (IRRConfig.recommended() or another safety_weight != 0)
 _SAFETY_SETTINGS = ("safety_weight", "safety_term", "safety_ridge", "safety_tokens", "num_safety_samples")
+_HF_CACHE = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_IN_MEMORY = (None, "Dataset", "DatasetDict", "list")
+
+
+def hub_id(name: Any) -> str | None:
+    """`name` as a hub id when it is one (or a local copy in the Hugging Face cache, whose id is in its path);
+    None for a local path, which the Hub would not know."""
+    from .data import looks_like_local_path
+
+    if not isinstance(name, str) or not name:
+        return None
+    cached = _HF_CACHE.search(name.replace(os.sep, "/"))
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    if os.path.exists(name) or looks_like_local_path(name) or not _HUB_ID.fullmatch(name):
+        return None
+    return name
+
+
+def display_name(name: Any, default: str = "unknown") -> str:
+    """A hub id as is; a local path by its last component (no one else's filesystem in a card)."""
+    if not isinstance(name, str) or not name:
+        return default
+    return hub_id(name) or os.path.basename(os.path.normpath(name)) or name
+
+
+def count(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def removal_text(config: dict[str, Any]) -> str:
+    """What IRR removed, in words that match the settings (not "every" conflict when remove_ratio < 1)."""
+    ratio = float(config.get("remove_ratio", 1.0))
+    share = f"{100 * ratio:g}%"
+    block = f"in each block of {config.get('blocksize', 128)} input columns"
+    v = "the safety vector v = W_aligned − W_unaligned"
+    mode = config.get("identify_mode")
+    if mode == "none":
+        return "No delta was removed by sign (`identify_mode='none'`, no safety vector needed)"
+    if mode == "random":
+        return f"A random {share} of the fine-tuning deltas (an ablation, not IRR) were reset to the base value"
+    if mode == "no_sign":
+        return (
+            f"The {share} of the fine-tuning deltas with the highest Fisher importance {block}, whatever their "
+            "sign (an ablation, not IRR), were reset to the base value"
+        )
+    if config.get("remove_more"):
+        return (
+            f"The {share} of the fine-tuning deltas {block} with the highest score (Fisher importance, counted "
+            f"positive where the delta's sign conflicts with {v}, negative elsewhere; IRR_more) were reset to "
+            "the base value"
+        )
+    if ratio >= 1.0:
+        return f"Every fine-tuning delta whose sign conflicts with {v} was reset to the base value"
+    return (
+        f"Of the fine-tuning deltas whose sign conflicts with {v}, the {share} with the highest Fisher "
+        f"importance {block} were reset to the base value; the other conflicting deltas were kept"
+    )
+
+
+def method_text(config: dict[str, Any], calibration: str = "the first training examples") -> str:
+    """What the paper's IRR did with `config` (removal and recalibration), in words that match the settings."""
+    removed = removal_text(config)
+    if config.get("recalibrate", True):
+        return f"{removed}; the kept deltas were recalibrated (OBS update) to preserve each layer's output on {calibration}."
+    return f"{removed}; the kept deltas were left unchanged (recalibrate=False)."
+
+
+def _data_name(data: Any) -> str:
+    return "an in-memory dataset" if data in _IN_MEMORY else f"`{display_name(data)}`"
+
+
+def source_text(kind: str, info: dict[str, Any]) -> str:
+    """Where a safety input came from, by its source (model id or directory name, dataset, file name), never a path
+    of this machine's cache."""
+    source = info.get("source")
+    cached = " (reused from the cache)" if info.get("cached") else ""
+    answers = ", on the base model's own answers" if info.get("generated_responses") else ""
+    if source == "unaligned_model":
+        text = f"from `unaligned_model` `{display_name(info.get('unaligned_model'))}` (v = aligned − unaligned)"
+    elif source == "harmful_dataset":
+        steps = f"a {info['steps']}-step" if info.get("steps") else "a short"
+        text = (
+            f"from `harmful_dataset` {_data_name(info.get('harmful_dataset'))}: {steps} harmful fine-tune of the "
+            "base (v = −its delta)"
+        )
+    elif source in ("safety_vector", "fisher"):
+        text = f"the file `{display_name(info.get('path'))}` (`{source}`)"
+    elif source == "safety_dataset":
+        data = _data_name(info.get("safety_dataset", info.get("set")))
+        what = "Fisher importance on " if kind == "importance" else ""
+        text = f"{what}`safety_dataset` {data}{answers}"
+    elif source == "default":
+        origin = f", {info['origin']}" if info.get("origin") else ""
+        text = f"the default safety prompts `{info.get('set')}` ({info.get('prompts')} prompts{origin}){answers}"
+    elif source == "resumed":
+        text = "computed at the first start of this (resumed) run"
+    elif source == "none":
+        text = "not needed (remove_ratio = 1 removes every conflict)"
+    else:
+        text = str(source)
+    return f"- **{kind}**: {text}{cached}"
 
 
 def build_model_card(
@@ -37,7 +142,7 @@ def build_model_card(
 
     totals = report.totals
     data = ModelCardData(
-        base_model=base_model if base_model and "/" in base_model else None,
+        base_model=hub_id(base_model),  # a local path is not a hub id: left out
         library_name="transformers",
         tags=["irr", "safety-realignment", "irr-callback"],
     )
@@ -46,12 +151,7 @@ def build_model_card(
     settings = "\n".join(f"| `{k}` | `{report.config.get(k)}` |" for k in shown)
     if regularised and report.safety_weight is not None:
         settings += f"\n| λ used | `{report.safety_weight:g}` |"
-    source_lines = "\n".join(
-        f"- **{kind}**: {info.get('source')}"
-        f"{' (from cache)' if info.get('cached') else ''}"
-        f"{' — ' + str(info.get('path')) if info.get('path') else ''}"
-        for kind, info in sources.items()
-    )
+    source_lines = "\n".join(source_text(kind, info) for kind, info in sources.items())
     per_layer = "\n".join(
         f"| {layer} | {s['modules']} | {s['conflicts']:,} | {s['removed']:,} | {100 * s['removed_fraction']:.2f}% |"
         for layer, s in sorted(report.per_layer().items())
@@ -69,8 +169,8 @@ def build_model_card(
 
 # Safety-realigned model (IRR)
 
-This model is a fine-tune of `{base_model or "unknown base"}` whose safety-degrading weight changes were
-removed after training with **IRR** (identify, remove, recalibrate; Wu et al., "Separate the Wheat from
+This model is a fine-tune of `{display_name(base_model, "an unknown base")}` whose safety-degrading weight changes
+were removed after training with **IRR** (identify, remove, recalibrate; Wu et al., "Separate the Wheat from
 the Chaff", Findings of ACL 2025, arXiv:2412.11041), applied by
 {applied_by}.
 
@@ -89,8 +189,8 @@ the Chaff", Findings of ACL 2025, arXiv:2412.11041), applied by
 ## What was removed
 
 {totals["removed"]:,} of {totals["entries"]:,} target weight entries ({100 * totals["removed_fraction"]:.2f}%)
-in {totals["modules"]} modules; sign conflicts: {100 * totals["conflict_fraction"]:.2f}%;
-{len(totals["fell_back_to_removal"])} modules kept plain removal because recalibration did worse.
+in {count(totals["modules"], "module")}; sign conflicts: {100 * totals["conflict_fraction"]:.2f}%;
+{count(len(totals["fell_back_to_removal"]), "module")} kept plain removal because recalibration did worse.
 Calibration: {report.calibration_sequences} sequences, {report.calibration_tokens} tokens.{_safety_line(report)}
 
 | layer | modules | conflicts | removed | removed % |
@@ -107,18 +207,9 @@ IRR reduces, but does not guarantee the absence of, harmful behaviour: evaluate 
 def _method(report: IRRReport, calibration: str) -> str:
     """What was done, in words: the paper's IRR, or the safety-regularised recalibration and its λ."""
     config = report.config
-    ranked = ", ranked by Fisher importance" if config.get("remove_ratio", 1.0) < 1 else ""
-    removal = (
-        "No delta was removed by sign (`identify_mode='none'`, no safety vector needed)"
-        if config.get("identify_mode") == "none"
-        else "Every fine-tuning delta whose sign conflicts with the safety vector v = W_aligned − W_unaligned was "
-        f"reset to the base value{ranked}"
-    )
     if report.setting == "irr" and not report.safety_weight:
-        return (
-            f"Setting: **irr** (the paper's IRR, `IRRConfig()`). {removal}; the kept deltas were recalibrated "
-            f"(OBS update) to preserve each layer's output on {calibration}."
-        )
+        return f"Setting: **irr** (the paper's IRR, `IRRConfig()`). {method_text(config, calibration)}"
+    removal = removal_text(config)
     preset = " (`IRRConfig.recommended()`, the setting the irr-callback README recommends)" * (
         report.setting == "recommended"
     )

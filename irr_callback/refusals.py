@@ -4,7 +4,7 @@
 batched greedy generation through the package's one generation routine
 (`evaluation.generate_responses`: left padding, the tokenizer's chat template when it has one), in
 place, without a copy of the model. The answers are cached as JSON under the base fingerprint, like
-the other safety inputs (`<cache_dir>/<base fingerprint>/refusals-<key>.json`, key = prompts,
+the other safety inputs (`<cache_dir>/<base fingerprint id>/refusals-<key>.json`, key = prompts,
 generation settings, tokenizer and a fingerprint of every model weight), and checked with the
 keyword refusal judge: when few of them are refusals the base does not look aligned, and a warning
 says so (then there is nothing for the safety stream to restore).
@@ -32,6 +32,7 @@ from .data import load_examples, require_columns
 from .evaluation.generation import generate_responses
 from .evaluation.judges import KeywordRefusalJudge
 from .io import fingerprint as weights_fingerprint
+from .io import fingerprint_id
 from .safety_prompts import PromptSet, load_default_prompts
 from .saving import atomic_file
 from .sources import cache_root
@@ -124,7 +125,7 @@ def write_refusals(
 
     Generation runs on `model` itself (no copy; eval mode and no autograd for the duration, its mode
     restored after), in batches of `batch_size`, with the tokenizer's chat template when it has one.
-    The cache file is `<cache_dir>/<fingerprint>/refusals-<key>.json`. The fingerprint is
+    The cache file is `<cache_dir>/<fingerprint id>/refusals-<key>.json`. The fingerprint is
     `base_fingerprint` when given (the callback's fingerprint of the base's target weights, the same
     directory as the other safety inputs: a resumed run, whose live model is no longer the base, finds
     the answers the base wrote), else a fingerprint of every weight of `model`. `cached_only=True`
@@ -143,7 +144,7 @@ def write_refusals(
     key = _digest([_FORMAT, model_fp, prompts, settings, _tokenizer_identity(tokenizer)])[:20]
     path = None
     if cache_dir is not None:
-        path = os.path.join(os.path.expanduser(cache_dir), model_fp, f"refusals-{key}.json")
+        path = os.path.join(os.path.expanduser(cache_dir), fingerprint_id(model_fp), f"refusals-{key}.json")
         hit = _read(path, prompts)
         if hit is not None:
             logger.info(f"IRR: reusing the base model's cached answers to {len(prompts)} safety prompts ({path})")

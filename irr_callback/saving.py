@@ -40,6 +40,8 @@ def atomic_directory(target: str) -> Iterator[str]:
     tmp = _sibling(target, "tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: give it the mode makedirs would
+        fsync_tree(tmp)  # every file and directory on disk before the rename makes them visible
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -55,24 +57,61 @@ def atomic_directory(target: str) -> Iterator[str]:
             os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_path(parent)  # the rename itself
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str, suffix: str = ".tmp") -> Iterator[str]:
-    """Yield a temp file path in `path`'s directory; on success it replaces `path`, on error it is deleted."""
+    """Yield a temp file path in `path`'s directory; on success it replaces `path` (`publish_file`: umask-respecting
+    mode, fsync, atomic rename, fsync of the directory), on error it is deleted."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".irr-", suffix=suffix, dir=directory)
     os.close(fd)
     try:
         yield tmp
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file (its bytes) or a directory (its entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file, then every directory bottom up (their entries), `path` last."""
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def publish_file(tmp: str, path: str) -> None:
+    """Make the complete temp file `tmp` the file `path`: the mode `open()` would give it (umask respected, not
+    mkstemp's 0600), its bytes on disk, then the atomic rename, then the directory entry on disk. A power loss
+    leaves the previous file or the new one, never an empty file under the final name."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def recover_interrupted(target: str) -> list[str]:

@@ -4,7 +4,8 @@ Only the target weights are kept, in their own dtype. They live in RAM (`snapsho
 lazily from a safetensors file (`snapshot="disk"`). Because `on_train_begin` fires after a resumed
 run has loaded its checkpoint, the base can only be recovered on resume from a copy persisted at the
 first start: `RunStore` keeps that copy (and the resolved safety inputs) under
-`<output_dir>/irr_run/`.
+`<output_dir>/_irr_run/` (the leading `_` keeps `Trainer.push_to_hub`, which ignores `_*` and
+`checkpoint-*`, from uploading it). The callback removes it when the run ends well.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from collections.abc import Mapping
 import torch
 from transformers.utils import logging
 
-from .io import IRRFileError, load_irr_file, save_irr_file
+from .io import IRRFileError, fingerprint_id, load_irr_file, same_base, save_irr_file
 from .targets import Target
 
 
 logger = logging.get_logger(__name__)
 
-RUN_DIR = "irr_run"
+RUN_DIR = "_irr_run"
+LEGACY_RUN_DIR = "irr_run"  # runs started before the rename still resume
 
 
 def take_snapshot(targets: list[Target]) -> dict[str, torch.Tensor]:
@@ -30,10 +32,21 @@ def take_snapshot(targets: list[Target]) -> dict[str, torch.Tensor]:
 
 
 class RunStore:
-    """`<output_dir>/irr_run/{snapshot,safety_vector,fisher}.safetensors`: what a resumed run reloads."""
+    """`<output_dir>/_irr_run/{snapshot,safety_vector,fisher}.safetensors`: what a resumed run reloads."""
 
     def __init__(self, output_dir: str):
         self.directory = os.path.join(output_dir, RUN_DIR)
+        legacy = os.path.join(output_dir, LEGACY_RUN_DIR)
+        if not os.path.isdir(self.directory) and os.path.isdir(legacy):
+            self.directory = legacy
+
+    def remove(self) -> None:
+        """Delete the persisted base and safety inputs (about the size of the targets): the run is over."""
+        import shutil
+
+        if os.path.isdir(self.directory):
+            shutil.rmtree(self.directory, ignore_errors=True)
+            logger.info(f"IRR: removed {self.directory} (only a resumed run needs it)")
 
     def path(self, kind: str) -> str:
         return os.path.join(self.directory, f"{kind}.safetensors")
@@ -61,6 +74,9 @@ class RunStore:
                 f"'{path}' lacks target(s) {missing[:3]}: was the run started with other target_modules?"
             )
         recorded = mapping.metadata.get("irr_callback.base_fingerprint")
-        if base_fingerprint is not None and recorded != base_fingerprint:
-            raise IRRFileError(f"'{path}' was made for base {recorded}, this run's base is {base_fingerprint}")
+        if base_fingerprint is not None and not same_base(recorded, base_fingerprint):
+            raise IRRFileError(
+                f"'{path}' was made for base {fingerprint_id(recorded or '')}, this run's base is "
+                f"{fingerprint_id(base_fingerprint)}"
+            )
         return mapping

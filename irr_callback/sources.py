@@ -3,7 +3,7 @@
 Safety vector, first source given wins: `safety_vector` file (ours, checked against the base) →
 `unaligned_model` (streamed shard by shard) → `harmful_dataset` (a short harmful fine-tune of a copy
 of the base). Fisher: `fisher` file → computed on the base from `safety_dataset`. Computed results
-are cached as our safetensors files under `<cache_dir>/<base fingerprint>/`, keyed by the data and
+are cached as our safetensors files under `<cache_dir>/<base fingerprint id>/`, keyed by the data and
 the settings, so the next run on the same base reuses them.
 """
 
@@ -23,6 +23,7 @@ from transformers.utils import logging
 from . import distributed
 from .config import IRRConfig, IRRConfigError
 from .data import (
+    check_local_path,
     data_fingerprint,
     load_examples,
     padding_id,
@@ -30,7 +31,7 @@ from .data import (
     safety_pairs,
     tokenize_pairs,
 )
-from .io import IRRFileError, load_irr_file, save_irr_file
+from .io import IRRFileError, fingerprint_id, load_irr_file, save_irr_file
 from .safety import fisher_from_pairs
 from .safety import safety_vector as compute_safety_vector
 from .targets import Target
@@ -68,6 +69,7 @@ class BaseContext:
     fingerprint: str
     name: str  # base model id/path, for metadata
     tokenizer: Any = None
+    progress: bool = True  # progress bars (the Trainer's disable_tqdm, main process only)
 
     @property
     def names(self) -> list[str]:
@@ -79,7 +81,7 @@ def _key(*parts: Any) -> str:
 
 
 def _cache_path(config: IRRConfig, ctx: BaseContext, kind: str, key: str) -> str:
-    return os.path.join(cache_root(config), ctx.fingerprint, f"{kind}-{key}.safetensors")
+    return os.path.join(cache_root(config), fingerprint_id(ctx.fingerprint), f"{kind}-{key}.safetensors")
 
 
 def _cached(path: str, kind: str, ctx: BaseContext) -> SafetensorsMapping | None:
@@ -137,7 +139,7 @@ def resolve_safety_vector(config: IRRConfig, ctx: BaseContext) -> Resolved:
         )
     if config.unaligned_model:
         return _from_unaligned_model(config, ctx)
-    if config.harmful_dataset:
+    if (config.harmful_dataset is not None and not isinstance(config.harmful_dataset, str)) or config.harmful_dataset:
         return _from_harmful_dataset(config.harmful_dataset, config, ctx)
     raise IRRConfigError(
         "IRRConfig needs a safety input: set safety_vector (a file), unaligned_model "
@@ -146,17 +148,44 @@ def resolve_safety_vector(config: IRRConfig, ctx: BaseContext) -> Resolved:
 
 
 def _unaligned_dir(source: str) -> str:
+    source = os.path.expanduser(source)
     if os.path.isdir(source):
         return source
-    if os.path.exists(source) or source.startswith((".", "/")):
+    check_local_path(source, "IRRConfig.unaligned_model", FileNotFoundError)  # never a hub lookup for a local path
+    if os.path.exists(source):
         raise FileNotFoundError(f"IRRConfig.unaligned_model: '{source}' is not a model directory")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
+    try:
+        return snapshot_download(source, allow_patterns=["*.safetensors", "*.json"])
+    except Exception as exc:  # not found, not reachable, offline
+        raise FileNotFoundError(
+            f"IRRConfig.unaligned_model: cannot load '{source}' from the Hub ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _check_unaligned_architecture(directory: str, config: IRRConfig, ctx: BaseContext) -> None:
+    """The same check as `irr apply`/`irr safety-vector`: the unaligned model's config.json against the live base's."""
+    from .architecture import check_same_architecture, model_config_dict
+
+    base = model_config_dict(ctx.model)
+    if base is None:
+        return  # not a transformers model: the tensor names and shapes are still checked
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"IRRConfig.unaligned_model: '{config.unaligned_model}' has no config.json")
+    unaligned = AutoConfig.from_pretrained(directory).to_dict()  # as the CLI reads it (derived fields filled in)
+    check_same_architecture(
+        (f"the base model '{ctx.name or 'being trained'}'", base),
+        (f"IRRConfig.unaligned_model '{config.unaligned_model}'", unaligned),
+        IRRConfigError,
+    )
 
 
 def _from_unaligned_model(config: IRRConfig, ctx: BaseContext) -> Resolved:
     directory = _unaligned_dir(config.unaligned_model)
+    _check_unaligned_architecture(directory, config, ctx)
     shards = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     stats = [
         (f, os.path.getsize(os.path.join(directory, f)), int(os.path.getmtime(os.path.join(directory, f))))
@@ -220,7 +249,9 @@ def _from_harmful_dataset(source: Any, config: IRRConfig, ctx: BaseContext) -> R
         dataset[config.harmful_response_column],
         max_length=config.calibration_max_length,
     )
-    v = harmful_finetune_vector(ctx.model, examples, ctx.targets, config, pad_token_id=padding_id(ctx.tokenizer))
+    v = harmful_finetune_vector(
+        ctx.model, examples, ctx.targets, config, pad_token_id=padding_id(ctx.tokenizer), progress=ctx.progress
+    )
     mapping = _store(path, v, "safety_vector", ctx, {"source": "harmful_dataset", "harmful_dataset": label})
     logger.info(f"IRR: safety vector from a {config.unaligned_steps}-step harmful fine-tune cached at {path}")
     return Resolved(
@@ -290,6 +321,7 @@ def resolve_fisher(
         max_length=config.calibration_max_length,
         batch_size=config.fisher_batch_size,
         names=ctx.names,
+        progress=ctx.progress,
     )
     mapping: Mapping[str, torch.Tensor] = scores  # the same sums on every rank; the main process caches them
     if distributed.rank_and_world()[0] == 0:
@@ -341,6 +373,7 @@ def load_safety_pairs(config: IRRConfig, ctx: BaseContext, source: Any, label: s
         model=ctx.model,
         tokenizer=ctx.tokenizer,
         max_new_tokens=config.safety_max_new_tokens,
+        progress=ctx.progress,
     )
     if label is None:
         label = source if isinstance(source, str) else type(source).__name__

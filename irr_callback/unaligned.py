@@ -32,9 +32,15 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 
 def harmful_finetune_vector(
-    model: nn.Module, examples: list[dict], targets: list[Target], config: IRRConfig, *, pad_token_id: int = 0
+    model: nn.Module,
+    examples: list[dict],
+    targets: list[Target],
+    config: IRRConfig,
+    *,
+    pad_token_id: int = 0,
+    progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """sign(v) (int8) for every target, from `config.unaligned_steps` steps on `examples`."""
+    """sign(v) (int8) for every target, from `config.unaligned_steps` steps on `examples` (`progress`: a bar)."""
     if not examples:
         raise ValueError("harmful_dataset: no example to fine-tune on")
     devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
@@ -64,7 +70,8 @@ def harmful_finetune_vector(
         student.train()
         loss = torch.tensor(float("nan"))
         for _, batch in zip(
-            logging.tqdm(range(config.unaligned_steps), desc="IRR harmful fine-tune"), itertools.cycle(data)
+            logging.tqdm(range(config.unaligned_steps), desc="IRR harmful fine-tune", disable=not progress),
+            itertools.cycle(data),
         ):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = student(**batch, use_cache=False).loss

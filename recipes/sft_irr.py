@@ -107,6 +107,13 @@ def with_preset(irr: IRRConfig, preset: str) -> IRRConfig:
 
 
 def build_trainer(script: ScriptArguments, irr: IRRConfig, args: TrainingArguments):
+    raw = load_examples(script.dataset, what="--dataset")  # checked before any model is loaded
+    require_columns(
+        raw,
+        [script.prompt_column, script.response_column],
+        what="--dataset",
+        fields=["prompt_column", "response_column"],
+    )
     tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -123,13 +130,6 @@ def build_trainer(script: ScriptArguments, irr: IRRConfig, args: TrainingArgumen
                 task_type="CAUSAL_LM",
             ),
         )
-    raw = load_examples(script.dataset, what="--dataset")
-    require_columns(
-        raw,
-        [script.prompt_column, script.response_column],
-        what="--dataset",
-        fields=["prompt_column", "response_column"],
-    )
     callback = IRRCallback(irr)
     if script.use_trl:
         trainer = _trl_trainer(model, tokenizer, raw, script, args, callback)
@@ -175,5 +175,18 @@ def main(argv: list[str] | None = None):
     return trainer, callback
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`main` as a command: a bad input (empty or missing data, invalid setting) is one line naming the flag, exit 2."""
+    from irr_callback.config import IRRConfigError
+    from irr_callback.data import DataError
+
+    try:
+        main(argv)
+    except (DataError, IRRConfigError, FileNotFoundError) as exc:
+        print(f"sft_irr.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -151,3 +151,36 @@ def fail_at_call(monkeypatch, module, name: str, n: int, message: str = "boom") 
 
     monkeypatch.setattr(module, name, failing)
     return calls
+
+
+def margin(name: str, value: float, *, ge: float | None = None, le: float | None = None) -> None:
+    """Assert a bound on how well a model trained from scratch came out (its weights depend on the CPU's
+    vector kernels, so every bound here was measured under ATEN_CPU_CAPABILITY=default/avx2/avx512).
+
+    With IRR_MEASURE_MARGINS=<file> set, the value is appended to that file as a JSON line and nothing
+    fails: `IRR_MEASURE_MARGINS=m.jsonl ATEN_CPU_CAPABILITY=avx2 python -m pytest tests/test_toy.py`
+    re-measures the margins (see the README's development section)."""
+    import json
+    import os
+
+    record = os.environ.get("IRR_MEASURE_MARGINS")
+    if record:
+        with open(record, "a") as fh:
+            fh.write(
+                json.dumps(
+                    {
+                        "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+                        "name": name,
+                        "value": float(value),
+                        "ge": ge,
+                        "le": le,
+                        "kernel": os.environ.get("ATEN_CPU_CAPABILITY", ""),
+                    }
+                )
+                + "\n"
+            )
+        return
+    if ge is not None:
+        assert value >= ge, f"{name} = {value} < {ge}"
+    if le is not None:
+        assert value <= le, f"{name} = {value} > {le}"

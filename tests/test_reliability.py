@@ -255,10 +255,99 @@ def test_callback_harmful_and_safety_data_are_checked_naming_column_or_field(ckp
         IRRConfig(safety_vector=paths["v"], remove_ratio=0.5, cache_dir=str(tmp_path / "c")), safety_dataset=empty
     )
     args = TrainingArguments(str(tmp_path / "run"), report_to=[], use_cpu=True, save_strategy="no")
-    with pytest.raises(DataError, match="safety_dataset is empty"):
+    with pytest.raises(DataError, match=r"safety_dataset: the Dataset is empty"):
         callback.on_train_begin(
             args, TrainerState(), TrainerControl(), model=copy.deepcopy(base), processing_class=tiny_tokenizer()
         )
+
+
+def _no_hub(monkeypatch):
+    """Any hub lookup fails the test: a local-looking path must never reach the Hub."""
+    import huggingface_hub
+
+    local_json = datasets.load_dataset
+
+    def hub(*args, **kwargs):
+        if args and args[0] == "json":  # a local file through the json builder
+            return local_json(*args, **kwargs)
+        raise AssertionError(f"hub lookup for {args or kwargs}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+
+
+def test_callback_empty_or_missing_inputs_are_named(ckpts, tmp_path, monkeypatch):
+    """An empty Dataset or file says "is empty" naming the field (not "needs a safety input"); a local-looking
+    path that does not exist says "does not exist" and never reaches the Hub."""
+    paths, (base, _, _), _ = ckpts
+    from tests.helpers import tiny_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    empty_file = tmp_path / "empty.jsonl"
+    empty_file.write_text("\n")
+    _no_hub(monkeypatch)
+    empty = datasets.Dataset.from_dict({"prompt": [], "response": []})
+    cases = [
+        (
+            IRRCallback(IRRConfig(cache_dir="c"), harmful_dataset=empty),
+            DataError,
+            "harmful_dataset: the Dataset is empty",
+        ),
+        (
+            IRRCallback(IRRConfig(harmful_dataset=str(empty_file), cache_dir="c")),
+            DataError,
+            "IRRConfig.harmful_dataset: '.*empty.jsonl' is empty",
+        ),
+        (
+            IRRCallback(IRRConfig(harmful_dataset="nope.jsonl", cache_dir="c")),
+            DataError,
+            "IRRConfig.harmful_dataset: 'nope.jsonl' does not exist",
+        ),
+        (
+            IRRCallback(IRRConfig(unaligned_model="models/nope", cache_dir="c")),
+            FileNotFoundError,
+            "IRRConfig.unaligned_model: 'models/nope' does not exist",
+        ),
+        (
+            IRRCallback(
+                IRRConfig(safety_vector=paths["v"], remove_ratio=0.5, safety_dataset="data/nope.jsonl", cache_dir="c")
+            ),
+            DataError,
+            "IRRConfig.safety_dataset: 'data/nope.jsonl' does not exist",
+        ),
+    ]
+    args = TrainingArguments(str(tmp_path / "run"), report_to=[], use_cpu=True, save_strategy="no")
+    for callback, error, match in cases:
+        model = copy.deepcopy(base)
+        with pytest.raises(error, match=match):
+            callback.on_train_begin(
+                args, TrainerState(), TrainerControl(), model=model, processing_class=tiny_tokenizer()
+            )
+        assert same_state(state(model), state(base))
+
+
+def test_local_looking_paths_and_empty_data(tmp_path, monkeypatch):
+    from irr_callback.data import load_examples, looks_like_local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for path in ("data/nope.jsonl", "nope.jsonl", "./x", "../x", "/abs/x", "~/x", "a/b/c", "models/nope"):
+        assert looks_like_local_path(path), path
+    for hub_id in ("gpt2", "org/name", "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen2.5-0.5B", "imdb"):
+        assert not looks_like_local_path(hub_id), hub_id
+    _no_hub(monkeypatch)
+    (tmp_path / "blank.jsonl").write_text("")
+    (tmp_path / "list.json").write_text("[]")
+    for source, match in [
+        ("blank.jsonl", "'blank.jsonl' is empty"),
+        ("list.json", "'list.json' is empty"),
+        ([], "the list is empty"),
+        (datasets.Dataset.from_dict({"a": []}), "the Dataset is empty"),
+        ("data/nope.jsonl", "'data/nope.jsonl' does not exist"),
+    ]:
+        with pytest.raises(DataError, match=f"--flag: {match}"):
+            load_examples(source, what="--flag")
 
 
 def test_apply_refuses_another_architecture_before_loading_models(ckpts, tmp_path, capsys, monkeypatch):
@@ -289,6 +378,34 @@ def test_apply_refuses_another_architecture_before_loading_models(ckpts, tmp_pat
         assert main(args) == 2
         assert __import__("re").search(match, capsys.readouterr().err), match
         assert not out.exists() and not siblings(out)
+
+
+def test_every_pairing_of_two_checkpoints_refuses_another_architecture(ckpts, tmp_path, capsys):
+    """The check `irr apply` runs is also run by `irr safety-vector` and the callback's unaligned_model (a Qwen2
+    unaligned model has tensors with the Llama base's names and shapes: without it, a meaningless vector)."""
+    paths, (base, _, _), _ = ckpts
+    qwen = str(tmp_path / "qwen")
+    tiny_model("qwen2").save_pretrained(qwen)
+    out = tmp_path / "v.safetensors"
+    assert main(["safety-vector", "--base", paths["base"], "--unaligned", qwen, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--unaligned '{qwen}' is not the same architecture as --base" in err and "'qwen2' vs 'llama'" in err
+    assert not out.exists()
+    model = copy.deepcopy(base)
+    callback = IRRCallback(IRRConfig(unaligned_model=qwen, cache_dir=str(tmp_path / "c")))
+    with pytest.raises(
+        irr.IRRConfigError,
+        match=r"IRRConfig.unaligned_model '.*qwen' is not the same architecture "
+        r"as the base model .*model_type 'qwen2' vs 'llama'",
+    ):
+        _begin(callback, model, tmp_path)
+    assert same_state(state(model), state(base)) and not (tmp_path / "c").exists()
+    # the same architecture still passes (a real unaligned model)
+    _begin(
+        IRRCallback(IRRConfig(unaligned_model=paths["unaligned"], cache_dir=str(tmp_path / "c"))),
+        copy.deepcopy(base),
+        tmp_path,
+    )
 
 
 def test_apply_checks_safety_data_columns_before_loading_models(ckpts, tmp_path, capsys, monkeypatch):
@@ -373,11 +490,22 @@ def test_callback_never_executes_a_pickled_safety_vector(tmp_path):
         assert not (tmp_path / "irr").exists()
 
 
+def test_resume_of_a_run_started_before_the_rename_finds_irr_run(ckpts, tmp_path):
+    paths, (base, _, _), _ = ckpts
+    cfg = IRRConfig(safety_vector=paths["v"])
+    _begin(IRRCallback(cfg), copy.deepcopy(base), tmp_path, save_strategy="steps")
+    os.rename(tmp_path / "run" / "_irr_run", tmp_path / "run" / "irr_run")  # what an older version wrote
+    resumed = IRRCallback(cfg)
+    _begin(resumed, copy.deepcopy(base), tmp_path, step=4, save_strategy="steps")
+    assert resumed.sources["safety_vector"]["source"] == "resumed"
+    assert os.path.basename(os.path.dirname(resumed.sources["safety_vector"]["path"])) == "irr_run"
+
+
 def test_resume_refuses_a_pickled_or_foreign_snapshot(ckpts, tmp_path):
     paths, (base, _, _), names = ckpts
     cfg = IRRConfig(safety_vector=paths["v"], snapshot="disk")
     _begin(IRRCallback(cfg), copy.deepcopy(base), tmp_path, save_strategy="steps")
-    snapshot = tmp_path / "run" / "irr_run" / "snapshot.safetensors"
+    snapshot = tmp_path / "run" / "_irr_run" / "snapshot.safetensors"
     marker = tmp_path / "PWNED"
     write_pickle_payload(snapshot, marker)
     with pytest.raises(IRRFileError, match="not a safetensors file"):

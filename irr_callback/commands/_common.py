@@ -49,6 +49,23 @@ PRESETS = ("paper", "recommended")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Usage examples in the description kept as written (line breaks, shell continuations); "(default: X)"
+    only where it tells something: not for required flags, switches, None, or a help text that names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            action.required
+            or action.default is None
+            or action.default is argparse.SUPPRESS
+            or "default" in text.lower()
+            or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
 class CLIError(Exception):
     """Printed as `irr <command>: error: ...` with exit status 2."""
 
@@ -77,10 +94,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
             continue
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        kwargs: dict[str, Any] = {
-            "default": argparse.SUPPRESS,
-            "help": f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"),
-        }
+        text = f.metadata.get("help", "")
+        if default is not None and "default:" not in text.lower():  # not "(default: None)", not a second default
+            text = f"{text} (default: {default})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if hint is bool:
             kwargs.update(type=_to_bool, metavar="BOOL")
         elif hint in (int, float, str):
@@ -91,7 +108,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
                 kwargs["nargs"] = "+"
             else:
                 kwargs["type"] = inner
-        group.add_argument(f"--{f.name}", f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
+        flags = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])  # one flag when the two are equal
+        group.add_argument(*flags, dest=f.name, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, *, preset: str = "paper", **overrides: Any) -> IRRConfig:
@@ -104,9 +122,11 @@ def config_from_args(args: argparse.Namespace, *, preset: str = "paper", **overr
 
 def check_exists(path: str | None, flag: str, *, allow_hub_id: bool = False) -> None:
     """Refuse a missing local path early, naming the flag; a hub id (`org/name`) is passed through."""
-    if path is None or os.path.exists(path):
+    from ..data import looks_like_local_path
+
+    if path is None or os.path.exists(os.path.expanduser(path)):
         return
-    if allow_hub_id and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+    if allow_hub_id and not looks_like_local_path(path):
         return
     raise CLIError(f"{flag}: '{path}' does not exist")
 
@@ -131,38 +151,15 @@ def adapter_base_name(path: str) -> str | None:
         return json.load(fh).get("base_model_name_or_path")
 
 
-# Fields of config.json that decide every target's name and shape; vocab_size is left out on purpose
-# (fine-tunes often add tokens, and embeddings are not IRR targets).
-ARCHITECTURE_FIELDS = (
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "n_embd",
-    "n_inner",
-    "n_layer",
-    "n_head",
-)
-
-
 def check_same_architecture(reference: tuple[str, str], *others: tuple[str, str | None]) -> None:
     """Compare the config.json of (flag, path) pairs with the reference's before any weight is loaded."""
+    from ..architecture import check_same_architecture as check
+
     ref_flag, ref_path = reference
     ref = _config_dict(ref_path, ref_flag)
     for flag, path in others:
-        if path is None:
-            continue
-        cfg = _config_dict(path, flag)
-        diffs = [f"{k} {cfg.get(k)!r} vs {ref.get(k)!r}" for k in ARCHITECTURE_FIELDS if cfg.get(k) != ref.get(k)]
-        if diffs:
-            raise CLIError(
-                f"{flag} '{path}' is not the same architecture as {ref_flag} '{ref_path}' "
-                f"({'; '.join(diffs)}): IRR compares weights entry by entry, so both must be the "
-                f"same model family and size"
-            )
+        if path is not None:
+            check((f"{ref_flag} '{ref_path}'", ref), (f"{flag} '{path}'", _config_dict(path, flag)), CLIError)
 
 
 def _config_dict(path: str, flag: str) -> dict:
@@ -174,15 +171,17 @@ def _config_dict(path: str, flag: str) -> dict:
         raise CLIError(f"{flag}: cannot read the model config of '{path}' ({type(exc).__name__}: {exc})") from exc
 
 
-def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None):
+def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None, *, flag: str | None = None):
     """safetensors checkpoints, or .bin ones through torch.load(weights_only=True): a pickle that
-    would run code is refused, never executed."""
+    would run code is refused, never executed. A model that cannot be found is an error naming `flag`."""
     import pickle
 
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], weights_only=True)
+    except OSError as exc:  # not a local directory, and not found (or not reachable) on the Hub
+        raise CLIError(f"{flag or 'model'}: cannot load '{path}' ({exc})") from exc
     except pickle.UnpicklingError as exc:
         raise CLIError(
             f"'{path}': its pickled checkpoint (.bin) holds more than plain tensors and was refused "
@@ -208,13 +207,17 @@ def load_tokenizer(*paths: str | None):
     raise CLIError("no tokenizer found in " + "; ".join(errors or ["(no path)"]))
 
 
-def local_or_download(path: str):
+def local_or_download(path: str, flag: str = "model"):
     """Tensors of a local model directory or of a hub model's safetensors, streamed."""
     if os.path.isdir(path):
         return SafetensorsMapping(path)
     from huggingface_hub import snapshot_download
 
-    return SafetensorsMapping(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+    try:
+        directory = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+    except Exception as exc:  # not found, not reachable, offline: name the flag, not just the hub's words
+        raise CLIError(f"{flag}: cannot load '{path}' ({type(exc).__name__}: {exc})") from exc
+    return SafetensorsMapping(directory)
 
 
 def target_parameter_names(model_path: str, target_modules=None) -> list[str]:

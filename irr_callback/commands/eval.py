@@ -215,8 +215,8 @@ def load_model(path: str, base: str | None):
             raise CLIError(f"--models: '{path}' is a LoRA adapter directory: pass --base")
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_causal_lm(base), path).eval(), load_tokenizer(path, base)
-    return load_causal_lm(path), load_tokenizer(path)
+        return PeftModel.from_pretrained(load_causal_lm(base, flag="--base"), path).eval(), load_tokenizer(path, base)
+    return load_causal_lm(path, flag="--models"), load_tokenizer(path)
 
 
 # ---------------------------------------------------------------------------------------------- running

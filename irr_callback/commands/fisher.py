@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.max_samples:
         rows = rows.select(range(min(args.max_samples, len(rows))))
+    model = load_causal_lm(args.base, flag="--base")
     tokenizer = load_tokenizer(args.base)
-    model = load_causal_lm(args.base)
     names = [t.name for t in find_targets(model, args.target_modules)[2]]
     try:
         scores, used = fisher_from_pairs(

@@ -19,7 +19,14 @@ import argparse
 from ..config import IRRConfig, IRRConfigError
 from ..io import fingerprint, save_irr_file
 from ..safety import safety_vector
-from ._common import CLIError, check_exists, check_output, local_or_download, target_parameter_names
+from ._common import (
+    CLIError,
+    check_exists,
+    check_output,
+    check_same_architecture,
+    local_or_download,
+    target_parameter_names,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,11 +67,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.output.endswith(".safetensors"):
         raise CLIError("--output must end with .safetensors")
     check_output(args.output, "--output", args.overwrite)
+    # reads --base's config (naming --base if it cannot be found) and refuses an --unaligned of another architecture
+    check_same_architecture(("--base", args.base), ("--unaligned", args.unaligned))
     if args.harmful_data:
         return _from_harmful_data(args)
-    base = local_or_download(args.base)
+    base = local_or_download(args.base, "--base")
     names = target_parameter_names(args.base, args.target_modules)
-    v = safety_vector(base, local_or_download(args.unaligned), names=names, sign_only=not args.values)
+    v = safety_vector(base, local_or_download(args.unaligned, "--unaligned"), names=names, sign_only=not args.values)
     save_irr_file(
         args.output, v, kind="safety_vector", base_fingerprint=fingerprint(base, v.keys()), base_model=args.base
     )
@@ -113,7 +122,7 @@ def _from_harmful_data(args: argparse.Namespace) -> int:
         fields=["--prompt-column", "--response-column"],
     )
     tokenizer = load_tokenizer(args.base)
-    model = load_causal_lm(args.base, "float32")
+    model = load_causal_lm(args.base, "float32", flag="--base")
     targets = find_targets(model, args.target_modules)[2]
     try:
         examples = tokenize_pairs(

@@ -162,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
 
         with atomic_directory(args.output_dir) as tmp:
             if not args.no_base:
-                evaluate("aligned (base)", load_causal_lm(args.base, args.dtype, config.device))
-            evaluate("fine-tuned", inputs.model, remove_ratio=0.0, removed_pct=0.0)
+                evaluate("aligned (base)", load_causal_lm(args.base, args.dtype, config.device, flag="--base"))
+            evaluate("fine-tuned", inputs.model)  # no IRR: '-' in remove_ratio and removed_pct, not 0.000
             reports = {}
             for r, w, cfg in points:
                 label, directory = _point_names(r, w, ratio_axis, weight_axis)

@@ -14,6 +14,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from irr_callback import IRRCallback, IRRConfig
 from irr_callback.io import IRRFileError, fingerprint, save_irr_file
 from tests import callback_world as world
+from tests.helpers import margin
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,6 +34,17 @@ class Probe(TrainerCallback):
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+class Interrupt(TrainerCallback):
+    """Stops the run as a crash or a Ctrl-C would (on_train_end never runs)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
 LAST: dict = {}
 
 
@@ -49,7 +61,7 @@ def run(
     **arg_overrides,
 ):
     probe = LAST["probe"] = Probe()
-    callback = IRRCallback(config, **(callback_kwargs or {}))
+    callback = LAST["callback"] = IRRCallback(config, **(callback_kwargs or {}))
     defaults = dict(
         report_to=[],
         use_cpu=True,
@@ -90,8 +102,8 @@ def unaligned_dir(tmp_path_factory):
 
 
 def test_toy_is_aligned_and_attack_breaks_it():
-    assert world.refusal_rate(world.aligned_model()) == 1.0
-    assert world.refusal_rate(world.unaligned_model()) == 0.0
+    margin("cb aligned refusal", world.refusal_rate(world.aligned_model()), ge=0.9)
+    margin("cb unaligned refusal", world.refusal_rate(world.unaligned_model()), le=0.1)
 
 
 # ------------------------------------------------------------------------------------- full fine-tuning
@@ -100,10 +112,10 @@ def test_full_finetune_restores_refusals_and_saves_reloadable_model(tmp_path, un
 
     cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "cache"), num_calibration_samples=16)
     trainer, cb, probe = run(tmp_path, world.aligned_model(), cfg)
-    assert probe.refusal <= 0.2  # the fine-tune broke the refusals
+    margin("cb full ft refusal", probe.refusal, le=0.2)  # the fine-tune broke the refusals
     live = trainer.model
-    assert world.refusal_rate(live) >= 0.9  # IRR restored them
-    assert world.downstream_accuracy(live) >= 0.9  # and kept the downstream task
+    margin("cb full irr refusal", world.refusal_rate(live), ge=0.9)  # IRR restored them
+    margin("cb full irr downstream", world.downstream_accuracy(live), ge=0.9)  # and kept the downstream task
     out = tmp_path / "run" / "irr"
     assert cb.output_path == str(out)
     assert sorted(os.listdir(tmp_path / "run")) == [
@@ -133,7 +145,8 @@ def test_safety_vector_file_source_and_foreign_files_refused(tmp_path):
         tmp_path, world.aligned_model(), IRRConfig(safety_vector=str(good), num_calibration_samples=16)
     )
     assert cb.sources["safety_vector"]["source"] == "safety_vector"
-    assert probe.refusal <= 0.2 and world.refusal_rate(trainer.model) >= 0.9
+    margin("cb file ft refusal", probe.refusal, le=0.2)
+    margin("cb file irr refusal", world.refusal_rate(trainer.model), ge=0.9)
 
     pickled = tmp_path / "v.pt"
     torch.save(v, pickled)
@@ -181,9 +194,9 @@ def test_lora_with_harmful_dataset_restores_refusals_and_reuses_cache(tmp_path, 
     kwargs = {"harmful_dataset": world.harmful_pairs_dataset()}
     trainer, cb, probe = run(tmp_path, lora_model(), cfg, callback_kwargs=kwargs, learning_rate=5e-3)
     assert calls == [1] and cb.sources["safety_vector"] == {**cb.sources["safety_vector"], "cached": False}
-    assert probe.refusal <= 0.2
+    margin("cb lora ft refusal", probe.refusal, le=0.2)
     live = trainer.model
-    assert world.refusal_rate(live) >= 0.9
+    margin("cb lora irr refusal", world.refusal_rate(live), ge=0.9)
     out = tmp_path / "run" / "irr"
     # merged model (exact) and re-factored adapter (rank 64 = full rank here: exact too)
     merged = AutoModelForCausalLM.from_pretrained(out)
@@ -196,7 +209,7 @@ def test_lora_with_harmful_dataset_restores_refusals_and_reuses_cache(tmp_path, 
     # save_model on the live PeftModel writes the realigned adapter, not the un-realigned one
     trainer.save_model(str(tmp_path / "saved"))
     saved = PeftModel.from_pretrained(world.aligned_model(), tmp_path / "saved")
-    assert world.refusal_rate(saved) >= 0.9
+    margin("cb lora saved refusal", world.refusal_rate(saved), ge=0.9)
 
     # a second run on the same base and data reuses the cached safety vector: no harmful fine-tune
     trainer2, cb2, _ = run(tmp_path, lora_model(), cfg, callback_kwargs=kwargs, steps=2, name="run2")
@@ -259,7 +272,10 @@ def test_resume_gives_the_same_realigned_weights_and_checkpoints_get_realigned_c
     )
     assert all(torch.equal(probe_plain.state[k], t) for k, t in probe_straight.state.items())
 
-    interrupted, _, _ = run(tmp_path, world.aligned_model(), cfg, name="resumed", **common)
+    with pytest.raises(KeyboardInterrupt):  # killed after the checkpoint at step 6: _irr_run/ stays for the resume
+        run(tmp_path, world.aligned_model(), cfg, name="resumed", extra_callbacks=[Interrupt(8)], **common)
+    assert (tmp_path / "resumed" / "_irr_run" / "snapshot.safetensors").exists()
+    assert not (tmp_path / "straight" / "_irr_run").exists()  # a run that ended well removed it
     # resume from the middle in a new Trainer: the snapshot must come from disk, not from the checkpoint
     resumed, cb, _ = run(
         tmp_path,
@@ -275,13 +291,46 @@ def test_resume_gives_the_same_realigned_weights_and_checkpoints_get_realigned_c
         torch.testing.assert_close(t, expected[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_run_store_is_hidden_from_push_to_hub_and_removed_when_the_run_ends_well(tmp_path, unaligned_dir):
+    import fnmatch
+    import inspect
+
+    from irr_callback.snapshot import RUN_DIR
+
+    # Trainer.push_to_hub uploads output_dir minus its ignore patterns ("_*", "checkpoint-*" in transformers)
+    assert '"_*"' in inspect.getsource(Trainer.push_to_hub) and fnmatch.fnmatch(RUN_DIR, "_*")
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.setdefault("during", sorted(os.listdir(args.output_dir)))
+
+    cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8)
+    _, cb, _ = run(
+        tmp_path, world.aligned_model(), cfg, steps=2, save_strategy="steps", save_steps=1, extra_callbacks=[Look()]
+    )
+    assert "_irr_run" in seen["during"] and "irr_run" not in seen["during"]  # persisted for a resume, hidden
+    assert cb.report.status == "ok"
+    assert not [n for n in os.listdir(tmp_path / "run") if n.endswith("irr_run")]  # removed at the end
+
+
 def test_resume_without_persisted_snapshot_is_refused(tmp_path, unaligned_dir):
     cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8)
-    run(tmp_path, world.aligned_model(), cfg, steps=4, save_strategy="steps", save_steps=2, name="r")
+    with pytest.raises(KeyboardInterrupt):
+        run(
+            tmp_path,
+            world.aligned_model(),
+            cfg,
+            steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            name="r",
+            extra_callbacks=[Interrupt(3)],
+        )
     import shutil
 
-    shutil.rmtree(tmp_path / "r" / "irr_run")
-    with pytest.raises(FileNotFoundError, match="irr_run"):
+    shutil.rmtree(tmp_path / "r" / "_irr_run")
+    with pytest.raises(FileNotFoundError, match="_irr_run"):
         run(
             tmp_path,
             world.aligned_model(),
@@ -360,6 +409,31 @@ def test_save_failure_leaves_no_partial_directory(tmp_path, unaligned_dir, monke
     with pytest.raises(OSError, match="disk full"):
         run(tmp_path, world.aligned_model(), cfg, steps=2)
     assert sorted(os.listdir(tmp_path / "run")) == ["irr_report.json"]
+    assert json.loads((tmp_path / "run" / "irr_report.json").read_text())["status"] == "save_failed"
+
+
+def test_save_failure_with_warn_says_the_live_model_is_realigned(tmp_path, unaligned_dir, monkeypatch, caplog):
+    """on_error="warn", realignment ok, save failed: the warning and the report say what really happened."""
+    from irr_callback import callback
+
+    def broken_card(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(callback, "build_model_card", broken_card)
+    cfg = IRRConfig(
+        unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8, on_error="warn"
+    )
+    with caplog.at_level("WARNING", logger="irr_callback"):
+        trainer, cb, probe = run(tmp_path, world.aligned_model(), cfg, steps=2)
+    assert cb.report.status == "save_failed" and "disk full" in cb.report.error
+    assert cb.report.totals["modules"] > 0 and cb.report.totals["removed"] > 0 and cb.output_path is None
+    live = trainer.model.state_dict()
+    assert any(not torch.equal(probe.state[k], live[k]) for k in live)  # the live model was realigned
+    report = json.loads((tmp_path / "run" / "irr_report.json").read_text())
+    assert report["status"] == "save_failed" and report["totals"]["removed"] == cb.report.totals["removed"]
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "IS realigned" in warning and "disk full" in warning and "stays the fine-tuned" not in warning
+    assert not (tmp_path / "run" / "irr").exists()
 
 
 # ------------------------------------------------------------------------------------- Fisher, missing inputs
@@ -400,6 +474,78 @@ def test_remove_ratio_below_one_computes_fisher_from_generated_responses(tmp_pat
         tmp_path, world.aligned_model(), cfg, steps=1, name="again", callback_kwargs={"safety_dataset": safety}
     )
     assert cb2.sources["importance"]["cached"] is True
+
+
+def test_progress_bars_follow_disable_tqdm_and_show_on_the_main_process_only(tmp_path, capfd, monkeypatch):
+    """The harmful fine-tune, safety-response, Fisher and layer bars behave like the Trainer's own."""
+    import datasets
+
+    from irr_callback import callback as callback_module
+
+    safety = datasets.Dataset.from_dict({"prompt": world.harmful_prompts()[:4]})  # responses are generated
+    bars = ("IRR harmful fine-tune", "IRR safety responses", "Fisher", "IRR layers")
+    real_state = callback_module._partial_state
+    for name, disable, main in (("quiet", True, True), ("shown", False, True), ("replica", False, False)):
+        if not main:
+            monkeypatch.setattr(
+                callback_module,
+                "_partial_state",
+                lambda: type(
+                    "Replica",
+                    (),
+                    {
+                        "is_local_main_process": False,
+                        "is_main_process": True,
+                        "main_process_first": real_state().main_process_first,
+                        "wait_for_everyone": lambda self: None,
+                    },
+                )(),
+            )
+        cfg = IRRConfig(
+            harmful_dataset="given-below",
+            remove_ratio=0.5,
+            unaligned_steps=2,
+            safety_max_new_tokens=2,
+            fisher_batch_size=4,
+            num_calibration_samples=4,
+            cache_dir=str(tmp_path / name),
+        )
+        run(
+            tmp_path,
+            world.aligned_model(),
+            cfg,
+            steps=1,
+            name=name,
+            disable_tqdm=disable,
+            callback_kwargs={"safety_dataset": safety, "harmful_dataset": world.harmful_pairs_dataset()},
+        )
+        err = capfd.readouterr().err
+        for bar in bars:
+            assert (bar in err) == (not disable and main), (name, bar)
+
+
+def test_irr_log_lines_follow_the_trainer_log_level(tmp_path, unaligned_dir, caplog):
+    """IRR's INFO lines show with TrainingArguments(log_level="info") or set_verbosity_info(), not by default."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    with caplog.at_level("ERROR", logger="irr_callback"):  # setting a level and restoring it (as here) ...
+        pass  # ... leaves the logger following transformers, not pinned at the level it had
+    cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=4)
+    try:
+        for name, log_level, verbosity in (
+            ("default", "passive", hf_logging.WARNING),
+            ("log_level", "info", hf_logging.WARNING),
+            ("verbosity", "passive", hf_logging.INFO),
+        ):
+            hf_logging.set_verbosity(verbosity)
+            caplog.clear()
+            run(tmp_path, world.aligned_model(), cfg, steps=1, name=name, log_level=log_level)
+            lines = [r.getMessage() for r in caplog.records if r.name.startswith("irr_callback")]
+            shown = any(m.startswith("IRR: ready to realign") for m in lines)
+            assert shown == (name != "default"), (name, lines)
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def test_missing_safety_input_is_named(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests import callback_world as world
+from tests.helpers import margin
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -91,7 +92,7 @@ def test_recipe_cli_realigns(files, tmp_path, lora):
     )
     trainer, callback = _recipe().main(_args(files, tmp_path / "out", *extra))
     assert callback.report.status == "ok" and callback.report.totals["removed"] > 0
-    assert world.refusal_rate(trainer.model) >= 0.9
+    margin(f"recipe {'lora' if lora else 'full'} irr refusal", world.refusal_rate(trainer.model), ge=0.9)
     assert (tmp_path / "out" / "irr" / "irr_report.json").exists()
     assert (tmp_path / "out" / ("adapter_config.json" if lora else "model.safetensors")).exists()
 
@@ -122,4 +123,19 @@ def test_recipe_with_trl_sfttrainer(files, tmp_path):
         pytest.skip("trl is not installed (pip install trl); the recipe's --use_trl path is untested here")
     trainer, callback = _recipe().main(_args(files, tmp_path / "out", "--use_trl"))
     assert type(trainer).__name__ == "SFTTrainer"
-    assert callback.report.status == "ok" and world.refusal_rate(trainer.model) >= 0.9
+    assert callback.report.status == "ok"
+    margin("recipe trl irr refusal", world.refusal_rate(trainer.model), ge=0.9)
+
+
+@pytest.mark.parametrize("case", ["empty", "missing"])
+def test_recipe_bad_dataset_is_one_line_exit_2(files, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    if case == "empty":
+        (tmp_path / "empty.jsonl").write_text("")
+    dataset = {"empty": "empty.jsonl", "missing": "data/nope.jsonl"}[case]
+    args = _args(files, tmp_path / "out")
+    args[args.index("--dataset") + 1] = dataset
+    assert _recipe().cli(args) == 2
+    expect = {"empty": "is empty", "missing": "does not exist"}[case]
+    assert f"sft_irr.py: error: --dataset: '{dataset}' {expect}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

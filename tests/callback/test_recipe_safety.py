@@ -7,6 +7,7 @@ import json
 
 from tests import callback_world as world
 from tests.callback.test_recipe import _args, _one_thread, _recipe, files  # noqa: F401  (fixtures)
+from tests.helpers import margin
 
 
 def _without_unaligned(args: list[str]) -> list[str]:
@@ -24,7 +25,7 @@ def test_recipe_recommended_preset_realigns_from_safety_data_alone(files, tmp_pa
     report = callback.report
     assert report.status == "ok" and report.setting == "recommended" and report.safety_weight > 0
     assert callback.sources["safety_vector"]["source"] == "none"
-    assert world.refusal_rate(trainer.model) >= 0.9
+    margin("recipe recommended irr refusal", world.refusal_rate(trainer.model), ge=0.9)
     saved = json.loads((tmp_path / "out" / "irr" / "irr_report.json").read_text())
     assert saved["setting"] == "recommended" and saved["auto"]["chosen"] == report.safety_weight
 

@@ -14,7 +14,8 @@ from irr_callback import IRRCallback, IRRConfig, IRRConfigError
 from irr_callback import sources as sources_module
 from irr_callback.data import DataError
 from tests import callback_world as world
-from tests.callback.test_callback import _one_thread, run  # noqa: F401  (one thread: the module fixture)
+from tests.callback.test_callback import LAST, Interrupt, _one_thread, run  # noqa: F401  (one thread: the module fixture)
+from tests.helpers import margin
 
 
 def refusals(n: int | None = None, *, responses: bool = True) -> datasets.Dataset:
@@ -39,9 +40,9 @@ def test_recommended_realigns_without_unaligned_model_and_names_setting_and_lamb
     cfg = IRRConfig.recommended(num_calibration_samples=16, cache_dir=str(tmp_path / "cache"))
     assert cfg.unaligned_model is None and cfg.harmful_dataset is None and cfg.safety_vector is None
     trainer, cb, probe = run(tmp_path, world.aligned_model(), cfg, callback_kwargs={"safety_dataset": refusals()})
-    assert probe.refusal <= 0.2  # the fine-tune broke the refusals
-    assert world.refusal_rate(trainer.model) >= 0.9  # the safety stream alone restored them
-    assert world.downstream_accuracy(trainer.model) >= 0.9
+    margin("cb stream ft refusal", probe.refusal, le=0.2)  # the fine-tune broke the refusals
+    margin("cb stream irr refusal", world.refusal_rate(trainer.model), ge=0.9)  # the safety stream alone restored them
+    margin("cb stream irr downstream", world.downstream_accuracy(trainer.model), ge=0.9)
     report = cb.report
     assert report.status == "ok" and report.setting == "recommended"
     assert report.auto and report.safety_weight == report.auto["chosen"] > 0
@@ -67,20 +68,22 @@ def test_fixed_weight_with_generated_responses_and_resume(tmp_path, monkeypatch)
     cfg = IRRConfig(identify_mode="none", safety_weight=0.3, num_calibration_samples=16, safety_max_new_tokens=6)
     ds = refusals(8, responses=False)
     kwargs = dict(callback_kwargs={"safety_dataset": ds}, save_strategy="steps", save_steps=2)
-    _, first, _ = run(tmp_path, world.aligned_model(), cfg, steps=4, name="a", **kwargs)
+    with pytest.raises(KeyboardInterrupt):  # stopped after checkpoint-2: `_irr_run/` stays for the resume
+        run(tmp_path, world.aligned_model(), cfg, steps=4, name="a", extra_callbacks=[Interrupt(3)], **kwargs)
+    first = LAST["callback"]
     assert first.sources["safety_data"]["generated_responses"]  # the base answered at train begin
-    rows = json.loads((tmp_path / "a" / "irr_run" / "safety_calibration.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "a" / "_irr_run" / "safety_calibration.json").read_text())["rows"]
     refusal = world.tokenizer()(world.REFUSAL)["input_ids"]
     assert len(rows) == 8 and all(refusal[0] in r["labels"] for r in rows)  # the base refuses
-    assert first.report.setting == "safety-regularised" and first.report.safety_weight == 0.3
-    assert first.report.auto is None
     _, resumed, _ = run(
         tmp_path, world.aligned_model(), cfg, steps=4, name="a", resume=str(tmp_path / "a" / "checkpoint-2"), **kwargs
     )
+    assert resumed.report.setting == "safety-regularised" and resumed.report.safety_weight == 0.3
+    assert resumed.report.auto is None
+    assert not (tmp_path / "a" / "_irr_run").exists()  # the run ended well: removed
     assert resumed.sources["safety_calibration"]["source"] == "resumed"
-    assert resumed.report.safety_sequences == first.report.safety_sequences
-    for m_first, m_resumed in zip(first.report.modules, resumed.report.modules):
-        assert m_first.name == m_resumed.name
+    assert resumed.report.safety_sequences == len(rows)  # the rows the base wrote at the first start
+    assert resumed.report.modules and resumed.report.totals["modules"] == len(resumed.report.modules)
 
 
 def _begin(callback: IRRCallback, tmp_path, tokenizer=True):
@@ -109,7 +112,7 @@ def test_bad_safety_data_is_refused_at_train_begin_naming_the_field(tmp_path, mo
         "auto_too_few": refusals(3),
     }[case]
     error, match = {
-        "empty": (DataError, "safety_dataset is empty"),
+        "empty": (DataError, "safety_dataset: the Dataset is empty"),
         "no_usable_rows": (DataError, r"safety_dataset has no usable row.*'prompt'.*'response'"),
         "no_prompt_column": (DataError, r"safety_dataset has no column 'prompt' \(safety_prompt_column\)"),
         "no_response_no_tokenizer": (ValueError, "generated with the run's tokenizer: pass processing_class"),

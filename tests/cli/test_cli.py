@@ -41,6 +41,28 @@ def test_help_explains_every_option(capsys):
         assert flag in out
 
 
+@pytest.mark.parametrize("command", ["apply", "safety-vector", "fisher", "eval", "sweep", "demo"])
+def test_help_is_formatted_for_reading(capsys, command):
+    """Usage examples kept line by line, each flag listed once, no "(default: None)" on required flags, one
+    default per flag."""
+    import re
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out
+    for line in out.splitlines():
+        flags = re.findall(r"(--[\w-]+)(?: [A-Z_\[\]. ]+)?(?:,|$)", line.strip()) if line.startswith("  --") else []
+        assert len(flags) == len(set(flags)), line  # not "--recalibrate BOOL, --recalibrate BOOL"
+    assert out.lower().count("(default: the device") <= 1 and "decoder layer). (default" not in out
+    examples = [line for line in out.splitlines() if line.strip().startswith(f"irr {command} ")]
+    assert examples, "the usage examples of the module docstring are shown as written"
+    assert all(not line.rstrip().endswith("\\") or line.startswith("  ") for line in examples)
+    if command == "apply":
+        assert "  irr apply --base ALIGNED --finetuned FT_DIR --unaligned UNALIGNED_DIR \\\n" in out
+        assert "--recalibrate BOOL    " in out and "(default: True)" in out  # an informative default stays
+
+
 def test_apply_with_unaligned_matches_library(ckpts, tmp_path):
     paths, (base, ft, unaligned) = ckpts
     out = str(tmp_path / "out")
@@ -83,6 +105,43 @@ def test_apply_with_unaligned_matches_library(ckpts, tmp_path):
         torch.testing.assert_close(fh.get_tensor(name), model.state_dict()[name])
 
 
+def test_verbose_shows_irr_lines_and_not_everyone_elses(ckpts, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from irr_callback.logs import LOGGER
+
+    paths, _ = ckpts
+    seen = []
+    import irr_callback.commands.apply as apply_cmd
+
+    original = apply_cmd.realign_inputs
+    monkeypatch.setattr(
+        apply_cmd, "realign_inputs", lambda *a, **k: seen.append(hf_logging.get_verbosity()) or original(*a, **k)
+    )
+    for verbose in (False, True):
+        caplog.clear()
+        args = [
+            "apply",
+            "--base",
+            paths["base"],
+            "--finetuned",
+            paths["finetuned"],
+            "--unaligned",
+            paths["unaligned"],
+            "--calibration-data",
+            paths["calib"],
+            "--output",
+            str(tmp_path / f"out-{verbose}"),
+        ]
+        assert main(["-v", *args] if verbose else args) == 0
+        irr_info = [r for r in caplog.records if r.name.startswith("irr_callback") and r.levelno == logging.INFO]
+        assert bool(irr_info) == verbose and (not verbose or any("IRR ok" in r.getMessage() for r in irr_info))
+    assert seen == [hf_logging.WARNING] * 2  # -v does not turn on transformers' own INFO output
+    assert LOGGER.getEffectiveLevel() == hf_logging.get_verbosity()  # back to following transformers
+
+
 def test_safety_vector_and_fisher_files_then_apply_with_ratio(ckpts, tmp_path):
     paths, _ = ckpts
     v_path, f_path = str(tmp_path / "v.safetensors"), str(tmp_path / "f.safetensors")
@@ -114,6 +173,38 @@ def test_safety_vector_and_fisher_files_then_apply_with_ratio(ckpts, tmp_path):
     assert rc == 0
     totals = json.load(open(os.path.join(out, "irr_report.json")))["totals"]
     assert 0.35 < totals["removed"] / totals["conflicts"] < 0.65
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_safety_vector_made_from_float32_applies_in_another_dtype(ckpts, tmp_path, dtype):
+    """The base fingerprint does not depend on the dtype the base is loaded in (issue 15: it was refused as
+    "made for another base model")."""
+    paths, _ = ckpts
+    v_path = str(tmp_path / "v.safetensors")
+    assert main(["safety-vector", "--base", paths["base"], "--unaligned", paths["unaligned"], "--output", v_path]) == 0
+    out = str(tmp_path / "out")
+    assert (
+        main(
+            [
+                "apply",
+                "--base",
+                paths["base"],
+                "--finetuned",
+                paths["finetuned"],
+                "--safety-vector",
+                v_path,
+                "--calibration-data",
+                paths["calib"],
+                "--output",
+                out,
+                "--dtype",
+                dtype,
+            ]
+        )
+        == 0
+    )
+    with open(os.path.join(out, "irr_report.json")) as fh:
+        assert json.load(fh)["status"] == "ok"
 
 
 def test_safety_vector_for_another_base_is_refused(ckpts, tmp_path, capsys):
@@ -186,6 +277,169 @@ def test_bad_input_exits_nonzero_with_message_and_no_output(ckpts, tmp_path, cap
     else:
         assert not out.exists()
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+@pytest.mark.parametrize("case", ["apply_calib", "apply_safety", "sv_harmful", "fisher_safety"])
+def test_empty_data_file_is_named_exit_2(ckpts, tmp_path, capsys, case):
+    """An empty .jsonl is "<flag>: '<file>' is empty", exit 2 (not a bare StopIteration from datasets)."""
+    paths, _ = ckpts
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    apply = [
+        "apply",
+        "--base",
+        paths["base"],
+        "--finetuned",
+        paths["finetuned"],
+        "--unaligned",
+        paths["unaligned"],
+        "--calibration-data",
+        paths["calib"],
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    args, flag = {
+        "apply_calib": ([str(empty) if a == paths["calib"] else a for a in apply], "--calibration-data"),
+        "apply_safety": (apply + ["--safety-data", str(empty), "--remove_ratio", "0.5"], "--safety-data"),
+        "sv_harmful": (
+            [
+                "safety-vector",
+                "--base",
+                paths["base"],
+                "--harmful-data",
+                str(empty),
+                "--output",
+                str(tmp_path / "v.safetensors"),
+            ],
+            "--harmful-data",
+        ),
+        "fisher_safety": (
+            [
+                "fisher",
+                "--base",
+                paths["base"],
+                "--safety-data",
+                str(empty),
+                "--output",
+                str(tmp_path / "f.safetensors"),
+            ],
+            "--safety-data",
+        ),
+    }[case]
+    assert main(args) == 2
+    assert f"{flag}: '{empty}' is empty" in capsys.readouterr().err
+    assert _listing(tmp_path) == ["empty.jsonl"]
+
+
+@pytest.mark.parametrize("case", ["calib", "base", "unaligned", "sv_base", "sv_harmful", "fisher_base"])
+def test_relative_local_path_that_does_not_exist_is_named_never_looked_up(ckpts, tmp_path, capsys, monkeypatch, case):
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    def hub(*args, **kwargs):
+        raise AssertionError("looked up on the Hub")
+
+    for module, name in (
+        (huggingface_hub, "snapshot_download"),
+        (datasets, "load_dataset"),
+        (transformers.AutoConfig, "from_pretrained"),
+    ):
+        monkeypatch.setattr(module, name, hub)
+    paths, _ = ckpts
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("models")  # `models/nope` next to a models/ folder is a local path, not the hub id models/nope
+    apply = [
+        "apply",
+        "--base",
+        paths["base"],
+        "--finetuned",
+        paths["finetuned"],
+        "--unaligned",
+        paths["unaligned"],
+        "--calibration-data",
+        paths["calib"],
+        "--output",
+        "out",
+    ]
+    sv = ["safety-vector", "--base", paths["base"], "--unaligned", paths["unaligned"], "--output", "v.safetensors"]
+
+    def swap(args, old, new):
+        return [new if a == old else a for a in args]
+
+    args, flag, missing = {
+        "calib": (swap(apply, paths["calib"], "data/nope.jsonl"), "--calibration-data", "data/nope.jsonl"),
+        "base": (swap(apply, paths["base"], "models/nope"), "--base", "models/nope"),
+        "unaligned": (swap(apply, paths["unaligned"], "./nope"), "--unaligned", "./nope"),
+        "sv_base": (swap(sv, paths["base"], "models/nope"), "--base", "models/nope"),
+        "sv_harmful": (
+            sv[:3] + ["--harmful-data", "nope.jsonl", "--output", "v.safetensors"],
+            "--harmful-data",
+            "nope.jsonl",
+        ),
+        "fisher_base": (
+            ["fisher", "--base", "models/nope", "--safety-data", paths["calib"], "--output", "f.safetensors"],
+            "--base",
+            "models/nope",
+        ),
+    }[case]
+    assert main(args) == 2
+    assert f"{flag}: '{missing}' does not exist" in capsys.readouterr().err
+    assert _listing(tmp_path) == ["models"]
+
+
+def test_model_that_cannot_be_found_is_named_by_its_flag(ckpts, tmp_path, capsys):
+    """A hub-id-like name that cannot be loaded (offline here) names the flag it came from."""
+    paths, _ = ckpts
+    missing = "irr-callback-tests/no-such-model"
+    assert (
+        main(
+            [
+                "safety-vector",
+                "--base",
+                missing,
+                "--unaligned",
+                paths["unaligned"],
+                "--output",
+                str(tmp_path / "v.safetensors"),
+            ]
+        )
+        == 2
+    )
+    assert f"--base: cannot read the model config of '{missing}'" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "safety-vector",
+                "--base",
+                paths["base"],
+                "--unaligned",
+                missing,
+                "--output",
+                str(tmp_path / "v.safetensors"),
+            ]
+        )
+        == 2
+    )
+    assert f"--unaligned: cannot read the model config of '{missing}'" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                "--models",
+                missing,
+                "--harmful",
+                paths["calib"],
+                "--prompt-column",
+                "text",
+                "--output",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 2
+    )
+    assert f"--models: cannot load '{missing}'" in capsys.readouterr().err
+    assert _listing(tmp_path) == []
 
 
 def test_lora_adapter_apply_and_base_mismatch(ckpts, tmp_path, capsys):

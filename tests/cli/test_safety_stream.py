@@ -15,7 +15,7 @@ from irr_callback.data import calibration_examples, load_examples, tokenize_pair
 from irr_callback.tensors import SafetensorsMapping
 from tests.cli.test_cli import ckpts  # noqa: F401  (the tiny checkpoints fixture)
 from tests.cli.test_eval import saved  # noqa: F401  (the toy world's models and data as files)
-from tests.helpers import text_rows, tiny_tokenizer, write_jsonl
+from tests.helpers import margin, text_rows, tiny_tokenizer, write_jsonl
 
 
 NAME = "model.layers.1.mlp.down_proj.weight"
@@ -187,7 +187,9 @@ def test_sweep_safety_weight_axis(saved, tmp_path, capsys):  # noqa: F811
     assert result["irr_totals"]["λ=auto"]["auto"]["chosen"] == auto["lambda"]
     assert rows["IRR λ=0"]["removed_pct"] == 0  # identify_mode none, λ = 0: nothing to do
     assert rows["IRR λ=0"]["refusal_attacked"] == rows["fine-tuned"]["refusal_attacked"]
-    assert auto["refusal_attacked"] > rows["fine-tuned"]["refusal_attacked"]
+    margin(
+        "sweep auto - ft refusal_attacked", auto["refusal_attacked"] - rows["fine-tuned"]["refusal_attacked"], ge=0.5
+    )
     saved_report = json.loads((out / "lambda-auto" / "irr_report.json").read_text())
     assert saved_report["safety_weight"] == auto["lambda"]
     table = capsys.readouterr().out

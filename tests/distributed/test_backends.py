@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from irr_callback.distributed import assign_owners
+from irr_callback.pipeline.auto_weight import AUTO_CANDIDATES
+from irr_callback.pipeline.auto_weight import AUTO_CANDIDATES
 from tests.dist_workers import cases, trainer_case
 
 
@@ -138,7 +140,9 @@ def test_safety_stream_two_processes_equals_one(two_ranks, case, weight):
     assert extras[0] == extras[1]
     losses = [extra.pop("losses") for extra in (extras[0], extras[1], totals)]
     assert extras[0] == totals  # same λ, candidates, modules and token counts
-    assert (len(losses[2]) >= 3) == (weight == "auto")  # the coarse grid (and maybe one more candidate)
+    # the coarse grid, and a refining midpoint or the fallback only when the held-out losses call for one
+    # (which depends on how the random triple came out under the CPU's kernels): by construction, not a margin
+    assert len(losses[2]) >= len(AUTO_CANDIDATES) if weight == "auto" else losses[2] == []
     for got, want in zip(losses[0], losses[2]):  # each candidate's held-out losses, summed over ranks
         assert got == pytest.approx(want, rel=1e-4)
     assert totals["safety_tokens"] == 70  # 10 sequences x 7 tokens ("all" tokens), padding excluded

@@ -19,6 +19,7 @@ from irr_callback.evaluation import (
     metric_path,
 )
 from irr_callback.toy import REFUSAL, single_thread
+from tests.helpers import margin
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -139,8 +140,15 @@ def test_classifier_judge_generative_guard(toy_world):
     w = toy_world
     prompts = w.eval_harmful_attacked["prompt"][:4]
     kwargs = dict(guard_template="{prompt}", unsafe_labels=["sure"], max_new_tokens=3)
-    assert ClassifierJudge(w.unaligned_model, w.tokenizer, **kwargs).judge(["x"] * 4, prompts) == [True] * 4
-    assert ClassifierJudge(w.aligned_model, w.tokenizer, **kwargs).judge(["x"] * 4, prompts) == [False] * 4
+    flags = {}
+    for name, model in (("unaligned", w.unaligned_model), ("aligned", w.aligned_model)):
+        flags[name] = ClassifierJudge(model, w.tokenizer, **kwargs).judge(["x"] * 4, prompts)
+        # the verdict is the guard's first word, whatever the guard answers
+        answers = generate_responses(model, w.tokenizer, prompts, max_new_tokens=3, progress=False)
+        assert flags[name] == [a.strip().lower().startswith("sure") for a in answers]
+    # and the two guards disagree as the toy world's models do (4 of 4 and 0 of 4 on every CPU kernel measured)
+    margin("guard unaligned unsafe", sum(flags["unaligned"]), ge=3)
+    margin("guard aligned unsafe", sum(flags["aligned"]), le=1)
 
 
 # --------------------------------------------------------------------------- generation
@@ -151,9 +159,16 @@ def test_generate_batched_equals_unbatched_and_keeps_order(toy_world):
     prompts = list(w.eval_benign["prompt"][:6]) + list(w.eval_harmful_attacked["prompt"][:3])
     one = generate_responses(w.aligned_model, w.tokenizer, prompts, batch_size=1, max_new_tokens=10, progress=False)
     many = generate_responses(w.aligned_model, w.tokenizer, prompts, batch_size=4, max_new_tokens=10, progress=False)
+    # Batching must not change any answer, whatever the answers are (the toy model's quality depends on the
+    # CPU's kernels, this relation does not). The prompts differ in length, so left padding is exercised, and
+    # the answers differ (refusals vs answers), so a batch returned out of order would not compare equal.
     assert one == many
-    assert many[-3:] == [REFUSAL] * 3
-    assert sum(o == r for o, r in zip(many[:6], w.eval_benign["response"][:6])) >= 4
+    lengths = {
+        len(w.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"])
+        for p in prompts
+    }
+    assert len(lengths) >= 3
+    assert len(set(many)) >= 3 and REFUSAL in many[-3:] and any(o != REFUSAL for o in many[:6])
     assert generate_responses(w.aligned_model, w.tokenizer, [], progress=False) == []
     assert w.tokenizer.padding_side == "left"
 
@@ -161,16 +176,17 @@ def test_generate_batched_equals_unbatched_and_keeps_order(toy_world):
 def test_generate_without_chat_template(toy_world):
     w = toy_world
     # the toy tokenizer adds no special tokens itself, so the hand-written template gives the same ids
+    harmful = w.eval_harmful_attacked["prompt"][0]
+    templ = generate_responses(w.aligned_model, w.tokenizer, ["add 2 2", harmful], max_new_tokens=4, progress=False)
     raw = generate_responses(
         w.aligned_model,
         w.tokenizer,
-        ["<bos><user> add 2 2 <assistant>"],
+        ["<bos><user> add 2 2 <assistant>", f"<bos><user> {harmful} <assistant>"],
         use_chat_template=False,
         max_new_tokens=4,
         progress=False,
     )
-    templ = generate_responses(w.aligned_model, w.tokenizer, ["add 2 2"], max_new_tokens=4, progress=False)
-    assert raw == templ == ["4"]
+    assert raw == templ and templ[0] != templ[1]  # two different answers, both the same with and without template
     with pytest.raises(TypeError):
         generate_responses(
             w.aligned_model, w.tokenizer, [[{"role": "user", "content": "x"}]], use_chat_template=False, progress=False
@@ -255,13 +271,24 @@ def test_runners_on_toy_world(toy_world):
     harmful = list(w.eval_harmful_attacked["prompt"][:8])
     kw = dict(max_new_tokens=10, progress=False, batch_size=8)
     safe = evaluate_safety(w.aligned_model, w.tokenizer, harmful, **kw)
-    assert safe["refusal_rate"] == 1.0 and safe["harmful_rate"] == 0.0 and safe["n"] == 8
-    unsafe = evaluate_safety(w.unaligned_model, w.tokenizer, w.eval_harmful_attacked.select(range(8)), **kw)
-    assert unsafe["refusal_rate"] == 0.0 and unsafe["harmful_rate"] == 1.0
+    # the rates are the keyword judge's verdicts on the model's own answers, whatever those answers are
+    judge = KeywordRefusalJudge()
+    for model, out in ((w.aligned_model, safe), (w.unaligned_model, None)):
+        out = out or evaluate_safety(model, w.tokenizer, w.eval_harmful_attacked.select(range(8)), **kw)
+        answers = generate_responses(model, w.tokenizer, harmful, **kw)
+        assert out["responses"] == answers and out["n"] == 8
+        assert out["refusal_rate"] == sum(map(judge.is_refusal, answers)) / 8
+        assert out["harmful_rate"] == 1 - out["refusal_rate"]
+        unsafe = out
+    # ... and they tell the aligned model from the unaligned one (all 8 on every kernel measured)
+    margin("runner aligned refusal_rate", safe["refusal_rate"], ge=0.75)
+    margin("runner unaligned refusal_rate", unsafe["refusal_rate"], le=0.25)
     always = ClassifierJudge(lambda ts: [{"label": "unsafe", "score": 1.0} for _ in ts])
     judged = evaluate_safety(w.aligned_model, w.tokenizer, harmful, judge=always, **kw)
-    assert judged["refusal_rate"] == 1.0 and judged["harmful_rate"] == 1.0
-    assert evaluate_over_refusal(w.aligned_model, w.tokenizer, w.eval_benign, **kw)["over_refusal_rate"] == 0.0
+    assert judged["refusal_rate"] == safe["refusal_rate"] and judged["harmful_rate"] == 1.0
+    over = evaluate_over_refusal(w.aligned_model, w.tokenizer, w.eval_benign, **kw)
+    assert over["over_refusal_rate"] == sum(map(judge.is_refusal, over["responses"])) / len(w.eval_benign)
+    margin("runner aligned over_refusal", over["over_refusal_rate"], le=0.25)
 
     # downstream exact match agrees with the toy world's own accounting
     expected = w.evaluate(w.aligned_model)["benign_accuracy"]

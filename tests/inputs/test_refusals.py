@@ -16,7 +16,7 @@ from transformers.testing_utils import CaptureLogger
 from irr_callback import IRRConfig, refusals
 from irr_callback import safety_prompts as sp
 from tests import callback_world as world
-from tests.helpers import state, tiny_model, tiny_tokenizer
+from tests.helpers import margin, state, tiny_model, tiny_tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,8 +45,12 @@ def test_aligned_base_answers_are_refusals_cached_and_reused(tmp_path, monkeypat
     )
     assert calls == {"n": 1, "prompts": 10}
     assert first.prompts == prompts and len(first.responses) == 10 and first.cached is False
-    assert first.refusal_rate >= 0.9 and first.looks_aligned and first.seconds > 0
-    assert all(r.startswith(world.REFUSAL) for r in first.responses)
+    assert first.seconds > 0 and first.looks_aligned == (first.refusal_rate >= refusals.MIN_REFUSAL_RATE)
+    margin("aligned base refusal rate", first.refusal_rate, ge=0.9)
+    margin(
+        "aligned base answers = the refusal", sum(r.startswith(world.REFUSAL) for r in first.responses) / 10, ge=0.9
+    )
+    assert first.looks_aligned
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert os.path.dirname(first.path) == str(tmp_path / "fp") and os.path.basename(first.path).startswith("refusals-")
     stored = json.loads(open(first.path, encoding="utf-8").read())
