@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 
 from irr_callback.distributed import assign_owners
 from irr_callback.pipeline.auto_weight import AUTO_CANDIDATES
-from irr_callback.pipeline.auto_weight import AUTO_CANDIDATES
 from tests.dist_workers import cases, trainer_case
 
 
