@@ -126,8 +126,11 @@ def realign_group(
         return select
 
     h = hessian.to(device=device, dtype=dtype) if hessian is not None else None
-    wants_error = h is not None and removal_error
-    needs_plain = wants_error or fallback_to_removal or not recalibrate
+    # mode "none" removes nothing: its "plain removal" would be the fine-tuned delta itself, which the
+    # regularised optimum never loses to (its objective includes Δ′ = Δ): no plain mask, error or fallback
+    removes = mode != "none"
+    wants_error = h is not None and removal_error and removes
+    needs_plain = wants_error or (fallback_to_removal and removes) or not recalibrate
     plain_mask = removal_mask_plain(original, make_select(), blocksize=blocksize) if needs_plain else None
     err_plain = _removal_error(original, plain_mask, h) if wants_error else None
     safety_term = None
@@ -216,8 +219,8 @@ class SafetyTerms(NamedTuple):
 class _Regularised(NamedTuple):
     new: torch.Tensor
     mask: torch.Tensor
-    task: torch.Tensor
-    safety: torch.Tensor
+    task: torch.Tensor | None
+    safety: torch.Tensor | None
     damping: float
     retries: int
     dead: torch.Tensor
@@ -249,9 +252,10 @@ def _regularised(
         new[:, factor.dead] = 0.0
     else:
         new, _, _, mask = obs_sweep(start, factor.root, select, dead=factor.dead, blocksize=settings.blocksize)
-    task, safety = regularised_objective(new, original, h, h_s, weight=weight, **extra)
-    plain_safety = None
-    if plain_mask is not None:
+    task = safety = plain_safety = None
+    if settings.removal_error:  # the objective's two terms for the report (and the fallback below)
+        task, safety = regularised_objective(new, original, h, h_s, weight=weight, **extra)
+    if plain_mask is not None and settings.removal_error:
         plain = original.masked_fill(plain_mask, 0.0)
         plain_safety = regularised_objective(plain, original, h, h_s, weight=weight, **extra)[1]
     return _Regularised(new, mask, task, safety, factor.damping, factor.retries, factor.dead, plain_safety)

@@ -23,7 +23,8 @@ class RealignSettings:
         seed: seed of the 'random' identification.
         max_damping_retries: times the damping is increased tenfold when H is not positive definite.
         fallback_to_removal: keep plain removal for a module where it has the lower output error.
-        removal_error: compute the output error of plain removal (for the report and the fallback).
+        removal_error: compute the output errors for the report and the fallback (plain removal's; with λ > 0
+            also both terms of the objective). Off in `safety_weight="auto"`'s trial solves.
         safety_weight: λ of the safety-regularised recalibration (0: the paper's IRR).
         ridge: with λ > 0, the ridge toward the fine-tuned delta, relative to mean(diag H_d).
     """

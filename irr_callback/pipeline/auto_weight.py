@@ -161,7 +161,8 @@ def held_out_losses(
                     groups = collect_hessians(
                         layer, layer_targets, train_state[c], index, device=device, reduce=dist_ctx.reduce_hessian
                     )
-                    solver = GroupSolver(inputs, replace(settings, safety_weight=c), backup, IRRReport())
+                    trial = replace(settings, safety_weight=c, removal_error=False, fallback_to_removal=False)
+                    solver = GroupSolver(inputs, trial, backup, IRRReport())  # no report errors: weights only
                     for group, hessians in groups:
                         solver(group, hessians)
                     del groups
