@@ -31,7 +31,7 @@ from transformers.utils import logging
 from ..config import IRRConfig
 from ..report import IRRReport
 from ..targets import Target
-from .capture import propagate
+from .capture import ArgsRecorder, propagate
 from .hessians import collect_hessians
 from .inputs import SafetyInputs
 from .solve import GroupSolver
@@ -212,24 +212,16 @@ def _loss(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any
     return float(total[0] / total[1].clamp_min(1.0))
 
 
-class _Replay(nn.Module):
-    """A decoder layer stand-in: identity, or (the last layer) the recorded output of a candidate;
-    attribute reads go to the real layer (e.g. `attention_type`)."""
+class _Replay(ArgsRecorder):
+    """`ArgsRecorder`'s identity stand-in, except that the last layer returns a candidate's recorded output."""
 
     def __init__(self, layer: nn.Module, output: torch.Tensor | None):
-        super().__init__()
-        object.__setattr__(self, "_layer", layer)
+        super().__init__(layer)
         object.__setattr__(self, "_output", output)
 
     def forward(self, hidden_states, *args, **kwargs):
         out = object.__getattribute__(self, "_output")
         return hidden_states if out is None else out.to(hidden_states.device, hidden_states.dtype)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_layer"), name)
 
 
 def resolve_auto_weight(
