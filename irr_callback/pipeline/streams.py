@@ -103,15 +103,7 @@ def prepare_calibration(
 ) -> tuple[list[dict[str, torch.Tensor]], IRRReport]:
     """Padded calibration batches, and the report that will record what is done with them.
     With `safety_weight="auto"` the batches carry `irr_loss_mask` (their held-out part is scored)."""
-    pad = getattr(model_config, "pad_token_id", None)
-    batches = calibration_batches(
-        calibration,
-        max_samples=config.num_calibration_samples,
-        max_length=config.calibration_max_length,
-        batch_size=config.calibration_batch_size,
-        pad_token_id=pad if isinstance(pad, int) else 0,
-        loss_mask=config.safety_weight == "auto",
-    )
+    batches = _padded_batches(calibration, config, model_config, config.num_calibration_samples)
     report = IRRReport(
         config=config.to_dict(),
         num_layers=num_layers,
@@ -135,17 +127,29 @@ def prepare_safety(
             f"IRRConfig.safety_weight={config.safety_weight!r} needs safety_calibration: harmful prompts with safe "
             "responses, tokenized like the calibration data (labels -100 on prompt tokens)"
         )
-    pad = getattr(model_config, "pad_token_id", None)
-    batches = calibration_batches(
+    batches = _padded_batches(
         safety_calibration,
-        max_samples=config.num_safety_samples,
-        max_length=config.calibration_max_length,
-        batch_size=config.calibration_batch_size,
-        pad_token_id=pad if isinstance(pad, int) else 0,
+        config,
+        model_config,
+        config.num_safety_samples,
         token_selection=config.safety_tokens,
         what="safety_calibration",
-        loss_mask=config.safety_weight == "auto",
     )
     report.safety_sequences = sum(b["input_ids"].shape[0] for b in batches)
     report.safety_tokens = sum(int(b["irr_token_mask"].sum()) for b in batches)
     return batches
+
+
+def _padded_batches(data: Any, config: IRRConfig, model_config: Any, samples: int, **kwargs: Any) -> list[dict]:
+    """`calibration_batches` with the config's length and batch size, the model's pad id (else 0), and
+    `irr_loss_mask` when `safety_weight="auto"` scores the held-out part."""
+    pad = getattr(model_config, "pad_token_id", None)
+    return calibration_batches(
+        data,
+        max_samples=samples,
+        max_length=config.calibration_max_length,
+        batch_size=config.calibration_batch_size,
+        pad_token_id=pad if isinstance(pad, int) else 0,
+        loss_mask=config.safety_weight == "auto",
+        **kwargs,
+    )
