@@ -34,6 +34,7 @@ from ..targets import Target
 from .capture import ArgsRecorder, propagate
 from .hessians import collect_hessians
 from .inputs import SafetyInputs
+from .loop import LayerHook
 from .solve import GroupSolver
 from .streams import Stream
 from .writing import make_backup, write_weight
@@ -131,11 +132,15 @@ def held_out_losses(
     references: bool = True,
     device: torch.device | None = None,
     progress: bool = True,
+    load_layer: LayerHook | None = None,
+    drop_layer: LayerHook | None = None,
 ) -> Losses:
     """{λ: (held-out task loss, held-out safety loss)} for every candidate (and with `references` for
     λ = 0 and λ = ∞). `train`: the streams the candidates' H come from; `held`: "calibration" and
     "safety" held-out streams (their batches carry `irr_loss_mask`). Every weight is restored.
-    The aligned twin's states do not depend on λ: one twin serves every candidate, propagated once."""
+    The aligned twin's states do not depend on λ: one twin serves every candidate, propagated once.
+    `load_layer` / `drop_layer`: as `run_layers`' options, for the offline path (a layer is loaded from the
+    checkpoint before its pass and dropped after it; nothing is written: every trial weight is restored)."""
     levels = ([0.0] if references else []) + list(candidates) + ([math.inf] if references else [])
     held_state = {c: [held["calibration"].copy(), held["safety"].copy()] for c in levels}
     train_state = {c: [s.copy(share_twin=True) for s in train] for c in candidates}
@@ -150,6 +155,8 @@ def held_out_losses(
     settings = config.realign_settings()
     for index in logging.tqdm(range(len(layers)), desc="IRR auto λ", disable=not progress):
         layer, layer_targets = layers[index], by_layer.get(index, [])
+        if load_layer is not None:
+            load_layer(index, layer)
         for c in levels:
             backup = make_backup("cpu")
             try:
@@ -173,6 +180,8 @@ def held_out_losses(
         for twin in twins:  # the aligned weights: the same for every candidate
             with twin.layer_context(index):
                 twin.hidden = propagate(layer, twin.hidden, twin.args[index])
+        if drop_layer is not None:
+            drop_layer(index, layer)
     return {
         c: (
             _loss(model, layers, held_state[c][0], dist_ctx),
@@ -238,11 +247,14 @@ def resolve_auto_weight(
     *,
     device: torch.device | None = None,
     progress: bool = True,
+    load_layer: LayerHook | None = None,
+    drop_layer: LayerHook | None = None,
 ) -> IRRConfig:
     """Choose λ for `config` (safety_weight='auto') on captured streams whose last `held_out[name]`
     batches are held out and whose first `held_out["calibration_share"]` calibration (and
     `["safety_share"]` safety) batches feed the candidates' Hessians; record the search in `report`;
-    return the config with λ* in place of 'auto'."""
+    return the config with λ* in place of 'auto'. `load_layer` / `drop_layer`: see `held_out_losses`
+    (the offline path also materialises everything outside the decoder layers: the losses run the model's head)."""
     if dist_ctx.kind not in ("single", "replicated"):
         raise ValueError(
             f"IRRConfig.safety_weight='auto' is not supported under {dist_ctx.kind} yet: choose λ on one process "
@@ -264,7 +276,7 @@ def resolve_auto_weight(
     def run_candidates(candidates: Sequence[float], references: bool) -> Losses:
         return held_out_losses(
             model, layers, targets, train, held, inputs, config, candidates, dist_ctx,
-            references=references, device=device, progress=progress,
+            references=references, device=device, progress=progress, load_layer=load_layer, drop_layer=drop_layer,
         )  # fmt: skip
 
     weight, table = search_weight(run_candidates)

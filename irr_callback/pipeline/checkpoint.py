@@ -26,6 +26,7 @@ from ..saving import atomic_directory
 from ..targets import find_targets
 from ..tensors import SafetensorsMapping
 from .aligned import AlignedWeights
+from .auto_weight import resolve_auto_weight
 from .in_memory import build_streams
 from .inputs import SafetyInputs
 from .loop import compute_device, run_layers
@@ -38,6 +39,7 @@ from .offload import (
     has_weights,
     materialise,
     module_name,
+    outside_layers,
 )
 from .solve import GroupSolver
 from .streams import prepare_calibration, prepare_safety
@@ -72,8 +74,10 @@ def realign_checkpoint(
         calibration: batches with `input_ids` (+ `attention_mask`), or a `datasets.Dataset`.
         output_dir: where the realigned model goes; must not exist or be empty.
         safety_calibration: harmful prompts with safe responses, as for `realign`, when
-            `config.safety_weight` is a number > 0 (its aligned twin runs through the base weights, read
-            per layer). `safety_weight="auto"` needs the model in memory: choose λ with `realign`.
+            `config.safety_weight` is not 0 (its aligned twin runs through the base weights, read
+            per layer). With `safety_weight="auto"` λ is chosen as `realign` chooses it, in one extra
+            layer-by-layer pass over the checkpoint; the embeddings, final norm and LM head stay in
+            memory during that pass (the candidates are scored with the model's own head).
         importance: like `base`; required when `config.remove_ratio` < 1.
         config: the `IRRConfig` (default: the paper's settings).
         progress: show a progress bar over the layers.
@@ -108,16 +112,10 @@ def realign_checkpoint(
     inputs = SafetyInputs.resolve(config, base, safety_vector, importance)
     check_checkpoint(model, prefix, weights)
     inputs.check_shapes(targets)
-    if config.safety_weight == "auto":
-        raise ValueError(
-            "realign_checkpoint needs a number for IRRConfig.safety_weight: 'auto' scores candidates with the "
-            "whole model in memory (use realign, or irr apply without --low-memory, and pass the λ it chose)"
-        )
     batches, report = prepare_calibration(calibration, config, model_config, len(layers))
     safety_batches = prepare_safety(safety_calibration, config, model_config, report)
     report.extra["offline"] = {"finetuned_dir": finetuned_dir}
     device = torch.device(config.device) if config.device else torch.device("cpu")
-    solver = GroupSolver(inputs, config.realign_settings(), make_backup("none"), report)  # failure: temp dir dropped
 
     try:
         with atomic_directory(output_dir) as tmp:  # a failure leaves no output
@@ -131,12 +129,21 @@ def realign_checkpoint(
             )
             with torch.no_grad():
                 aligned = AlignedWeights(model, layers, prefix, targets, inputs.base)
-                streams, _ = build_streams(batches, safety_batches, config, SingleProcess(), aligned)
+                streams, held_out = build_streams(batches, safety_batches, config, SingleProcess(), aligned)
                 embeddings = model.get_input_embeddings()
                 materialise(embeddings, module_name(model, embeddings), weights, device)
                 for stream in streams:
                     stream.capture(model, layers, stubs=True)
                 embeddings.to("meta")
+                if held_out:  # safety_weight="auto": the same search as `realign`, one layer loaded at a time
+                    with outside_layers(model, prefix, weights, device):
+                        config = resolve_auto_weight(
+                            model, layers, targets, streams[0], streams[1], held_out, inputs, config,
+                            SingleProcess(), report, device=compute_device(config), progress=progress,
+                            load_layer=storage.load, drop_layer=lambda index, layer: layer.to("meta"),
+                        )  # fmt: skip
+                # no backup: a failure drops the temp dir
+                solver = GroupSolver(inputs, config.realign_settings(), make_backup("none"), report)
                 run_layers(
                     prefix,
                     layers,

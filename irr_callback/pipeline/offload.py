@@ -7,6 +7,7 @@ names the shards and writes the index at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -97,6 +98,38 @@ def materialise(module: nn.Module, prefix: str, weights: Mapping[str, torch.Tens
             owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
         else:
             owner._buffers[attr] = value
+
+
+@contextlib.contextmanager
+def outside_layers(
+    model: nn.Module, prefix: str, weights: Mapping[str, torch.Tensor], device: torch.device
+) -> Iterator[None]:
+    """Every tensor outside the decoder layers (embeddings, final norm, LM head) materialised for the
+    context, then put back on meta: `safety_weight="auto"` scores its candidates with the model's own head.
+    An LM head tied to the embeddings (absent from the checkpoint) shares the embeddings' tensor."""
+    head = model.get_output_embeddings()
+    embeddings = f"{module_name(model, model.get_input_embeddings())}.weight"
+    tied = {f"{module_name(model, head)}.weight": embeddings} if head is not None else {}
+    values: dict[str, nn.Parameter] = {}
+    saved = []
+    try:
+        for key in model.state_dict():
+            if in_layers(key, prefix):
+                continue
+            stored = key if key in weights else tied.get(key)
+            if stored not in weights:
+                raise KeyError(f"the fine-tuned checkpoint has no tensor '{key}' (saved with another architecture?)")
+            if stored not in values:
+                values[stored] = nn.Parameter(weights[stored].to(device), requires_grad=False)
+            owner_name, _, attr = key.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            slots = owner._parameters if attr in owner._parameters else owner._buffers
+            saved.append((slots, attr, slots[attr]))
+            slots[attr] = values[stored] if slots is owner._parameters else values[stored].data
+        yield
+    finally:
+        for slots, attr, original in reversed(saved):
+            slots[attr] = original
 
 
 def check_checkpoint(model: nn.Module, prefix: str, weights: Mapping) -> None:

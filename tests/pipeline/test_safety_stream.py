@@ -146,19 +146,58 @@ def test_offline_equals_in_memory_with_the_safety_stream(tmp_path, term):
     assert [m.error_safety for m in report.modules] == [m.error_safety for m in expected_report.modules]
 
 
-def test_offline_refuses_auto_before_writing(tmp_path):
+@pytest.mark.parametrize("term,tied", [("aligned", False), ("delta", True)])
+def test_offline_auto_equals_in_memory_auto(tmp_path, monkeypatch, term, tied):
+    """`safety_weight="auto"` on the offline path: the same search, one layer loaded at a time, the same λ and
+    weights; the checkpoint's tensors outside the layers (a tied LM head too) are back on meta afterwards."""
+    from irr_callback.pipeline import auto_weight
+
     base, ft, _ = triple("llama")
+    if tied:  # an LM head tied to the embeddings: absent from the checkpoint, scored through the embeddings
+        for model in (base, ft):
+            model.config.tie_word_embeddings = True
+            model.lm_head.weight = model.model.embed_tokens.weight
     ft.save_pretrained(tmp_path / "ft")
-    with pytest.raises(ValueError, match="needs a number for IRRConfig.safety_weight"):
-        realign_checkpoint(
-            str(tmp_path / "ft"),
-            base=base,
-            calibration=calibration(),
-            safety_calibration=safety_rows(),
-            output_dir=str(tmp_path / "out"),
-            config=IRRConfig.recommended(),
-        )
-    assert not (tmp_path / "out").exists()
+    cfg = IRRConfig.recommended(safety_term=term)
+    cal = calibration(n=16, length=10)
+    loaded = []
+    original = auto_weight.held_out_losses
+
+    def spy(model, layers, *args, load_layer=None, drop_layer=None, **kwargs):
+        def load(index, layer):
+            assert all(p.is_meta for p in layer.parameters())  # nothing but this layer is in memory
+            assert not model.lm_head.weight.is_meta  # the head scores the candidates
+            loaded.append(index)
+            load_layer(index, layer)
+
+        return original(model, layers, *args, load_layer=load, drop_layer=drop_layer, **kwargs)
+
+    monkeypatch.setattr(auto_weight, "held_out_losses", spy)
+    report = realign_checkpoint(
+        str(tmp_path / "ft"),
+        base={k: v.clone() for k, v in base.state_dict().items()},
+        calibration=cal,
+        safety_calibration=safety_rows(),
+        output_dir=str(tmp_path / "out"),
+        config=cfg,
+        progress=False,
+    )
+    monkeypatch.undo()
+    expected = copy.deepcopy(ft)
+    expected_report = realign(expected, base=base, calibration=cal, safety_calibration=safety_rows(), config=cfg)
+    assert loaded[:2] == [0, 1] and len(loaded) in (2, 4)  # one pass per search round
+    assert report.safety_weight == expected_report.safety_weight and report.auto["passing"] is not None
+    assert [c["safety_weight"] for c in report.auto["candidates"]] == [
+        c["safety_weight"] for c in expected_report.auto["candidates"]
+    ]
+    for mine, theirs in zip(report.auto["candidates"], expected_report.auto["candidates"]):
+        assert mine["safety_loss"] == pytest.approx(theirs["safety_loss"], rel=1e-5)
+        assert mine["task_loss"] == pytest.approx(theirs["task_loss"], rel=1e-5)
+    written = SafetensorsMapping(str(tmp_path / "out"))
+    for key, value in expected.state_dict().items():
+        if key in written or not tied:
+            torch.testing.assert_close(written[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert ("lm_head.weight" in written) is not tied
 
 
 @pytest.mark.parametrize(
