@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from . import distributed
+from .checkpoints import realign_saved_checkpoint
 from .config import IRRConfig, IRRConfigError
 from .data import calibration_examples
 from .io import fingerprint, fingerprint_id, same_base
@@ -133,6 +134,7 @@ class IRRCallback(TrainerCallback):
         check_supported(model)
         self._check_safety_inputs()
         run_config, targets = self._targets(model)
+        self._check_checkpoints(model, targets)
         names = [t.name for t in targets]
         store = RunStore(args.output_dir)
         if state.global_step > 0:
@@ -296,20 +298,55 @@ class IRRCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
+        """`checkpoint-N` is on disk already (`Trainer._save_checkpoint` runs first): realign it from its files,
+        one layer at a time, on the main process (the offline path is single-process); the others wait."""
         if not (self.config.realign_checkpoints and self._prepared):
             return
         self._dataloader = kwargs.get("train_dataloader")
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        clone = copy.deepcopy(self._model(model))  # the live model keeps training untouched
-        try:
-            self._realign_and_save(clone, args, processing_class, os.path.join(checkpoint, "irr"), live=False)
-        except Exception as exc:
-            exc = exc.__cause__ if isinstance(exc, _SaveFailed) else exc
-            logger.warning(
-                f"IRR: realigned copy of {checkpoint} failed ({type(exc).__name__}: {exc}); training continues"
+        partial = _partial_state()
+        if partial.is_main_process:
+            try:
+                report = realign_saved_checkpoint(
+                    checkpoint,
+                    self._model(model),
+                    base=self._snapshot,
+                    safety_vector=self._safety,
+                    importance=self._importance,
+                    calibration=self._calibration(processing_class),
+                    safety_calibration=self._safety_calibration,
+                    config=self._run_config,
+                    progress=_show_progress(args),
+                )
+                logger.info(
+                    f"IRR: realigned copy of {checkpoint} written to {checkpoint}/irr ({report.setting_line()})"
+                )
+            except Exception as exc:
+                logger.warning(
+                    f"IRR: realigned copy of {checkpoint} failed ({type(exc).__name__}: {exc}); training continues"
+                )
+        partial.wait_for_everyone()
+
+    def _calibration(self, processing_class) -> list[dict]:
+        """The calibration rows the train-end realignment uses: the first training examples."""
+        config = self._run_config
+        return calibration_examples(
+            self._train_dataset(),
+            self._tokenizer(processing_class),
+            num_samples=config.num_calibration_samples,
+            max_length=config.calibration_max_length,
+        )
+
+    def _check_checkpoints(self, model: nn.Module, targets) -> None:
+        """Checkpoints are realigned from their files on the main process, against the base it holds: not
+        when the weights (and so the base snapshot) are sharded over the processes."""
+        sharded = self.config.realign_checkpoints and distributed.sharding_kind(model, targets)
+        if sharded:
+            raise IRRConfigError(
+                f"IRRConfig.realign_checkpoints=True is not supported with weights sharded by {sharded}: no process "
+                "holds the whole base to realign a checkpoint's files against. Set realign_checkpoints=False and "
+                "realign a saved checkpoint afterwards (irr apply --low-memory)"
             )
-        finally:
-            del clone
 
     # ------------------------------------------------------------------------------ train end
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):

@@ -104,7 +104,8 @@ def as_tensor_mapping(source: Any, *, what: str) -> Mapping[str, torch.Tensor]:
 
 
 def tensor_shape(mapping: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    """Shape without loading the tensor when the mapping can tell it."""
-    if isinstance(mapping, SafetensorsMapping):
-        return mapping.shape(key)
+    """Shape without loading the tensor when the mapping can tell it (a `shape(key)` method)."""
+    shape = getattr(mapping, "shape", None)
+    if callable(shape):
+        return tuple(shape(key))
     return tuple(mapping[key].shape)

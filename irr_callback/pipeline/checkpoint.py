@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -60,6 +61,8 @@ def realign_checkpoint(
     importance: Any = None,
     config: IRRConfig | None = None,
     progress: bool = True,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    model_config: Any = None,
 ) -> IRRReport:
     """Realign the fine-tuned checkpoint in `finetuned_dir` (safetensors) into `output_dir`.
 
@@ -81,6 +84,12 @@ def realign_checkpoint(
         importance: like `base`; required when `config.remove_ratio` < 1.
         config: the `IRRConfig` (default: the paper's settings).
         progress: show a progress bar over the layers.
+        weights: the fine-tuned tensors as a name → tensor mapping read per tensor (e.g. a LoRA checkpoint's
+            merged weights, as `IRRCallback` passes them) instead of `finetuned_dir`'s safetensors;
+            `finetuned_dir` then only gives the side files (tokenizer; never an adapter's config or card).
+            Each access must return a tensor of its own: layers are realigned in place.
+        model_config: the model's `PretrainedConfig` (default: `finetuned_dir`'s config.json); written to
+            `output_dir` when given.
 
     Returns:
         `IRRReport`, also saved as `output_dir/irr_report.json`.
@@ -100,9 +109,11 @@ def realign_checkpoint(
     config = config or IRRConfig()
     started = time.perf_counter()
     finetuned_dir, output_dir = os.fspath(finetuned_dir), os.fspath(output_dir)
-    _check_directories(finetuned_dir, output_dir)
-    weights = SafetensorsMapping(finetuned_dir)
-    model_config = AutoConfig.from_pretrained(finetuned_dir)
+    from_mapping = weights is not None
+    _check_directories(finetuned_dir, output_dir, adapter_ok=from_mapping)
+    weights = weights if from_mapping else SafetensorsMapping(finetuned_dir)
+    given_config = model_config is not None
+    model_config = AutoConfig.from_pretrained(finetuned_dir) if model_config is None else model_config
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=checkpoint_dtype(weights))
     model.eval()
@@ -160,7 +171,9 @@ def realign_checkpoint(
                 del streams
                 storage.store_rest()
             writer.finish()
-            copy_side_files(finetuned_dir, tmp)
+            copy_side_files(finetuned_dir, tmp, adapter=from_mapping)
+            if given_config:
+                model_config.save_pretrained(tmp)
             report.seconds = time.perf_counter() - started
             write_output(tmp, report=report)
     except BaseException as exc:
@@ -170,10 +183,14 @@ def realign_checkpoint(
     return report
 
 
-def _check_directories(finetuned_dir: str, output_dir: str) -> None:
+def _check_directories(finetuned_dir: str, output_dir: str, *, adapter_ok: bool = False) -> None:
     if not os.path.isdir(finetuned_dir):
         raise FileNotFoundError(f"finetuned_dir '{finetuned_dir}' is not a directory")
-    if os.path.exists(os.path.join(finetuned_dir, "adapter_config.json")) and not has_weights(finetuned_dir):
+    if (
+        not adapter_ok
+        and os.path.exists(os.path.join(finetuned_dir, "adapter_config.json"))
+        and not has_weights(finetuned_dir)
+    ):
         raise ValueError(
             f"finetuned_dir '{finetuned_dir}' holds a PEFT adapter, not a full model: merge it "
             "(model.merge_and_unload(); save_pretrained) or use `realign` on the live PeftModel"

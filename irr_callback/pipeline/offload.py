@@ -21,6 +21,7 @@ from ..tensors import SafetensorsMapping, tensor_shape
 
 # files of a Trainer checkpoint that are training state, not part of the model
 _TRAINING_STATE = {"trainer_state.json", "model.safetensors.index.json"}
+_ADAPTER_FILES = {"adapter_config.json", "README.md"}  # a PEFT checkpoint's: they describe the adapter
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken")
 
 
@@ -198,9 +199,11 @@ class ShardWriter:
             json.dump(index, fh, indent=2)
 
 
-def copy_side_files(source: str, target: str) -> None:
-    """Config, generation config, tokenizer and chat-template files; never training state or pickles."""
+def copy_side_files(source: str, target: str, *, adapter: bool = False) -> None:
+    """Config, generation config, tokenizer and chat-template files; never training state or pickles.
+    `adapter`: `source` is a LoRA checkpoint whose merged weights are written: not its adapter config or card."""
+    skipped = _TRAINING_STATE | (_ADAPTER_FILES if adapter else set())
     for name in os.listdir(source):
         path = os.path.join(source, name)
-        if os.path.isfile(path) and name.endswith(_COPIED_SUFFIXES) and name not in _TRAINING_STATE:
+        if os.path.isfile(path) and name.endswith(_COPIED_SUFFIXES) and name not in skipped:
             shutil.copy2(path, os.path.join(target, name))

@@ -262,7 +262,7 @@ def test_resume_gives_the_same_realigned_weights_and_checkpoints_get_realigned_c
     common = dict(steps=12, save_strategy="steps", save_steps=6)
     straight, _, probe_straight = run(tmp_path, world.aligned_model(), cfg, name="straight", **common)
     # the realigned checkpoint copy is written, and training went on untouched by it
-    assert (tmp_path / "straight" / "checkpoint-6" / "irr" / "model.safetensors").exists()
+    assert (tmp_path / "straight" / "checkpoint-6" / "irr" / "model.safetensors.index.json").exists()
     plain, _, probe_plain = run(
         tmp_path,
         world.aligned_model(),
