@@ -176,7 +176,10 @@ class IRRConfig:
     )
     device: str | None = field(
         default=None,
-        metadata={"help": "Device for the IRR math (default: the device of each decoder layer)."},
+        metadata={
+            "help": "Device for the IRR math (default: the device of each decoder layer; for `realign_checkpoint`, "
+            "`irr apply --low-memory` and `realign_checkpoints`: where each loaded layer lives, default CPU)."
+        },
     )
     backup: str = field(
         default="disk",
@@ -265,7 +268,12 @@ class IRRConfig:
         metadata={"help": "Rank of the re-factored adapter (default: 4x the training adapter's rank)."},
     )
     realign_checkpoints: bool = field(
-        default=False, metadata={"help": "Also write a realigned copy into every checkpoint-N/irr as training goes."}
+        default=False,
+        metadata={
+            "help": "Also write a realigned copy into every checkpoint-N/irr as training goes, realigned from the "
+            "checkpoint's files one decoder layer at a time on `device` (default CPU; no model copy, training "
+            "untouched). LoRA: a merged realigned model. Not with ZeRO-3 / FSDP sharded weights."
+        },
     )
     on_error: str = field(
         default="raise",

@@ -23,8 +23,8 @@ generated. With no safety input at all (no --safety-data, --unaligned or --safet
 the recommended one and the safety data the default harmful prompts (`safety_prompts.load_default_prompts`:
 AdvBench online, the shipped set offline) answered by `--base` (`refusals.safety_dataset_for_run`, the
 callback's defaults; the answers cached under the base fingerprint), recorded in the report's
-`extra.safety_inputs.safety_data`. `--low-memory` needs a number for --safety_weight (auto scores candidates with the whole
-model in memory): run once in memory or take the λ an earlier report chose. The output directory is
+`extra.safety_inputs.safety_data`. `--low-memory` searches `--safety_weight auto` as the in-memory run does, one layer
+at a time (embeddings and LM head held during the search). The output directory is
 written atomically; its irr_report.json and README.md name the setting and the λ used.
 """
 
@@ -222,7 +222,7 @@ def check_args(args: argparse.Namespace, config: IRRConfig, *, variants: Sequenc
 
 def _check_safety_stream(args: argparse.Namespace, configs: Sequence[IRRConfig], calibration_rows: int) -> None:
     """A safety weight needs --safety-data with usable rows (and, for 'auto', enough of both data sets
-    to hold some out); --low-memory needs a number and a response column. With no safety input at all the
+    to hold some out); --low-memory needs a response column. With no safety input at all the
     default prompts stand in (not with --low-memory: nothing to generate their answers with)."""
     from ..data import load_examples, require_columns
 
@@ -235,12 +235,6 @@ def _check_safety_stream(args: argparse.Namespace, configs: Sequence[IRRConfig],
         )
     auto = any(c.safety_weight == "auto" for c in configs)
     low_memory = getattr(args, "low_memory", False)
-    if low_memory and auto:
-        raise CLIError(
-            "--low-memory needs a number for --safety_weight: 'auto' scores its candidates with the whole model "
-            "in memory. Pass one, e.g. `--safety_weight 0.5`: the λ an earlier run without --low-memory chose "
-            "(its irr_report.json: safety_weight)"
-        )
     if defaults:
         if low_memory:
             raise CLIError(

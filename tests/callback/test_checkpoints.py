@@ -95,7 +95,9 @@ def test_full_finetune_checkpoint_equals_realign_of_it_in_memory(tmp_path, unali
         report = realign(expected, calibration=_calibration(inputs["config"]), progress=False, **inputs)
         assert (report.auto is not None) == (setting == "recommended")
         _assert_checkpoint_equals_in_memory(checkpoint, expected, report)
-        assert (checkpoint / "irr" / "tokenizer.json").exists() and not (checkpoint / "irr" / "trainer_state.json").exists()
+        assert (checkpoint / "irr" / "tokenizer.json").exists() and not (
+            checkpoint / "irr" / "trainer_state.json"
+        ).exists()
 
 
 def test_lora_checkpoint_is_realigned_as_the_merged_model(tmp_path, unaligned_dir, watched):  # noqa: F811
@@ -173,3 +175,13 @@ def test_sharded_weights_refuse_realign_checkpoints_at_train_begin(tmp_path, una
         run(tmp_path, model, cfg, steps=1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not os.path.exists(tmp_path / "run" / "_irr_run")
+
+
+def test_live_tensors_are_copied_on_access():
+    """The offline path realigns the layers it loads in place: what it reads from the live model is a copy."""
+    from irr_callback.checkpoints import LiveTensors
+
+    live = {"w": torch.ones(2, 3)}
+    mapping = LiveTensors(live)
+    mapping["w"].add_(1)
+    assert torch.equal(live["w"], torch.ones(2, 3)) and mapping.shape("w") == (2, 3) and list(mapping) == ["w"]

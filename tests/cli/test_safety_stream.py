@@ -74,6 +74,11 @@ def test_apply_with_only_safety_data_is_the_recommended_preset_and_matches_libra
     )
     assert lib.safety_weight == report["safety_weight"]
     torch.testing.assert_close(_tensor(out), dict(model.named_parameters())[NAME].detach(), rtol=0, atol=0)
+    # --low-memory searches λ the same way, one layer at a time
+    assert _apply(paths, tmp_path / "low", "--low-memory") == 0
+    low = json.loads((tmp_path / "low" / "irr_report.json").read_text())
+    assert low["safety_weight"] == report["safety_weight"] and low["auto"]["chosen"] == report["safety_weight"]
+    torch.testing.assert_close(_tensor(tmp_path / "low"), _tensor(out), rtol=1e-5, atol=1e-6)
 
 
 def test_apply_fixed_weight_low_memory_equals_in_memory_and_unaligned_is_ignored_by_recommended(ckpts, tmp_path):  # noqa: F811
@@ -113,7 +118,6 @@ def test_apply_generates_missing_responses_with_the_base_model(ckpts, tmp_path):
         "word_weight",
         "no_usable_rows",
         "no_prompt_column",
-        "low_memory_auto",
         "low_memory_no_response",
         "weight_without_safety_data",
         "paper_preset_without_vector",
@@ -130,7 +134,6 @@ def test_apply_bad_safety_input_exits_2_naming_the_field(ckpts, tmp_path, capsys
         "word_weight": "IRRConfig.safety_weight must be a number >= 0 or 'auto', got 'lots'",
         "no_usable_rows": "--safety-data has no usable row",
         "no_prompt_column": "--safety-data has no column 'prompt' (--safety-prompt-column)",
-        "low_memory_auto": "--low-memory needs a number for --safety_weight",
         "low_memory_no_response": "has no column 'response' (--safety-response-column)",
         "weight_without_safety_data": "--safety_weight 0.5 needs --safety-data",
         "paper_preset_without_vector": "needs --unaligned or --safety-vector",
@@ -144,8 +147,6 @@ def test_apply_bad_safety_input_exits_2_naming_the_field(ckpts, tmp_path, capsys
         paths["safety"] = write_jsonl(tmp_path / "blank.jsonl", blank)
     elif case == "no_prompt_column":
         paths["safety"] = write_jsonl(tmp_path / "q.jsonl", [{"question": "w4", "response": "w5"}])
-    elif case == "low_memory_auto":
-        extra = ["--low-memory"]
     elif case == "low_memory_no_response":
         paths["safety"] = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "w4 w5"}] * 8)
         extra = ["--low-memory", "--safety_weight", "0.3"]
@@ -253,10 +254,10 @@ def test_apply_with_no_safety_input_answers_the_default_prompts_with_the_base(ck
     again = json.loads((tmp_path / "again" / "irr_report.json").read_text())
     assert len(calls) == n and again["extra"]["safety_inputs"]["safety_data"]["cached"] is True
     torch.testing.assert_close(_tensor(tmp_path / "again"), _tensor(tmp_path / "out"), rtol=0, atol=0)
-    # --low-memory cannot choose λ ('auto') nor generate: clear errors, nothing written
+    # --low-memory cannot generate the answers (with 'auto' or a number): a clear error, nothing written
     capsys.readouterr()
     assert _apply_with_no_safety_flag(paths, tmp_path / "low", "--low-memory") == 2
-    assert "--low-memory needs a number for --safety_weight" in capsys.readouterr().err
+    assert "cannot generate the base model's answers to the default safety prompts" in capsys.readouterr().err
     assert _apply_with_no_safety_flag(paths, tmp_path / "low", "--low-memory", "--safety_weight", "0.3") == 2
     assert "cannot generate the base model's answers to the default safety prompts" in capsys.readouterr().err
     assert not (tmp_path / "low").exists()
