@@ -82,18 +82,21 @@ def run(paths: dict[str, str], out_dir: str, world_size: int) -> dict[str, Any]:
     """Fine-tune + IRR (remove_ratio 0.5: the Fisher is computed in the run too); returns what to compare.
 
     Counts the callback's directory writes on this process (`irr_callback.output.atomic_directory`, the
-    one writer the callback saves through).
+    one writer the callback saves through) and the realigned checkpoint copies it writes
+    (`realign_checkpoints=True`, checkpoints 2 and 3: `irr_callback.pipeline.checkpoint.atomic_directory`).
     """
     import irr_callback.output as output_module
+    import irr_callback.pipeline.checkpoint as checkpoint_module
 
-    writes = []
+    writes, checkpoint_writes = [], []
     original = output_module.atomic_directory
 
-    def counting(target):
-        writes.append(target)
+    def counting(target, into=writes):
+        into.append(target)
         return original(target)
 
     output_module.atomic_directory = counting
+    checkpoint_module.atomic_directory = lambda target: counting(target, checkpoint_writes)
     try:
         model = LlamaForCausalLM.from_pretrained(paths["aligned"])
         config = IRRConfig(
@@ -104,6 +107,7 @@ def run(paths: dict[str, str], out_dir: str, world_size: int) -> dict[str, Any]:
             num_calibration_samples=10,
             calibration_batch_size=2,
             irr_output_dir=os.path.join(out_dir, "irr"),
+            realign_checkpoints=True,
         )
         callback = IRRCallback(config, safety_dataset=safety_dataset())
         probe = Probe()
@@ -115,7 +119,8 @@ def run(paths: dict[str, str], out_dir: str, world_size: int) -> dict[str, Any]:
             per_device_train_batch_size=GLOBAL_BATCH // world_size,
             optim="sgd",
             learning_rate=0.5,
-            save_strategy="no",
+            save_strategy="steps",
+            save_steps=2,
             disable_tqdm=True,
             logging_strategy="no",
             seed=0,
@@ -132,13 +137,14 @@ def run(paths: dict[str, str], out_dir: str, world_size: int) -> dict[str, Any]:
         callback.bind(trainer)
         trainer.train()
     finally:
-        output_module.atomic_directory = original
+        output_module.atomic_directory = checkpoint_module.atomic_directory = original
     live = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     report = callback.report
     return {
         "finetuned": probe.state,
         "live": live,
         "writes": writes,
+        "checkpoint_writes": checkpoint_writes,
         "status": report.status,
         "removed": sum(m.removed for m in report.modules),
         "modules": len(report.modules),

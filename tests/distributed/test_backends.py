@@ -234,6 +234,10 @@ def test_trainer_ddp_callback_saves_once_and_output_reloads(two_ranks):
     ranks, extras = two_ranks("trainer")
     target = str(two_ranks.out / "irr")
     assert [e["writes"] for e in extras] == [[target], []]
+    # realign_checkpoints: the main process alone realigned each checkpoint from its files, the other waited
+    copies = [two_ranks.out / "run" / f"checkpoint-{step}" / "irr" for step in (2, 3)]
+    assert [e["checkpoint_writes"] for e in extras] == [[str(c) for c in copies], []]
+    assert all(json.loads((c / "irr_report.json").read_text())["status"] == "ok" for c in copies)
     assert not [p for p in two_ranks.out.iterdir() if p.name.startswith(".")]  # no temp dir left
     assert (two_ranks.out / "irr" / "irr_report.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(target).state_dict()
