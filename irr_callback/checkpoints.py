@@ -10,6 +10,7 @@ base, one tensor at a time), so `checkpoint-N/irr` is a merged realigned model.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -54,7 +55,8 @@ def realign_saved_checkpoint(
     if is_peft_model(model):
         _, _, targets = find_targets(model, config.target_modules)
         merged = MergedLora(model, checkpoint, [t for t in targets if t.kind == "lora"])
-        base, kwargs = merged.bases(), {"weights": merged, "model_config": model.get_base_model().config}
+        model_config = copy.deepcopy(model.get_base_model().config)  # the skeleton built from it shares it
+        base, kwargs = merged.bases(), {"weights": merged, "model_config": model_config}
     if os.path.lexists(output):
         logger.info(f"IRR: replacing {output} (made from an earlier save of this checkpoint)")
         if os.path.isdir(output):
