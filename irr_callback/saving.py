@@ -40,7 +40,7 @@ def atomic_directory(target: str) -> Iterator[str]:
     tmp = _sibling(target, "tmp")
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700: give it the mode makedirs would
+        umask_modes(tmp)  # mkdtemp makes it 0700, transformers' save_pretrained writes weights 0600
         fsync_tree(tmp)  # every file and directory on disk before the rename makes them visible
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,6 +93,21 @@ def fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def umask_modes(path: str) -> None:
+    """Give the tree under `path` the modes makedirs/open would (umask respected), whatever the writers used:
+    `mkdtemp` makes directories 0700 and transformers 5 writes `model.safetensors` 0600, which teammates on a
+    shared machine could not read. Links are left alone."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+    os.chmod(path, 0o777 & ~mask)
 
 
 def fsync_tree(path: str) -> None:

@@ -112,11 +112,18 @@ def test_outputs_respect_the_umask_and_are_fsynced_before_the_rename(tmp_path, m
             os.makedirs(os.path.join(tmp, "adapter"))
             with open(os.path.join(tmp, "adapter", "w.bin"), "w") as fh:
                 fh.write("x")
+            os.chmod(os.path.join(tmp, "adapter"), 0o700)  # as mkdtemp makes directories
+            with open(os.path.join(tmp, "model.safetensors"), "w") as fh:
+                fh.write("x")
+            os.chmod(os.path.join(tmp, "model.safetensors"), 0o600)  # as transformers 5's save_pretrained writes
         path = str(tmp_path / "v.safetensors")
         save_irr_file(path, {"a": torch.ones(2, dtype=torch.int8)}, kind="safety_vector", base_fingerprint="f")
     finally:
         os.umask(before)
     assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "adapter").st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "model.safetensors").st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "adapter" / "w.bin").st_mode) == 0o666 & ~umask
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
     assert saving.current_umask() == before
     renamed = [e for e in events if e[0] == "replace"]
