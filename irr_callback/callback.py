@@ -404,21 +404,23 @@ class IRRCallback(TrainerCallback):
             if backup is not None:
                 backup.restore()
             raise
+        saved = False
         try:
             if self.config.save_realigned:
                 self._save(model, tokenizer, report, target, plan)
+                saved = True
         except Exception as exc:
             raise _SaveFailed(report) from exc
         finally:
             if plan is not None:
-                self._finish_adapter(model, targets, backup, plan, target)
+                self._finish_adapter(model, targets, backup, plan, target if saved else None)
         return report
 
-    def _finish_adapter(self, model, targets, backup: LoraBackup, plan: AdapterPlan, target: str) -> None:
+    def _finish_adapter(self, model, targets, backup: LoraBackup, plan: AdapterPlan, merged_at: str | None) -> None:
         """The live PeftModel after a LoRA run: the realigned adapter on W_A when it is smaller than the
         dense delta; else the exact realigned weights in base_layer with B = 0 (a forward is the realigned
-        model, but `save_pretrained` writes only the adapter: say so, loudly, there and in the log)."""
-        merged_at = target if self.config.save_realigned else None
+        model, but `save_pretrained` writes only the adapter: say so, loudly, there and in the log).
+        `merged_at`: where the merged model was saved (None: it was not)."""
         if plan.adapter:
             restore_bases(targets, backup.base_weights())
             logger.info(
@@ -426,11 +428,13 @@ class IRRCallback(TrainerCallback):
                 f"{plan.max_error:.3g} ({plan.adapter_params:,} parameters vs {plan.dense_params:,} dense)"
             )
         else:
+            where = (
+                f"saved merged to {merged_at}" if merged_at else "not saved (save_realigned=False or the save failed)"
+            )
             logger.warning(
                 f"IRR: an adapter within lora_adapter_tolerance={plan.tolerance} needs {plan.adapter_params:,} "
-                f"parameters, no fewer than the dense delta's {plan.dense_params:,}: the realigned model is saved "
-                f"merged{f' to {merged_at}' if merged_at else ' (save_realigned=False: nothing saved)'}. The live "
-                "PeftModel holds the exact realigned weights in its frozen layers with a zeroed adapter, so "
+                f"parameters, no fewer than the dense delta's {plan.dense_params:,}: the realigned model is {where}. "
+                "The live PeftModel holds the exact realigned weights in its frozen layers with a zeroed adapter, so "
                 "trainer.save_model() writes an adapter that is NOT the realigned model: use "
                 "trainer.model.merge_and_unload() or the merged directory"
             )

@@ -212,7 +212,7 @@ def lora_summary(lora: dict[str, Any]) -> str:
         f"‖(Δ′ − BA)X‖ / ‖Δ′X‖ = {lora.get('max_error', 0.0):.3g} ({lora.get('adapter_params', 0):,} adapter "
         f"parameters vs {lora.get('dense_delta_params', 0):,} in the dense delta; per module: `irr_report.json`)."
     )
-    if str(lora.get("saved_as", "adapter")).startswith("merged"):
+    if lora.get("adapter", "realigned") != "realigned":
         text += (
             " **That adapter would not be smaller than the dense delta, so the merged model was saved instead "
             "of an adapter**, whatever `lora_output` asked for."
@@ -222,8 +222,8 @@ def lora_summary(lora: dict[str, Any]) -> str:
 
 def adapter_note(lora: dict[str, Any], merged_at: str | None) -> str:
     """The section PEFT's / the Trainer's card of the live adapter gets (`peft_utils.mark_realigned`)."""
-    where = f"`{merged_at}`" if merged_at else "not saved (`save_realigned=False`)"
-    if str(lora.get("saved_as", "adapter")).startswith("merged"):
+    where = f"`{merged_at}`" if merged_at else "not saved by the run (`save_realigned=False`, or the save failed)"
+    if lora.get("adapter", "realigned") != "realigned":
         return (
             "## Safety realignment (irr-callback): this adapter is NOT the realigned model\n\n"
             "The fine-tune was safety-realigned with IRR after training, but an adapter within "

@@ -107,7 +107,9 @@ class AdapterPlan:
     def to_dict(self) -> dict:
         """`report.extra["lora_adapter"]`: small and readable, one entry per module."""
         return {
-            "saved_as": "adapter" if self.adapter else "merged (an adapter within the tolerance is not smaller)",
+            "adapter": "realigned"
+            if self.adapter
+            else "not kept: not smaller than the dense delta within the tolerance, the merged model is saved instead",
             "tolerance": self.tolerance,
             "fixed_rank": self.rank,
             "error": "||(D' - BA) X|| / ||D' X|| on the calibration tokens (damped H)",

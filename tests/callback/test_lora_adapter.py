@@ -54,7 +54,7 @@ def test_adapter_rank_follows_the_tolerance_and_its_cards_say_realigned(tmp_path
     trainer, cb, _ = run(tmp_path, model, cfg, steps=20, learning_rate=5e-3)
     assert copies == []  # neither the merged output nor the adapter needed a second model
     lora = cb.report.extra["lora_adapter"]
-    assert lora["saved_as"] == "adapter" and lora["tolerance"] == 0.3 and lora["fixed_rank"] is None
+    assert lora["adapter"] == "realigned" and lora["tolerance"] == 0.3 and lora["fixed_rank"] is None
     assert lora["adapter_params"] < lora["dense_delta_params"]
     modules = lora["modules"]
     assert len(modules) == 3 * 2 and all(0 <= m["error"] <= 0.3 for m in modules.values())
@@ -88,7 +88,7 @@ def test_adapter_not_smaller_than_the_dense_delta_saves_the_merged_model(tmp_pat
     with caplog.at_level(logging.WARNING, logger="irr_callback"):
         trainer, cb, _ = run(tmp_path, _peft(), cfg, steps=20, learning_rate=5e-3)
     lora = cb.report.extra["lora_adapter"]
-    assert lora["saved_as"].startswith("merged") and lora["adapter_params"] >= lora["dense_delta_params"]
+    assert lora["adapter"].startswith("not kept") and lora["adapter_params"] >= lora["dense_delta_params"]
     assert "NOT the realigned model" in caplog.text and "merge_and_unload" in caplog.text
     out = tmp_path / "run" / "irr"
     assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()  # merged, not an adapter
@@ -132,3 +132,27 @@ def test_tolerance_is_validated_by_name():
     for bad in (-0.1, 1.0, float("nan"), "0.1", True):
         with pytest.raises(IRRConfigError, match="lora_adapter_tolerance"):
             IRRConfig(lora_adapter_tolerance=bad)
+
+
+def test_save_failure_still_leaves_the_realigned_adapter_live(tmp_path, unaligned_dir, monkeypatch):
+    import irr_callback.callback as callback_module
+
+    def failing(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(callback_module, "save_realigned", failing)
+    cfg = IRRConfig(
+        unaligned_model=unaligned_dir, lora_adapter_tolerance=0.3, num_calibration_samples=16, on_error="warn"
+    )
+    trainer, cb, _ = run(tmp_path, _peft(), cfg, steps=5, learning_rate=5e-3)
+    assert cb.report.status == "save_failed" and not (tmp_path / "run" / "irr").exists()
+    live = trainer.model
+    aligned = dict(world.aligned_model().named_parameters())
+    for name, module in live.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            plain = name.removeprefix("base_model.model.") + ".weight"
+            assert torch.equal(module.base_layer.weight, aligned[plain])  # W_A back under the realigned factors
+    ranks = {n.rsplit(".", 1)[0]: m["rank"] for n, m in cb.report.extra["lora_adapter"]["modules"].items()}
+    assert next(iter(live.peft_config.values())).rank_pattern == ranks
+    trainer.save_model(str(tmp_path / "saved"))
+    assert "not saved by the run" in (tmp_path / "saved" / "README.md").read_text()
