@@ -378,7 +378,10 @@ class IRRCallback(TrainerCallback):
         if peft:  # the adapter's factors are computed layer by layer, from each layer's H
             fixed = self.config.lora_refactor_rank
             lowrank = AdapterFactors(
-                percdamp=config.percdamp, tolerance=None if fixed else self.config.lora_adapter_tolerance, rank=fixed
+                percdamp=config.percdamp,
+                tolerance=None if fixed else self.config.lora_adapter_tolerance,
+                rank=fixed,
+                bases=backup.base_weights(),  # W_A on CPU, held by the backup anyway: no copy on the device
             )
         plan = None
         try:
