@@ -29,17 +29,21 @@ from .checkpoints import realign_saved_checkpoint
 from .config import IRRConfig, IRRConfigError
 from .data import calibration_examples
 from .io import fingerprint, fingerprint_id, same_base
-from .model_card import build_model_card
+from .model_card import adapter_note, build_model_card
 from .output import save_realigned
 from .peft_utils import (
+    AdapterPlan,
     LoraBackup,
     check_supported,
-    default_refactor_rank,
+    install_factors,
     is_peft_model,
     lora_module_names,
-    refactor_lora,
+    mark_realigned,
+    merged_state_dict,
+    restore_bases,
 )
 from .pipeline import realign
+from .pipeline.lowrank import AdapterFactors
 from .refusals import safety_dataset_for_run
 from .report import IRRReport
 from .snapshot import RunStore, take_snapshot
@@ -395,7 +399,7 @@ class IRRCallback(TrainerCallback):
         self._prepared = False
 
     def _realign_and_save(self, model: nn.Module, args, processing_class, target: str, *, live: bool) -> IRRReport:
-        """Realign `model` in place (all or nothing, LoRA refactor included) and save it atomically."""
+        """Realign `model` in place (all or nothing, LoRA adapter included) and save it atomically."""
         tokenizer = self._tokenizer(processing_class)
         config = self._run_config
         calibration = calibration_examples(
@@ -407,6 +411,16 @@ class IRRCallback(TrainerCallback):
         peft = is_peft_model(model)
         _, _, targets = find_targets(model, config.target_modules)
         backup = LoraBackup(model, targets) if peft else None
+        lowrank = None
+        if peft:  # the adapter's factors are computed layer by layer, from each layer's H
+            fixed = self.config.lora_refactor_rank
+            lowrank = AdapterFactors(
+                percdamp=config.percdamp,
+                tolerance=None if fixed else self.config.lora_adapter_tolerance,
+                rank=fixed,
+                bases=backup.base_weights(),  # W_A on CPU, held by the backup anyway: no copy on the device
+            )
+        plan = None
         try:
             report = realign(
                 model,
@@ -417,61 +431,84 @@ class IRRCallback(TrainerCallback):
                 safety_calibration=self._safety_calibration,
                 config=config,
                 progress=_show_progress(args),
+                lowrank=lowrank,
             )
             report.extra["safety_inputs"] = self.sources
             report.extra["base_fingerprint"] = fingerprint_id(self._base_fingerprint)
-            merged = None
             if peft:
-                merged = self._merged_copy(model) if self._wants_merged() else None
-                bases = backup.base_weights()
-                deltas = {
-                    t.name: t.weight.detach().float() - bases[t.name].to(t.weight.device).float() for t in targets
-                }
-                rank = default_refactor_rank(model, self.config.lora_refactor_rank)
-                refactor = refactor_lora(model, targets, deltas, bases, rank)
-                report.extra["lora_refactor"] = refactor.to_dict()
-                logger.info(
-                    f"IRR: live adapter re-factored at rank {refactor.rank} "
-                    f"(max relative error {refactor.max_error:.3g})"
-                )
+                plan = AdapterPlan.build(targets, lowrank.factors, tolerance=lowrank.tolerance, rank=lowrank.rank)
+                report.extra["lora_adapter"] = plan.to_dict()
+                if plan.adapter:  # (A, B) now; the frozen weights keep W_A + Δ′ until the merged model is saved
+                    install_factors(model, targets, plan)
         except Exception:
             if backup is not None:
                 backup.restore()
             raise
-        if self.config.save_realigned:
-            try:
-                self._save(model, merged, tokenizer, report, target)
-            except Exception as exc:
-                raise _SaveFailed(report) from exc
+        saved = False
+        try:
+            if self.config.save_realigned:
+                self._save(model, tokenizer, report, target, plan)
+                saved = True
+        except Exception as exc:
+            raise _SaveFailed(report) from exc
+        finally:
+            if plan is not None:
+                self._finish_adapter(model, targets, backup, plan, target if saved else None)
         return report
 
-    def _wants_merged(self) -> bool:
-        return (
-            self.config.save_realigned
-            and self.config.lora_output in ("merged", "both")
-            and _partial_state().is_main_process
-        )
+    def _finish_adapter(self, model, targets, backup: LoraBackup, plan: AdapterPlan, merged_at: str | None) -> None:
+        """The live PeftModel after a LoRA run: the realigned adapter on W_A when it is smaller than the
+        dense delta; else the exact realigned weights in base_layer with B = 0 (a forward is the realigned
+        model, but `save_pretrained` writes only the adapter: say so, loudly, there and in the log).
+        `merged_at`: where the merged model was saved (None: it was not)."""
+        if plan.adapter:
+            restore_bases(targets, backup.base_weights())
+            logger.info(
+                f"IRR: live adapter realigned: ranks up to {plan.max_rank}, max layer-output error "
+                f"{plan.max_error:.3g} ({plan.adapter_params:,} parameters vs {plan.dense_params:,} dense)"
+            )
+        else:
+            where = (
+                f"saved merged to {merged_at}" if merged_at else "not saved (save_realigned=False or the save failed)"
+            )
+            logger.warning(
+                f"IRR: an adapter within lora_adapter_tolerance={plan.tolerance} needs {plan.adapter_params:,} "
+                f"parameters, no fewer than the dense delta's {plan.dense_params:,}: the realigned model is {where}. "
+                "The live PeftModel holds the exact realigned weights in its frozen layers with a zeroed adapter, so "
+                "trainer.save_model() writes an adapter that is NOT the realigned model: use "
+                "trainer.model.merge_and_unload() or the merged directory"
+            )
+        mark_realigned(model, adapter_note(plan.to_dict(), merged_at))
 
-    @staticmethod
-    def _merged_copy(model: nn.Module) -> nn.Module:
-        """After `realign`, lora_B is zero and base_layer holds W_A + Δ': merging gives the exact model."""
-        return copy.deepcopy(model).merge_and_unload()
-
-    def _save(self, model, merged, tokenizer, report: IRRReport, target: str) -> None:
-        """Every rank: the one sharding-aware writer (`output.save_realigned`) gathers and writes on the main process."""
-        peft = is_peft_model(model)
+    def _save(self, model, tokenizer, report: IRRReport, target: str, plan: AdapterPlan | None) -> None:
+        """Every rank: the one sharding-aware writer (`output.save_realigned`) gathers and writes on the main
+        process. A LoRA run's merged model is the realigned frozen weights under the plain names (no copy); its
+        adapter is written only when it is smaller than the dense delta (else the merged model, whatever
+        `lora_output` says)."""
         card = build_model_card(
-            report, base_model=_model_name(model), sources=self.sources, lora=report.extra.get("lora_refactor")
+            report, base_model=_model_name(model), sources=self.sources, lora=report.extra.get("lora_adapter")
         )
+        if plan is None:
+            save_realigned(model, target, processing_class=tokenizer, report=report, card=card)
+            logger.info(f"IRR: realigned model saved to {target} ({report.setting_line()})")
+            return
+        output = self.config.lora_output if plan.adapter else "merged"
+        merged = output in ("merged", "both")
 
         def adapter(tmp: str) -> None:
-            if peft and self.config.lora_output in ("adapter", "both"):
-                model.save_pretrained(tmp if self.config.lora_output == "adapter" else os.path.join(tmp, "adapter"))
+            if output in ("adapter", "both"):
+                model.save_pretrained(tmp if output == "adapter" else os.path.join(tmp, "adapter"))
 
         save_realigned(
-            merged if peft else model, target, processing_class=tokenizer, report=report, card=card, extra=adapter
+            model if merged else None,
+            target,
+            processing_class=tokenizer,
+            report=report,
+            card=card,
+            extra=adapter,
+            rename=merged_state_dict if merged else None,
         )
-        logger.info(f"IRR: realigned model saved to {target} ({report.setting_line()})")
+        logger.info(f"IRR: realigned model saved to {target} ({report.setting_line()}; LoRA output: {output})")
 
     def _write_run_report(self, args) -> None:
         if self.report is not None and _partial_state().is_main_process:

@@ -17,6 +17,7 @@ IDENTIFY_MODES = ("sign", "no_sign", "random", "none")
 SAFETY_TOKENS = ("all", "response", "prompt")
 SAFETY_TERMS = ("aligned", "delta")
 LORA_OUTPUTS = ("merged", "adapter", "both")
+LORA_ADAPTER_TOLERANCE = 0.01  # the realigned adapter's default layer-output error (docs/defaults.md)
 ON_ERROR = ("raise", "warn")
 SNAPSHOT_LOCATIONS = ("cpu", "disk")
 BACKUP_LOCATIONS = ("disk", "cpu")
@@ -52,8 +53,8 @@ class IRRConfig:
         cache_dir: where computed safety inputs are kept for the next run.
 
     Args (callback behaviour):
-        snapshot, irr_output_dir, save_realigned, lora_output, lora_refactor_rank, realign_checkpoints,
-        on_error.
+        snapshot, irr_output_dir, save_realigned, lora_output, lora_adapter_tolerance, lora_refactor_rank,
+        realign_checkpoints, on_error.
 
     Example:
 
@@ -261,11 +262,25 @@ class IRRConfig:
     save_realigned: bool = field(default=True, metadata={"help": "Save the realigned model at train end."})
     lora_output: str = field(
         default="both",
-        metadata={"help": "LoRA runs: save a 'merged' model, a re-factored 'adapter' (truncated SVD), or 'both'."},
+        metadata={
+            "help": "LoRA runs: save the exact 'merged' model, the realigned 'adapter', or 'both'. When the "
+            "adapter would need as many parameters as the dense delta, the merged model is saved instead."
+        },
+    )
+    lora_adapter_tolerance: float = field(
+        default=LORA_ADAPTER_TOLERANCE,
+        metadata={
+            "help": "LoRA runs: each module's adapter rank is the smallest whose layer-output error on the "
+            "calibration tokens, ‖(Δ′ − BA)X‖ / ‖Δ′X‖ (damped H, relative to the realigned delta's output), "
+            "is at most this (docs/defaults.md)."
+        },
     )
     lora_refactor_rank: int | None = field(
         default=None,
-        metadata={"help": "Rank of the re-factored adapter (default: 4x the training adapter's rank)."},
+        metadata={
+            "help": "LoRA runs: one fixed adapter rank for every module instead of lora_adapter_tolerance "
+            "(its error is still measured and reported; that adapter is saved even if it is not smaller)."
+        },
     )
     realign_checkpoints: bool = field(
         default=False,
@@ -362,6 +377,14 @@ class IRRConfig:
         _check(self.snapshot in SNAPSHOT_LOCATIONS, "snapshot", self.snapshot, f"one of {SNAPSHOT_LOCATIONS}")
         _check(self.backup in BACKUP_LOCATIONS, "backup", self.backup, f"one of {BACKUP_LOCATIONS}")
         _check(self.lora_output in LORA_OUTPUTS, "lora_output", self.lora_output, f"one of {LORA_OUTPUTS}")
+        _check(
+            isinstance(self.lora_adapter_tolerance, (int, float))
+            and not isinstance(self.lora_adapter_tolerance, bool)
+            and 0 <= self.lora_adapter_tolerance < 1,
+            "lora_adapter_tolerance",
+            self.lora_adapter_tolerance,
+            "a number in [0, 1)",
+        )
         _check(
             self.lora_refactor_rank is None
             or (isinstance(self.lora_refactor_rank, int) and self.lora_refactor_rank >= 1),

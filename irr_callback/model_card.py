@@ -156,13 +156,7 @@ def build_model_card(
         f"| {layer} | {s['modules']} | {s['conflicts']:,} | {s['removed']:,} | {100 * s['removed_fraction']:.2f}% |"
         for layer, s in sorted(report.per_layer().items())
     )
-    lora_text = ""
-    if lora:
-        lora_text = (
-            f"\n## LoRA\n\nThe fine-tune was a LoRA adapter. The realigned delta is dense, so the merged "
-            f"model is exact; the re-factored adapter (truncated SVD, rank {lora.get('rank')}) has a "
-            f"maximum relative Frobenius error of {lora.get('max_relative_error', 0.0):.4g}.\n"
-        )
+    lora_text = f"\n## LoRA\n\n{lora_summary(lora)}\n" if lora else ""
     content = f"""---
 {data.to_yaml()}
 ---
@@ -202,6 +196,46 @@ Full per-module statistics: `irr_report.json`.
 IRR reduces, but does not guarantee the absence of, harmful behaviour: evaluate before deploying.
 """
     return ModelCard(content)
+
+
+def lora_summary(lora: dict[str, Any]) -> str:
+    """What the output of a LoRA run is (`report.extra["lora_adapter"]`, `peft_utils.AdapterPlan`)."""
+    chosen = (
+        f"rank fixed at {lora.get('fixed_rank')} (`lora_refactor_rank`)"
+        if lora.get("fixed_rank")
+        else f"each module at the smallest rank within `lora_adapter_tolerance` = {lora.get('tolerance')}"
+    )
+    text = (
+        "The fine-tune was a LoRA adapter. The realigned delta Δ′ is dense, so the merged model is exact. The "
+        f"realigned adapter approximates Δ′ with the factors best for the layers' outputs on the calibration "
+        f"tokens, {chosen}: ranks up to {lora.get('max_rank')}, maximum relative layer-output error "
+        f"‖(Δ′ − BA)X‖ / ‖Δ′X‖ = {lora.get('max_error', 0.0):.3g} ({lora.get('adapter_params', 0):,} adapter "
+        f"parameters vs {lora.get('dense_delta_params', 0):,} in the dense delta; per module: `irr_report.json`)."
+    )
+    if lora.get("adapter", "realigned") != "realigned":
+        text += (
+            " **That adapter would not be smaller than the dense delta, so the merged model was saved instead "
+            "of an adapter**, whatever `lora_output` asked for."
+        )
+    return text
+
+
+def adapter_note(lora: dict[str, Any], merged_at: str | None) -> str:
+    """The section PEFT's / the Trainer's card of the live adapter gets (`peft_utils.mark_realigned`)."""
+    where = f"`{merged_at}`" if merged_at else "not saved by the run (`save_realigned=False`, or the save failed)"
+    if lora.get("adapter", "realigned") != "realigned":
+        return (
+            "## Safety realignment (irr-callback): this adapter is NOT the realigned model\n\n"
+            "The fine-tune was safety-realigned with IRR after training, but an adapter within "
+            f"`lora_adapter_tolerance` = {lora.get('tolerance')} would not be smaller than the dense delta. The "
+            "adapter saved here is the training adapter switched off (B = 0): loaded on its base model it gives "
+            f"the base model. The realigned model is the merged model: {where}.\n"
+        )
+    return (
+        "## Safety realignment (irr-callback)\n\n"
+        "This adapter was safety-realigned with IRR (identify, remove, recalibrate) after fine-tuning: it is "
+        "not the trained adapter. " + lora_summary(lora) + f"\n\nThe exact merged realigned model: {where}.\n"
+    )
 
 
 def _method(report: IRRReport, calibration: str) -> str:

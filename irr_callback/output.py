@@ -56,6 +56,7 @@ def save_realigned(
     report: Any = None,
     card: Any = None,
     extra: Callable[[str], None] | None = None,
+    rename: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Save the (realigned) model as a plain `from_pretrained` directory, correctly under any backend.
 
@@ -65,7 +66,9 @@ def save_realigned(
     never sees a half-written directory; a final flag reduction returns only once it is there, and
     raises on every rank if the write failed. ZeRO-3 under the Trainer / accelerate: this gathers
     parameter by parameter, so `zero3_save_16bit_model` is not required. `model=None`: no model
-    weights (e.g. only an adapter, written by `extra`).
+    weights (e.g. only an adapter, written by `extra`). `rename`: the state dict (gathered, or the
+    local one's views) is saved as `rename(state)`, e.g. a PeftModel's realigned frozen weights under the
+    plain model's names (`peft_utils.merged_state_dict`): the merged model without a second model.
     """
     distributed = is_distributed()
     if distributed:
@@ -74,6 +77,8 @@ def save_realigned(
     error: BaseException | None = None
     if rank_and_world()[0] == 0:
         try:
+            if rename is not None and model is not None:
+                state = rename(state if state is not None else unwrap(model).state_dict())
             with atomic_directory(output_dir) as tmp:
                 write_output(
                     tmp, model=model, state_dict=state, processing_class=processing_class, report=report, card=card

@@ -1,19 +1,25 @@
-"""PEFT specifics of the callback: what is supported, and turning a realigned dense delta back into
-an adapter.
+"""PEFT specifics of the callback: what is supported, the realigned adapter, and the merged output.
 
 IRR's result for a LoRA run is a dense delta Δ' (the removed entries are no longer low rank), so a
-realigned adapter can only approximate it: `refactor_lora` replaces each LoRA layer's factors by the
-truncated SVD of Δ' at one rank for all layers (scaling folded into the factors, so the adapter's
-`lora_alpha == r`) and reports the relative Frobenius error per module.
+realigned adapter can only approximate it. The pipeline's `AdapterFactors` step computes, per module,
+the low-rank factors that are best for the layer's outputs on the calibration data, at the rank a
+stated tolerance needs (`core.lowrank`); `AdapterPlan` decides whether that adapter is worth saving
+(smaller than the dense delta), `install_factors` / `restore_bases` turn the PeftModel into it, and
+`merged_state_dict` names the realigned frozen weights as the plain model's for the exact merged
+output. `mark_realigned` makes the adapter's own model card (PEFT's / the Trainer's) say so.
 """
 
 from __future__ import annotations
 
+import re
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .core.lowrank import LowRankFactors
 from .targets import Target, TargetError
 
 
@@ -62,72 +68,127 @@ def lora_module_names(targets: list[Target]) -> list[str]:
 
 
 @dataclass
-class RefactorResult:
-    rank: int
-    errors: dict[str, float]  # relative Frobenius error ‖Δ' − B'A'‖ / ‖Δ'‖ per module
+class AdapterPlan:
+    """The realigned adapter of a LoRA run: per module its rank and its errors (`core.lowrank`), and
+    whether it is worth saving (`adapter`: it has fewer parameters than the dense delta)."""
+
+    factors: dict[str, LowRankFactors]
+    tolerance: float | None  # None: a fixed rank (IRRConfig.lora_refactor_rank)
+    rank: int | None
+    adapter_params: int
+    dense_params: int
+
+    @classmethod
+    def build(
+        cls, targets: list[Target], factors: dict[str, LowRankFactors], *, tolerance: float | None, rank: int | None
+    ) -> AdapterPlan:
+        lora = [t for t in targets if t.kind == "lora"]
+        missing = [t.name for t in lora if t.name not in factors]
+        if missing:
+            raise RuntimeError(f"no low-rank factors were computed for {missing[:3]}")
+        shapes = {t.name: t.out_in_shape for t in lora}
+        params = sum(_rank(factors[n]) * (o + i) for n, (o, i) in shapes.items())
+        dense = sum(o * i for o, i in shapes.values())
+        return cls({t.name: factors[t.name] for t in lora}, tolerance, rank, params, dense)
+
+    @property
+    def adapter(self) -> bool:
+        """Save (and keep live) the adapter: it is smaller than the dense delta, or its rank was fixed."""
+        return self.rank is not None or self.adapter_params < self.dense_params
 
     @property
     def max_error(self) -> float:
-        return max(self.errors.values(), default=0.0)
+        return max((f.error for f in self.factors.values()), default=0.0)
+
+    @property
+    def max_rank(self) -> int:
+        return max((_rank(f) for f in self.factors.values()), default=0)
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "max_relative_error": self.max_error, "relative_errors": self.errors}
+        """`report.extra["lora_adapter"]`: small and readable, one entry per module."""
+        return {
+            "adapter": "realigned"
+            if self.adapter
+            else "not kept: not smaller than the dense delta within the tolerance, the merged model is saved instead",
+            "tolerance": self.tolerance,
+            "fixed_rank": self.rank,
+            "error": "||(D' - BA) X|| / ||D' X|| on the calibration tokens (damped H)",
+            "max_error": self.max_error,
+            "max_rank": self.max_rank,
+            "adapter_params": self.adapter_params,
+            "dense_delta_params": self.dense_params,
+            "modules": {
+                name: {"rank": _rank(f), "error": round(f.error, 6), "layer_output_error": round(f.output_error, 6)}
+                for name, f in self.factors.items()
+            },
+        }
 
 
-def default_refactor_rank(model: nn.Module, rank: int | None) -> int:
-    if rank is not None:
-        return rank
-    cfg = next(iter(model.peft_config.values()))
-    return 4 * int(cfg.r)
+def _rank(factors: LowRankFactors) -> int:
+    """PEFT needs r >= 1: a zero delta is stored at rank 1 with zero factors."""
+    return max(factors.rank, 1)
 
 
-def refactor_lora(
-    model: nn.Module, targets: list[Target], deltas: dict[str, torch.Tensor], bases: dict[str, torch.Tensor], rank: int
-) -> RefactorResult:
-    """In place: base_layer.weight ← W_A, (A, B) ← truncated SVD of Δ' (stored layout → out×in).
-
-    `deltas[name]` is Δ' in the stored weight layout, `bases[name]` is W_A. Each module gets
-    min(rank, its smaller dimension); the peft config is updated (r = lora_alpha = rank, per-module
-    exceptions in rank_pattern/alpha_pattern, no rsLoRA) so `save_pretrained` writes a loadable adapter.
-    """
+def install_factors(model: nn.Module, targets: list[Target], plan: AdapterPlan) -> None:
+    """In place: each LoRA layer's (A, B) ← the plan's factors (out×in layout, scaling 1), the peft
+    config updated (per-module ranks in rank_pattern / alpha_pattern, no rsLoRA) so `save_pretrained`
+    writes a loadable adapter. The frozen weights are left alone (`restore_bases` puts W_A back)."""
     lora = [t for t in targets if t.kind == "lora"]
-    errors = {}
     adapter = lora[0].adapter
     patterns: dict[str, int] = {}
     with torch.no_grad():
         for t in lora:
-            delta = t.to_out_in(deltas[t.name]).to(torch.float32)
-            r = min(rank, *delta.shape)
-            if r != rank:
-                patterns[t.name.rsplit(".", 1)[0]] = r
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            root = s[:r].sqrt()
-            b = u[:, :r] * root
-            a = root[:, None] * vh[:r]
-            norm = float(torch.linalg.norm(delta))
-            errors[t.name] = float(torch.linalg.norm(delta - b @ a)) / norm if norm > 0 else 0.0
+            f = plan.factors[t.name]
+            r = _rank(f)
+            patterns[t.name.rsplit(".", 1)[0]] = r
             module = t.module
             old_a, old_b = module.lora_A[adapter], module.lora_B[adapter]
-            new_a = nn.Linear(a.shape[1], r, bias=False).to(device=old_a.weight.device, dtype=old_a.weight.dtype)
-            new_b = nn.Linear(r, b.shape[0], bias=False).to(device=old_b.weight.device, dtype=old_b.weight.dtype)
-            new_a.weight.copy_(a)
-            new_b.weight.copy_(b)
+            out_features, in_features = t.out_in_shape
+            new_a = nn.Linear(in_features, r, bias=False).to(device=old_a.weight.device, dtype=old_a.weight.dtype)
+            new_b = nn.Linear(r, out_features, bias=False).to(device=old_b.weight.device, dtype=old_b.weight.dtype)
+            new_a.weight.zero_()
+            new_b.weight.zero_()
+            new_a.weight[: f.rank].copy_(f.a)
+            new_b.weight[:, : f.rank].copy_(f.b)
             new_a.weight.requires_grad_(old_a.weight.requires_grad)
             new_b.weight.requires_grad_(old_b.weight.requires_grad)
             module.lora_A[adapter], module.lora_B[adapter] = new_a, new_b
             module.r[adapter] = r
             module.lora_alpha[adapter] = r
             module.scaling[adapter] = 1.0
-            t.weight.data.copy_(bases[t.name].to(device=t.weight.device, dtype=t.weight.dtype))
     cfg = model.peft_config[adapter]
-    cfg.r, cfg.lora_alpha, cfg.use_rslora = rank, rank, False
+    top = plan.max_rank or 1
+    cfg.r, cfg.lora_alpha, cfg.use_rslora = top, top, False
     cfg.rank_pattern = dict(patterns)
     cfg.alpha_pattern = dict(patterns)
-    return RefactorResult(rank, errors)
+
+
+def restore_bases(targets: list[Target], bases: dict[str, torch.Tensor]) -> None:
+    """base_layer.weight ← W_A: with the installed factors the PeftModel is then the realigned adapter."""
+    with torch.no_grad():
+        for t in targets:
+            if t.kind == "lora":
+                t.weight.data.copy_(bases[t.name].to(device=t.weight.device, dtype=t.weight.dtype))
+
+
+def merged_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain model's state dict from a LoRA-injected model's (`get_base_model().state_dict()`):
+    the same tensors (no copy), `x.base_layer.w` named `x.w`, the adapter's own tensors left out.
+    After `realign` the frozen weights hold W_A + Δ′ and B = 0, so this IS `merge_and_unload()`'s
+    state dict, without a second model."""
+    out = {}
+    for name, tensor in state.items():
+        if _LORA_PART.search(name):
+            continue
+        out[name.replace(".base_layer.", ".")] = tensor
+    return out
+
+
+_LORA_PART = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
 
 class LoraBackup:
-    """Everything `refactor_lora` and `realign` change in a PeftModel, to put it back on failure."""
+    """Everything `install_factors` and `realign` change in a PeftModel, to put it back on failure."""
 
     def __init__(self, model: nn.Module, targets: list[Target]):
         self.model = model
@@ -178,3 +239,37 @@ class LoraBackup:
             cfg.rank_pattern = rp
         if hasattr(cfg, "alpha_pattern"):
             cfg.alpha_pattern = ap
+
+
+REALIGNED_TAG = "irr-realigned"
+_NOTE_START, _NOTE_END = "<!-- irr-callback: realigned -->", "<!-- /irr-callback -->"
+
+
+def mark_realigned(model: nn.Module, note: str) -> None:
+    """Make the PeftModel's own cards say what `note` says: `save_pretrained` (hence
+    `trainer.save_model()`) and `Trainer.create_model_card` / `push_to_hub` both end in PEFT's
+    `create_or_update_model_card`, which keeps an existing README's text; this instance's is wrapped to
+    append (or replace) the note there. The `irr-realigned` tag goes to the base model's `model_tags`,
+    which PEFT's card and the Trainer's hub card both read."""
+    inner = model.get_base_model()
+    if hasattr(inner, "add_model_tags"):
+        inner.add_model_tags([REALIGNED_TAG])
+    model._irr_card_note = note
+    model.create_or_update_model_card = types.MethodType(_card_with_note, model)
+
+
+def _card_with_note(self, output_dir: str) -> None:
+    import os
+
+    type(self).create_or_update_model_card(self, output_dir)
+    path = os.path.join(output_dir, "README.md")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    block = f"{_NOTE_START}\n{self._irr_card_note}\n{_NOTE_END}"
+    if _NOTE_START in text and _NOTE_END in text:
+        head, rest = text.split(_NOTE_START, 1)
+        text = head + block + rest.split(_NOTE_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)

@@ -22,6 +22,7 @@ from .aligned import AlignedWeights
 from .auto_weight import AUTO_CALIBRATION_SHARE, AUTO_SAFETY_SHARE, resolve_auto_weight, split_held_out
 from .inputs import SafetyInputs
 from .loop import compute_device, run_layers
+from .lowrank import AdapterFactors
 from .solve import GroupSolver
 from .streams import CALIBRATION, SAFETY, Stream, prepare_calibration, prepare_safety
 from .writing import make_backup
@@ -40,6 +41,7 @@ def realign(
     importance: Any = None,
     config: IRRConfig | None = None,
     progress: bool = True,
+    lowrank: AdapterFactors | None = None,
 ) -> IRRReport:
     """Realign a fine-tuned causal LM in place (identify, remove, recalibrate) and return what was done.
 
@@ -71,6 +73,9 @@ def realign(
             `config.remove_ratio` < 1.
         config: the `IRRConfig` (default: the paper's settings).
         progress: show a progress bar over the layers.
+        lowrank: LoRA runs (`IRRCallback`): an `AdapterFactors` that collects, layer by layer, the
+            H-weighted low-rank factors of each LoRA target's Δ′ for a realigned adapter. The model
+            itself is realigned exactly either way.
 
     Returns:
         `IRRReport`: per-module statistics and totals.
@@ -112,7 +117,15 @@ def realign(
                 )  # fmt: skip
             solver = GroupSolver(inputs, config.realign_settings(), backup, report)
             run_layers(
-                prefix, layers, targets, streams, solver, dist_ctx, device=compute_device(config), progress=progress
+                prefix,
+                layers,
+                targets,
+                streams,
+                solver,
+                dist_ctx,
+                device=compute_device(config),
+                progress=progress,
+                lowrank=lowrank,
             )
     except BaseException as exc:
         dist_ctx.restore(backup)

@@ -20,6 +20,7 @@ from ..core.obs import NumericalError
 from ..distributed import SingleProcess, raise_if_any_failed
 from ..targets import Target
 from .hessians import collect_hessians
+from .lowrank import AdapterFactors
 from .memory import release_free_memory
 from .solve import GroupSolver
 from .streams import Stream
@@ -41,6 +42,7 @@ def run_layers(
     store_layer: LayerHook | None = None,
     progress: bool = True,
     desc: str = "IRR layers",
+    lowrank: AdapterFactors | None = None,
 ) -> None:
     """Realign `layers` in order, from the captured `streams` (their `hidden` enter layer 0).
 
@@ -55,6 +57,7 @@ def run_layers(
         load_layer: `load_layer(index, layer)` before the layer is used (the offline path materialises it).
         store_layer: `store_layer(index, layer)` once it is realigned and propagated (the offline path
             writes it to a shard and drops it).
+        lowrank: LoRA runs: factors each LoRA target's Δ′ under its H right after the layer's solve.
     """
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
@@ -78,7 +81,11 @@ def run_layers(
                 stop_plan=stop_plan,
             )
             release_free_memory()  # the pass's activations: the solves below start from a trimmed heap
+            if lowrank is not None:
+                lowrank.before(layer_targets)
             dist_ctx.solve_layer(groups, solver)
+            if lowrank is not None:
+                lowrank.after(groups)
             del groups
             release_free_memory()  # the solver's buffers
         if index + 1 < len(layers):

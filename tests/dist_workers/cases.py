@@ -111,6 +111,39 @@ def safety_case(weight) -> tuple[dict[str, torch.Tensor], dict]:
     return weights, totals
 
 
+def lora_case(save_to: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A PeftModel realigned with the adapter's H-weighted factors collected (`AdapterFactors`): the
+    realigned frozen weights, each module's B·A and rank; `save_to`: also the merged output written
+    by `save_realigned(..., rename=merged_state_dict)` (gathered under a process group)."""
+    from peft import LoraConfig, get_peft_model
+
+    from irr_callback.output import save_realigned
+    from irr_callback.peft_utils import merged_state_dict
+    from irr_callback.pipeline.lowrank import AdapterFactors
+
+    _, ft, _ = triple("llama")
+    torch.manual_seed(11)  # lora_A's init: the same on every rank
+    model = get_peft_model(ft, LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    factors = AdapterFactors(percdamp=0.01, tolerance=0.2)
+    realign(
+        model,
+        calibration=calibration(**CALIBRATION),
+        config=IRRConfig(identify_mode="none", **CONFIG),
+        progress=False,
+        lowrank=factors,
+    )
+    _, _, targets = find_targets(model)
+    out = {t.name: t.weight.detach().clone() for t in targets}
+    out.update({name + ".ba": f.b @ f.a for name, f in factors.factors.items()})
+    if save_to is not None:
+        save_realigned(model, save_to, rename=merged_state_dict)
+    return out, {"ranks": {name: f.rank for name, f in sorted(factors.factors.items())}}
+
+
 def _full(weight: torch.Tensor) -> torch.Tensor:
     if hasattr(weight, "ds_id"):
         return zero3_full(weight)

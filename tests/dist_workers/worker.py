@@ -121,6 +121,7 @@ def trainer():
 
 
 CASES["trainer"] = trainer
+CASES["lora"] = lambda: cases.lora_case(os.path.join(OUT[0], "lora_merged"))
 CASES["fsdp2_save"] = lambda: fsdp2_save(OUT[0])
 CASES["zero3_failure"] = zero3_failure
 CASES["zero3"] = lambda: zero3(1.0, save=True)

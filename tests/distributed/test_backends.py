@@ -35,6 +35,7 @@ CASES = [
     "safety_auto",
     "fsdp2_ranked",
     "fsdp2_save",
+    "lora",
     *(ZERO3_CASES if DEEPSPEED else []),
 ]
 needs_deepspeed = pytest.mark.skipif(
@@ -181,6 +182,24 @@ def test_save_realigned_under_fsdp2_writes_full_model(two_ranks):
     state = loaded.state_dict()
     for k, v in expected.items():
         torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_adapter_factors_and_merged_output_under_ddp_equal_one_process(two_ranks, tmp_path):
+    """Every rank computes the same adapter factors (H reduced, new weights broadcast before the step), equal
+    to one process's; the merged output is gathered and written once under the plain names."""
+    from transformers import AutoModelForCausalLM
+
+    ranks, extras = two_ranks("lora")
+    expected, info = cases.lora_case(str(tmp_path / "merged"))
+    assert_identical_ranks(ranks)
+    assert extras[0] == extras[1] == info
+    for k, v in expected.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
+    loaded = AutoModelForCausalLM.from_pretrained(str(two_ranks.out / "lora_merged")).state_dict()
+    reference_state = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert set(reference_state) <= set(loaded)
+    for k, v in reference_state.items():
+        torch.testing.assert_close(loaded[k], v, rtol=1e-4, atol=1e-5)
 
 
 # ---- Trainer + IRRCallback under DDP ---------------------------------------------------------------
