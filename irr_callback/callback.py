@@ -12,7 +12,6 @@ model is realigned in place, and `irr_output_dir` is written atomically. The hea
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -360,7 +359,7 @@ class IRRCallback(TrainerCallback):
         self._dataloader = kwargs.get("train_dataloader")
         target = self.config.irr_output_dir or os.path.join(args.output_dir, "irr")
         try:
-            self.report = self._realign_and_save(self._model(model), args, processing_class, target, live=True)
+            self.report = self._realign_and_save(self._model(model), args, processing_class, target)
             self.output_path = target if self.config.save_realigned else None
         except _SaveFailed as exc:  # the live model IS realigned; only writing `target` failed
             cause = exc.__cause__
@@ -398,7 +397,7 @@ class IRRCallback(TrainerCallback):
         self._snapshot = self._safety = self._importance = self._safety_calibration = None
         self._prepared = False
 
-    def _realign_and_save(self, model: nn.Module, args, processing_class, target: str, *, live: bool) -> IRRReport:
+    def _realign_and_save(self, model: nn.Module, args, processing_class, target: str) -> IRRReport:
         """Realign `model` in place (all or nothing, LoRA adapter included) and save it atomically."""
         tokenizer = self._tokenizer(processing_class)
         config = self._run_config
