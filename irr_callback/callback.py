@@ -39,7 +39,6 @@ from .peft_utils import (
     lora_module_names,
     mark_realigned,
     merged_state_dict,
-    restore_bases,
 )
 from .pipeline import realign
 from .pipeline.lowrank import AdapterFactors
@@ -409,15 +408,14 @@ class IRRCallback(TrainerCallback):
         )
         peft = is_peft_model(model)
         _, _, targets = find_targets(model, config.target_modules)
-        backup = LoraBackup(model, targets) if peft else None
+        backup = LoraBackup(model, targets, config.backup) if peft else None
         lowrank = None
         if peft:  # the adapter's factors are computed layer by layer, from each layer's H
             fixed = self.config.lora_refactor_rank
             lowrank = AdapterFactors(
                 percdamp=config.percdamp,
                 tolerance=None if fixed else self.config.lora_adapter_tolerance,
-                rank=fixed,
-                bases=backup.base_weights(),  # W_A on CPU, held by the backup anyway: no copy on the device
+                rank=fixed,  # W_A: cloned one layer at a time on the device (the backup may be on disk)
             )
         plan = None
         try:
@@ -461,12 +459,13 @@ class IRRCallback(TrainerCallback):
         model, but `save_pretrained` writes only the adapter: say so, loudly, there and in the log).
         `merged_at`: where the merged model was saved (None: it was not)."""
         if plan.adapter:
-            restore_bases(targets, backup.base_weights())
+            backup.restore_bases()
             logger.info(
                 f"IRR: live adapter realigned: ranks up to {plan.max_rank}, max layer-output error "
                 f"{plan.max_error:.3g} ({plan.adapter_params:,} parameters vs {plan.dense_params:,} dense)"
             )
         else:
+            backup.close()
             where = (
                 f"saved merged to {merged_at}" if merged_at else "not saved (save_realigned=False or the save failed)"
             )

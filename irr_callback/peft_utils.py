@@ -4,7 +4,7 @@ IRR's result for a LoRA run is a dense delta Δ' (the removed entries are no lon
 realigned adapter can only approximate it. The pipeline's `AdapterFactors` step computes, per module,
 the low-rank factors that are best for the layer's outputs on the calibration data, at the rank a
 stated tolerance needs (`core.lowrank`); `AdapterPlan` decides whether that adapter is worth saving
-(smaller than the dense delta), `install_factors` / `restore_bases` turn the PeftModel into it, and
+(smaller than the dense delta), `install_factors` / `LoraBackup.restore_bases` turn the PeftModel into it, and
 `merged_state_dict` names the realigned frozen weights as the plain model's for the exact merged
 output. `mark_realigned` makes the adapter's own model card (PEFT's / the Trainer's) say so.
 """
@@ -132,7 +132,7 @@ def _rank(factors: LowRankFactors) -> int:
 def install_factors(model: nn.Module, targets: list[Target], plan: AdapterPlan) -> None:
     """In place: each LoRA layer's (A, B) ← the plan's factors (out×in layout, scaling 1), the peft
     config updated (per-module ranks in rank_pattern / alpha_pattern, no rsLoRA) so `save_pretrained`
-    writes a loadable adapter. The frozen weights are left alone (`restore_bases` puts W_A back)."""
+    writes a loadable adapter. The frozen weights are left alone (`LoraBackup.restore_bases` puts W_A back)."""
     lora = [t for t in targets if t.kind == "lora"]
     adapter = lora[0].adapter
     patterns: dict[str, int] = {}
@@ -163,14 +163,6 @@ def install_factors(model: nn.Module, targets: list[Target], plan: AdapterPlan) 
     cfg.alpha_pattern = dict(patterns)
 
 
-def restore_bases(targets: list[Target], bases: dict[str, torch.Tensor]) -> None:
-    """base_layer.weight ← W_A: with the installed factors the PeftModel is then the realigned adapter."""
-    with torch.no_grad():
-        for t in targets:
-            if t.kind == "lora":
-                t.weight.data.copy_(bases[t.name].to(device=t.weight.device, dtype=t.weight.dtype))
-
-
 def merged_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The plain model's state dict from a LoRA-injected model's (`get_base_model().state_dict()`):
     the same tensors (no copy), `x.base_layer.w` named `x.w`, the adapter's own tensors left out.
@@ -188,15 +180,23 @@ _LORA_PART = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\
 
 
 class LoraBackup:
-    """Everything `install_factors` and `realign` change in a PeftModel, to put it back on failure."""
+    """Everything `install_factors` and `realign` change in a PeftModel, to put it back on failure.
 
-    def __init__(self, model: nn.Module, targets: list[Target]):
+    The frozen weights W_A (most of the model at 7B-70B) go to `pipeline.writing.make_backup(where)`:
+    by default a temp file (`IRRConfig.backup="disk"`), not a second copy of the targets in RAM; the
+    adapter's own factors and settings are small and kept in memory."""
+
+    def __init__(self, model: nn.Module, targets: list[Target], where: str = "disk"):
+        from .pipeline.writing import make_backup
+
         self.model = model
         self.items = []
+        self.weights = make_backup(where)
         for t in targets:
             if t.kind != "lora":
                 continue
             m, ad = t.module, t.adapter
+            self.weights.save(t.weight)
             self.items.append(
                 (
                     t,
@@ -204,7 +204,6 @@ class LoraBackup:
                     m.lora_B[ad],
                     m.lora_A[ad].weight.detach().clone(),
                     m.lora_B[ad].weight.detach().clone(),
-                    t.weight.detach().to("cpu", copy=True),
                     m.r[ad],
                     m.lora_alpha[ad],
                     m.scaling[ad],
@@ -220,18 +219,23 @@ class LoraBackup:
             dict(getattr(cfg, "alpha_pattern", {}) or {}),
         )
 
-    def base_weights(self) -> dict[str, torch.Tensor]:
-        """W_A of every LoRA target (the frozen base_layer weights as they were before realign)."""
-        return {item[0].name: item[5] for item in self.items}
+    def restore_bases(self) -> None:
+        """base_layer.weight ← W_A for every LoRA target (with installed factors the PeftModel is then the
+        realigned adapter), read back from the backup one tensor at a time; the backup is then released."""
+        with torch.no_grad():
+            for param, original in self.weights.originals():
+                param.data.copy_(original.to(device=param.device, dtype=param.dtype))
+        self.weights.close()
 
     def restore(self) -> None:
+        """Everything as it was before `realign`: the frozen weights, the adapter's modules, factors and config."""
+        self.restore_bases()
         with torch.no_grad():
-            for t, a_mod, b_mod, a_w, b_w, base_w, r, alpha, scaling in self.items:
+            for t, a_mod, b_mod, a_w, b_w, r, alpha, scaling in self.items:
                 m, ad = t.module, t.adapter
                 m.lora_A[ad], m.lora_B[ad] = a_mod, b_mod
                 a_mod.weight.data.copy_(a_w)
                 b_mod.weight.data.copy_(b_w)
-                t.weight.data.copy_(base_w.to(t.weight.device))
                 m.r[ad], m.lora_alpha[ad], m.scaling[ad] = r, alpha, scaling
         cfg, r, alpha, rs, rp, ap = self.cfg
         cfg.r, cfg.lora_alpha, cfg.use_rslora = r, alpha, rs
@@ -239,6 +243,10 @@ class LoraBackup:
             cfg.rank_pattern = rp
         if hasattr(cfg, "alpha_pattern"):
             cfg.alpha_pattern = ap
+
+    def close(self) -> None:
+        """The run ended well: the backup's temp file (or RAM) is released."""
+        self.weights.close()
 
 
 REALIGNED_TAG = "irr-realigned"

@@ -28,7 +28,7 @@ class AdapterFactors:
         percdamp: the damping of H (as the solver's `IRRConfig.percdamp`).
         tolerance: the relative layer-output error each module's rank is chosen for.
         rank: a fixed rank for every module instead (`IRRConfig.lora_refactor_rank`).
-        bases: W_A per LoRA target when the caller holds it anyway (the callback's CPU backup); without
+        bases: W_A per LoRA target when the caller holds it in memory anyway; without
             it the layer's W_A is cloned, on its device, right before the layer's solve.
     """
 

@@ -156,3 +156,33 @@ def test_save_failure_still_leaves_the_realigned_adapter_live(tmp_path, unaligne
     assert next(iter(live.peft_config.values())).rank_pattern == ranks
     trainer.save_model(str(tmp_path / "saved"))
     assert "not saved by the run" in (tmp_path / "saved" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("where", ["disk", "cpu"])
+def test_lora_backup_keeps_the_frozen_weights_where_the_config_says_and_restores_them(where):
+    """W_A of every LoRA target is most of the model: with IRRConfig.backup='disk' (the default) the
+    callback's LoRA backup keeps it in a temp file, not as a second copy in RAM, and still restores it
+    exactly (and the adapter's modules and config) after the weights were overwritten."""
+    from irr_callback.peft_utils import LoraBackup
+    from irr_callback.pipeline.writing import DiskBackup
+    from irr_callback.targets import find_targets
+
+    model = _peft()
+    _, _, targets = find_targets(model, None)
+    targets = [t for t in targets if t.kind == "lora"]
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = next(iter(model.peft_config.values()))
+    backup = LoraBackup(model, targets, where)
+    assert isinstance(backup.weights, DiskBackup) == (where == "disk")
+    if where == "disk":  # nothing of W_A stays in RAM once written
+        originals = list(backup.weights.originals())
+        assert len(originals) == len(targets) and all(e[5] is None for e in backup.weights._entries)
+    with torch.no_grad():
+        for t in targets:
+            t.weight.add_(1.0)
+            t.module.lora_B[t.adapter].weight.add_(1.0)
+    cfg.r = 99
+    backup.restore()
+    assert cfg.r == 4
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
