@@ -109,6 +109,7 @@ def _former(model, examples, targets, config, *, pad_token_id=0):
 def _picture(model: nn.Module) -> dict:
     """Everything the harmful fine-tune must leave as it found."""
     root = unwrap(model)
+    peft = hasattr(model, "peft_config")
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "params": [(n, id(p), p.requires_grad, p.grad) for n, p in model.named_parameters()],
@@ -116,7 +117,7 @@ def _picture(model: nn.Module) -> dict:
         "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
         "root_attrs": sorted(root.__dict__),
         "peft_config": id(getattr(root, "peft_config", None)),
-        "adapters": (list(model.active_adapters), sorted(model.peft_config)) if hasattr(model, "peft_config") else None,
+        "adapters": (list(model.active_adapters), sorted(model.peft_config)) if peft else None,
         "rng": torch.get_rng_state(),
     }
 
@@ -153,7 +154,8 @@ def test_vector_equals_the_former_deep_copy_fine_tune(kind, rank):
     assert all(got[n].dtype == torch.int8 and got[n].abs().sum() > 0 for n in got)  # the fine-tune moved them
     if kind == "peft":  # the user's adapter took no part: the same vector as on the bare base
         plain = tiny_model("llama")
-        bare = unaligned.harmful_finetune_vector(plain, examples, _targets_like(plain, targets), config, progress=False)
+        bare_targets = _targets_like(plain, targets)
+        bare = unaligned.harmful_finetune_vector(plain, examples, bare_targets, config, progress=False)
         assert all(torch.equal(got[n], bare[n]) for n in got)
 
 
@@ -237,3 +239,13 @@ def test_sharded_weights_keep_the_copy(monkeypatch):
     monkeypatch.setattr(unaligned, "plain_copy", lambda m, f=unaligned.plain_copy: copies.append(1) or f(m))
     got = unaligned.harmful_finetune_vector(model, examples, targets, config, progress=False)
     assert copies == [1] and all(torch.equal(got[n], expected[n]) for n in got)
+
+
+def test_bf16_base_gets_an_fp32_adapter_like_get_peft_model():
+    """get_peft_model casts the adapter of a bf16 base to fp32; the temporary adapter is cast the same way."""
+    examples, config = _examples(), _config(8)
+    model = _as_in_training(tiny_model("llama", dtype=torch.bfloat16))
+    targets = _targets(model)
+    expected = _former(model, examples, targets, config)
+    got = unaligned.harmful_finetune_vector(model, examples, targets, config, progress=False)
+    assert all(torch.equal(got[n], expected[n]) for n in got) and all(got[n].abs().sum() > 0 for n in got)
