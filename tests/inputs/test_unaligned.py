@@ -115,7 +115,7 @@ def _picture(model: nn.Module) -> dict:
         "params": [(n, id(p), p.requires_grad, p.grad) for n, p in model.named_parameters()],
         "modules": [(n, id(m), type(m), m.training) for n, m in model.named_modules()],
         "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()],
-        "root_attrs": sorted(root.__dict__),
+        "attrs": [sorted(vars(m)) for m in model.modules()],  # no attribute left behind (peft_config, flags)
         "peft_config": id(getattr(root, "peft_config", None)),
         "adapters": (list(model.active_adapters), sorted(model.peft_config)) if peft else None,
         "rng": torch.get_rng_state(),
@@ -128,7 +128,7 @@ def _assert_same(before: dict, after: dict) -> None:
     assert after["params"] == before["params"]  # same objects, flags, grads
     assert after["modules"] == before["modules"]  # same tree, same module types, same train/eval modes
     assert after["hooks"] == before["hooks"]
-    assert after["root_attrs"] == before["root_attrs"] and after["peft_config"] == before["peft_config"]
+    assert after["attrs"] == before["attrs"] and after["peft_config"] == before["peft_config"]
     assert after["adapters"] == before["adapters"]
     assert torch.equal(after["rng"], before["rng"])  # the training run's random stream is untouched
 
