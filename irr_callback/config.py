@@ -209,7 +209,12 @@ class IRRConfig:
     unaligned_steps: int = field(default=100, metadata={"help": "Optimizer steps of the harmful fine-tune."})
     unaligned_learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the harmful fine-tune."})
     unaligned_lora_rank: int = field(
-        default=16, metadata={"help": "LoRA rank of the harmful fine-tune (0: full fine-tuning)."}
+        default=16,
+        metadata={
+            "help": "LoRA rank of the harmful fine-tune: a temporary adapter on the live model, no copy of it. "
+            "0: full fine-tuning, in place, restored from a CPU copy of every weight (host memory: one model; "
+            "AdamW's two states per weight on the device)."
+        },
     )
     unaligned_batch_size: int = field(default=8, metadata={"help": "Sequences per step of the harmful fine-tune."})
     fisher: str | None = field(

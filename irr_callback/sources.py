@@ -1,8 +1,8 @@
 """Resolve the safety inputs of a run (safety vector, Fisher importance) and cache what was computed.
 
 Safety vector, first source given wins: `safety_vector` file (ours, checked against the base) →
-`unaligned_model` (streamed shard by shard) → `harmful_dataset` (a short harmful fine-tune of a copy
-of the base). Fisher: `fisher` file → computed on the base from `safety_dataset`. Computed results
+`unaligned_model` (streamed shard by shard) → `harmful_dataset` (a short harmful fine-tune of the base,
+on the live model with a temporary adapter, see `unaligned`). Fisher: `fisher` file → computed on the base from `safety_dataset`. Computed results
 are cached as our safetensors files under `<cache_dir>/<base fingerprint id>/`, keyed by the data and
 the settings, so the next run on the same base reuses them.
 """

@@ -4,8 +4,9 @@
   irr safety-vector --base ALIGNED --harmful-data harmful.jsonl --output v.safetensors
 
 Without an unaligned model, --harmful-data builds one the way the IRR authors did: a short
-fine-tune of a copy of the base on harmful prompt -> harmful answer pairs (LoRA by default;
---steps, --learning-rate, --lora-rank), and v = -(that fine-tune's delta) (signs only).
+fine-tune of the base on harmful prompt -> harmful answer pairs (LoRA by default: a temporary
+adapter on the loaded model, no second copy of it; --steps, --learning-rate, --lora-rank), and
+v = -(that fine-tune's delta) (signs only).
 
 Tensors are streamed one at a time from the safetensors files. By default only the signs are
 kept (int8, 1 byte per entry: all IRR uses); pass --values to keep values (RESTA, Safe LoRA).
