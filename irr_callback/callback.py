@@ -319,6 +319,7 @@ class IRRCallback(TrainerCallback):
                     safety_calibration=self._safety_calibration,
                     config=self._run_config,
                     progress=_show_progress(args),
+                    card=lambda report: self._card(report, self._model(model)),
                 )
                 logger.info(
                     f"IRR: realigned copy of {checkpoint} written to {checkpoint}/irr ({report.setting_line()})"
@@ -430,8 +431,7 @@ class IRRCallback(TrainerCallback):
                 progress=_show_progress(args),
                 lowrank=lowrank,
             )
-            report.extra["safety_inputs"] = self.sources
-            report.extra["base_fingerprint"] = fingerprint_id(self._base_fingerprint)
+            self._describe(report)
             if peft:
                 plan = AdapterPlan.build(targets, lowrank.factors, tolerance=lowrank.tolerance, rank=lowrank.rank)
                 report.extra["lora_adapter"] = plan.to_dict()
@@ -478,14 +478,24 @@ class IRRCallback(TrainerCallback):
             )
         mark_realigned(model, adapter_note(plan.to_dict(), merged_at))
 
+    def _describe(self, report: IRRReport) -> None:
+        """What every realigned output's report records beyond the realignment: the safety inputs and the base."""
+        report.extra["safety_inputs"] = self.sources
+        report.extra["base_fingerprint"] = fingerprint_id(self._base_fingerprint)
+
+    def _card(self, report: IRRReport, model: nn.Module):
+        """The model card of a realigned output (the train-end one or a checkpoint's copy)."""
+        self._describe(report)
+        return build_model_card(
+            report, base_model=_model_name(model), sources=self.sources, lora=report.extra.get("lora_adapter")
+        )
+
     def _save(self, model, tokenizer, report: IRRReport, target: str, plan: AdapterPlan | None) -> None:
         """Every rank: the one sharding-aware writer (`output.save_realigned`) gathers and writes on the main
         process. A LoRA run's merged model is the realigned frozen weights under the plain names (no copy); its
         adapter is written only when it is smaller than the dense delta (else the merged model, whatever
         `lora_output` says)."""
-        card = build_model_card(
-            report, base_model=_model_name(model), sources=self.sources, lora=report.extra.get("lora_adapter")
-        )
+        card = self._card(report, model)
         if plan is None:
             save_realigned(model, target, processing_class=tokenizer, report=report, card=card)
             logger.info(f"IRR: realigned model saved to {target} ({report.setting_line()})")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -44,12 +44,13 @@ def realign_saved_checkpoint(
     safety_calibration: Any,
     config: IRRConfig,
     progress: bool,
+    card: Callable[[IRRReport], Any] | None = None,
 ) -> IRRReport:
     """Realign the saved `checkpoint` into `checkpoint/irr` with the inputs of the train-end realignment.
 
     `model` is the live model, read only: for a PeftModel it gives the frozen base and the LoRA scaling
     (`base` is then ignored). A `checkpoint/irr` left from an earlier save of the same step is stale (the
-    Trainer rewrote the checkpoint) and is replaced."""
+    Trainer rewrote the checkpoint) and is replaced. `card`: as `realign_checkpoint`'s (the model card)."""
     output = os.path.join(checkpoint, "irr")
     kwargs: dict[str, Any] = {}
     if is_peft_model(model):
@@ -73,6 +74,7 @@ def realign_saved_checkpoint(
         output_dir=output,
         config=config,
         progress=progress,
+        card=card,
         **kwargs,
     )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -63,6 +63,7 @@ def realign_checkpoint(
     progress: bool = True,
     weights: Mapping[str, torch.Tensor] | None = None,
     model_config: Any = None,
+    card: Callable[[IRRReport], Any] | None = None,
 ) -> IRRReport:
     """Realign the fine-tuned checkpoint in `finetuned_dir` (safetensors) into `output_dir`.
 
@@ -90,6 +91,8 @@ def realign_checkpoint(
             Each access must return a tensor of its own: layers are realigned in place.
         model_config: the model's `PretrainedConfig` (default: `finetuned_dir`'s config.json); written to
             `output_dir` when given.
+        card: called with the finished report before it is written (it may add to `report.extra`); the
+            model card it returns is written as `output_dir/README.md`, inside the same atomic write.
 
     Returns:
         `IRRReport`, also saved as `output_dir/irr_report.json`.
@@ -175,7 +178,7 @@ def realign_checkpoint(
             if given_config:
                 model_config.save_pretrained(tmp)
             report.seconds = time.perf_counter() - started
-            write_output(tmp, report=report)
+            write_output(tmp, report=report, card=card(report) if card is not None else None)
     except BaseException as exc:
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
         raise

@@ -70,6 +70,10 @@ def _assert_checkpoint_equals_in_memory(checkpoint, expected: nn.Module, report)
     saved = json.loads((checkpoint / "irr" / "irr_report.json").read_text())
     assert saved["status"] == "ok" and saved["safety_weight"] == report.safety_weight
     assert saved["totals"]["removed"] == report.totals["removed"]
+    # the copy describes itself like the train-end output: its safety inputs and base in the report, a card
+    assert {"safety_inputs", "base_fingerprint"} <= set(saved["extra"])
+    card = (checkpoint / "irr" / "README.md").read_text()
+    assert f"Setting: **{saved['setting']}**" in card
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint / "irr")  # a plain model directory
     assert torch.equal(
         reloaded.model.layers[0].self_attn.q_proj.weight, written["model.layers.0.self_attn.q_proj.weight"]
