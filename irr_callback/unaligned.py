@@ -26,6 +26,7 @@ from transformers.utils import logging
 from . import distributed
 from .config import IRRConfig
 from .data import batches as make_batches
+from .pipeline.memory import release_free_memory
 from .targets import Target, unwrap
 
 
@@ -194,6 +195,10 @@ def harmful_finetune_vector(
             student = plain_copy(model)
             weights = dict(student.named_parameters())
             before = {n: weights[n].detach().to("cpu", copy=True) for n in names} if full else {}
-            return _finetune(student, before, *args)
-        with live_base(model, keep_values=full) as (plain, before):
-            return _finetune(plain, before, *args)
+            out = _finetune(student, before, *args)
+            del student, weights, before
+        else:
+            with live_base(model, keep_values=full) as (plain, before):
+                out = _finetune(plain, before, *args)
+    release_free_memory()  # its activations and optimizer state: the training run starts from a trimmed heap
+    return out

@@ -214,6 +214,19 @@ def test_no_deep_copy_of_the_model(kind, rank, monkeypatch):
     assert len(v) == len(targets)
 
 
+def test_freed_heap_is_handed_back_after_the_fine_tune(monkeypatch):
+    """The fine-tune's activations and optimizer state are freed before training starts, and the heap is
+    trimmed, so glibc does not keep them (benchmarks/bench_memory.py, the harmful row)."""
+    model = _model("plain")
+    targets = _targets(model)
+    calls = []
+    real = unaligned._finetune
+    monkeypatch.setattr(unaligned, "_finetune", lambda *a: calls.append("finetune") or real(*a))
+    monkeypatch.setattr(unaligned, "release_free_memory", lambda: calls.append("trim"))
+    unaligned.harmful_finetune_vector(model, _examples(), targets, _config(8), progress=False)
+    assert calls == ["finetune", "trim"]
+
+
 def test_gradient_checkpointing_keeps_the_vector_and_leaves_no_hook():
     """Reentrant checkpoints with a frozen base need the embeddings' output to require grad (what
     get_peft_model arranged on the copy): a temporary hook, removed afterwards."""
