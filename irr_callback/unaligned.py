@@ -115,6 +115,16 @@ def _add_lora(plain: nn.Module, module_names: list[str], rank: int) -> None:
     tuner._cast_adapter_dtype(adapter_name=ADAPTER, autocast_adapter_dtype=True)  # as PeftModel.__init__ does
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Gradient (activation) checkpointing is on: transformers 5 renamed the flag and warns on the old name."""
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    return bool(getattr(model, flag, False))
+
+
 def _finetune(
     plain: nn.Module,
     before: dict[str, torch.Tensor],
@@ -131,7 +141,7 @@ def _finetune(
     else:
         _add_lora(plain, sorted(set(names.values())), config.unaligned_lora_rank)
     hook = None
-    if getattr(plain, "is_gradient_checkpointing", False):  # a frozen embedding would cut reentrant checkpoints' grads
+    if _checkpointing(plain):  # a frozen embedding would cut reentrant checkpoints' grads
         hook = plain.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     try:
         params = [p for p in plain.parameters() if p.requires_grad]
