@@ -9,7 +9,6 @@ reduced H), so every rank computes the same factors. `peft_utils` applies them t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -28,24 +27,18 @@ class AdapterFactors:
         percdamp: the damping of H (as the solver's `IRRConfig.percdamp`).
         tolerance: the relative layer-output error each module's rank is chosen for.
         rank: a fixed rank for every module instead (`IRRConfig.lora_refactor_rank`).
-        bases: W_A per LoRA target when the caller holds it in memory anyway; without
-            it the layer's W_A is cloned, on its device, right before the layer's solve.
     """
 
     percdamp: float
     tolerance: float | None = None
     rank: int | None = None
-    bases: Mapping[str, torch.Tensor] | None = None
     factors: dict[str, LowRankFactors] = field(default_factory=dict)
     _bases: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def before(self, targets: list[Target]) -> None:
-        """W_A of the layer's LoRA targets, before the solve overwrites their frozen weights."""
-        lora = [t for t in targets if t.kind == "lora"]
-        if self.bases is not None:
-            self._bases = {t.name: self.bases[t.name] for t in lora}
-        else:
-            self._bases = {t.name: t.weight.detach().clone() for t in lora}
+        """W_A of the layer's LoRA targets, cloned on their device (one layer at a time), before the solve
+        overwrites their frozen weights."""
+        self._bases = {t.name: t.weight.detach().clone() for t in targets if t.kind == "lora"}
 
     def after(self, groups: list[GroupHessians]) -> None:
         """Δ′ = W′ − W_A as stored (what the merged model holds), factored under the group's H."""
