@@ -7,6 +7,7 @@ fingerprint of the base weights it was made for; loading it against another base
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 
@@ -18,7 +19,7 @@ from .tensors import SafetensorsMapping
 
 FORMAT_VERSION = "1"
 KINDS = ("safety_vector", "fisher", "snapshot")
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, zip archives (torch.save)
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
 class IRRFileError(ValueError):
@@ -141,14 +142,31 @@ def save_irr_file(
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
+def is_safetensors_file(path: str) -> bool:
+    """Whether `path` has the safetensors layout: a little-endian u64 header length n, then n bytes of a
+    UTF-8 JSON object. Decided by parsing, never by the first byte: n's low byte is anything (0x80, pickle's
+    first byte, included), while a pickle or zip (torch.save) file read this way gives an impossible n."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return False
+        length = int.from_bytes(head, "little")
+        if not 2 <= length <= min(_MAX_HEADER, size - 8):
+            return False
+        header = fh.read(length)
+    try:
+        return isinstance(json.loads(header.decode("utf-8")), dict)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
+        return False
+
+
 def load_irr_file(path: str, *, kind: str, base: Mapping[str, torch.Tensor] | None = None) -> SafetensorsMapping:
     """Open one of our files lazily after checking it: safetensors, our metadata, the right kind and,
     when `base` is given, made for that base (fingerprint over the tensors the file holds)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} file '{path}' does not exist")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if any(head.startswith(m) for m in _PICKLE_MAGIC) or not path.endswith(".safetensors"):
+    if not path.endswith(".safetensors") or not is_safetensors_file(path):
         raise IRRFileError(
             f"{kind} file '{path}' is not a safetensors file; pickled files (.pt/.bin/.pkl) are "
             "never loaded. Re-create it with `irr safety-vector` / `irr fisher`."

@@ -41,6 +41,63 @@ def test_pickled_file_is_never_executed(tmp_path, monkeypatch):
     assert not os.path.exists("PWNED_MARKER_FILE")
 
 
+def _with_header_length(path: str, length: int) -> None:
+    """Rewrite a safetensors file so that its JSON header is exactly `length` bytes (trailing spaces: valid JSON)."""
+    import struct
+
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8 : 8 + n].rstrip(b" ")
+    assert length >= len(header)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", length) + header + b" " * (length - len(header)) + raw[8 + n :])
+
+
+def test_safetensors_is_recognised_by_its_header_whatever_the_header_length(tmp_path):
+    """A safetensors file starts with its header length (u64 LE); its first byte may be 0x80 (pickle's magic)."""
+    import struct
+
+    from irr_callback.io import is_safetensors_file
+
+    base = {"a.weight": torch.randn(4, 3)}
+    v = {"a.weight": torch.sign(torch.randn(4, 3)).to(torch.int8)}
+    fp = fingerprint(base, v.keys())
+    path = str(tmp_path / "v.safetensors")
+    residues = set()
+    # as written (safetensors pads its header to 8 bytes): metadata lengths that give every such residue
+    for pad in range(0, 512, 8):
+        save_irr_file(path, v, kind="safety_vector", base_fingerprint=fp, extra={"pad": "x" * pad})
+        with open(path, "rb") as fh:
+            first = fh.read(1)[0]
+        residues.add(first)
+        assert torch.equal(load_irr_file(path, kind="safety_vector", base=base)["a.weight"], v["a.weight"])
+    assert 0x80 in residues and len(residues) == 32
+    # every residue mod 256 (a header padded by another writer)
+    save_irr_file(path, v, kind="safety_vector", base_fingerprint=fp)
+    with open(path, "rb") as fh:
+        smallest = struct.unpack("<Q", fh.read(8))[0]
+    for residue in range(256):
+        length = smallest + (residue - smallest) % 256
+        _with_header_length(path, length)
+        with open(path, "rb") as fh:
+            assert fh.read(1)[0] == residue
+        assert is_safetensors_file(path)
+        assert torch.equal(load_irr_file(path, kind="safety_vector", base=base)["a.weight"], v["a.weight"])
+    # not safetensors: a header length past the end, a header that is not a JSON object, too short a file
+    for raw in (
+        struct.pack("<Q", 10**6) + b"{}",
+        struct.pack("<Q", 2) + b"[]",
+        struct.pack("<Q", 3) + b"{\xff}",
+        b"{}",
+    ):
+        with open(path, "wb") as fh:
+            fh.write(raw)
+        assert not is_safetensors_file(path)
+        with pytest.raises(IRRFileError, match="not a safetensors file"):
+            load_irr_file(path, kind="safety_vector")
+
+
 def test_foreign_safetensors_without_metadata_is_refused(tmp_path):
     from safetensors.torch import save_file
 
