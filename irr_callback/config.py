@@ -42,6 +42,8 @@ class IRRConfig:
     Args (safety-regularised recalibration, beyond the paper; `IRRConfig.recommended()`):
         safety_weight ("auto" or λ >= 0; 0 is the paper's IRR), safety_term, safety_ridge, safety_tokens,
         num_safety_samples: the safety stream and how strongly it holds harmful prompts at the aligned model.
+        retain_weight, retain_dataset (+ columns, num_retain_samples, retain_max_new_tokens): the retain stream
+        of general prompts that keeps what the model could already do.
 
     Args (calibration):
         num_calibration_samples, calibration_max_length, calibration_batch_size: the data H is built from.
@@ -159,6 +161,33 @@ class IRRConfig:
     )
     num_safety_samples: int = field(
         default=128, metadata={"help": "Safety-stream sequences (harmful prompts with safe responses) used."}
+    )
+    # ---- retain stream (beyond the paper; docs/safety-weight.md) ----------------------------
+    retain_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "ρ of the retain term ρ·|(Δ'-Δ)X_r|²: a third input stream of general prompts with answers "
+            "keeps each layer's outputs on them at the fine-tuned model's, protecting what the model could "
+            "already do (the task metric becomes H_d + ρH_r). 0 (default): no retain stream, bit for bit as without."
+        },
+    )
+    retain_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "General (benign) prompts with answers (hub id or json/jsonl) for the retain stream; without a "
+            "response column the base model writes the answers. Not set and needed (retain_weight > 0): "
+            "num_retain_samples prompts shipped in irr_callback/resources/general_prompts.jsonl (Apache-2.0), "
+            "answered by the base model and cached like the safety answers."
+        },
+    )
+    retain_prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of retain_dataset."})
+    retain_response_column: str = field(
+        default="response",
+        metadata={"help": "Response column of retain_dataset; if absent, the base model's own answers are generated."},
+    )
+    num_retain_samples: int = field(default=64, metadata={"help": "Retain-stream sequences used."})
+    retain_max_new_tokens: int = field(
+        default=64, metadata={"help": "Tokens the base model generates per retain prompt without responses."}
     )
     # ---- calibration ---------------------------------------------------------------------
     num_calibration_samples: int = field(
@@ -328,6 +357,21 @@ class IRRConfig:
             self.safety_ridge,
             "a finite number >= 0",
         )
+        _check(
+            isinstance(self.retain_weight, (int, float))
+            and not isinstance(self.retain_weight, bool)
+            and math.isfinite(self.retain_weight)
+            and self.retain_weight >= 0,
+            "retain_weight",
+            self.retain_weight,
+            "a finite number >= 0",
+        )
+        _check(
+            self.retain_weight == 0 or self.recalibrate,
+            "recalibrate",
+            self.recalibrate,
+            "True when retain_weight > 0 (the retain term is part of the recalibration)",
+        )
         _check(self.safety_term in SAFETY_TERMS, "safety_term", self.safety_term, f"one of {SAFETY_TERMS}")
         _check(self.safety_tokens in SAFETY_TOKENS, "safety_tokens", self.safety_tokens, f"one of {SAFETY_TOKENS}")
         _check(
@@ -356,6 +400,8 @@ class IRRConfig:
             "fisher_batch_size",
             "unaligned_batch_size",
             "safety_max_new_tokens",
+            "num_retain_samples",
+            "retain_max_new_tokens",
         ):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
@@ -434,6 +480,7 @@ class IRRConfig:
             removal_error=self.fallback_to_removal,
             safety_weight=0.0 if self.safety_weight == "auto" else float(self.safety_weight),
             ridge=float(self.safety_ridge),
+            retain_weight=float(self.retain_weight),
         )
 
     @classmethod
@@ -470,6 +517,11 @@ class IRRConfig:
     def uses_safety_stream(self) -> bool:
         """A safety weight (a number > 0 or 'auto') needs harmful prompts with safe responses."""
         return self.safety_weight != 0
+
+    @property
+    def uses_retain_stream(self) -> bool:
+        """A retain weight > 0 needs general prompts with answers (the retain stream)."""
+        return self.retain_weight > 0
 
     @property
     def needs_safety_vector(self) -> bool:

@@ -28,6 +28,8 @@ class IRRReport:
     calibration_tokens: int = 0
     safety_sequences: int = 0
     safety_tokens: int = 0
+    retain_sequences: int = 0
+    retain_tokens: int = 0
     setting: str = "irr"  # IRRConfig.setting_name: 'irr' (the paper's), 'safety-regularised', 'recommended'
     safety_weight: float | None = None  # λ used (the one chosen when config.safety_weight == 'auto')
     auto: dict[str, Any] | None = None  # safety_weight='auto': candidates, criterion values, choice
@@ -53,6 +55,7 @@ class IRRReport:
             "error_recalibrated": _sum_or_none(m.error_recalibrated for m in self.modules),
             "error_removal": _sum_or_none(m.error_removal for m in self.modules),
             "error_safety": _sum_or_none(m.error_safety for m in self.modules),
+            "error_retain": _sum_or_none(m.error_retain for m in self.modules),
         }
 
     def per_layer(self) -> dict[int, dict[str, Any]]:
@@ -83,6 +86,11 @@ class IRRReport:
             "safety_weight": self.safety_weight,
             "safety_sequences": self.safety_sequences,
             "safety_tokens": self.safety_tokens,
+            **(
+                {"retain_sequences": self.retain_sequences, "retain_tokens": self.retain_tokens}
+                if self.retain_tokens
+                else {}
+            ),
             **({"auto": self.auto} if self.auto else {}),
             "seconds": self.seconds,
             "totals": self.totals,

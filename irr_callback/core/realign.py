@@ -33,6 +33,7 @@ def realign_matrix(
     base: torch.Tensor | None = None,
     safety_cross: torch.Tensor | None = None,
     aligned_hessian: torch.Tensor | None = None,
+    retain_hessian: torch.Tensor | None = None,
     **overrides: Any,
 ) -> tuple[torch.Tensor, ModuleStats]:
     """Identify, remove and recalibrate one delta matrix (rows = outputs, columns = inputs).
@@ -41,7 +42,7 @@ def realign_matrix(
     that dtype, stored column-major after a recalibration (the sweep's layout; call `.contiguous()`
     if you need row-major). `hessian=None` is allowed only with `recalibrate=False`. `settings`
     (default `RealignSettings()`) with `overrides`: fields of `RealignSettings` given by keyword.
-    The safety-stream matrices are those of `realign_group` (`base`: this matrix's W_A).
+    The safety- and retain-stream matrices are those of `realign_group` (`base`: this matrix's W_A).
     """
     [(new_delta, stats)] = realign_group(
         [delta],
@@ -54,6 +55,7 @@ def realign_matrix(
         bases=None if base is None else [base],
         safety_cross=safety_cross,
         aligned_hessian=aligned_hessian,
+        retain_hessian=retain_hessian,
         **overrides,
     )
     return new_delta, stats
@@ -71,6 +73,7 @@ def realign_group(
     bases: Sequence[torch.Tensor] | None = None,
     safety_cross: torch.Tensor | None = None,
     aligned_hessian: torch.Tensor | None = None,
+    retain_hessian: torch.Tensor | None = None,
     **overrides: Any,
 ) -> list[tuple[torch.Tensor, ModuleStats]]:
     """`realign_matrix` for matrices with the same input dimension and the same H.
@@ -80,6 +83,9 @@ def realign_group(
     delta; λ = 0 is IRR exactly. `safety_cross` (C = 2·Σ x_A x_rᵀ/n), `aligned_hessian` (H_A of the
     aligned model's own inputs) and `bases` (W_A per module) make the safety term ‖W′X_r − W_A X_A‖².
     Mode "none" removes nothing (`safeties` may then hold None): with λ > 0, the closed-form merge.
+    `settings.retain_weight` ρ > 0 with `retain_hessian` (H_r of general prompts with answers) adds the
+    retain term ρ‖(Δ′ − Δ)X_r‖²: H_d + ρH_r takes H_d's place in every step (factor, ridge, start point,
+    sweep, errors). ρ = 0 (or no retain Hessian with ρ = 0) leaves every step bit for bit as without it.
     """
     settings = replace(settings or RealignSettings(), **overrides) if overrides else settings or RealignSettings()
     remove_ratio, remove_more, recalibrate = settings.remove_ratio, settings.remove_more, settings.recalibrate
@@ -92,6 +98,9 @@ def realign_group(
     if weight != 0:  # a negative or NaN weight is refused here
         _validate_safety_hessian(safety_hessian, weight, settings.ridge, deltas[0].shape[1], names, recalibrate)
         _validate_cross(safety_cross, aligned_hessian, bases, deltas, names)
+    retain_weight = settings.retain_weight
+    if retain_weight != 0:  # a negative or NaN weight is refused here
+        _validate_retain(retain_hessian, retain_weight, deltas[0].shape[1], names, recalibrate)
     dtype = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
     device = deltas[0].device
     original = one_matrix(deltas, dtype, device)  # never written
@@ -126,6 +135,10 @@ def realign_group(
         return select
 
     h = hessian.to(device=device, dtype=dtype) if hessian is not None else None
+    h_r = None
+    if retain_weight != 0:  # the task metric H_d + ρH_r, in a new buffer (the caller's H is never written)
+        h_r = retain_hessian.to(device=device, dtype=dtype)
+        h = torch.add(h, h_r, alpha=retain_weight)
     # mode "none" removes nothing: its "plain removal" would be the fine-tuned delta itself, which the
     # regularised optimum never loses to (its objective includes Δ′ = Δ): no plain mask, error or fallback
     removes = mode != "none"
@@ -155,6 +168,8 @@ def realign_group(
         err_recal = (err_sq - damping * change_sq).clamp_min(0.0)
     else:
         new, err_recal, mask = original.masked_fill(plain_mask, 0.0), None, plain_mask
+    err_retain = output_error(new - original, h_r) if h_r is not None and removal_error else None
+    del h_r
 
     # with every conflict removed and nothing else, the plain removal mask IS the conflict mask
     conflicts_are_plain = plain_mask is not None and mode == "sign" and not remove_more and remove_ratio >= 1.0
@@ -165,6 +180,7 @@ def realign_group(
         e_recal = None if err_recal is None else float(err_recal[r0:r1].sum())
         e_safety = None if safety_term is None else float(safety_term[r0:r1].sum())
         e_plain = None if err_plain is None else float(err_plain[r0:r1].sum())
+        e_retain = None if err_retain is None else float(err_retain[r0:r1].sum())
         objective = None if e_recal is None else e_recal + weight * (e_safety or 0.0)
         fell_back = bool(
             recalibrate
@@ -199,6 +215,8 @@ def realign_group(
             fell_back_to_removal=fell_back,
             safety_weight=weight,
             error_safety=None if fell_back else e_safety,
+            retain_weight=retain_weight,
+            error_retain=None if fell_back else e_retain,
         )
         results.append((module_new, stats))  # a contiguous row slice of the stacked result
     elapsed = time.perf_counter() - start
@@ -320,19 +338,28 @@ def _group_name(names: Sequence[str]) -> str:
 
 
 def _validate_safety_hessian(safety_hessian, weight, ridge, cols, names, recalibrate) -> None:
+    _validate_term("safety", safety_hessian, weight, cols, names, recalibrate)
+    if not (isinstance(ridge, (int, float)) and 0 <= ridge < float("inf")):
+        raise ValueError(f"{_group_name(names)}: ridge must be a finite number >= 0, got {ridge!r}")
+
+
+def _validate_retain(retain_hessian, weight, cols, names, recalibrate) -> None:
+    _validate_term("retain", retain_hessian, weight, cols, names, recalibrate)
+
+
+def _validate_term(what: str, hessian, weight, cols, names, recalibrate) -> None:
+    """The weight and Hessian of one extra term of the objective ('safety' or 'retain')."""
     group = _group_name(names)
     if not (isinstance(weight, (int, float)) and 0 <= weight < float("inf")):
-        raise ValueError(f"{group}: safety_weight must be a finite number >= 0, got {weight!r}")
-    if not (isinstance(ridge, (int, float)) and 0 <= ridge < float("inf")):
-        raise ValueError(f"{group}: ridge must be a finite number >= 0, got {ridge!r}")
+        raise ValueError(f"{group}: {what}_weight must be a finite number >= 0, got {weight!r}")
     if not recalibrate:
-        raise ValueError(f"{group}: safety_weight > 0 is a recalibration objective; it needs recalibrate=True")
-    if safety_hessian is None:
-        raise ValueError(f"{group}: safety_weight={weight} > 0 needs the safety stream's Hessian (got None)")
-    if tuple(safety_hessian.shape) != (cols, cols):
-        raise ValueError(f"{group}: safety Hessian shape {tuple(safety_hessian.shape)} != ({cols}, {cols})")
-    if not all_finite(safety_hessian):
-        raise ValueError(f"{group}: the safety Hessian contains NaN or Inf")
+        raise ValueError(f"{group}: {what}_weight > 0 is a recalibration objective; it needs recalibrate=True")
+    if hessian is None:
+        raise ValueError(f"{group}: {what}_weight={weight} > 0 needs the {what} stream's Hessian (got None)")
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"{group}: {what} Hessian shape {tuple(hessian.shape)} != ({cols}, {cols})")
+    if not all_finite(hessian):
+        raise ValueError(f"{group}: the {what} Hessian contains NaN or Inf")
 
 
 def _validate_cross(cross, aligned_hessian, bases, deltas, names) -> None:

@@ -27,6 +27,8 @@ class RealignSettings:
             also both terms of the objective). Off in `safety_weight="auto"`'s trial solves.
         safety_weight: λ of the safety-regularised recalibration (0: the paper's IRR).
         ridge: with λ > 0, the ridge toward the fine-tuned delta, relative to mean(diag H_d).
+        retain_weight: ρ of the retain term ρ‖(Δ′ − Δ)X_r‖² (general prompts kept at the fine-tuned layer's
+            outputs): the task metric becomes H_d + ρH_r everywhere H_d is used. 0: no retain term.
     """
 
     remove_ratio: float = 1.0
@@ -41,6 +43,7 @@ class RealignSettings:
     removal_error: bool = True
     safety_weight: float = 0.0
     ridge: float = 0.1
+    retain_weight: float = 0.0
 
     @property
     def uses_importance(self) -> bool:

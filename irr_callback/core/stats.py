@@ -13,7 +13,9 @@ class ModuleStats:
     Errors are tr((Δ'−Δ) H (Δ'−Δ)ᵀ) with the undamped calibration Hessian H = 2XXᵀ/n, i.e. the
     mean squared change of the layer output on calibration tokens (times 2). With a safety weight
     λ > 0, `error_safety` is the safety term (‖Δ'‖²_{H_s}, or ‖W'X_r − W_A X_A‖² with the aligned
-    target) and `error_removal` is plain removal's task + λ · safety objective.
+    target) and `error_removal` is plain removal's task + λ · safety objective. With a retain weight
+    ρ > 0 the task term is under H_d + ρH_r (calibration and retain streams), and `error_retain` is its
+    retain part ‖(Δ'−Δ)X_r‖² = tr((Δ'−Δ) H_r (Δ'−Δ)ᵀ) alone.
     """
 
     name: str
@@ -30,6 +32,8 @@ class ModuleStats:
     fell_back_to_removal: bool = False
     safety_weight: float = 0.0
     error_safety: float | None = None
+    retain_weight: float = 0.0
+    error_retain: float | None = None
     layer: int | None = None
     hessian_tokens: int | None = None
     seconds: float = 0.0

@@ -1,20 +1,25 @@
-"""Step 0 of the data path when `safety_weight="auto"`: choose λ from held-out calibration and safety
-data, never evaluation prompts (docs/safety-weight.md).
+"""Step 0 of the data path when `safety_weight="auto"`: choose λ from held-out calibration, safety and
+(when given) retain data, never evaluation prompts (docs/safety-weight.md).
 
 A candidate λ is judged by what the whole realigned model does on held-out data. One layer-by-layer
 pass serves every candidate: each carries its own copies of the streams (a share of the calibration
-batches, the safety batches and their aligned twin), so its Hessians come from its own realigned
-layers, as in the real run. Per layer and candidate, its solves are written into the layer for a
-moment, its streams and the held-out batches run through it, and the layer's weights are restored.
+batches, the safety batches and their aligned twin, the retain batches), so its Hessians come from its
+own realigned layers, as in the real run. Per layer and candidate, its solves are written into the layer
+for a moment, its streams and the held-out batches run through it, and the layer's weights are restored.
 Two references need no solve: λ = 0 (the fine-tuned model, F) and λ = ∞ (every target at W_A, A).
 From the held-out response tokens' next-token losses,
 
     s(λ) = (L_safety(λ) − L_safety(A)) / (L_safety(F) − L_safety(A))   the safety damage left,
     d(λ) = (L_task(λ) − L_task(F)) / (L_task(A) − L_task(F))           the task knowledge lost,
+    r(λ) = (L_retain(λ) − L*) / L*,  L* = max(L_retain(F), L_retain(A)) what is lost of the old abilities
+                                                                         that both references keep,
 
-λ* is the smallest candidate with s(λ) <= `AUTO_TOLERANCE`; then the geometric midpoint below it
-(one significant digit) is tried. If fine-tuning left the safety loss within `AUTO_MIN_GAP` of A's,
-there is nothing to restore and the smallest candidate is taken.
+a candidate passes when s(λ) <= `AUTO_TOLERANCE` and r(λ) <= `AUTO_RETAIN_TOLERANCE`; λ* is the smallest
+passing candidate that no other candidate beats on every loss, then the geometric midpoint below it (one
+significant digit) is tried. If fine-tuning left the safety loss within `AUTO_MIN_GAP` of A's, there is
+nothing to restore and the smallest candidate is taken. If nothing passes, a warning says so and λ* is
+the undominated candidate with the least safety damage among those within the retain tolerance. A candidate
+that another beats on every loss is never chosen (issue 23).
 """
 
 from __future__ import annotations
@@ -36,19 +41,24 @@ from .hessians import collect_hessians
 from .inputs import SafetyInputs
 from .loop import LayerHook
 from .solve import GroupSolver
-from .streams import Stream
+from .streams import CALIBRATION, RETAIN, SAFETY, Stream
 from .writing import make_backup, write_weight
 
+
+logger = logging.get_logger(__name__)
 
 AUTO_CANDIDATES = (0.1, 0.3, 1.0)
 AUTO_FALLBACK = 3.0  # tried when no coarse candidate restores the safety loss
 AUTO_TOLERANCE = 0.01  # of the gap between F's and A's held-out safety loss
+AUTO_RETAIN_TOLERANCE = 0.02  # relative rise of the held-out retain loss above both references'
 AUTO_MIN_GAP = 0.05  # nats per response token: below it fine-tuning did not damage safety
-AUTO_CALIBRATION_SHARE = 0.25  # of the (non held-out) calibration batches, for the candidates' H_d
-AUTO_SAFETY_SHARE = 0.5  # of the (non held-out) safety batches, for the candidates' H_s
+#: share of each stream's (non held-out) batches that feeds the candidates' Hessians
+AUTO_SHARES = {CALIBRATION: 0.25, SAFETY: 0.5, RETAIN: 0.5}
+AUTO_CALIBRATION_SHARE, AUTO_SAFETY_SHARE = AUTO_SHARES[CALIBRATION], AUTO_SHARES[SAFETY]
 HELD_OUT_SHARE = 0.25  # of each stream's batches, held out to judge the candidates
 
-Losses = dict[float, tuple[float, float]]
+#: {λ: (held-out task loss, safety loss[, retain loss])}, the references at λ = 0 (F) and λ = inf (A)
+Losses = dict[float, tuple[float, ...]]
 
 
 def split_held_out(batches: list[dict[str, torch.Tensor]], what: str) -> tuple[list, list]:
@@ -64,57 +74,132 @@ def split_held_out(batches: list[dict[str, torch.Tensor]], what: str) -> tuple[l
 
 def search_weight(run_candidates: Callable[[Sequence[float], bool], Losses]) -> tuple[float, dict[str, Any]]:
     """Coarse-to-fine, four candidates at most: `AUTO_CANDIDATES` with the references, then one more:
-    the geometric midpoint (to one significant digit) between the smallest passing λ and the candidate
-    below it, or `AUTO_FALLBACK` when none passed (and fine-tuning did damage safety)."""
+    the geometric midpoint (to one significant digit) between the chosen λ and the candidate below it,
+    or `AUTO_FALLBACK` when none passed (fine-tuning did damage safety, and the largest candidate is
+    still within the retain tolerance: a larger λ can only lose more of the old abilities)."""
     losses = dict(run_candidates(AUTO_CANDIDATES, True))
-    weight, table = choose_weight(losses)
+    weight, table = choose_weight(losses, warn=False)
     extra = None
     if table["passing"] and weight > AUTO_CANDIDATES[0]:
         lower = max(c for c in AUTO_CANDIDATES if c < weight)
         extra = float(f"{math.sqrt(lower * weight):.1g}")  # 0.1..0.3 -> 0.2
     elif not table["passing"] and table["candidates"][0]["safety_left"] is not None:
-        extra = AUTO_FALLBACK
+        largest = table["candidates"][-1]
+        if largest["retain_lost"] is None or largest["retain_lost"] <= AUTO_RETAIN_TOLERANCE:
+            extra = AUTO_FALLBACK
     if extra is not None:
         losses.update(run_candidates((extra,), False))
-        weight, table = choose_weight(losses)
-    return weight, table
+    return choose_weight(losses)
 
 
-def choose_weight(losses: Mapping[float, tuple[float, float]]) -> tuple[float, dict[str, Any]]:
-    """λ* from {λ: (task loss, safety loss)} holding the references 0 (F) and inf (A)."""
-    task_f, safe_f = losses[0.0]
-    task_a, safe_a = losses[math.inf]
+def dominated(losses: Mapping[float, Sequence[float]]) -> set[float]:
+    """The candidates another candidate beats on every loss (<= on all, < on one)."""
+    out = set()
+    for c, mine in losses.items():
+        for o, theirs in losses.items():
+            if o != c and all(t <= m for t, m in zip(theirs, mine)) and any(t < m for t, m in zip(theirs, mine)):
+                out.add(c)
+                break
+    return out
+
+
+def choose_weight(losses: Mapping[float, Sequence[float]], *, warn: bool = True) -> tuple[float, dict[str, Any]]:
+    """λ* from {λ: (task loss, safety loss[, retain loss])} holding the references 0 (F) and inf (A).
+    `warn`: log a warning when no candidate passes (the search's last round only)."""
+    task_f, safe_f, *retain_f = losses[0.0]
+    task_a, safe_a, *retain_a = losses[math.inf]
     gap_s, gap_d = safe_f - safe_a, task_a - task_f
+    retain_ref = max(retain_f[0], retain_a[0]) if retain_f else None
     candidates = sorted(c for c in losses if 0 < c < math.inf)
-    rows = [
-        {
-            "safety_weight": c,
-            "task_loss": losses[c][0],
-            "safety_loss": losses[c][1],
-            "safety_left": (losses[c][1] - safe_a) / gap_s if gap_s > AUTO_MIN_GAP else None,
-            "task_lost": (losses[c][0] - task_f) / gap_d if gap_d > 0 else None,
-        }
-        for c in candidates
+    beaten = dominated({c: tuple(losses[c]) for c in candidates})
+    rows = []
+    for c in candidates:
+        task, safe, *retain = losses[c]
+        rows.append(
+            {
+                "safety_weight": c,
+                "task_loss": task,
+                "safety_loss": safe,
+                "retain_loss": retain[0] if retain else None,
+                "safety_left": (safe - safe_a) / gap_s if gap_s > AUTO_MIN_GAP else None,
+                "task_lost": (task - task_f) / gap_d if gap_d > 0 else None,
+                "retain_lost": (retain[0] - retain_ref) / retain_ref if retain and retain_ref > 0 else None,
+                "dominated": c in beaten,
+            }
+        )
+    undominated = [r for r in rows if not r["dominated"]]
+
+    def retain_ok(r: dict) -> bool:
+        return r["retain_lost"] is None or r["retain_lost"] <= AUTO_RETAIN_TOLERANCE
+
+    passing = [
+        r["safety_weight"]
+        for r in undominated
+        if r["safety_left"] is not None and r["safety_left"] <= AUTO_TOLERANCE and retain_ok(r)
     ]
-    passing = [r["safety_weight"] for r in rows if r["safety_left"] is not None and r["safety_left"] <= AUTO_TOLERANCE]
     if gap_s <= AUTO_MIN_GAP:
-        chosen, reason = candidates[0], f"fine-tuning left the safety loss within {AUTO_MIN_GAP} of the aligned one"
+        chosen, reason = (
+            undominated[0]["safety_weight"],
+            f"fine-tuning left the safety loss within {AUTO_MIN_GAP} of the aligned one",
+        )
     elif passing:
-        chosen, reason = passing[0], f"the smallest λ with safety damage left <= {AUTO_TOLERANCE}"
+        chosen, reason = (
+            passing[0],
+            (
+                f"the smallest undominated λ with safety damage left <= {AUTO_TOLERANCE}"
+                + (f" and retain loss lost <= {AUTO_RETAIN_TOLERANCE}" if retain_ref is not None else "")
+            ),
+        )
     else:
-        chosen, reason = candidates[-1], f"no candidate brought the safety damage left to {AUTO_TOLERANCE}: largest λ"
+        kept = [r for r in undominated if retain_ok(r)]
+        if kept:
+            best = min(kept, key=lambda r: (r["safety_loss"], r["safety_weight"]))
+            why = "the undominated λ with the least safety damage left" + (
+                f" within the retain tolerance {AUTO_RETAIN_TOLERANCE}" if retain_ref is not None else ""
+            )
+        else:
+            best = min(undominated, key=lambda r: (r["retain_loss"], r["safety_weight"]))
+            why = "every undominated λ lost old abilities beyond the retain tolerance: the one that lost least"
+        chosen = best["safety_weight"]
+        reason = f"no candidate passed (safety damage left <= {AUTO_TOLERANCE}): {why}"
+        if warn:
+            left = ", ".join(
+                f"λ={r['safety_weight']:g}: {_fmt(r['safety_left'])} left, task lost {_fmt(r['task_lost'])}"
+                + (f", retain lost {_fmt(r['retain_lost'])}" if retain_ref is not None else "")
+                for r in rows
+            )
+            logger.warning(
+                f"IRR safety_weight='auto': no candidate restored the held-out safety loss to within "
+                f"{AUTO_TOLERANCE} of the aligned model's ({left}); took λ={chosen:g}, {why}. Refusals may not be "
+                "fully restored: give more varied safety data, or set safety_weight to a number."
+            )
     table = {
-        "criterion": f"smallest λ with (L_safety(λ) - L_safety(A)) / (L_safety(F) - L_safety(A)) <= {AUTO_TOLERANCE}",
+        "criterion": (
+            f"smallest undominated λ with (L_safety(λ) - L_safety(A)) / (L_safety(F) - L_safety(A)) <= {AUTO_TOLERANCE}"
+            + (
+                f" and (L_retain(λ) - max(L_retain(F), L_retain(A))) / max(...) <= {AUTO_RETAIN_TOLERANCE}"
+                if retain_ref is not None
+                else ""
+            )
+        ),
         "reason": reason,
         "chosen": chosen,
         "passing": bool(passing),
         "candidates": rows,
         "references": {
-            "finetuned": {"task_loss": task_f, "safety_loss": safe_f},
-            "aligned_targets": {"task_loss": task_a, "safety_loss": safe_a},
+            "finetuned": _reference(task_f, safe_f, retain_f),
+            "aligned_targets": _reference(task_a, safe_a, retain_a),
         },
     }
     return chosen, table
+
+
+def _reference(task: float, safety: float, retain: list[float]) -> dict[str, float]:
+    return {"task_loss": task, "safety_loss": safety, **({"retain_loss": retain[0]} if retain else {})}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @torch.no_grad()
@@ -135,14 +220,15 @@ def held_out_losses(
     load_layer: LayerHook | None = None,
     drop_layer: LayerHook | None = None,
 ) -> Losses:
-    """{λ: (held-out task loss, held-out safety loss)} for every candidate (and with `references` for
-    λ = 0 and λ = ∞). `train`: the streams the candidates' H come from; `held`: "calibration" and
-    "safety" held-out streams (their batches carry `irr_loss_mask`). Every weight is restored.
+    """{λ: (held-out task loss, safety loss[, retain loss])} for every candidate (and with `references`
+    for λ = 0 and λ = ∞). `train`: the streams the candidates' H come from; `held`: the "calibration",
+    "safety" (and "retain") held-out streams, in that order (their batches carry `irr_loss_mask`).
+    Every weight is restored.
     The aligned twin's states do not depend on λ: one twin serves every candidate, propagated once.
     `load_layer` / `drop_layer`: as `run_layers`' options, for the offline path (a layer is loaded from the
     checkpoint before its pass and dropped after it; nothing is written: every trial weight is restored)."""
     levels = ([0.0] if references else []) + list(candidates) + ([math.inf] if references else [])
-    held_state = {c: [held["calibration"].copy(), held["safety"].copy()] for c in levels}
+    held_state = {c: [stream.copy() for stream in held.values()] for c in levels}
     train_state = {c: [s.copy(share_twin=True) for s in train] for c in candidates}
     twins = [s.twin.copy() for s in train if s.twin is not None]
     for c in candidates:  # the copies share one twin
@@ -182,13 +268,7 @@ def held_out_losses(
                 twin.hidden = propagate(layer, twin.hidden, twin.args[index])
         if drop_layer is not None:
             drop_layer(index, layer)
-    return {
-        c: (
-            _loss(model, layers, held_state[c][0], dist_ctx),
-            _loss(model, layers, held_state[c][1], dist_ctx),
-        )
-        for c in levels
-    }
+    return {c: tuple(_loss(model, layers, stream, dist_ctx) for stream in held_state[c]) for c in levels}
 
 
 def _loss(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any) -> float:
@@ -237,8 +317,7 @@ def resolve_auto_weight(
     model: nn.Module,
     layers: nn.ModuleList,
     targets: Sequence[Target],
-    calibration: Stream,
-    safety: Stream,
+    streams: Sequence[Stream],
     held_out: Mapping[str, int],
     inputs: SafetyInputs,
     config: IRRConfig,
@@ -250,11 +329,11 @@ def resolve_auto_weight(
     load_layer: LayerHook | None = None,
     drop_layer: LayerHook | None = None,
 ) -> IRRConfig:
-    """Choose λ for `config` (safety_weight='auto') on captured streams whose last `held_out[name]`
-    batches are held out and whose first `held_out["calibration_share"]` calibration (and
-    `["safety_share"]` safety) batches feed the candidates' Hessians; record the search in `report`;
-    return the config with λ* in place of 'auto'. `load_layer` / `drop_layer`: see `held_out_losses`
-    (the offline path also materialises everything outside the decoder layers: the losses run the model's head)."""
+    """Choose λ for `config` (safety_weight='auto') on the captured `streams` (calibration, safety[,
+    retain]) whose last `held_out[name]` batches are held out and whose first `held_out[f"{name}_share"]`
+    batches feed the candidates' Hessians; record the search in `report`; return the config with λ* in
+    place of 'auto'. `load_layer` / `drop_layer`: see `held_out_losses` (the offline path also
+    materialises everything outside the decoder layers: the losses run the model's head)."""
     if dist_ctx.kind not in ("single", "replicated"):
         raise ValueError(
             f"IRRConfig.safety_weight='auto' is not supported under {dist_ctx.kind} yet: choose λ on one process "
@@ -263,15 +342,12 @@ def resolve_auto_weight(
     import time
 
     started = time.perf_counter()
-    n_cal = len(calibration.batches) - held_out["calibration"]
-    n_saf = len(safety.batches) - held_out["safety"]
-    share = {name: list(range(held_out[f"{name}_share"])) for name in ("calibration", "safety")}
-    train = [calibration.subset(share["calibration"]), safety.subset(share["safety"])]
-    held = {
-        "calibration": calibration.subset(list(range(n_cal, len(calibration.batches)))),
-        "safety": safety.subset(list(range(n_saf, len(safety.batches)))),
-    }
-    held["calibration"].twin = held["safety"].twin = None  # the held-out batches are scored, not paired
+    train = [s.subset(list(range(held_out[f"{s.name}_share"]))) for s in streams]
+    held = {}
+    for s in streams:
+        n = len(s.batches)
+        held[s.name] = s.subset(list(range(n - held_out[s.name], n)))
+        held[s.name].twin = None  # the held-out batches are scored, not paired
 
     def run_candidates(candidates: Sequence[float], references: bool) -> Losses:
         return held_out_losses(
@@ -283,7 +359,5 @@ def resolve_auto_weight(
     table["seconds"] = time.perf_counter() - started
     table["held_out_batches"] = dict(held_out)
     report.auto, report.safety_weight = table, weight
-    logging.get_logger(__name__).info(
-        f"IRR safety_weight='auto': λ={weight:g} ({table['reason']}), search {table['seconds']:.1f}s"
-    )
+    logger.info(f"IRR safety_weight='auto': λ={weight:g} ({table['reason']}), search {table['seconds']:.1f}s")
     return replace(config, safety_weight=weight)

@@ -43,7 +43,7 @@ from .offload import (
     outside_layers,
 )
 from .solve import GroupSolver
-from .streams import prepare_calibration, prepare_safety
+from .streams import prepare_calibration, prepare_retain, prepare_safety
 from .writing import make_backup
 
 
@@ -62,6 +62,7 @@ def realign_checkpoint(
     config: IRRConfig | None = None,
     progress: bool = True,
     weights: Mapping[str, torch.Tensor] | None = None,
+    retain_calibration: Any = None,
     model_config: Any = None,
     card: Callable[[IRRReport], Any] | None = None,
 ) -> IRRReport:
@@ -93,6 +94,7 @@ def realign_checkpoint(
             `output_dir` when given.
         card: called with the finished report before it is written (it may add to `report.extra`); the
             model card it returns is written as `output_dir/README.md`, inside the same atomic write.
+        retain_calibration: general prompts with answers, as for `realign`, when `config.retain_weight` > 0.
 
     Returns:
         `IRRReport`, also saved as `output_dir/irr_report.json`.
@@ -128,6 +130,7 @@ def realign_checkpoint(
     inputs.check_shapes(targets)
     batches, report = prepare_calibration(calibration, config, model_config, len(layers))
     safety_batches = prepare_safety(safety_calibration, config, model_config, report)
+    retain_batches = prepare_retain(retain_calibration, config, model_config, report)
     report.extra["offline"] = {"finetuned_dir": finetuned_dir}
     device = torch.device(config.device) if config.device else torch.device("cpu")
 
@@ -143,7 +146,9 @@ def realign_checkpoint(
             )
             with torch.no_grad():
                 aligned = AlignedWeights(model, layers, prefix, targets, inputs.base)
-                streams, held_out = build_streams(batches, safety_batches, config, SingleProcess(), aligned)
+                streams, held_out = build_streams(
+                    batches, safety_batches, config, SingleProcess(), aligned, retain_batches
+                )
                 embeddings = model.get_input_embeddings()
                 materialise(embeddings, module_name(model, embeddings), weights, device)
                 for stream in streams:
@@ -152,7 +157,7 @@ def realign_checkpoint(
                 if held_out:  # safety_weight="auto": the same search as `realign`, one layer loaded at a time
                     with outside_layers(model, prefix, weights, device):
                         config = resolve_auto_weight(
-                            model, layers, targets, streams[0], streams[1], held_out, inputs, config,
+                            model, layers, targets, streams, held_out, inputs, config,
                             SingleProcess(), report, device=compute_device(config), progress=progress,
                             load_layer=storage.load, drop_layer=lambda index, layer: layer.to("meta"),
                         )  # fmt: skip

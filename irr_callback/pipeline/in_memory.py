@@ -19,12 +19,12 @@ from ..distributed import context_for
 from ..report import IRRReport
 from ..targets import find_targets
 from .aligned import AlignedWeights
-from .auto_weight import AUTO_CALIBRATION_SHARE, AUTO_SAFETY_SHARE, resolve_auto_weight, split_held_out
+from .auto_weight import AUTO_SHARES, resolve_auto_weight, split_held_out
 from .inputs import SafetyInputs
 from .loop import compute_device, run_layers
 from .lowrank import AdapterFactors
 from .solve import GroupSolver
-from .streams import CALIBRATION, SAFETY, Stream, prepare_calibration, prepare_safety
+from .streams import CALIBRATION, RETAIN, SAFETY, Stream, prepare_calibration, prepare_retain, prepare_safety
 from .writing import make_backup
 
 
@@ -42,6 +42,7 @@ def realign(
     config: IRRConfig | None = None,
     progress: bool = True,
     lowrank: AdapterFactors | None = None,
+    retain_calibration: Any = None,
 ) -> IRRReport:
     """Realign a fine-tuned causal LM in place (identify, remove, recalibrate) and return what was done.
 
@@ -76,6 +77,10 @@ def realign(
         lowrank: LoRA runs (`IRRCallback`): an `AdapterFactors` that collects, layer by layer, the
             H-weighted low-rank factors of each LoRA target's Δ′ for a realigned adapter. The model
             itself is realigned exactly either way.
+        retain_calibration: general prompts with answers in the same forms (labels -100 on prompt tokens);
+            needed when `config.retain_weight` > 0, ignored otherwise. A third stream: the recalibration
+            also keeps each layer's outputs on these tokens at the fine-tuned model's, ρ‖(Δ′ − Δ)X_r‖²
+            (H_d + ρH_r in place of H_d), protecting what the model could already do.
 
     Returns:
         `IRRReport`: per-module statistics and totals.
@@ -100,9 +105,10 @@ def realign(
     inputs.validate(targets)
     batches, report = prepare_calibration(calibration, config, getattr(model, "config", None), len(layers))
     safety_batches = prepare_safety(safety_calibration, config, getattr(model, "config", None), report)
+    retain_batches = prepare_retain(retain_calibration, config, getattr(model, "config", None), report)
     dist_ctx = context_for(model, targets)  # SingleProcess without a process group: no collectives
     aligned = AlignedWeights(model, layers, prefix, targets, inputs.base)
-    streams, held_out = build_streams(batches, safety_batches, config, dist_ctx, aligned)
+    streams, held_out = build_streams(batches, safety_batches, config, dist_ctx, aligned, retain_batches)
     backup = make_backup(config.backup)
     was_training = model.training
     model.eval()
@@ -112,7 +118,7 @@ def realign(
                 stream.capture(model, layers, stubs=dist_ctx.stop_capture_early)
             if held_out:  # safety_weight="auto": choose λ on held-out batches, then realign with all of them
                 config = resolve_auto_weight(
-                    model, layers, targets, streams[0], streams[1], held_out, inputs, config, dist_ctx, report,
+                    model, layers, targets, streams, held_out, inputs, config, dist_ctx, report,
                     device=compute_device(config), progress=progress,
                 )  # fmt: skip
             solver = GroupSolver(inputs, config.realign_settings(), backup, report)
@@ -141,38 +147,47 @@ def realign(
 
 
 def build_streams(
-    batches: list, safety_batches: list, config: IRRConfig, dist_ctx: Any, aligned: AlignedWeights
+    batches: list,
+    safety_batches: list,
+    config: IRRConfig,
+    dist_ctx: Any,
+    aligned: AlignedWeights,
+    retain_batches: list | None = None,
 ) -> tuple[list[Stream], dict[str, int]]:
-    """The run's streams (calibration; safety with its aligned twin when the safety weight is not 0),
-    each this rank's share padded with zero-weight batches, and (auto) how many of each stream's last
-    batches are held out to choose λ ({} otherwise). The aligned twin only with `safety_term="aligned"`."""
+    """The run's streams (calibration; safety with its aligned twin when the safety weight is not 0; retain
+    when the retain weight is > 0), each this rank's share padded with zero-weight batches, and (auto) how
+    many of each stream's last batches are held out to choose λ and how many first ones feed the candidates'
+    Hessians ({} otherwise). The aligned twin only with `safety_term="aligned"`."""
+    retain_batches = retain_batches or []
     if not safety_batches:
-        return [Stream(CALIBRATION, dist_ctx.shard_calibration(batches))], {}
+        streams = [Stream(CALIBRATION, dist_ctx.shard_calibration(batches))]
+        if retain_batches:
+            streams.append(Stream(RETAIN, dist_ctx.shard_calibration(retain_batches)))
+        return streams, {}
     if dist_ctx.kind not in ("single", "replicated") and config.safety_term == "aligned":
         raise ValueError(
             f"IRRConfig.safety_term='aligned' is not supported under {dist_ctx.kind} yet; use safety_term='delta' "
             "there, or realign the saved model on one process"
         )
     held_out: dict[str, int] = {}
-    parts = {CALIBRATION: [batches], SAFETY: [safety_batches]}
+    given = {CALIBRATION: batches, SAFETY: safety_batches, RETAIN: retain_batches}
+    given = {name: part for name, part in given.items() if part}
+    parts = {name: [part] for name, part in given.items()}
     if config.safety_weight == "auto":  # split before sharding: every process count sees the same parts
-        cal_train, cal_held = split_held_out(batches, "calibration")
-        saf_train, saf_held = split_held_out(safety_batches, "safety_calibration")
-        share = max(1, math.ceil(len(cal_train) * AUTO_CALIBRATION_SHARE))
-        saf_share = max(1, math.ceil(len(saf_train) * AUTO_SAFETY_SHARE))
-        parts = {
-            CALIBRATION: [cal_train[:share], cal_train[share:], cal_held],
-            SAFETY: [saf_train[:saf_share], saf_train[saf_share:], saf_held],
-        }
+        what = {CALIBRATION: "calibration", SAFETY: "safety_calibration", RETAIN: "retain_calibration"}
+        parts = {}
+        for name, part in given.items():
+            train, held = split_held_out(part, what[name])
+            share = max(1, math.ceil(len(train) * AUTO_SHARES[name]))
+            parts[name] = [train[:share], train[share:], held]
     sharded = {name: [dist_ctx.shard_calibration(part) for part in split if part] for name, split in parts.items()}
     if config.safety_weight == "auto":
-        held_out = {
-            "calibration": len(sharded[CALIBRATION][-1]),
-            "safety": len(sharded[SAFETY][-1]),
-            "calibration_share": len(sharded[CALIBRATION][0]),
-            "safety_share": len(sharded[SAFETY][0]),
-        }
-    calibration = Stream(CALIBRATION, [b for part in sharded[CALIBRATION] for b in part])
-    safety_all = [b for part in sharded[SAFETY] for b in part]
-    twin = Stream(SAFETY + "(aligned)", safety_all, weights=aligned) if config.safety_term == "aligned" else None
-    return [calibration, Stream(SAFETY, safety_all, twin=twin)], held_out
+        for name in sharded:
+            held_out[name] = len(sharded[name][-1])
+            held_out[f"{name}_share"] = len(sharded[name][0])
+    joined = {name: [b for part in split for b in part] for name, split in sharded.items()}
+    twin = Stream(SAFETY + "(aligned)", joined[SAFETY], weights=aligned) if config.safety_term == "aligned" else None
+    streams = [Stream(CALIBRATION, joined[CALIBRATION]), Stream(SAFETY, joined[SAFETY], twin=twin)]
+    if RETAIN in joined:
+        streams.append(Stream(RETAIN, joined[RETAIN]))
+    return streams, held_out

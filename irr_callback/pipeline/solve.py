@@ -18,7 +18,7 @@ from ..report import IRRReport
 from ..targets import Target
 from .inputs import SafetyInputs
 from .memory import release_free_memory
-from .streams import ALIGNED, CALIBRATION, CROSS, SAFETY
+from .streams import ALIGNED, CALIBRATION, CROSS, RETAIN, SAFETY
 from .writing import Backup, write_weight
 
 
@@ -62,7 +62,8 @@ class GroupSolver:
         """The new deltas (out, in) and statistics of `group`, nothing written. `local`: only these rows.
 
         With a safety weight, the safety stream's H_s (and, for the aligned target, its twin's H_A, the
-        cross Gram and W_A) go to the solver beside the calibration H."""
+        cross Gram and W_A) go to the solver beside the calibration H; with a retain weight, the retain
+        stream's H_r."""
         hessian, _ = hessians[CALIBRATION]
         device = hessian.device
         dtype = group_dtype(group)
@@ -86,10 +87,13 @@ class GroupSolver:
         )
 
     def _safety_terms(self, group, hessians: StreamHessians, settings, local, device, dtype) -> dict:
-        """The safety stream's matrices for `realign_group` (none when λ = 0)."""
+        """The safety and retain streams' matrices for `realign_group` (none when λ = 0 and ρ = 0)."""
+        terms = {}
+        if settings.retain_weight and RETAIN in hessians:
+            terms["retain_hessian"] = hessians[RETAIN][0]
         if not settings.safety_weight or SAFETY not in hessians:
-            return {}
-        terms = {"safety_hessian": hessians[SAFETY][0]}
+            return terms
+        terms["safety_hessian"] = hessians[SAFETY][0]
         if SAFETY + CROSS in hessians:
             spans = [local[k][1] if local is not None else None for k in range(len(group))]
             terms.update(

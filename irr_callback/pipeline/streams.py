@@ -1,7 +1,7 @@
 """Named input streams of the layer loop, and the calibration stream built from `IRRConfig`.
 
 A `Stream` is one named input stream ("calibration"; the safety-regularised recalibration adds
-"safety"): its batches, the hidden states entering the current layer, every layer's non-hidden
+"safety", the retain term "retain"): its batches, the hidden states entering the current layer, every layer's non-hidden
 arguments (masks, rotary embeddings, positions) and the token masks that exclude padding. Every
 stream is captured, propagated through the already realigned layers and gets its own H per group.
 A stream may carry an aligned `twin`: the same batches travelling through the aligned weights
@@ -31,6 +31,8 @@ CALIBRATION = "calibration"
 #: `GroupHessians`: H_A of the twin's inputs and the cross Gram C = 2·Σ x_A x_rᵀ / n.
 SAFETY = "safety"
 ALIGNED, CROSS = "_aligned", "_cross"
+#: General prompts with answers (retain_weight > 0): their H_r joins the task metric, H_d + ρH_r.
+RETAIN = "retain"
 
 WeightsContext = Callable[[int], AbstractContextManager]
 
@@ -137,6 +139,31 @@ def prepare_safety(
     )
     report.safety_sequences = sum(b["input_ids"].shape[0] for b in batches)
     report.safety_tokens = sum(int(b["irr_token_mask"].sum()) for b in batches)
+    return batches
+
+
+def prepare_retain(
+    retain_calibration: Any, config: IRRConfig, model_config: Any, report: IRRReport
+) -> list[dict[str, torch.Tensor]]:
+    """Padded retain-stream batches (general prompts with answers; every real token feeds H_r) when the
+    retain weight is > 0; [] else (the data is then ignored: the run is bit for bit as without it)."""
+    if not config.uses_retain_stream:
+        return []
+    if retain_calibration is None:
+        raise ValueError(
+            f"IRRConfig.retain_weight={config.retain_weight!r} needs retain_calibration: general prompts with "
+            "answers, tokenized like the calibration data (labels -100 on prompt tokens)"
+        )
+    batches = _padded_batches(
+        retain_calibration,
+        config,
+        model_config,
+        config.num_retain_samples,
+        token_selection="all",
+        what="retain_calibration",
+    )
+    report.retain_sequences = sum(b["input_ids"].shape[0] for b in batches)
+    report.retain_tokens = sum(int(b["irr_token_mask"].sum()) for b in batches)
     return batches
 
 

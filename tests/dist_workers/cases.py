@@ -87,15 +87,17 @@ def realign_case(remove_ratio: float = 1.0, model_fn=None) -> tuple[dict[str, to
     return weights, totals
 
 
-def safety_case(weight) -> tuple[dict[str, torch.Tensor], dict]:
-    """The safety-regularised recalibration (aligned twin, no sign mask) at λ = `weight` (or 'auto')."""
+def safety_case(weight, retain: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """The safety-regularised recalibration (aligned twin, no sign mask) at λ = `weight` (or 'auto');
+    `retain`: with a retain stream (retain_weight 1)."""
     base, ft, _ = triple("llama")
     report = realign(
         ft,
         base=base,
         calibration=calibration(**CALIBRATION),
         safety_calibration=safety_batches(n=5),
-        config=IRRConfig.recommended(safety_weight=weight, **CONFIG),
+        retain_calibration=safety_batches(n=5, seed=19) if retain else None,
+        config=IRRConfig.recommended(safety_weight=weight, retain_weight=1.0 if retain else 0.0, **CONFIG),
         progress=False,
     )
     _, _, targets = find_targets(ft)
@@ -106,7 +108,10 @@ def safety_case(weight) -> tuple[dict[str, torch.Tensor], dict]:
         "safety_tokens": report.safety_tokens,
         "safety_weight": report.safety_weight,
         "candidates": [c["safety_weight"] for c in (report.auto or {}).get("candidates", [])],
-        "losses": [[c["task_loss"], c["safety_loss"]] for c in (report.auto or {}).get("candidates", [])],
+        "losses": [
+            [c["task_loss"], c["safety_loss"], c["retain_loss"]] for c in (report.auto or {}).get("candidates", [])
+        ],
+        **({"retain_tokens": report.retain_tokens} if retain else {}),
     }
     return weights, totals
 

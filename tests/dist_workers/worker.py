@@ -30,6 +30,7 @@ CASES = {
     "fsdp2_ranked": lambda: cases.realign_case(0.5, model_fn=cases.fsdp2_shard),
     "safety": lambda: cases.safety_case(0.5),
     "safety_auto": lambda: cases.safety_case("auto"),
+    "retain_auto": lambda: cases.safety_case("auto", retain=True),
 }
 
 

@@ -33,6 +33,7 @@ CASES = [
     "realign_ranked",
     "safety",
     "safety_auto",
+    "retain_auto",
     "fsdp2_ranked",
     "fsdp2_save",
     "lora",
@@ -130,12 +131,15 @@ def test_realign_two_processes_equals_one(two_ranks, case, ratio):
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case,weight", [("safety", 0.5), ("safety_auto", "auto")])
-def test_safety_stream_two_processes_equals_one(two_ranks, case, weight):
-    """The safety stream and its aligned twin split across ranks, H_s / H_A / C reduced like H_d; with
-    'auto' the held-out losses are summed over ranks, so both choose the same λ and weights."""
+@pytest.mark.parametrize(
+    "case,weight,retain", [("safety", 0.5, False), ("safety_auto", "auto", False), ("retain_auto", "auto", True)]
+)
+def test_safety_stream_two_processes_equals_one(two_ranks, case, weight, retain):
+    """The safety stream and its aligned twin (and the retain stream) split across ranks, H_s / H_A / C / H_r
+    reduced like H_d; with 'auto' the held-out losses are summed over ranks, so both choose the same λ and
+    weights."""
     ranks, extras = two_ranks(case)
-    expected, totals = cases.safety_case(weight)
+    expected, totals = cases.safety_case(weight, retain=retain)
     assert_identical_ranks(ranks)
     assert extras[0] == extras[1]
     losses = [extra.pop("losses") for extra in (extras[0], extras[1], totals)]
@@ -146,6 +150,7 @@ def test_safety_stream_two_processes_equals_one(two_ranks, case, weight):
     for got, want in zip(losses[0], losses[2]):  # each candidate's held-out losses, summed over ranks
         assert got == pytest.approx(want, rel=1e-4)
     assert totals["safety_tokens"] == 70  # 10 sequences x 7 tokens ("all" tokens), padding excluded
+    assert totals.get("retain_tokens", 70) == 70
     for k, v in expected.items():
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
 
