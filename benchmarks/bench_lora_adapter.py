@@ -29,9 +29,9 @@ import torch
 
 from irr_callback import IRRConfig, realign
 from irr_callback.core.lowrank import weighted_lowrank
+from irr_callback.inputs.safety import safety_vector
+from irr_callback.outputs.plotting import markdown_table
 from irr_callback.pipeline.lowrank import AdapterFactors
-from irr_callback.plotting import markdown_table
-from irr_callback.safety import safety_vector
 from irr_callback.targets import find_targets
 from irr_callback.toy import build_toy_world, single_thread
 

@@ -1,5 +1,5 @@
 """Cost of the refusals the base writes at train begin (`IRRCallback()` with no safety data, issue 14):
-`irr_callback.refusals.write_refusals` on `bench_end_to_end.py`'s model (a Llama with hidden 1024,
+`irr_callback.inputs.refusals.write_refusals` on `bench_end_to_end.py`'s model (a Llama with hidden 1024,
 8 layers, vocabulary 8000, random init), 128 shipped harmful prompts x 64 new tokens, greedy, batches
 of 8, no cache. A random model never emits EOS, so every prompt gets all 64 tokens (the worst case).
 
@@ -51,8 +51,8 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from irr_callback.refusals import write_refusals
-    from irr_callback.safety_prompts import shipped_prompts
+    from irr_callback.inputs.refusals import write_refusals
+    from irr_callback.inputs.safety_prompts import shipped_prompts
 
     torch.manual_seed(0)
     cfg = LlamaConfig(  # as benchmarks/bench_end_to_end.py builds it
@@ -136,7 +136,7 @@ def main() -> None:
     if cuda:
         table += f"\nGPU: allocated before {gib(cuda_before)}, peak {gib(cuda_peak)} ({gib(cuda_peak - cuda_before)} above the model).\n"
     notes = (
-        f"\nDevice: {device}. `irr_callback.refusals.write_refusals` on the live model (no copy), greedy, KV cache on, "
+        f"\nDevice: {device}. `irr_callback.inputs.refusals.write_refusals` on the live model (no copy), greedy, KV cache on, "
         f"torch threads: {torch.get_num_threads()}. A random model never emits EOS: every prompt gets all "
         f"{args.new_tokens} tokens. The cached call reads the JSON cache file ({cache_bytes:,} bytes) instead of "
         "generating. The word-level tokenizer knows only the prompts' words, so most generated ids decode to "

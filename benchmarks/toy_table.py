@@ -43,9 +43,9 @@ import torch
 
 from irr_callback import IRRConfig, realign
 from irr_callback.baselines import apply_resta, apply_safe_lora
-from irr_callback.data import batches, tokenize_pairs
-from irr_callback.plotting import markdown_table
-from irr_callback.safety import fisher, safety_vector
+from irr_callback.inputs.data import batches, tokenize_pairs
+from irr_callback.inputs.safety import fisher, safety_vector
+from irr_callback.outputs.plotting import markdown_table
 from irr_callback.targets import find_targets
 from irr_callback.toy import build_toy_world, single_thread
 

@@ -6,9 +6,9 @@
 from . import logs  # noqa: F401  (IRR's loggers follow transformers' verbosity; first, before any logger exists)
 from ._version import __version__
 from .config import IRRConfig, IRRConfigError
+from .inputs.safety import fisher, safety_vector
 from .pipeline import realign, realign_checkpoint
 from .report import IRRReport, ModuleStats
-from .safety import fisher, safety_vector
 
 
 __all__ = [

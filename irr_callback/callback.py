@@ -24,12 +24,23 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from . import distributed
-from .checkpoints import realign_saved_checkpoint
 from .config import IRRConfig, IRRConfigError
-from .data import calibration_examples
-from .io import fingerprint, fingerprint_id, same_base
-from .model_card import adapter_note, build_model_card
-from .output import save_realigned
+from .inputs.data import calibration_examples
+from .inputs.irr_files import fingerprint, fingerprint_id, same_base
+from .inputs.refusals import safety_dataset_for_run
+from .inputs.snapshot import RunStore, take_snapshot
+from .inputs.sources import (
+    BaseContext,
+    Resolved,
+    load_safety_pairs,
+    resolve_fisher,
+    resolve_safety_vector,
+    safety_calibration_examples,
+    safety_source,
+)
+from .outputs.model_card import adapter_note, build_model_card
+from .outputs.realigned_model import save_realigned
+from .outputs.trainer_checkpoints import realign_saved_checkpoint
 from .peft_utils import (
     AdapterPlan,
     LoraBackup,
@@ -42,18 +53,7 @@ from .peft_utils import (
 )
 from .pipeline import realign
 from .pipeline.lowrank import AdapterFactors
-from .refusals import safety_dataset_for_run
 from .report import IRRReport
-from .snapshot import RunStore, take_snapshot
-from .sources import (
-    BaseContext,
-    Resolved,
-    load_safety_pairs,
-    resolve_fisher,
-    resolve_safety_vector,
-    safety_calibration_examples,
-    safety_source,
-)
 from .targets import find_targets, unwrap
 from .tensors import SafetensorsMapping, canonical_name
 

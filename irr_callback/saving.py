@@ -10,6 +10,10 @@ record who made them: `.<name>.tmp-<host>-<pid>-<random>` (being written) and
 `recover_interrupted` runs before every write: siblings of dead processes on this host are removed,
 and if the writer died between the two renames (target gone, previous output moved aside) the
 previous output is put back. Siblings of live processes or of other hosts are left alone.
+
+`write_output` is the one writer of a realigned model's directory (model, tokenizer, `irr_report.json`,
+model card): the offline path (`pipeline/checkpoint.py`), `outputs/realigned_model.py`, `irr apply`
+and `irr sweep` all call it, so it sits here, below the pipeline and the outputs alike.
 """
 
 from __future__ import annotations
@@ -21,13 +25,43 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
+import torch
 from transformers.utils import logging
+
+from .targets import unwrap
 
 
 logger = logging.get_logger(__name__)
 
 _OWNER = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")  # mkdtemp's random part has no '-'
+
+
+REPORT_FILE = "irr_report.json"
+
+
+def write_output(
+    directory: str,
+    *,
+    model: torch.nn.Module | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    processing_class: Any = None,
+    report: Any = None,
+    card: Any = None,
+) -> None:
+    """Write into `directory` (created if needed) whatever is given: the model (`save_pretrained`, from
+    `state_dict` when it was gathered), the tokenizer / processor, the report and the model card."""
+    os.makedirs(directory, exist_ok=True)
+    if model is not None:
+        kwargs = {} if state_dict is None else {"state_dict": state_dict}
+        unwrap(model).save_pretrained(directory, **kwargs)
+    if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+        processing_class.save_pretrained(directory)
+    if report is not None:
+        report.save(os.path.join(directory, REPORT_FILE))
+    if card is not None:
+        card.save(os.path.join(directory, "README.md"))
 
 
 @contextlib.contextmanager

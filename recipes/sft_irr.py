@@ -51,7 +51,7 @@ from transformers import (
 )
 
 from irr_callback import IRRCallback, IRRConfig
-from irr_callback.data import load_examples, require_columns, tokenize_pairs
+from irr_callback.inputs.data import load_examples, require_columns, tokenize_pairs
 
 
 @dataclass
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None):
 def cli(argv: list[str] | None = None) -> int:
     """`main` as a command: a bad input (empty or missing data, invalid setting) is one line naming the flag, exit 2."""
     from irr_callback.config import IRRConfigError
-    from irr_callback.data import DataError
+    from irr_callback.inputs.data import DataError
 
     try:
         main(argv)

@@ -110,3 +110,55 @@ def test_distributed_never_imports_the_pipeline():
     for name, imported in graph.items():
         if name.startswith("irr_callback.distributed"):
             assert not any(m.startswith("irr_callback.pipeline") for m in imported), (name, imported)
+
+
+# The data path in the package root: inputs/ → pipeline/ → outputs/ (docs/architecture.md). Everything the
+# pipeline needs from the outside world arrives as tensors, batches and settings; what it returns leaves
+# through outputs/. So the layers under the data path import neither side, and the two sides never import
+# each other (not even the package `__init__`: neither exports anything to the other).
+INPUTS, OUTPUTS = "irr_callback.inputs", "irr_callback.outputs"
+BELOW_THE_DATA_PATH = ("irr_callback.core", "irr_callback.distributed", "irr_callback.pipeline")
+# the shared root modules both sides and the pipeline build on
+SHARED_ROOT = tuple(
+    f"irr_callback.{m}" for m in ("config", "targets", "tensors", "report", "saving", "paths", "peft_utils", "logs")
+)
+
+
+def _inside(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _violations(graph: dict[str, set[str]], importers: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    """Every `a imports b` with a inside one of `importers` and b inside one of `forbidden`."""
+    return sorted(
+        f"{name} imports {m}"
+        for name, imported in graph.items()
+        if _inside(name, importers)
+        for m in imported
+        if _inside(m, forbidden)
+    )
+
+
+def test_the_rule_checker_finds_a_forbidden_import():
+    graph = {
+        "irr_callback.pipeline.loop": {"irr_callback.inputs.data", "irr_callback.config"},
+        "irr_callback.pipeline": {"irr_callback.outputs"},
+        "irr_callback.inputs_extra": {"irr_callback.outputs.x"},  # a prefix, not the package: not inside
+    }
+    assert _violations(graph, BELOW_THE_DATA_PATH, (INPUTS, OUTPUTS)) == [
+        "irr_callback.pipeline imports irr_callback.outputs",
+        "irr_callback.pipeline.loop imports irr_callback.inputs.data",
+    ]
+    assert _violations(graph, (INPUTS,), (OUTPUTS,)) == []
+
+
+def test_the_pipeline_and_the_layers_under_it_import_neither_inputs_nor_outputs():
+    graph = _graph()
+    assert any(_inside(name, (INPUTS,)) for name in graph) and any(_inside(name, (OUTPUTS,)) for name in graph)
+    assert _violations(graph, BELOW_THE_DATA_PATH + SHARED_ROOT, (INPUTS, OUTPUTS)) == []
+
+
+def test_inputs_and_outputs_never_import_each_other():
+    graph = _graph()
+    assert _violations(graph, (INPUTS,), (OUTPUTS,)) == []
+    assert _violations(graph, (OUTPUTS,), (INPUTS,)) == []

@@ -27,8 +27,8 @@ from irr_callback import IRRCallback, IRRConfig
 from irr_callback.cli import main
 from irr_callback.core import realign_matrix
 from irr_callback.core.obs import NumericalError
-from irr_callback.data import DataError
-from irr_callback.io import IRRFileError, fingerprint, save_irr_file
+from irr_callback.inputs.data import DataError
+from irr_callback.inputs.irr_files import IRRFileError, fingerprint, save_irr_file
 from irr_callback.saving import atomic_directory, recover_interrupted
 from irr_callback.targets import TargetError, find_targets
 from tests.helpers import calibration, same_state, save_triple, state, text_rows, tiny_model, triple, write_jsonl
@@ -328,7 +328,8 @@ def test_callback_empty_or_missing_inputs_are_named(ckpts, tmp_path, monkeypatch
 
 
 def test_local_looking_paths_and_empty_data(tmp_path, monkeypatch):
-    from irr_callback.data import load_examples, looks_like_local_path
+    from irr_callback.inputs.data import load_examples
+    from irr_callback.paths import looks_like_local_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()

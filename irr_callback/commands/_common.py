@@ -122,7 +122,7 @@ def config_from_args(args: argparse.Namespace, *, preset: str = "paper", **overr
 
 def check_exists(path: str | None, flag: str, *, allow_hub_id: bool = False) -> None:
     """Refuse a missing local path early, naming the flag; a hub id (`org/name`) is passed through."""
-    from ..data import looks_like_local_path
+    from ..paths import looks_like_local_path
 
     if path is None or os.path.exists(os.path.expanduser(path)):
         return
@@ -153,7 +153,7 @@ def adapter_base_name(path: str) -> str | None:
 
 def check_same_architecture(reference: tuple[str, str], *others: tuple[str, str | None]) -> None:
     """Compare the config.json of (flag, path) pairs with the reference's before any weight is loaded."""
-    from ..architecture import check_same_architecture as check
+    from ..inputs.architecture import check_same_architecture as check
 
     ref_flag, ref_path = reference
     ref = _config_dict(ref_path, ref_flag)

@@ -41,9 +41,9 @@ from typing import Any
 from transformers.utils import logging
 
 from ..config import IRRConfig
-from ..io import load_irr_file
-from ..output import save_realigned, write_output
-from ..saving import atomic_directory
+from ..inputs.irr_files import load_irr_file
+from ..outputs.realigned_model import save_realigned
+from ..saving import atomic_directory, write_output
 from ..tensors import SafetensorsMapping, as_tensor_mapping
 from ._common import (
     PRESETS,
@@ -174,7 +174,7 @@ def check_args(args: argparse.Namespace, config: IRRConfig, *, variants: Sequenc
     """Every check that needs no model, before any heavy work; returns the calibration dataset.
 
     `variants`: the other configs of the run (a sweep's grid); an input any of them needs is checked."""
-    from ..data import check_calibration_columns, load_examples, require_columns
+    from ..inputs.data import check_calibration_columns, load_examples, require_columns
 
     check_exists(args.base, "--base", allow_hub_id=True)
     check_exists(args.finetuned, "--finetuned")
@@ -224,7 +224,7 @@ def _check_safety_stream(args: argparse.Namespace, configs: Sequence[IRRConfig],
     """A safety weight needs --safety-data with usable rows (and, for 'auto', enough of both data sets
     to hold some out); --low-memory needs a response column. With no safety input at all the
     default prompts stand in (not with --low-memory: nothing to generate their answers with)."""
-    from ..data import load_examples, require_columns
+    from ..inputs.data import load_examples, require_columns
 
     weights = sorted({str(c.safety_weight) for c in configs if c.uses_safety_stream})
     defaults = default_safety_data(args)
@@ -275,8 +275,8 @@ def load_inputs(
 ) -> Inputs:
     """Load the models and resolve the safety vector, the Fisher importance, the calibration and (with a
     safety weight) the safety stream's rows; `variants` as for `check_args`."""
-    from ..data import calibration_examples
-    from ..safety import safety_vector
+    from ..inputs.data import calibration_examples
+    from ..inputs.safety import safety_vector
     from ..targets import find_targets
 
     lora = is_adapter_dir(args.finetuned)
@@ -348,7 +348,7 @@ def _safety_rows(args, config: IRRConfig, base_model, tokenizer, lora: bool) -> 
     returns (rows, generated, the default set's description or None)."""
     import contextlib
 
-    from ..data import load_examples, tokenize_pairs
+    from ..inputs.data import load_examples, tokenize_pairs
 
     info = None
     with base_model.disable_adapter() if lora else contextlib.nullcontext():
@@ -362,7 +362,7 @@ def _safety_rows(args, config: IRRConfig, base_model, tokenizer, lora: bool) -> 
                 max_samples=config.num_safety_samples,
             )
         else:
-            from ..refusals import safety_dataset_for_run
+            from ..inputs.refusals import safety_dataset_for_run
 
             data, info = safety_dataset_for_run(base_model, tokenizer, config, progress=True)
             prompts, responses = data[config.safety_prompt_column], data[config.safety_response_column]
@@ -373,7 +373,7 @@ def _safety_rows(args, config: IRRConfig, base_model, tokenizer, lora: bool) -> 
 
 def _read_safety_data(args, rows, **kwargs):
     """`data.safety_pairs` on --safety-data, its errors naming the flags."""
-    from ..data import safety_pairs
+    from ..inputs.data import safety_pairs
 
     return safety_pairs(
         rows,
@@ -436,7 +436,7 @@ def _record(args, report, *, lora: bool, generated: bool = False, safety_data: d
 
 def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_data: Any) -> int:
     """`irr apply --low-memory`: sequential onloading through `irr_callback.realign_checkpoint`."""
-    from ..data import calibration_examples
+    from ..inputs.data import calibration_examples
     from ..pipeline import realign_checkpoint
 
     if is_adapter_dir(args.finetuned):
@@ -454,7 +454,7 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
     if args.safety_vector:
         v = load_irr_file(args.safety_vector, kind="safety_vector", base=base)
     elif config.needs_safety_vector:
-        from ..safety import safety_vector as make_vector
+        from ..inputs.safety import safety_vector as make_vector
 
         unaligned = local_or_download(args.unaligned, "--unaligned")
         v = make_vector(
@@ -499,8 +499,8 @@ def _same_model(recorded: str, given: str) -> bool:
 
 
 def _fisher_from_data(model, tokenizer, args, names, config):
-    from ..data import load_examples, require_columns
-    from ..safety import fisher_from_pairs
+    from ..inputs.data import load_examples, require_columns
+    from ..inputs.safety import fisher_from_pairs
 
     rows = load_examples(args.safety_data, what="--safety-data")
     require_columns(
@@ -546,7 +546,7 @@ def _sources(
 
 def _card(args, report, *, generated: bool = False, safety_data: dict | None = None):
     """The model card of `irr apply`'s output: the callback's card, saying how this one was made."""
-    from ..model_card import build_model_card, display_name
+    from ..outputs.model_card import build_model_card, display_name
 
     return build_model_card(
         report,

@@ -124,8 +124,8 @@ def _realign_recommended(world, finetuned, directory: str):
     `refusals.safety_dataset_for_run`, cached under `<directory>/cache`). Saved merged, like the other."""
     from .. import realign
     from ..config import IRRConfig
-    from ..output import save_realigned
-    from ..refusals import safety_dataset_for_run
+    from ..inputs.refusals import safety_dataset_for_run
+    from ..outputs.realigned_model import save_realigned
 
     model = copy.deepcopy(finetuned)
     lora = hasattr(model, "peft_config")
@@ -192,8 +192,8 @@ def _check_output_dir(target: str, overwrite: bool) -> None:
 
 def _save_inputs(world, directory: str) -> None:
     """The models and data of the world, so the other commands can be tried on them afterwards."""
-    from ..io import fingerprint, save_irr_file
-    from ..safety import safety_vector
+    from ..inputs.irr_files import fingerprint, save_irr_file
+    from ..inputs.safety import safety_vector
     from ..targets import find_targets
     from ..tensors import as_tensor_mapping
 
@@ -230,7 +230,7 @@ def _finetune_with_irr(world, directory: str, args: argparse.Namespace):
 
     from ..callback import IRRCallback
     from ..config import IRRConfig
-    from ..data import collate
+    from ..inputs.data import collate
 
     class KeepFineTuned(TrainerCallback):
         """Copies the model at train end, before IRRCallback (next in the list) realigns it."""
@@ -359,7 +359,7 @@ def _results(world, args, rows, totals, callback, train_seconds: float, seconds:
 
 
 def _write_results(directory: str, results: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    from ..plotting import markdown_table, pareto_plot
+    from ..outputs.plotting import markdown_table, pareto_plot
 
     for row in rows:
         row["safety"] = (row["refusal_attacked"] + row["refusal_unattacked"]) / 2
@@ -386,7 +386,7 @@ def _write_results(directory: str, results: dict[str, Any], rows: list[dict[str,
 def _print_summary(
     target: str, rows: list[dict[str, Any]], totals: dict[str, Any], results: dict[str, Any], seconds: float
 ) -> None:
-    from ..plotting import markdown_table
+    from ..outputs.plotting import markdown_table
 
     print()
     print(markdown_table(rows, COLUMNS))

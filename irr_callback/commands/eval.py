@@ -277,7 +277,7 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plotting import markdown_table
+    from ..outputs.plotting import markdown_table
 
     names = args.names or [os.path.basename(os.path.normpath(m)) or m for m in args.models]
     if len(names) != len(args.models):

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from ..io import fingerprint, save_irr_file
+from ..inputs.irr_files import fingerprint, save_irr_file
 from ._common import CLIError, check_exists, check_output, load_causal_lm, load_tokenizer
 
 
@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import DataError, load_examples, require_columns
-    from ..safety import fisher_from_pairs
+    from ..inputs.data import DataError, load_examples, require_columns
+    from ..inputs.safety import fisher_from_pairs
     from ..targets import find_targets
     from ..tensors import as_tensor_mapping
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import IRRConfig, IRRConfigError
-from ..io import fingerprint, save_irr_file
-from ..safety import safety_vector
+from ..inputs.irr_files import fingerprint, save_irr_file
+from ..inputs.safety import safety_vector
 from ._common import (
     CLIError,
     check_exists,
@@ -92,11 +92,11 @@ _FLAGS = {
 
 
 def _from_harmful_data(args: argparse.Namespace) -> int:
-    """The short harmful fine-tune of `irr_callback.unaligned` (the callback's `harmful_dataset` path)."""
-    from ..data import DataError, load_examples, padding_id, require_columns, tokenize_pairs
+    """The short harmful fine-tune of `irr_callback.inputs.unaligned` (the callback's `harmful_dataset` path)."""
+    from ..inputs.data import DataError, load_examples, padding_id, require_columns, tokenize_pairs
+    from ..inputs.unaligned import harmful_finetune_vector
     from ..targets import find_targets
     from ..tensors import as_tensor_mapping
-    from ..unaligned import harmful_finetune_vector
     from ._common import load_causal_lm, load_tokenizer
 
     if args.values:

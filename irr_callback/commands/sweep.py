@@ -125,9 +125,8 @@ def _safety_utility(row: dict[str, Any], columns: list[str]) -> tuple[float | No
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..output import write_output
-    from ..plotting import markdown_table, pareto_plot
-    from ..saving import atomic_directory
+    from ..outputs.plotting import markdown_table, pareto_plot
+    from ..saving import atomic_directory, write_output
 
     points = grid(args)
     configs = [c for _, _, c in points]

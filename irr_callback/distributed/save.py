@@ -1,5 +1,5 @@
 """The full (unsharded) state dict of a model under any backend, for the one writer of the realigned
-output (`irr_callback.output.save_realigned`)."""
+output (`irr_callback.outputs.realigned_model.save_realigned`)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..data import padding_id
+from ..inputs.data import padding_id
 
 
 logger = logging.get_logger(__name__)

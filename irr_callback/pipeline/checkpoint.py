@@ -21,9 +21,8 @@ from transformers.utils import logging
 
 from ..config import IRRConfig
 from ..distributed import SingleProcess
-from ..output import write_output
 from ..report import IRRReport
-from ..saving import atomic_directory
+from ..saving import atomic_directory, write_output
 from ..targets import find_targets
 from ..tensors import SafetensorsMapping
 from .aligned import AlignedWeights

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import calibration_batches
 from ..config import IRRConfig
 from ..report import IRRReport
+from .calibration import calibration_batches
 from .capture import capture_layer_inputs, capture_with_stub_layers, propagate
 
 

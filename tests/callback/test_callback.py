@@ -12,7 +12,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from irr_callback import IRRCallback, IRRConfig
-from irr_callback.io import IRRFileError, fingerprint, save_irr_file
+from irr_callback.inputs.irr_files import IRRFileError, fingerprint, save_irr_file
 from tests import callback_world as world
 from tests.helpers import margin
 
@@ -167,7 +167,7 @@ def test_lora_with_harmful_dataset_restores_refusals_and_reuses_cache(tmp_path, 
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    import irr_callback.unaligned as unaligned
+    import irr_callback.inputs.unaligned as unaligned
 
     calls = []
     original = unaligned.harmful_finetune_vector
@@ -296,7 +296,7 @@ def test_run_store_is_hidden_from_push_to_hub_and_removed_when_the_run_ends_well
     import fnmatch
     import inspect
 
-    from irr_callback.snapshot import RUN_DIR
+    from irr_callback.inputs.snapshot import RUN_DIR
 
     # Trainer.push_to_hub uploads output_dir minus its ignore patterns ("_*", "checkpoint-*" in transformers)
     assert '"_*"' in inspect.getsource(Trainer.push_to_hub) and fnmatch.fnmatch(RUN_DIR, "_*")

@@ -1,5 +1,5 @@
 """`IRRConfig(realign_checkpoints=True)`: every `checkpoint-N/irr` is realigned from the checkpoint's files
-(`irr_callback.checkpoints`), equals `realign` of that checkpoint loaded in memory with the train-end inputs,
+(`irr_callback.outputs.trainer_checkpoints`), equals `realign` of that checkpoint loaded in memory with the train-end inputs,
 and is made without a copy of the model and without touching it (full fine-tuning and LoRA)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from irr_callback import IRRCallback, IRRConfig, IRRConfigError, realign
-from irr_callback.data import calibration_examples
+from irr_callback.inputs.data import calibration_examples
 from irr_callback.tensors import SafetensorsMapping
 from tests import callback_world as world
 from tests.callback.test_callback import _one_thread, run, unaligned_dir  # noqa: F401  (module fixtures)
@@ -133,7 +133,7 @@ def test_lora_checkpoint_is_realigned_as_the_merged_model(tmp_path, unaligned_di
 
 
 def test_a_failing_checkpoint_warns_and_training_goes_on(tmp_path, unaligned_dir, monkeypatch, caplog):  # noqa: F811
-    import irr_callback.checkpoints as checkpoints
+    import irr_callback.outputs.trainer_checkpoints as checkpoints
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -183,7 +183,7 @@ def test_sharded_weights_refuse_realign_checkpoints_at_train_begin(tmp_path, una
 
 def test_live_tensors_are_copied_on_access():
     """The offline path realigns the layers it loads in place: what it reads from the live model is a copy."""
-    from irr_callback.checkpoints import LiveTensors
+    from irr_callback.outputs.trainer_checkpoints import LiveTensors
 
     live = {"w": torch.ones(2, 3)}
     mapping = LiveTensors(live)

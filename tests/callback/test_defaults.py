@@ -15,8 +15,9 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from irr_callback import IRRCallback, IRRConfig, refusals
-from irr_callback import safety_prompts as sp
+from irr_callback import IRRCallback, IRRConfig
+from irr_callback.inputs import refusals
+from irr_callback.inputs import safety_prompts as sp
 from tests import callback_world as world
 
 
@@ -91,7 +92,7 @@ def _toy_run(world, output_dir: str, safety_dataset) -> tuple[Trainer, IRRCallba
     """The toy world's downstream fine-tune (the demo's recipe, 120 steps) with the recommended preset."""
     import copy
 
-    from irr_callback.data import collate
+    from irr_callback.inputs.data import collate
 
     hp = world.hparams
     callback = IRRCallback(

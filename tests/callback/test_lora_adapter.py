@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from irr_callback import IRRConfig, realign
 from irr_callback.config import IRRConfigError
-from irr_callback.output import save_realigned
+from irr_callback.outputs.realigned_model import save_realigned
 from irr_callback.peft_utils import REALIGNED_TAG, merged_state_dict
 from irr_callback.pipeline.lowrank import AdapterFactors
 from tests import callback_world as world

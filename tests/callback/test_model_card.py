@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from irr_callback.config import IRRConfig
-from irr_callback.model_card import build_model_card, display_name, hub_id
+from irr_callback.outputs.model_card import build_model_card, display_name, hub_id
 from irr_callback.report import IRRReport, ModuleStats
 
 

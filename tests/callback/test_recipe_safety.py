@@ -32,7 +32,7 @@ def test_recipe_recommended_preset_realigns_from_safety_data_alone(files, tmp_pa
 
 def test_recipe_with_no_safety_flag_realigns_like_the_no_argument_callback(files, tmp_path, monkeypatch):  # noqa: F811
     from irr_callback import IRRConfig
-    from irr_callback import safety_prompts as sp
+    from irr_callback.inputs import safety_prompts as sp
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the shipped prompts
     args = _without_unaligned(_args(files, tmp_path / "out", "--safety_max_new_tokens", "8"))

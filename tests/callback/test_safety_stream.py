@@ -11,8 +11,8 @@ import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from irr_callback import IRRCallback, IRRConfig, IRRConfigError
-from irr_callback import sources as sources_module
-from irr_callback.data import DataError
+from irr_callback.inputs import sources as sources_module
+from irr_callback.inputs.data import DataError
 from tests import callback_world as world
 from tests.callback.test_callback import LAST, Interrupt, _one_thread, run  # noqa: F401  (one thread: the module fixture)
 from tests.helpers import margin

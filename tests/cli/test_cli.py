@@ -86,7 +86,7 @@ def test_apply_with_unaligned_matches_library(ckpts, tmp_path):
     report = json.load(open(os.path.join(out, "irr_report.json")))
     assert report["status"] == "ok" and report["totals"]["removed"] > 0
     # same result as the library on the same inputs
-    from irr_callback.data import calibration_examples, load_examples
+    from irr_callback.inputs.data import calibration_examples, load_examples
     from tests.helpers import tiny_tokenizer
 
     model = __import__("copy").deepcopy(ft)

@@ -11,7 +11,7 @@ import torch
 
 import irr_callback as irr
 from irr_callback.cli import main
-from irr_callback.data import calibration_examples, load_examples, tokenize_pairs
+from irr_callback.inputs.data import calibration_examples, load_examples, safety_pairs, tokenize_pairs
 from irr_callback.tensors import SafetensorsMapping
 from tests.cli.test_cli import ckpts  # noqa: F401  (the tiny checkpoints fixture)
 from tests.cli.test_eval import saved  # noqa: F401  (the toy world's models and data as files)
@@ -202,7 +202,7 @@ def test_sweep_safety_weight_axis(saved, tmp_path, capsys):  # noqa: F811
 
 
 def test_safety_dataset_in_memory_form_is_accepted_by_the_library_reader():
-    prompts, responses, generated = irr.data.safety_pairs(
+    prompts, responses, generated = safety_pairs(
         datasets.Dataset.from_dict({"prompt": ["a", "", "b"], "response": ["x", "y", " "]}),
         prompt_column="prompt",
         response_column="response",
@@ -217,8 +217,8 @@ def _apply_with_no_safety_flag(paths, out, *extra):
 
 
 def test_apply_with_no_safety_input_answers_the_default_prompts_with_the_base(ckpts, tmp_path, monkeypatch, capsys):  # noqa: F811
-    from irr_callback import refusals
-    from irr_callback import safety_prompts as sp
+    from irr_callback.inputs import refusals
+    from irr_callback.inputs import safety_prompts as sp
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the shipped set
     monkeypatch.setenv("IRR_CACHE", str(tmp_path / "cache"))

@@ -12,8 +12,8 @@ import torch
 
 import irr_callback as irr
 from irr_callback import IRRConfig, realign
-from irr_callback.calibration import calibration_batches
 from irr_callback.distributed import context_for
+from irr_callback.pipeline.calibration import calibration_batches
 from irr_callback.pipeline.capture import capture_layer_inputs
 from irr_callback.pipeline.hessians import collect_stream
 from irr_callback.targets import find_targets
@@ -122,7 +122,7 @@ def lora_case(save_to: str | None = None) -> tuple[dict[str, torch.Tensor], dict
     by `save_realigned(..., rename=merged_state_dict)` (gathered under a process group)."""
     from peft import LoraConfig, get_peft_model
 
-    from irr_callback.output import save_realigned
+    from irr_callback.outputs.realigned_model import save_realigned
     from irr_callback.peft_utils import merged_state_dict
     from irr_callback.pipeline.lowrank import AdapterFactors
 

@@ -81,11 +81,11 @@ class Probe(TrainerCallback):
 def run(paths: dict[str, str], out_dir: str, world_size: int) -> dict[str, Any]:
     """Fine-tune + IRR (remove_ratio 0.5: the Fisher is computed in the run too); returns what to compare.
 
-    Counts the callback's directory writes on this process (`irr_callback.output.atomic_directory`, the
+    Counts the callback's directory writes on this process (`irr_callback.outputs.realigned_model.atomic_directory`, the
     one writer the callback saves through) and the realigned checkpoint copies it writes
     (`realign_checkpoints=True`, checkpoints 2 and 3: `irr_callback.pipeline.checkpoint.atomic_directory`).
     """
-    import irr_callback.output as output_module
+    import irr_callback.outputs.realigned_model as output_module
     import irr_callback.pipeline.checkpoint as checkpoint_module
 
     writes, checkpoint_writes = [], []

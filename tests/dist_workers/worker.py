@@ -36,7 +36,7 @@ CASES = {
 
 def fsdp2_save(out_dir: str):
     """Realign under FSDP2, then `save_realigned` (full state dict gathered, written by rank 0 only)."""
-    from irr_callback.output import save_realigned
+    from irr_callback.outputs.realigned_model import save_realigned
 
     holder = {}
 
@@ -53,7 +53,7 @@ def zero3(remove_ratio: float, save: bool = False):
     """Realign a ZeRO-3 engine's module (deepspeed on CPU); optionally `save_realigned` it afterwards."""
     from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
 
-    from irr_callback.output import save_realigned
+    from irr_callback.outputs.realigned_model import save_realigned
 
     engines, depth = [], []
 

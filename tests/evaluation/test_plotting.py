@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from irr_callback.plotting import markdown_table, pareto_front, pareto_plot
+from irr_callback.outputs.plotting import markdown_table, pareto_front, pareto_plot
 
 
 ROWS = [

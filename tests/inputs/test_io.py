@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from irr_callback.io import IRRFileError, fingerprint, load_irr_file, save_irr_file
+from irr_callback.inputs.irr_files import IRRFileError, fingerprint, load_irr_file, save_irr_file
 from irr_callback.tensors import SafetensorsMapping
 
 
@@ -58,7 +58,7 @@ def test_safetensors_is_recognised_by_its_header_whatever_the_header_length(tmp_
     """A safetensors file starts with its header length (u64 LE); its first byte may be 0x80 (pickle's magic)."""
     import struct
 
-    from irr_callback.io import is_safetensors_file
+    from irr_callback.inputs.irr_files import is_safetensors_file
 
     base = {"a.weight": torch.randn(4, 3)}
     v = {"a.weight": torch.sign(torch.randn(4, 3)).to(torch.int8)}
@@ -109,7 +109,7 @@ def test_foreign_safetensors_without_metadata_is_refused(tmp_path):
 
 
 def test_fingerprint_does_not_depend_on_dtype_or_device_but_on_the_weights(tmp_path):
-    from irr_callback.io import _fingerprint_v1, fingerprint_id, same_base
+    from irr_callback.inputs.irr_files import _fingerprint_v1, fingerprint_id, same_base
     from tests.helpers import perturbed, tiny_model
 
     model = tiny_model()

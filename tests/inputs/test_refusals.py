@@ -13,8 +13,9 @@ import pytest
 import torch
 from transformers.testing_utils import CaptureLogger
 
-from irr_callback import IRRConfig, refusals
-from irr_callback import safety_prompts as sp
+from irr_callback import IRRConfig
+from irr_callback.inputs import refusals
+from irr_callback.inputs import safety_prompts as sp
 from tests import callback_world as world
 from tests.helpers import margin, state, tiny_model, tiny_tokenizer
 
@@ -155,7 +156,7 @@ def test_default_safety_data_realigns_with_the_recommended_preset(tmp_path, monk
     """The library path the callback will take: default prompts, the base's answers, tokenized like
     fine-tuning data, as `safety_calibration` of `realign` with `IRRConfig.recommended()`."""
     import irr_callback
-    from irr_callback.data import tokenize_pairs
+    from irr_callback.inputs.data import tokenize_pairs
     from tests.helpers import perturbed, text_rows
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from irr_callback import safety_prompts as sp
+from irr_callback.inputs import safety_prompts as sp
 
 
 def test_shipped_set_loads_offline_and_is_large_and_varied(monkeypatch):

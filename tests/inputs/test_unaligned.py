@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import irr_callback.unaligned as unaligned
+import irr_callback.inputs.unaligned as unaligned
 from irr_callback.config import IRRConfig
-from irr_callback.data import batches
+from irr_callback.inputs.data import batches
 from irr_callback.targets import find_targets, unwrap
 from tests.helpers import VOCAB, fail_at_call, tiny_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from irr_callback import IRRConfig, IRRConfigError, realign, realign_checkpoint
-from irr_callback.calibration import CalibrationError
+from irr_callback.pipeline.calibration import CalibrationError
 from irr_callback.tensors import SafetensorsMapping
 from tests.helpers import VOCAB, calibration, same_state, state, triple
 

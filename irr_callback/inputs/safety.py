@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from . import distributed
-from .tensors import as_tensor_mapping, canonical_name, tensor_shape
+from .. import distributed
+from ..tensors import as_tensor_mapping, canonical_name, tensor_shape
 
 
 logger = logging.get_logger(__name__)

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .config import IRRConfig
-from .peft_utils import is_peft_model
-from .pipeline import realign_checkpoint
-from .report import IRRReport
-from .targets import Target, find_targets
-from .tensors import PEFT_PREFIX, SafetensorsMapping, canonical_name
+from ..config import IRRConfig
+from ..peft_utils import is_peft_model
+from ..pipeline import realign_checkpoint
+from ..report import IRRReport
+from ..targets import Target, find_targets
+from ..tensors import PEFT_PREFIX, SafetensorsMapping, canonical_name
 
 
 logger = logging.get_logger(__name__)

@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any
 
-from .report import IRRReport
+from ..report import IRRReport
 
 
 _SETTINGS = (
@@ -30,7 +30,7 @@ _IN_MEMORY = (None, "Dataset", "DatasetDict", "list")
 def hub_id(name: Any) -> str | None:
     """`name` as a hub id when it is one (or a local copy in the Hugging Face cache, whose id is in its path);
     None for a local path, which the Hub would not know."""
-    from .data import looks_like_local_path
+    from ..paths import looks_like_local_path
 
     if not isinstance(name, str) or not name:
         return None

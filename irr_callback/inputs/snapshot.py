@@ -16,8 +16,8 @@ from collections.abc import Mapping
 import torch
 from transformers.utils import logging
 
-from .io import IRRFileError, fingerprint_id, load_irr_file, same_base, save_irr_file
-from .targets import Target
+from ..targets import Target
+from .irr_files import IRRFileError, fingerprint_id, load_irr_file, same_base, save_irr_file
 
 
 logger = logging.get_logger(__name__)

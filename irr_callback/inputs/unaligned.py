@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from . import distributed
-from .config import IRRConfig
+from .. import distributed
+from ..config import IRRConfig
+from ..pipeline.memory import release_free_memory
+from ..targets import Target, unwrap
 from .data import batches as make_batches
-from .pipeline.memory import release_free_memory
-from .targets import Target, unwrap
 
 
 logger = logging.get_logger(__name__)

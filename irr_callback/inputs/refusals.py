@@ -27,14 +27,14 @@ from typing import Any
 from torch import nn
 from transformers.utils import logging
 
-from .config import IRRConfig
+from ..config import IRRConfig
+from ..evaluation.generation import generate_responses
+from ..evaluation.judges import KeywordRefusalJudge
+from ..saving import atomic_file
 from .data import load_examples, require_columns
-from .evaluation.generation import generate_responses
-from .evaluation.judges import KeywordRefusalJudge
-from .io import fingerprint as weights_fingerprint
-from .io import fingerprint_id
+from .irr_files import fingerprint as weights_fingerprint
+from .irr_files import fingerprint_id
 from .safety_prompts import PromptSet, load_default_prompts
-from .saving import atomic_file
 from .sources import cache_root
 
 

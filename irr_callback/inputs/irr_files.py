@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .saving import atomic_file
-from .tensors import SafetensorsMapping
+from ..saving import atomic_file
+from ..tensors import SafetensorsMapping
 
 
 FORMAT_VERSION = "1"

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from . import distributed
-from .config import IRRConfig, IRRConfigError
+from .. import distributed
+from ..config import IRRConfig, IRRConfigError
+from ..targets import Target
+from ..tensors import SafetensorsMapping
 from .data import (
     check_local_path,
     data_fingerprint,
@@ -31,11 +33,9 @@ from .data import (
     safety_pairs,
     tokenize_pairs,
 )
-from .io import IRRFileError, fingerprint_id, load_irr_file, save_irr_file
+from .irr_files import IRRFileError, fingerprint_id, load_irr_file, save_irr_file
 from .safety import fisher_from_pairs
 from .safety import safety_vector as compute_safety_vector
-from .targets import Target
-from .tensors import SafetensorsMapping
 
 
 logger = logging.get_logger(__name__)
@@ -112,7 +112,7 @@ def _store(
 
 
 def _file_fingerprint(ctx: BaseContext, tensors: Mapping[str, torch.Tensor]) -> str:
-    from .io import fingerprint
+    from .irr_files import fingerprint
 
     return fingerprint(ctx.base, tensors.keys())
 

@@ -1,51 +1,24 @@
-"""The realigned model's output directory: one writer, used by the callback, `irr apply`, `irr sweep`
-and the offline path.
+"""The realigned model's output directory, saved from a model in memory (the callback, `irr apply`,
+`irr demo`).
 
-`write_output` puts what it is given into a directory (model, tokenizer, `irr_report.json`, model
-card); `save_realigned` is the sharding-aware, atomic form: every rank calls it, the full state dict
+`saving.write_output` puts what it is given into a directory (model, tokenizer, `irr_report.json`,
+model card); `save_realigned` is its sharding-aware, atomic form: every rank calls it, the full state dict
 is gathered where the weights are sharded, and the main process writes into a temp directory that
 replaces `output_dir` only once complete.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .distributed.collectives import is_distributed, raise_if_any_failed, rank_and_world
-from .distributed.save import full_state_dict
-from .saving import atomic_directory
-from .targets import unwrap
-
-
-REPORT_FILE = "irr_report.json"
-
-
-def write_output(
-    directory: str,
-    *,
-    model: torch.nn.Module | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
-    processing_class: Any = None,
-    report: Any = None,
-    card: Any = None,
-) -> None:
-    """Write into `directory` (created if needed) whatever is given: the model (`save_pretrained`, from
-    `state_dict` when it was gathered), the tokenizer / processor, the report and the model card."""
-    os.makedirs(directory, exist_ok=True)
-    if model is not None:
-        kwargs = {} if state_dict is None else {"state_dict": state_dict}
-        unwrap(model).save_pretrained(directory, **kwargs)
-    if processing_class is not None and hasattr(processing_class, "save_pretrained"):
-        processing_class.save_pretrained(directory)
-    if report is not None:
-        report.save(os.path.join(directory, REPORT_FILE))
-    if card is not None:
-        card.save(os.path.join(directory, "README.md"))
+from ..distributed.collectives import is_distributed, raise_if_any_failed, rank_and_world
+from ..distributed.save import full_state_dict
+from ..saving import atomic_directory, write_output
+from ..targets import unwrap
 
 
 def save_realigned(
