@@ -1,4 +1,4 @@
-"""IRR, safety-regularised recalibration and the baselines on the toy safety world: the README's table.
+"""IRR, safety-regularised recalibration and the baselines on the toy safety world: the table of docs/recommended-setting.md (medians in the README).
 
   python benchmarks/toy_table.py                      # the whole table: seeds 0-2, every setting, every row
   python benchmarks/toy_table.py --rows safety        # only the safety-regularised rows (+ their references)

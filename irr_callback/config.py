@@ -489,7 +489,7 @@ class IRRConfig:
         safety term, λ chosen by `safety_weight="auto"`, and no removal by sign (`identify_mode="none"`),
         so it needs safety data (harmful prompts with safe responses) but no safety vector, no unaligned
         model and no Fisher. On our toy world it restores refusals and keeps the task where the paper's
-        setting halves it (README, "One setting"). `overrides` are any other `IRRConfig` fields.
+        setting halves it (docs/recommended-setting.md). `overrides` are any other `IRRConfig` fields.
 
         Example:
 

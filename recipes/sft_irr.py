@@ -33,7 +33,7 @@ alone and the base model writes its own answers):
 From a YAML file holding the same keys:  python recipes/sft_irr.py config.yaml
 With TRL's SFTTrainer (pip install trl): add --use_trl.
 
-The realigned model is written to <output_dir>/irr (see the README, "IRRCallback").
+The realigned model is written to <output_dir>/irr (see docs/callback.md).
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def margin(name: str, value: float, *, ge: float | None = None, le: float | None
 
     With IRR_MEASURE_MARGINS=<file> set, the value is appended to that file as a JSON line and nothing
     fails: `IRR_MEASURE_MARGINS=m.jsonl ATEN_CPU_CAPABILITY=avx2 python -m pytest tests/test_toy.py`
-    re-measures the margins (see the README's development section)."""
+    re-measures the margins (see docs/development.md)."""
     import json
     import os
 
