@@ -2,17 +2,22 @@
 
     trainer = Trainer(model, args, train_dataset=..., processing_class=tok,
                       callbacks=[IRRCallback(IRRConfig(harmful_dataset="harmful.jsonl"))])
-    trainer.train()          # the live model is realigned at the end; <output_dir>/irr holds the result
+    trainer.train()          # the live model is realigned at the end
+    trainer.save_model()     # output_dir holds the realigned model once (and push_to_hub uploads it)
 
 At train begin the base weights of the targets are snapshotted and the safety inputs resolved (see
-`sources`); at train end the first training examples calibrate `irr_callback.realign`, the live
-model is realigned in place, and `irr_output_dir` is written atomically. The heavy lifting lives in
-`snapshot`, `sources`, `peft_utils`, `saving` and `model_card`: this module only sequences them.
+`sources`); at train end the first training examples calibrate `irr_callback.realign` and the live
+model is realigned in place. Into `output_dir` go `irr_report.json` and an IRR section in the model
+card (the Trainer's / TRL's card keeps it: `create_model_card` is wrapped); IRR's own copy of the
+output is written atomically only where `irr_output_dir` says (docs/trl.md: where each file goes). The
+heavy lifting lives in `snapshot`, `sources`, `peft_utils`, `saving` and `model_card`: this module only
+sequences them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from collections.abc import Mapping
@@ -38,10 +43,11 @@ from .inputs.sources import (
     safety_calibration_examples,
     safety_source,
 )
-from .outputs.model_card import adapter_note, build_model_card
+from .outputs.model_card import adapter_note, append_note, build_model_card, realigned_note
 from .outputs.realigned_model import save_realigned
 from .outputs.trainer_checkpoints import realign_saved_checkpoint
 from .peft_utils import (
+    REALIGNED_TAG,
     AdapterPlan,
     LoraBackup,
     check_supported,
@@ -53,7 +59,7 @@ from .peft_utils import (
 )
 from .pipeline import realign
 from .pipeline.lowrank import AdapterFactors
-from .report import IRRReport
+from .report import IRRReport, portable_paths
 from .targets import find_targets, unwrap
 from .tensors import SafetensorsMapping, canonical_name
 
@@ -74,9 +80,11 @@ class IRRCallback(TrainerCallback):
     (and the Fisher importance when `remove_ratio` < 1). At train end it runs `irr_callback.realign`:
     per target, the fine-tuning deltas Δ = W_F − W_A whose sign conflicts with the safety vector are
     removed and the rest recalibrated to keep the layer's outputs on the training data,
-    minimise tr((Δ′ − Δ) H (Δ′ − Δ)ᵀ) with Δ′ = 0 on the removed entries, H = 2XXᵀ/n, then the
-    realigned model is saved. After `on_train_end`, `report` holds the `IRRReport` and `output_path`
-    the saved directory.
+    minimise tr((Δ′ − Δ) H (Δ′ − Δ)ᵀ) with Δ′ = 0 on the removed entries, H = 2XXᵀ/n. The live model
+    is then the realigned model: `trainer.save_model()` writes it into `output_dir` (a LoRA run: the
+    realigned adapter), where the callback has put `irr_report.json` and the IRR section of the model
+    card. After `on_train_end`, `report` holds the `IRRReport` and `output_path` IRR's own copy of the
+    output (None unless `IRRConfig.irr_output_dir` asks for one).
 
     Args:
         config: the `IRRConfig` (safety inputs, calibration, callback behaviour); default
@@ -95,7 +103,8 @@ class IRRCallback(TrainerCallback):
     >>> from irr_callback import IRRCallback, IRRConfig
     >>> callback = IRRCallback(IRRConfig(unaligned_model="org/llama-unaligned"))
     >>> trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[callback])
-    >>> trainer.train()  # the realigned model is saved next to the fine-tuned one
+    >>> trainer.train()  # the live model is realigned at the end
+    >>> trainer.save_model()  # output_dir: the realigned weights, irr_report.json, the card's IRR section
     >>> print(callback.report.summary())
     >>> # the recommended setting: no unaligned model, only harmful prompts (+ safe responses)
     >>> callback = IRRCallback(IRRConfig.recommended(), safety_dataset=refusals)
@@ -117,6 +126,8 @@ class IRRCallback(TrainerCallback):
         self._importance: Mapping[str, torch.Tensor] | None = None
         self._safety_calibration: list[dict] | None = None  # the safety stream's tokenized rows
         self._base_fingerprint: str | None = None
+        self._resumed_rows_sources: dict[str, dict] = {}
+        self._card_note: str | None = None  # what the output's model card says about IRR (set at train end)
 
     def bind(self, trainer) -> IRRCallback:
         """Attach to a Trainer explicitly: its train_dataset and processing_class are then used, and
@@ -133,6 +144,7 @@ class IRRCallback(TrainerCallback):
             return
         model = self._model(model)
         tokenizer = self._tokenizer(processing_class)
+        self._card_note = None  # a new run: cards written before its end describe the fine-tune only
         check_supported(model)
         self._check_safety_inputs()
         run_config, targets = self._targets(model)
@@ -222,6 +234,13 @@ class IRRCallback(TrainerCallback):
                     progress=ctx.progress,
                 )
             pairs = load_safety_pairs(config, ctx, safety_source(config, self.safety_dataset))
+            # the rows are the run's safety data: described as `safety_data` says (the set it came from, and
+            # whether the base wrote the answers), not as the in-memory Dataset that carries them now
+            pairs = dataclasses.replace(
+                pairs,
+                label=safety_data.get("set", pairs.label),
+                generated=bool(safety_data.get("generated_responses")),
+            )
             self._safety_calibration = safety_calibration_examples(config, pairs, tokenizer)
             self._check_auto_rows(config, len(self._safety_calibration))
         if config.needs_safety_vector:
@@ -277,7 +296,7 @@ class IRRCallback(TrainerCallback):
             self._safety = store.load("safety_vector", names, base_fingerprint=fp)
             fp = self._safety.metadata["irr_callback.base_fingerprint"]
         if run_config.uses_safety_stream:
-            self._safety_calibration, fp = _load_rows(store, fp)
+            self._safety_calibration, fp, self._resumed_rows_sources = _load_rows(store, fp)
         self._base_fingerprint = fp
         self._importance = (
             store.load("fisher", names, base_fingerprint=self._base_fingerprint)
@@ -293,9 +312,7 @@ class IRRCallback(TrainerCallback):
             "importance": Resolved(None, "resumed" if self._importance is not None else "none").describe(),
         }
         if self._safety_calibration is not None:
-            self.sources["safety_calibration"] = Resolved(
-                None, "resumed", path=_rows_path(store), info={"examples": len(self._safety_calibration)}
-            ).describe()
+            self.sources.update(self._resumed_rows_sources)
         logger.info(f"IRR: resumed run, base snapshot and safety inputs reloaded from {store.directory}")
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -357,21 +374,22 @@ class IRRCallback(TrainerCallback):
             logger.warning("IRR: on_train_end without on_train_begin; nothing to realign")
             return
         self._dataloader = kwargs.get("train_dataloader")
-        target = self.config.irr_output_dir or os.path.join(args.output_dir, "irr")
+        self.output_path = None
+        target = self.config.irr_output_dir if self.config.save_realigned else None
         try:
             self.report = self._realign_and_save(self._model(model), args, processing_class, target)
-            self.output_path = target if self.config.save_realigned else None
-        except _SaveFailed as exc:  # the live model IS realigned; only writing `target` failed
+        except _SaveFailed as exc:  # the live model IS realigned; only writing IRR's copy failed
             cause = exc.__cause__
             self.report = exc.report
             self.report.status = "save_failed"
             self.report.error = f"{type(cause).__name__}: {cause}"
             self._write_run_report(args)
+            self._mark_output(args, self._model(model), self.report)
             if self.config.on_error == "raise":
                 raise cause from None
             logger.warning(
-                f"IRR realigned the model ({self.report.totals['modules']} modules), but saving it to "
-                f"{target} failed: {self.report.error}. The live model (trainer.model) IS realigned: "
+                f"IRR realigned the model ({self.report.totals['modules']} modules), but saving its copy to "
+                f"{exc.target} failed: {self.report.error}. The live model (trainer.model) IS realigned: "
                 "save it with trainer.save_model()"
             )
             return
@@ -385,7 +403,41 @@ class IRRCallback(TrainerCallback):
             logger.warning(f"IRR failed; the model stays the fine-tuned model: {self.report.error}")
             return
         self._write_run_report(args)
+        self._mark_output(args, self._model(model), self.report)
+        if self.output_path is None:
+            logger.info(
+                "IRR: the live model is realigned; trainer.save_model() writes it into "
+                f"{portable_paths(args.output_dir, os.getcwd())} (irr_report.json and the model card's IRR section "
+                "are there already)"
+            )
         self._end_run(args)
+
+    def _mark_output(self, args, model: nn.Module, report: IRRReport) -> None:
+        """Make `output_dir`'s model card say that its weights are the realigned ones, and keep saying it: the
+        section goes into the card there now (or IRR's card, when there is none yet), and after every
+        `create_model_card` of the Trainer that runs this callback (transformers' and TRL's rewrite README.md
+        at `push_to_hub` and, TRL, at every checkpoint). A full fine-tune's model also gets the `irr-realigned`
+        tag (a LoRA run's: `peft_utils.mark_realigned`), which both cards list."""
+        if self._card_note is None:  # a full fine-tune (a LoRA run's note is set by `_finish_adapter`)
+            copy_at = portable_paths(self.output_path, args.output_dir) if self.output_path else None
+            self._card_note = realigned_note(report, sources=self.sources, copy_at=copy_at)
+            inner = unwrap(model)
+            if hasattr(inner, "add_model_tags"):
+                inner.add_model_tags([REALIGNED_TAG])
+        trainer = self._trainer or _calling_trainer(self)
+        if trainer is not None and not getattr(trainer, "_irr_card_hook", False):
+            trainer.create_model_card = _card_hook(trainer.create_model_card, self, args.output_dir)
+            trainer._irr_card_hook = True
+        if not _partial_state().is_main_process:
+            return
+        readme = os.path.join(args.output_dir, "README.md")
+        try:
+            if os.path.isfile(readme):
+                append_note(readme, self._card_note)
+            else:
+                self._card(report, model).save(readme)
+        except Exception as exc:  # the model and the report are what matter; a card can be written again
+            logger.warning(f"IRR: the model card's IRR section could not be written to {readme}: {exc}")
 
     def _end_run(self, args) -> None:
         """The run ended well: `<output_dir>/_irr_run/` (a copy of the base's targets, for resuming) is not needed
@@ -397,8 +449,9 @@ class IRRCallback(TrainerCallback):
         self._snapshot = self._safety = self._importance = self._safety_calibration = None
         self._prepared = False
 
-    def _realign_and_save(self, model: nn.Module, args, processing_class, target: str) -> IRRReport:
-        """Realign `model` in place (all or nothing, LoRA adapter included) and save it atomically."""
+    def _realign_and_save(self, model: nn.Module, args, processing_class, target: str | None) -> IRRReport:
+        """Realign `model` in place (all or nothing, LoRA adapter included) and, when `target` is set, save
+        IRR's copy of the output there atomically (`self.output_path`)."""
         tokenizer = self._tokenizer(processing_class)
         config = self._run_config
         calibration = calibration_examples(
@@ -441,23 +494,29 @@ class IRRCallback(TrainerCallback):
             if backup is not None:
                 backup.restore()
             raise
-        saved = False
+        if target is None and plan is not None and not plan.adapter and self.config.save_realigned:
+            # no adapter stands for the realigned model: the merged model must be written somewhere
+            target = os.path.join(args.output_dir, "_irr")
+            logger.warning(f"IRR: no realigned adapter within the tolerance: the merged model goes to {target}")
+        merged_at = None
         try:
-            if self.config.save_realigned:
+            if target is not None:
                 self._save(model, tokenizer, report, target, plan)
-                saved = True
+                self.output_path = target
+                merged = plan is not None and (not plan.adapter or self.config.lora_output in ("merged", "both"))
+                merged_at = portable_paths(target, args.output_dir) if merged else None
         except Exception as exc:
-            raise _SaveFailed(report) from exc
+            raise _SaveFailed(report, target) from exc
         finally:
             if plan is not None:
-                self._finish_adapter(model, targets, backup, plan, target if saved else None)
+                self._finish_adapter(model, targets, backup, plan, merged_at)
         return report
 
     def _finish_adapter(self, model, targets, backup: LoraBackup, plan: AdapterPlan, merged_at: str | None) -> None:
         """The live PeftModel after a LoRA run: the realigned adapter on W_A when it is smaller than the
         dense delta; else the exact realigned weights in base_layer with B = 0 (a forward is the realigned
         model, but `save_pretrained` writes only the adapter: say so, loudly, there and in the log).
-        `merged_at`: where the merged model was saved (None: it was not)."""
+        `merged_at`: where the merged model was saved, relative to output_dir (None: it was not)."""
         if plan.adapter:
             backup.restore_bases()
             logger.info(
@@ -476,7 +535,8 @@ class IRRCallback(TrainerCallback):
                 "trainer.save_model() writes an adapter that is NOT the realigned model: use "
                 "trainer.model.merge_and_unload() or the merged directory"
             )
-        mark_realigned(model, adapter_note(plan.to_dict(), merged_at))
+        self._card_note = adapter_note(plan.to_dict(), merged_at)
+        mark_realigned(model, self._card_note)
 
     def _describe(self, report: IRRReport) -> None:
         """What every realigned output's report records beyond the realignment: the safety inputs and the base."""
@@ -563,12 +623,18 @@ def _save_rows(store: RunStore, rows: list[dict], base_fingerprint: str, sources
     from .saving import atomic_file
 
     os.makedirs(store.directory, exist_ok=True)
-    payload = {"base_fingerprint": base_fingerprint, "source": sources.get("safety_calibration"), "rows": rows}
+    payload = {
+        "base_fingerprint": base_fingerprint,
+        "sources": {k: sources[k] for k in ("safety_calibration", "safety_data") if k in sources},
+        "rows": rows,
+    }
     with atomic_file(_rows_path(store), suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(payload, fh)
 
 
-def _load_rows(store: RunStore, fingerprint: str | None) -> tuple[list[dict], str]:
+def _load_rows(store: RunStore, fingerprint: str | None) -> tuple[list[dict], str, dict[str, dict]]:
+    """The persisted rows, the base they were made for, and their description at the run's first start
+    (marked `resumed`), so that a resumed run's report describes the same safety data."""
     path = _rows_path(store)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -584,15 +650,49 @@ def _load_rows(store: RunStore, fingerprint: str | None) -> tuple[list[dict], st
             f"'{path}' was made for base {fingerprint_id(recorded or '')}, this run's base is "
             f"{fingerprint_id(fingerprint)}"
         )
-    return payload["rows"], recorded
+    described = {kind: {**info, "resumed": True} for kind, info in (payload.get("sources") or {}).items() if info}
+    described.setdefault("safety_calibration", {"source": "resumed", "examples": len(payload["rows"])})
+    return payload["rows"], recorded, described
 
 
 class _SaveFailed(Exception):
-    """Realignment succeeded (the model is realigned in place) but writing its directory failed."""
+    """Realignment succeeded (the model is realigned in place) but writing IRR's copy at `target` failed."""
 
-    def __init__(self, report: IRRReport) -> None:
+    def __init__(self, report: IRRReport, target: str) -> None:
         super().__init__("saving the realigned model failed")
         self.report = report
+        self.target = target
+
+
+def _calling_trainer(callback: IRRCallback):
+    """The Trainer whose event `callback` is handling, found on the call stack (events get the model, not
+    the trainer; `IRRCallback.bind` names it explicitly). None when called some other way."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer) and callback in owner.callback_handler.callbacks:
+                return owner
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def _card_hook(create_model_card, callback: IRRCallback, output_dir: str):
+    """`trainer.create_model_card` that then appends the callback's current note to the card it wrote."""
+
+    def wrapped(*args, **kwargs):
+        result = create_model_card(*args, **kwargs)
+        readme = os.path.join(output_dir, "README.md")
+        if callback._card_note is not None and _partial_state().is_main_process and os.path.isfile(readme):
+            append_note(readme, callback._card_note)
+        return result
+
+    wrapped.__wrapped__ = create_model_card
+    return wrapped
 
 
 def _show_progress(args) -> bool:

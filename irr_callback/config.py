@@ -46,7 +46,8 @@ class IRRConfig:
         of general prompts that keeps what the model could already do.
 
     Args (calibration):
-        num_calibration_samples, calibration_max_length, calibration_batch_size: the data H is built from.
+        num_calibration_samples, calibration_max_length, calibration_loss_tokens_only, calibration_batch_size: the
+            data H is built from (packed rows are split into their sequences; a sample is one sequence).
         device: where the math runs. backup: where originals are kept for the all-or-nothing restore.
 
     Args (safety inputs, for the callback and the CLI):
@@ -191,10 +192,23 @@ class IRRConfig:
     )
     # ---- calibration ---------------------------------------------------------------------
     num_calibration_samples: int = field(
-        default=128, metadata={"help": "Calibration sequences (the first ones of the downstream training set)."}
+        default=128,
+        metadata={
+            "help": "Calibration sequences (the first ones of the downstream training set; a packed row counts as "
+            "the sequences it holds)."
+        },
     )
     calibration_max_length: int = field(
         default=512, metadata={"help": "Calibration sequences are truncated to this many tokens."}
+    )
+    calibration_loss_tokens_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Which calibration tokens enter H: False (default) every real token, prompt included (a prompt's "
+            "keys and values shape the completion); True only the tokens the training loss saw (labels != -100, "
+            "e.g. TRL's completion_only_loss / assistant_only_loss). Every token still runs through the layers. "
+            "Measured on the toy world: docs/trl.md."
+        },
     )
     calibration_batch_size: int = field(
         default=4,
@@ -291,14 +305,29 @@ class IRRConfig:
         },
     )
     irr_output_dir: str | None = field(
-        default=None, metadata={"help": "Where the realigned model is saved (default: <output_dir>/irr)."}
+        default=None,
+        metadata={
+            "help": "Callback: where IRR writes its own copy of the realigned output at train end (model, tokenizer, "
+            "irr_report.json, IRR's model card; LoRA: see lora_output). Default None: no copy; the live model is "
+            "realigned, trainer.save_model() writes it into output_dir, where irr_report.json and the card's IRR "
+            "section already are. Use a name starting with '_' inside output_dir (e.g. <output_dir>/_irr) to keep "
+            "the copy out of push_to_hub's upload. (Until issue 23 the default was <output_dir>/irr: docs/trl.md.)"
+        },
     )
-    save_realigned: bool = field(default=True, metadata={"help": "Save the realigned model at train end."})
+    save_realigned: bool = field(
+        default=True,
+        metadata={
+            "help": "Callback: write IRR's copy at irr_output_dir (False: never, even if irr_output_dir is set; a LoRA "
+            "run whose adapter cannot stand for the realigned model otherwise writes the merged model to "
+            "<output_dir>/_irr)."
+        },
+    )
     lora_output: str = field(
         default="both",
         metadata={
-            "help": "LoRA runs: save the exact 'merged' model, the realigned 'adapter', or 'both'. When the "
-            "adapter would need as many parameters as the dense delta, the merged model is saved instead."
+            "help": "LoRA runs with irr_output_dir: IRR's copy holds the exact 'merged' model, the realigned 'adapter', "
+            "or 'both' (the adapter in adapter/). When the adapter would need as many parameters as the dense delta, "
+            "the merged model is saved instead."
         },
     )
     lora_adapter_tolerance: float = field(

@@ -250,7 +250,6 @@ class LoraBackup:
 
 
 REALIGNED_TAG = "irr-realigned"
-_NOTE_START, _NOTE_END = "<!-- irr-callback: realigned -->", "<!-- /irr-callback -->"
 
 
 def mark_realigned(model: nn.Module, note: str) -> None:
@@ -269,15 +268,7 @@ def mark_realigned(model: nn.Module, note: str) -> None:
 def _card_with_note(self, output_dir: str) -> None:
     import os
 
+    from .model_card import append_note
+
     type(self).create_or_update_model_card(self, output_dir)
-    path = os.path.join(output_dir, "README.md")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    block = f"{_NOTE_START}\n{self._irr_card_note}\n{_NOTE_END}"
-    if _NOTE_START in text and _NOTE_END in text:
-        head, rest = text.split(_NOTE_START, 1)
-        text = head + block + rest.split(_NOTE_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    append_note(os.path.join(output_dir, "README.md"), self._irr_card_note)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,9 +105,12 @@ class IRRReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str) -> None:
-        """Write atomically: a reader never sees a half-written report."""
+        """Write atomically: a reader never sees a half-written report. Local paths in it (cache files,
+        safety inputs, output directories) are written relative to the report's directory, or by their
+        last component when outside it (`portable_paths`): an output carries no path of this machine."""
+        text = json.dumps(portable_paths(self.to_dict(), os.path.dirname(os.path.abspath(path))), indent=2)
         with atomic_file(path, suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(self.to_json())
+            fh.write(text)
 
     def summary(self) -> str:
         t = self.totals
@@ -131,6 +135,22 @@ class IRRReport:
         weight = "not chosen" if self.safety_weight is None else f"{self.safety_weight:g}"
         chosen = " chosen by safety_weight='auto'" if self.auto else ""
         return f"setting {self.setting}, safety weight λ={weight}{chosen}"
+
+
+def portable_paths(value: Any, root: str) -> Any:
+    """`value` (JSON-like) with every absolute or home-relative path replaced: relative to `root` when inside
+    it (`_irr/irr_report.json`), else its last component (a cache file's name, a dataset file's name)."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v, root) for v in value]
+    if not isinstance(value, str) or not (os.path.isabs(value) or value.startswith("~")):
+        return value
+    path = os.path.abspath(os.path.expanduser(value))
+    root = os.path.abspath(root)
+    if os.path.commonpath([path, root]) == root:
+        return os.path.relpath(path, root)
+    return os.path.basename(os.path.normpath(path)) or value
 
 
 def _sum_or_none(values) -> float | None:

@@ -33,7 +33,8 @@ alone and the base model writes its own answers):
 From a YAML file holding the same keys:  python recipes/sft_irr.py config.yaml
 With TRL's SFTTrainer (pip install trl): add --use_trl.
 
-The realigned model is written to <output_dir>/irr (see docs/callback.md).
+trainer.save_model() writes the realigned model into <output_dir>, beside irr_report.json and a model card with
+IRR's section (docs/trl.md: where each file goes; --irr_output_dir <output_dir>/_irr for IRR's own copy).
 """
 
 from __future__ import annotations

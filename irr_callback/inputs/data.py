@@ -287,29 +287,37 @@ def check_calibration_columns(dataset, text_column: str | None = None) -> None:
 def calibration_examples(
     dataset: Any, tokenizer, *, num_samples: int, max_length: int, text_column: str | None = None
 ) -> list[dict]:
-    """The first `num_samples` training examples as token ids: pre-tokenized (`input_ids`) as is,
-    otherwise tokenized from `text_column`, or a `text`, `prompt`/`completion|response` or `messages` column."""
+    """The first `num_samples` training examples as token ids, each as training saw it: pre-tokenized
+    (`input_ids`) rows keep their loss mask (`labels`, or TRL's `completion_mask` / `assistant_masks`) and a
+    packed row (TRL `packing=True`: `seq_lengths` or restarting `position_ids`) is split into the sequences
+    it holds, which training kept apart (padding-free packing): a sample is one sequence, never a packed
+    row. Otherwise tokenized from `text_column`, or a `text`, `prompt`/`completion|response` or `messages`
+    column."""
     if dataset is None:
         raise DataError(
             "no training dataset for IRR calibration: call IRRCallback.bind(trainer) or train with a train_dataset"
         )
-    rows = []
-    for item in dataset:
-        rows.append(item)
-        if len(rows) >= num_samples:
-            break
-    if not rows:
+    iterator = iter(dataset)
+    first = next(iterator, None)
+    if first is None:
         raise DataError("the training dataset is empty: IRR calibration needs at least one example")
-    first = rows[0]
     if not isinstance(first, Mapping):
         raise DataError(f"training examples are {type(first).__name__}, expected dicts with 'input_ids' or text")
     if text_column is not None and text_column not in first:
         raise DataError(f"calibration data has no column '{text_column}'; its columns are {list(first)}")
     if "input_ids" in first and text_column is None:
-        return [
-            {"input_ids": r["input_ids"], **({"attention_mask": r["attention_mask"]} if "attention_mask" in r else {})}
-            for r in rows
-        ]
+        out: list[dict] = []
+        for row in _chain(first, iterator):
+            out.extend(trained_sequences(row))
+            if len(out) >= num_samples:
+                break
+        return out[:num_samples]
+    rows = [first]
+    for item in iterator:
+        if len(rows) >= num_samples:
+            break
+        rows.append(item)
+    rows = rows[:num_samples]
     if tokenizer is None:
         raise DataError(
             f"training examples are not tokenized (keys {list(first)}) and no processing_class "
@@ -334,3 +342,61 @@ def calibration_examples(
             )
         out.append({"input_ids": list(ids)[:max_length]})
     return out
+
+
+def _chain(first: Any, rest: Any):
+    yield first
+    yield from rest
+
+
+def _as_list(values: Any) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+def trained_sequences(row: Mapping[str, Any]) -> list[dict]:
+    """One pre-tokenized training row as the sequences training saw: `input_ids`, `attention_mask` (when
+    given) and `labels` (-100 where the loss was masked: given `labels`, else TRL's `completion_mask` /
+    `assistant_masks` (0 = masked)), split at the boundaries of a packed row (`seq_lengths`, else every
+    `position_ids` restart at 0). A row that is not packed is one sequence."""
+    ids = _as_list(row["input_ids"])
+    if ids and isinstance(ids[0], list):
+        raise DataError("training rows hold a batch of input_ids (2-D); IRR calibration reads one row per example")
+    seq = {"input_ids": ids}
+    if row.get("attention_mask") is not None:
+        seq["attention_mask"] = _as_list(row["attention_mask"])
+    labels = _as_list(row["labels"]) if row.get("labels") is not None else None
+    for column in ("completion_mask", "assistant_masks"):
+        if labels is None and row.get(column) is not None:
+            keep = _as_list(row[column])
+            labels = [t if k else -100 for t, k in zip(ids, keep)]
+        elif labels is not None and row.get(column) is not None:  # both: a token is trained when both say so
+            labels = [t if k else -100 for t, k in zip(labels, _as_list(row[column]))]
+    if labels is not None:
+        seq["labels"] = labels
+    for key, values in seq.items():
+        if len(values) != len(ids):
+            raise DataError(f"a training row's {key} has {len(values)} entries, its input_ids {len(ids)}")
+    lengths = _packed_lengths(row, len(ids))
+    if lengths is None:
+        return [seq]
+    out, start = [], 0
+    for n in lengths:
+        out.append({k: v[start : start + n] for k, v in seq.items()})
+        start += n
+    return [s for s in out if s["input_ids"]]
+
+
+def _packed_lengths(row: Mapping[str, Any], total: int) -> list[int] | None:
+    """The lengths of the sequences in a packed row, None when it is not packed."""
+    if row.get("seq_lengths") is not None:
+        lengths = [int(n) for n in _as_list(row["seq_lengths"])]
+        if sum(lengths) != total or any(n < 0 for n in lengths):
+            raise DataError(f"a packed training row's seq_lengths {lengths} do not add up to its {total} tokens")
+        return lengths if len(lengths) > 1 else None
+    if row.get("position_ids") is not None:
+        positions = [int(p) for p in _as_list(row["position_ids"])]
+        starts = [k for k, p in enumerate(positions) if p == 0 or k == 0]
+        if len(starts) <= 1:
+            return None
+        return [b - a for a, b in zip(starts, starts[1:] + [total])]
+    return None

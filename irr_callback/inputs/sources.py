@@ -301,7 +301,7 @@ def resolve_fisher(
         ctx.names,
     )
     path = _cache_path(config, ctx, "fisher", key)
-    label = source if isinstance(source, str) else type(source).__name__
+    label = pairs.label if pairs is not None else source if isinstance(source, str) else type(source).__name__
     hit = _cached(path, "fisher", ctx)
     if distributed.is_distributed() and distributed.all_reduce_count(hit is None):
         hit = None  # the computation below is collective: every rank takes the same branch

@@ -198,6 +198,54 @@ IRR reduces, but does not guarantee the absence of, harmful behaviour: evaluate 
     return ModelCard(content)
 
 
+#: The block IRR adds to a card someone else writes (PEFT's, the Trainer's, TRL's): replaced, never repeated.
+NOTE_START, NOTE_END = "<!-- irr-callback: realigned -->", "<!-- /irr-callback -->"
+
+
+def append_note(path: str, note: str) -> None:
+    """Add `note` to the card at `path` (a README.md) inside IRR's marker block, replacing the block a
+    previous call left there; a missing card becomes the note alone."""
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    block = f"{NOTE_START}\n{note.rstrip()}\n{NOTE_END}"
+    if NOTE_START in text and NOTE_END in text:
+        head, rest = text.split(NOTE_START, 1)
+        text = head + block + rest.split(NOTE_END, 1)[1]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def realigned_note(
+    report: IRRReport,
+    *,
+    sources: dict[str, Any],
+    copy_at: str | None = None,
+    calibration: str = "the first training examples",
+) -> str:
+    """The section a full fine-tune's own card (the Trainer's or TRL's, in `output_dir`) gets: these weights
+    are the realigned model, how they were made, where the statistics are. `copy_at`: where IRR also wrote
+    its own copy of the output (a name relative to the card's directory), None when it did not."""
+    totals = report.totals
+    source_lines = "\n".join(source_text(kind, info) for kind, info in sources.items())
+    copy = f"\n\nIRR's own copy of the realigned output (model card, report): `{copy_at}`." if copy_at else ""
+    return (
+        "## Safety realignment (irr-callback)\n\n"
+        "The weights in this directory were safety-realigned after fine-tuning with **IRR** (identify, remove, "
+        "recalibrate; Wu et al., arXiv:2412.11041), applied by `irr_callback.IRRCallback` at the end of the "
+        f"training run: they are not the weights training ended with. {_method(report, calibration)}\n\n"
+        f"Safety inputs:\n\n{source_lines or '- (not recorded)'}\n\n"
+        f"{totals['removed']:,} of {totals['entries']:,} target weight entries reset to the base value "
+        f"({100 * totals['removed_fraction']:.2f}%) in {count(totals['modules'], 'module')}; calibration: "
+        f"{report.calibration_sequences} sequences, {report.calibration_tokens} tokens.{_safety_line(report)} "
+        f"Per-module statistics and the settings: `irr_report.json`.{copy}\n\n"
+        "IRR reduces, but does not guarantee the absence of, harmful behaviour: evaluate before deploying.\n"
+    )
+
+
 def lora_summary(lora: dict[str, Any]) -> str:
     """What the output of a LoRA run is (`report.extra["lora_adapter"]`, `peft_utils.AdapterPlan`)."""
     chosen = (

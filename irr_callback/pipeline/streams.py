@@ -104,13 +104,18 @@ def prepare_calibration(
     calibration: Any, config: IRRConfig, model_config: Any, num_layers: int
 ) -> tuple[list[dict[str, torch.Tensor]], IRRReport]:
     """Padded calibration batches, and the report that will record what is done with them.
-    With `safety_weight="auto"` the batches carry `irr_loss_mask` (their held-out part is scored)."""
-    batches = _padded_batches(calibration, config, model_config, config.num_calibration_samples)
+    With `safety_weight="auto"` the batches carry `irr_loss_mask` (their held-out part is scored); with
+    `calibration_loss_tokens_only` an `irr_token_mask` lets only the tokens with labels (!= -100) into H."""
+    selection = "response" if config.calibration_loss_tokens_only else None
+    batches = _padded_batches(
+        calibration, config, model_config, config.num_calibration_samples, token_selection=selection
+    )
+    key = "attention_mask" if selection is None else "irr_token_mask"
     report = IRRReport(
         config=config.to_dict(),
         num_layers=num_layers,
         calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
-        calibration_tokens=sum(int(b["attention_mask"].sum()) for b in batches),
+        calibration_tokens=sum(int(b[key].sum()) for b in batches),
         setting=config.setting_name,
         safety_weight=None if config.safety_weight == "auto" else float(config.safety_weight) or None,
     )

@@ -116,23 +116,20 @@ def test_full_finetune_restores_refusals_and_saves_reloadable_model(tmp_path, un
     live = trainer.model
     margin("cb full irr refusal", world.refusal_rate(live), ge=0.9)  # IRR restored them
     margin("cb full irr downstream", world.downstream_accuracy(live), ge=0.9)  # and kept the downstream task
-    out = tmp_path / "run" / "irr"
-    assert cb.output_path == str(out)
-    assert sorted(os.listdir(tmp_path / "run")) == [
-        "irr",
-        "irr_report.json",
-    ]  # no temp dirs; no irr_run (nothing to resume)
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
-    torch.testing.assert_close(logits(reloaded), logits(live), rtol=0, atol=0)
+    out = tmp_path / "run"
+    # no copy of the model by IRR: the report and the card, no temp dirs, no _irr_run (nothing to resume)
+    assert cb.output_path is None and sorted(os.listdir(out)) == ["README.md", "irr_report.json"]
     report = json.loads((out / "irr_report.json").read_text())
     assert report["status"] == "ok" and report["totals"]["removed"] > 0
     assert report["extra"]["safety_inputs"]["safety_vector"]["source"] == "unaligned_model"
+    assert str(tmp_path) not in (out / "irr_report.json").read_text()  # paths relative or by name only
     card = (out / "README.md").read_text()
     assert "IRR" in card and f"{report['totals']['removed']:,}" in card and "unaligned_model" in card
-    assert (out / "tokenizer.json").exists()
-    # trainer.save_model() now writes the realigned model
-    trainer.save_model(str(tmp_path / "saved"))
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")), logits(live))
+    # trainer.save_model() writes the realigned model into output_dir, once
+    trainer.save_model()
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), logits(live), rtol=0, atol=0)
+    assert (out / "tokenizer.json").exists() and (out / "README.md").read_text() == card
+    assert "irr-realigned" in trainer.model.model_tags
 
 
 def test_safety_vector_file_source_and_foreign_files_refused(tmp_path):
@@ -192,12 +189,13 @@ def test_lora_with_harmful_dataset_restores_refusals_and_reuses_cache(tmp_path, 
         lora_refactor_rank=64,
     )
     kwargs = {"harmful_dataset": world.harmful_pairs_dataset()}
+    cfg.irr_output_dir = str(tmp_path / "run" / "_irr")  # IRR's copy (opt-in): merged model + adapter
     trainer, cb, probe = run(tmp_path, lora_model(), cfg, callback_kwargs=kwargs, learning_rate=5e-3)
     assert calls == [1] and cb.sources["safety_vector"] == {**cb.sources["safety_vector"], "cached": False}
     margin("cb lora ft refusal", probe.refusal, le=0.2)
     live = trainer.model
     margin("cb lora irr refusal", world.refusal_rate(live), ge=0.9)
-    out = tmp_path / "run" / "irr"
+    out = tmp_path / "run" / "_irr"
     # merged model (exact) and re-factored adapter (rank 64 = full rank here: exact too)
     merged = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits(merged), logits(live), rtol=1e-4, atol=1e-4)
@@ -231,10 +229,11 @@ def test_lora_refactor_at_low_rank_reports_its_error(tmp_path, unaligned_dir):
             lora_refactor_rank=2,
             cache_dir=str(tmp_path / "c"),
             num_calibration_samples=8,
+            irr_output_dir=str(tmp_path / "run" / "_irr"),
         ),
         steps=3,
     )
-    out = tmp_path / "run" / "irr"
+    out = tmp_path / "run" / "_irr"
     assert (out / "adapter_config.json").exists() and not (out / "config.json").exists()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
     lora = cb.report.extra["lora_adapter"]
@@ -373,13 +372,16 @@ def test_failure_keeps_finetuned_model_and_leaves_no_output_dir(tmp_path, unalig
         return original(*args, **kwargs)
 
     monkeypatch.setattr(solve_step, "realign_group", failing)
-    cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8)
+    copy = str(tmp_path / "run" / "_irr")
+    cfg = IRRConfig(
+        unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8, irr_output_dir=copy
+    )
     model = world.aligned_model()
     with pytest.raises(RuntimeError, match="boom"):
         run(tmp_path, model, cfg, steps=4)
     probe_state = LAST["probe"].state
     assert all(torch.equal(probe_state[k], t) for k, t in model.state_dict().items())
-    assert not (tmp_path / "run" / "irr").exists()
+    assert not os.path.exists(copy) and not (tmp_path / "run" / "README.md").exists()  # no card claims IRR
     assert [n for n in os.listdir(tmp_path / "run") if n.startswith(".")] == []
     report = json.loads((tmp_path / "run" / "irr_report.json").read_text())
     assert report["status"] == "failed" and "boom" in report["error"]
@@ -406,7 +408,12 @@ def test_save_failure_leaves_no_partial_directory(tmp_path, unaligned_dir, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(callback, "build_model_card", broken_card)
-    cfg = IRRConfig(unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8)
+    cfg = IRRConfig(
+        unaligned_model=unaligned_dir,
+        cache_dir=str(tmp_path / "c"),
+        num_calibration_samples=8,
+        irr_output_dir=str(tmp_path / "run" / "_irr"),
+    )
     with pytest.raises(OSError, match="disk full"):
         run(tmp_path, world.aligned_model(), cfg, steps=2)
     assert sorted(os.listdir(tmp_path / "run")) == ["irr_report.json"]
@@ -422,7 +429,11 @@ def test_save_failure_with_warn_says_the_live_model_is_realigned(tmp_path, unali
 
     monkeypatch.setattr(callback, "build_model_card", broken_card)
     cfg = IRRConfig(
-        unaligned_model=unaligned_dir, cache_dir=str(tmp_path / "c"), num_calibration_samples=8, on_error="warn"
+        unaligned_model=unaligned_dir,
+        cache_dir=str(tmp_path / "c"),
+        num_calibration_samples=8,
+        on_error="warn",
+        irr_output_dir=str(tmp_path / "run" / "_irr"),
     )
     with caplog.at_level("WARNING", logger="irr_callback"):
         trainer, cb, probe = run(tmp_path, world.aligned_model(), cfg, steps=2)
@@ -434,7 +445,7 @@ def test_save_failure_with_warn_says_the_live_model_is_realigned(tmp_path, unali
     assert report["status"] == "save_failed" and report["totals"]["removed"] == cb.report.totals["removed"]
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "IS realigned" in warning and "disk full" in warning and "stays the fine-tuned" not in warning
-    assert not (tmp_path / "run" / "irr").exists()
+    assert not (tmp_path / "run" / "_irr").exists()
 
 
 # ------------------------------------------------------------------------------------- Fisher, missing inputs

@@ -148,7 +148,7 @@ def test_a_failing_checkpoint_warns_and_training_goes_on(tmp_path, unaligned_dir
     with caplog.at_level("WARNING"):
         _, cb, _ = run(tmp_path, world.aligned_model(), cfg, steps=2, save_strategy="steps", save_steps=1)
     assert "realigned copy of" in caplog.text and "RuntimeError: disk full" in caplog.text
-    assert cb.report.status == "ok" and (tmp_path / "run" / "irr").is_dir()
+    assert cb.report.status == "ok" and (tmp_path / "run" / "irr_report.json").is_file()
     assert not (tmp_path / "run" / "checkpoint-1" / "irr").exists()
 
 

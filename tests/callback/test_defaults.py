@@ -70,22 +70,27 @@ def test_trainer_with_no_argument_callback_offline(tmp_path, monkeypatch):
 
     trainer, callback = train_with_default_callback(str(tmp_path / "run1"))
     assert calls["n"] > 0  # the base wrote its answers at train begin
-    report = json.loads((tmp_path / "run1" / "irr" / "irr_report.json").read_text())
-    assert report["status"] == "ok" and callback.output_path == str(tmp_path / "run1" / "irr")
+    report = json.loads((tmp_path / "run1" / "irr_report.json").read_text())
+    assert report["status"] == "ok" and callback.output_path is None  # no copy: the live model is realigned
     assert report["config"]["identify_mode"] == "none" and report["config"]["safety_weight"] == "auto"
     data = report["extra"]["safety_inputs"]["safety_data"]
     assert data["set"] == sp.SHIPPED_NAME and data["origin"] == "shipped" and data["license"] == "Apache-2.0"
     assert data["prompts"] == IRRConfig().num_safety_samples and data["generated_responses"]
-    assert data["cached"] is False and data["path"].startswith(str(tmp_path / "cache"))
-    assert os.path.isfile(data["path"]) and (tmp_path / "run1" / "irr_report.json").is_file()
-    assert "safety_data" in (tmp_path / "run1" / "irr" / "README.md").read_text()  # the model card lists it
+    # the saved report names the cache file, never its path on this machine; the callback keeps the path
+    local = callback.sources["safety_data"]["path"]
+    assert data["cached"] is False and local.startswith(str(tmp_path / "cache")) and os.path.isfile(local)
+    assert data["path"] == os.path.basename(local) and str(tmp_path) not in json.dumps(report)
+    # one description of the safety data: the stream's rows are the default prompts the base answered
+    stream = report["extra"]["safety_inputs"]["safety_calibration"]
+    assert stream["safety_dataset"] == data["set"] and stream["generated_responses"] is True
+    assert "safety_data" in (tmp_path / "run1" / "README.md").read_text()  # the model card lists it
 
     generated = calls["n"]
     _, again = train_with_default_callback(str(tmp_path / "run2"))
     assert calls["n"] == generated  # nothing generated: the cached answers were reused
-    second = json.loads((tmp_path / "run2" / "irr" / "irr_report.json").read_text())
+    second = json.loads((tmp_path / "run2" / "irr_report.json").read_text())
     assert second["status"] == "ok" and second["extra"]["safety_inputs"]["safety_data"]["cached"] is True
-    assert again.sources["safety_data"]["path"] == data["path"]
+    assert again.sources["safety_data"]["path"] == local
 
 
 def _toy_run(world, output_dir: str, safety_dataset) -> tuple[Trainer, IRRCallback]:

@@ -50,7 +50,12 @@ def test_adapter_rank_follows_the_tolerance_and_its_cards_say_realigned(tmp_path
 
     model = _peft()
     copies = _no_module_deepcopy(monkeypatch)
-    cfg = IRRConfig(unaligned_model=unaligned_dir, lora_adapter_tolerance=0.3, num_calibration_samples=16)
+    cfg = IRRConfig(
+        unaligned_model=unaligned_dir,
+        lora_adapter_tolerance=0.3,
+        num_calibration_samples=16,
+        irr_output_dir=str(tmp_path / "run" / "_irr"),
+    )
     trainer, cb, _ = run(tmp_path, model, cfg, steps=20, learning_rate=5e-3)
     assert copies == []  # neither the merged output nor the adapter needed a second model
     lora = cb.report.extra["lora_adapter"]
@@ -58,7 +63,7 @@ def test_adapter_rank_follows_the_tolerance_and_its_cards_say_realigned(tmp_path
     assert lora["adapter_params"] < lora["dense_delta_params"]
     modules = lora["modules"]
     assert len(modules) == 3 * 2 and all(0 <= m["error"] <= 0.3 for m in modules.values())
-    out = tmp_path / "run" / "irr"
+    out = tmp_path / "run" / "_irr"
     live = trainer.model
     # the saved adapter is the live one: per-module ranks in rank_pattern, loadable on the base
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -72,7 +77,8 @@ def test_adapter_rank_follows_the_tolerance_and_its_cards_say_realigned(tmp_path
     # the adapter's own cards: save_model (PEFT's card) and the Trainer's hub card
     trainer.save_model(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
-    assert "This adapter was safety-realigned with IRR" in card and REALIGNED_TAG in card and str(out) in card
+    assert "This adapter was safety-realigned with IRR" in card and REALIGNED_TAG in card and "`_irr`" in card
+    assert str(tmp_path) not in card  # the merged copy named relative to output_dir
     trainer.save_model()
     trainer.create_model_card(model_name="mine")
     card = (tmp_path / "run" / "README.md").read_text()
@@ -90,7 +96,7 @@ def test_adapter_not_smaller_than_the_dense_delta_saves_the_merged_model(tmp_pat
     lora = cb.report.extra["lora_adapter"]
     assert lora["adapter"].startswith("not kept") and lora["adapter_params"] >= lora["dense_delta_params"]
     assert "NOT the realigned model" in caplog.text and "merge_and_unload" in caplog.text
-    out = tmp_path / "run" / "irr"
+    out = tmp_path / "run" / "_irr"  # no irr_output_dir: the merged model still goes somewhere (not uploaded)
     assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()  # merged, not an adapter
     assert "merged model was saved instead" in (out / "README.md").read_text()
     # the live PeftModel is the exact realigned model (frozen weights, B = 0): what was saved, exactly
@@ -100,7 +106,7 @@ def test_adapter_not_smaller_than_the_dense_delta_saves_the_merged_model(tmp_pat
     assert all(torch.equal(saved[k], exact[k]) for k in saved) and set(saved) <= set(exact)
     trainer.save_model(str(tmp_path / "saved"))
     card = (tmp_path / "saved" / "README.md").read_text()
-    assert "this adapter is NOT the realigned model" in card and str(out) in card
+    assert "this adapter is NOT the realigned model" in card and "`_irr`" in card
 
 
 def test_merged_output_equals_merge_and_unload_exactly_without_a_copy(tmp_path, monkeypatch):
@@ -142,10 +148,14 @@ def test_save_failure_still_leaves_the_realigned_adapter_live(tmp_path, unaligne
 
     monkeypatch.setattr(callback_module, "save_realigned", failing)
     cfg = IRRConfig(
-        unaligned_model=unaligned_dir, lora_adapter_tolerance=0.3, num_calibration_samples=16, on_error="warn"
+        unaligned_model=unaligned_dir,
+        lora_adapter_tolerance=0.3,
+        num_calibration_samples=16,
+        on_error="warn",
+        irr_output_dir=str(tmp_path / "run" / "_irr"),
     )
     trainer, cb, _ = run(tmp_path, _peft(), cfg, steps=5, learning_rate=5e-3)
-    assert cb.report.status == "save_failed" and not (tmp_path / "run" / "irr").exists()
+    assert cb.report.status == "save_failed" and not (tmp_path / "run" / "_irr").exists()
     live = trainer.model
     aligned = dict(world.aligned_model().named_parameters())
     for name, module in live.named_modules():

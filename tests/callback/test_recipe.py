@@ -93,7 +93,7 @@ def test_recipe_cli_realigns(files, tmp_path, lora):
     trainer, callback = _recipe().main(_args(files, tmp_path / "out", *extra))
     assert callback.report.status == "ok" and callback.report.totals["removed"] > 0
     margin(f"recipe {'lora' if lora else 'full'} irr refusal", world.refusal_rate(trainer.model), ge=0.9)
-    assert (tmp_path / "out" / "irr" / "irr_report.json").exists()
+    assert (tmp_path / "out" / "irr_report.json").exists()
     assert (tmp_path / "out" / ("adapter_config.json" if lora else "model.safetensors")).exists()
 
 

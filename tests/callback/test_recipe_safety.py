@@ -26,7 +26,7 @@ def test_recipe_recommended_preset_realigns_from_safety_data_alone(files, tmp_pa
     assert report.status == "ok" and report.setting == "recommended" and report.safety_weight > 0
     assert callback.sources["safety_vector"]["source"] == "none"
     margin("recipe recommended irr refusal", world.refusal_rate(trainer.model), ge=0.9)
-    saved = json.loads((tmp_path / "out" / "irr" / "irr_report.json").read_text())
+    saved = json.loads((tmp_path / "out" / "irr_report.json").read_text())
     assert saved["setting"] == "recommended" and saved["auto"]["chosen"] == report.safety_weight
 
 
@@ -44,7 +44,7 @@ def test_recipe_with_no_safety_flag_realigns_like_the_no_argument_callback(files
         num_calibration_samples=16, cache_dir=str(files / "cache"), safety_max_new_tokens=8
     )
     assert callback.sources["safety_vector"]["source"] == "none"
-    data = json.loads((tmp_path / "out" / "irr" / "irr_report.json").read_text())["extra"]["safety_inputs"]
+    data = json.loads((tmp_path / "out" / "irr_report.json").read_text())["extra"]["safety_inputs"]
     assert data["safety_data"]["set"] == sp.SHIPPED_NAME and data["safety_data"]["generated_responses"]
     assert data["safety_data"]["prompts"] == IRRConfig().num_safety_samples
 

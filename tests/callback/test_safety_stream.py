@@ -51,7 +51,7 @@ def test_recommended_realigns_without_unaligned_model_and_names_setting_and_lamb
     assert cb.sources["safety_vector"]["source"] == "none" and cb.sources["importance"]["source"] == "none"
     assert cb.sources["safety_calibration"]["examples"] == len(world.harmful_prompts())
     assert not cb.sources["safety_calibration"]["generated_responses"]
-    out = tmp_path / "run" / "irr"
+    out = tmp_path / "run"  # output_dir: the report and the card's IRR section (no copy of the model)
     saved = json.loads((out / "irr_report.json").read_text())
     assert saved["setting"] == "recommended" and saved["safety_weight"] == report.safety_weight
     assert saved["auto"]["chosen"] == report.safety_weight
@@ -81,7 +81,10 @@ def test_fixed_weight_with_generated_responses_and_resume(tmp_path, monkeypatch)
     assert resumed.report.setting == "safety-regularised" and resumed.report.safety_weight == 0.3
     assert resumed.report.auto is None
     assert not (tmp_path / "a" / "_irr_run").exists()  # the run ended well: removed
-    assert resumed.sources["safety_calibration"]["source"] == "resumed"
+    # the resumed run describes the safety data as the first start did (one description), marked resumed
+    stream, data = resumed.sources["safety_calibration"], resumed.sources["safety_data"]
+    assert stream["resumed"] is True and stream["generated_responses"] is True and data["generated_responses"]
+    assert stream["safety_dataset"] == data["set"] == first.sources["safety_data"]["set"]
     assert resumed.report.safety_sequences == len(rows)  # the rows the base wrote at the first start
     assert resumed.report.modules and resumed.report.totals["modules"] == len(resumed.report.modules)
 
