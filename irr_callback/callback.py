@@ -43,13 +43,14 @@ from .inputs.sources import (
     safety_calibration_examples,
     safety_source,
 )
-from .outputs.model_card import adapter_note, append_note, build_model_card, realigned_note
+from .outputs.model_card import adapter_note, build_model_card, realigned_note
 from .outputs.realigned_model import save_realigned
 from .outputs.trainer_checkpoints import realign_saved_checkpoint
 from .peft_utils import (
     REALIGNED_TAG,
     AdapterPlan,
     LoraBackup,
+    append_note,
     check_supported,
     install_factors,
     is_peft_model,

@@ -250,6 +250,8 @@ class LoraBackup:
 
 
 REALIGNED_TAG = "irr-realigned"
+#: The block IRR adds to a card someone else writes (PEFT's, the Trainer's, TRL's): replaced, never repeated.
+_NOTE_START, _NOTE_END = "<!-- irr-callback: realigned -->", "<!-- /irr-callback -->"
 
 
 def mark_realigned(model: nn.Module, note: str) -> None:
@@ -268,7 +270,25 @@ def mark_realigned(model: nn.Module, note: str) -> None:
 def _card_with_note(self, output_dir: str) -> None:
     import os
 
-    from .model_card import append_note
-
     type(self).create_or_update_model_card(self, output_dir)
     append_note(os.path.join(output_dir, "README.md"), self._irr_card_note)
+
+
+def append_note(path: str, note: str) -> None:
+    """Add `note` to the card at `path` (a README.md) inside IRR's marker block, replacing the block an
+    earlier call left there; a missing card becomes the note alone. (The adapter's card here, the
+    Trainer's card of a full fine-tune in the callback.)"""
+    import os
+
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    block = f"{_NOTE_START}\n{note.rstrip()}\n{_NOTE_END}"
+    if _NOTE_START in text and _NOTE_END in text:
+        head, rest = text.split(_NOTE_START, 1)
+        text = head + block + rest.split(_NOTE_END, 1)[1]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.utils import logging
 
@@ -171,7 +172,11 @@ def write_refusals(
         use_cache=True,  # training configs often switch the KV cache off (gradient checkpointing)
     )
     seconds = time.perf_counter() - start
-    logger.info(f"IRR: {len(prompts)} safety answers generated in {seconds:.1f} s")
+    device = next(model.parameters()).device
+    # on a CPU shared with other jobs, several torch threads per tiny step can be 10-30x slower than one
+    # (measured: 128 answers of a 2-layer model, 2 s on 1 thread, 30-60 s on 2 threads at load 10; issue 23)
+    threads = f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else ""
+    logger.info(f"IRR: {len(prompts)} safety answers generated in {seconds:.1f} s (on {device}{threads})")
     rate = check_refusals(responses, min_rate=min_refusal_rate)
     if path is not None:
         _write(path, prompts, responses, {"fingerprint": model_fp, **settings, "seconds": seconds})

@@ -198,27 +198,6 @@ IRR reduces, but does not guarantee the absence of, harmful behaviour: evaluate 
     return ModelCard(content)
 
 
-#: The block IRR adds to a card someone else writes (PEFT's, the Trainer's, TRL's): replaced, never repeated.
-NOTE_START, NOTE_END = "<!-- irr-callback: realigned -->", "<!-- /irr-callback -->"
-
-
-def append_note(path: str, note: str) -> None:
-    """Add `note` to the card at `path` (a README.md) inside IRR's marker block, replacing the block a
-    previous call left there; a missing card becomes the note alone."""
-    text = ""
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    block = f"{NOTE_START}\n{note.rstrip()}\n{NOTE_END}"
-    if NOTE_START in text and NOTE_END in text:
-        head, rest = text.split(NOTE_START, 1)
-        text = head + block + rest.split(NOTE_END, 1)[1]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
 def realigned_note(
     report: IRRReport,
     *,

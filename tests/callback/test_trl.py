@@ -18,12 +18,11 @@ trl = pytest.importorskip("trl")
 
 from irr_callback import IRRCallback, IRRConfig, realign  # noqa: E402
 from irr_callback.data import calibration_examples  # noqa: E402
-from irr_callback.model_card import NOTE_START  # noqa: E402
 from irr_callback.peft_utils import REALIGNED_TAG  # noqa: E402
 from tests.helpers import VOCAB, perturbed, tiny_model  # noqa: E402
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 SPECIAL = ["<pad>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
 CHATML = (
@@ -33,6 +32,7 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|> assistant ' }}{% endif %}"
 )
 HUB_ID = "irr-test/tiny-chat-irr"
+NOTE = "<!-- irr-callback: realigned -->"  # the block IRR adds to the Trainer's / TRL's card
 
 
 def chat_tokenizer():
@@ -169,7 +169,7 @@ def test_full_finetune_with_assistant_only_loss_uploads_the_realigned_model_once
     assert all(torch.equal(saved[k], live[k]) for k in saved)  # the uploaded weights are the realigned ones
     card = (out / "README.md").read_text()
     assert "trained using [TRL]" in card and HUB_ID in card  # TRL's card, rewritten by push_to_hub ...
-    assert card.count(NOTE_START) == 1 and "were safety-realigned after fine-tuning with **IRR**" in card  # ... + IRR
+    assert card.count(NOTE) == 1 and "were safety-realigned after fine-tuning with **IRR**" in card  # ... + IRR
     assert REALIGNED_TAG in card.split("---")[1]  # the tag in the card's metadata
     assert json.loads((out / "irr_report.json").read_text())["status"] == "ok"
     assert_no_local_path(folder, files, tmp_path)
@@ -190,7 +190,7 @@ def test_lora_with_packing_uploads_one_adapter_and_calibrates_on_examples(tmp_pa
         callbacks=[callback],
     )
     packed_rows = len(trainer.train_dataset)
-    assert packed_rows < 20 and "seq_lengths" in trainer.train_dataset.column_names
+    assert packed_rows < 20 and {"seq_lengths", "position_ids"} & set(trainer.train_dataset.column_names)
     trainer.train()
     trainer.save_model()
     report = callback.report
@@ -201,7 +201,7 @@ def test_lora_with_packing_uploads_one_adapter_and_calibrates_on_examples(tmp_pa
     weights = [f for f in files if f.endswith((".safetensors", ".bin")) and f != "training_args.bin"]
     assert weights == ["adapter_model.safetensors"], files  # the adapter once; no merged model, no second adapter
     card = (out / "README.md").read_text()
-    assert "trained using [TRL]" in card and card.count(NOTE_START) == 1 and "safety-realigned with IRR" in card
+    assert "trained using [TRL]" in card and card.count(NOTE) == 1 and "safety-realigned with IRR" in card
     assert_no_local_path(folder, files, tmp_path)
 
 
