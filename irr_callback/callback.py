@@ -407,9 +407,8 @@ class IRRCallback(TrainerCallback):
         self._mark_output(args, self._model(model), self.report)
         if self.output_path is None:
             logger.info(
-                "IRR: the live model is realigned; trainer.save_model() writes it into "
-                f"{portable_paths(args.output_dir, os.getcwd())} (irr_report.json and the model card's IRR section "
-                "are there already)"
+                f"IRR: the live model is realigned; trainer.save_model() writes it into {args.output_dir} "
+                "(irr_report.json and the model card's IRR section are there already)"
             )
         self._end_run(args)
 
@@ -420,7 +419,7 @@ class IRRCallback(TrainerCallback):
         at `push_to_hub` and, TRL, at every checkpoint). A full fine-tune's model also gets the `irr-realigned`
         tag (a LoRA run's: `peft_utils.mark_realigned`), which both cards list."""
         if self._card_note is None:  # a full fine-tune (a LoRA run's note is set by `_finish_adapter`)
-            copy_at = portable_paths(self.output_path, args.output_dir) if self.output_path else None
+            copy_at = portable_paths(os.path.abspath(self.output_path), args.output_dir) if self.output_path else None
             self._card_note = realigned_note(report, sources=self.sources, copy_at=copy_at)
             inner = unwrap(model)
             if hasattr(inner, "add_model_tags"):
@@ -505,7 +504,7 @@ class IRRCallback(TrainerCallback):
                 self._save(model, tokenizer, report, target, plan)
                 self.output_path = target
                 merged = plan is not None and (not plan.adapter or self.config.lora_output in ("merged", "both"))
-                merged_at = portable_paths(target, args.output_dir) if merged else None
+                merged_at = portable_paths(os.path.abspath(target), args.output_dir) if merged else None
         except Exception as exc:
             raise _SaveFailed(report, target) from exc
         finally:
