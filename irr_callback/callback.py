@@ -46,6 +46,7 @@ from .inputs.sources import (
 from .outputs.model_card import adapter_note, build_model_card, realigned_note
 from .outputs.realigned_model import save_realigned
 from .outputs.trainer_checkpoints import realign_saved_checkpoint
+from .paths import portable_paths
 from .peft_utils import (
     REALIGNED_TAG,
     AdapterPlan,
@@ -60,7 +61,7 @@ from .peft_utils import (
 )
 from .pipeline import realign
 from .pipeline.lowrank import AdapterFactors
-from .report import IRRReport, portable_paths
+from .report import IRRReport
 from .targets import find_targets, unwrap
 from .tensors import SafetensorsMapping, canonical_name
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ._version import __version__
 from .core.stats import ModuleStats
+from .paths import portable_paths
 from .saving import atomic_file
 
 
@@ -135,22 +136,6 @@ class IRRReport:
         weight = "not chosen" if self.safety_weight is None else f"{self.safety_weight:g}"
         chosen = " chosen by safety_weight='auto'" if self.auto else ""
         return f"setting {self.setting}, safety weight λ={weight}{chosen}"
-
-
-def portable_paths(value: Any, root: str) -> Any:
-    """`value` (JSON-like) with every absolute or home-relative path replaced: relative to `root` when inside
-    it (`_irr/irr_report.json`), else its last component (a cache file's name, a dataset file's name)."""
-    if isinstance(value, dict):
-        return {k: portable_paths(v, root) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [portable_paths(v, root) for v in value]
-    if not isinstance(value, str) or not (os.path.isabs(value) or value.startswith("~")):
-        return value
-    path = os.path.abspath(os.path.expanduser(value))
-    root = os.path.abspath(root)
-    if os.path.commonpath([path, root]) == root:
-        return os.path.relpath(path, root)
-    return os.path.basename(os.path.normpath(path)) or value
 
 
 def _sum_or_none(values) -> float | None:

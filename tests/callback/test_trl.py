@@ -17,7 +17,7 @@ import torch
 trl = pytest.importorskip("trl")
 
 from irr_callback import IRRCallback, IRRConfig, realign  # noqa: E402
-from irr_callback.data import calibration_examples  # noqa: E402
+from irr_callback.inputs.data import calibration_examples  # noqa: E402
 from irr_callback.peft_utils import REALIGNED_TAG  # noqa: E402
 from tests.helpers import VOCAB, perturbed, tiny_model  # noqa: E402
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from irr_callback import IRRConfig, realign
-from irr_callback.data import DataError, calibration_examples, trained_sequences
+from irr_callback.inputs.data import DataError, calibration_examples, trained_sequences
 from tests.helpers import perturbed, tiny_model
 
 
