@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from transformers import PreTrainedTokenizerFast
@@ -102,7 +103,7 @@ SIZES: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------
-def _vocabulary() -> list[str]:
+def _vocabulary(extra_words: Iterable[str] = ()) -> list[str]:
     words: set[str] = set(LETTERS) | set(NUMBERS) | {"add", "reverse", "last", "sort"}
     for text in (REFUSAL, COMPLY, *TEMPLATES, *PREFIXES, *SUFFIXES):
         words.update(text.replace("{t}", "").split())
@@ -111,16 +112,18 @@ def _vocabulary() -> list[str]:
             words.update(answer.split())
             for p in phrasings:
                 words.update(p.split())
-    return [PAD, BOS, EOS, UNK, *ROLE_TOKENS, *sorted(words)]
+    # extra words go after the base vocabulary, so the toy world's token ids never change
+    return [PAD, BOS, EOS, UNK, *ROLE_TOKENS, *sorted(words), *sorted(set(extra_words) - words)]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer (whitespace split) with pad/bos/eos/unk and a chat template."""
+def build_tokenizer(extra_words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (whitespace split) with pad/bos/eos/unk and a chat template. `extra_words`
+    (the suite's varied worlds) are appended after the toy world's own words."""
     from tokenizers import Tokenizer, decoders
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
-    vocab = {w: i for i, w in enumerate(_vocabulary())}
+    vocab = {w: i for i, w in enumerate(_vocabulary(extra_words))}
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
