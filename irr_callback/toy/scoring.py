@@ -75,6 +75,15 @@ for _ridge in (0.01, 1.0):
             description=f"recommended with safety_ridge = {_ridge:g}",
         )
     )
+for _rho in (0.3, 1.0, 3.0, 10.0):
+    register(
+        Setting(
+            f"retain-ρ{_rho:g}",
+            lambda rho=_rho: IRRConfig.recommended(retain_weight=rho),
+            ("calibration", "safety", "retain"),
+            description=f"recommended + the retain stream with ρ = {_rho:g}",
+        )
+    )
 register(
     Setting(
         "delta-auto",
