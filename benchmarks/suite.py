@@ -69,8 +69,9 @@ def default_cache_dir() -> str:
     return os.environ.get("IRR_SUITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "irr_callback")
 
 
-def run_group(specs: list[Any], settings: list[str], cache_dir: str) -> list[dict[str, Any]]:
-    """Worker: the worlds of one base (built in turn: the base is trained once, then loaded), every setting."""
+def run_group(specs: list[Any], settings: list[str], cache_dir: str, build_only: bool = False) -> list[dict[str, Any]]:
+    """Worker: the worlds of one base (built in turn: the base is trained once, then loaded), every setting
+    (`build_only`: only train and cache the models)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers.utils import logging as hf_logging
@@ -86,6 +87,9 @@ def run_group(specs: list[Any], settings: list[str], cache_dir: str) -> list[dic
         t0, cpu0 = time.perf_counter(), time.process_time()
         world = build_world(spec, cache_dir=cache_dir)
         built = time.perf_counter() - t0
+        if build_only:
+            print(f"  {spec.name:16s} built in {built:.1f}s", flush=True)
+            continue
         world_rows = reference_rows(world)
         for setting in resolve(settings):
             world_rows.append(run_setting(world, setting))
@@ -225,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", help="Output file name prefix (default suite_<split>).")
     p.add_argument("--output-dir", default=_common.RESULTS)
     p.add_argument("--list", action="store_true", help="List the registered settings and the worlds, then exit.")
+    p.add_argument("--build-only", action="store_true", help="Only train and cache the worlds' models.")
     args = p.parse_args(argv)
 
     from irr_callback.toy.scoring import SETTINGS, resolve
@@ -252,15 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(specs)} worlds on {len(groups)} bases, settings {args.settings}, {args.workers} workers", flush=True)
     if args.workers <= 1:
         for group in ordered:
-            rows += run_group(group, args.settings, args.cache_dir)
+            rows += run_group(group, args.settings, args.cache_dir, args.build_only)
     else:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
-            futures = [pool.submit(run_group, g, args.settings, args.cache_dir) for g in ordered]
+            futures = [pool.submit(run_group, g, args.settings, args.cache_dir, args.build_only) for g in ordered]
             for fut in as_completed(futures):
                 rows += fut.result()
+    if args.build_only:
+        print(f"built {len(specs)} worlds in {time.perf_counter() - started:.0f} s")
+        return 0
     order = {s.name: i for i, s in enumerate(specs)}
     setting_order = {n: i for i, n in enumerate(["aligned", "finetuned", *args.settings])}
     rows.sort(key=lambda r: (order[r["world"]], setting_order[r["setting"]]))
