@@ -179,7 +179,7 @@ def plot(rows: list[dict[str, Any]], settings: list[str], path: str, title: str)
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    from irr_callback.plotting import markdown_table
+    from irr_callback.outputs.plotting import markdown_table
 
     rows = [
         {**r, "target": "yes" if r["meets_target"] else "no (" + ", ".join(r["misses"]) + ")"} for r in payload["rows"]

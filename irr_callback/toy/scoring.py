@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..config import IRRConfig
+from ..inputs.safety import safety_vector
 from ..pipeline.in_memory import realign
-from ..safety import safety_vector
 from .suite import SuiteWorld
 
 
