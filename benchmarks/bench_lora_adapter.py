@@ -1,17 +1,18 @@
-"""Does the realigned LoRA adapter behave like the exact merged model? (issue 15 item 5)
+"""The realigned LoRA adapter at the trained rank, 2x and 4x that rank, against the exact merged model (issue 22).
 
-  python benchmarks/bench_lora_adapter.py --seeds 0 1 2                          # `irr demo --lora`'s fine-tune
-  python benchmarks/bench_lora_adapter.py --recipe toy --seeds 0 1 2 3 4 5 --prefix bench_lora_adapter_toy
+  python benchmarks/bench_lora_adapter.py                       # every toy LoRA world: seeds 0-2 x 3 settings
+  python benchmarks/bench_lora_adapter.py --seeds 0 --settings attack --size tiny
 
-Per toy world (demo size; LoRA r=8, alpha=16, every linear layer; the paper's IRR setting with the
-toy's safety vector; the first 128 downstream examples for calibration): the LoRA fine-tune, either
-`irr demo --lora`'s own (Trainer + IRRCallback, recipe "demo") or `ToyWorld.downstream_model(lora=True)`
-(recipe "toy"), is realigned once; the exact merged model is evaluated (for "demo" also the merged
-model IRRCallback saved in that run: the same), and so is the adapter at each tolerance of the
-H-weighted low-rank approximation (`core.lowrank.weighted_lowrank` on each layer's calibration H, the
-factors `IRRCallback` computes) and, for reference, the previous default (plain truncated SVD at 4x
-the training rank). An adapter is evaluated as W_A + BA written into a copy of the merged model (the
-adapter's forward up to float rounding). Writes benchmarks/results/<prefix>.{json,md}.
+Worlds: the toy table's (`benchmarks/toy_table.py`): per seed the toy world at demo size, and per setting
+(attack, mild attack, benign) its LoRA fine-tune (r=8, alpha=16, every linear layer, `ToyWorld.finetune`).
+Each is realigned with the paper's IRR (`IRRConfig()`, the toy's sign-only safety vector: a removal mask, so
+the adapter is the truncation of the masked solution) and with `IRRConfig.recommended()` (no mask: the adapter
+is the exact rank-constrained optimum), calibration on the first 128 downstream examples. One realignment per
+world and setting; the adapter at each rank comes from the same layer loop (`AdapterFactors`, one rank multiple
+after another). An adapter is evaluated as W_A + BA written into a copy of the merged model (the adapter's
+forward up to float rounding). Columns: refusal (attacked, unattacked topics), over-refusal, downstream and
+old-task (benign) accuracy (`ToyWorld.evaluate`: greedy generation, keyword judge, exact match), and the share
+of prompts whose greedy output equals the exact merged model's. Writes benchmarks/results/<prefix>.{json,md}.
 """
 
 from __future__ import annotations
@@ -19,189 +20,162 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import shutil
-import tempfile
 import time
 
 import _common  # noqa: F401  (puts the repository root on sys.path: runs without an install)
 import torch
+from _common import write_results
+from toy_table import SETTINGS, Inputs
 
 from irr_callback import IRRConfig, realign
-from irr_callback.core.lowrank import weighted_lowrank
-from irr_callback.inputs.safety import safety_vector
 from irr_callback.outputs.plotting import markdown_table
 from irr_callback.pipeline.lowrank import AdapterFactors
-from irr_callback.targets import find_targets
 from irr_callback.toy import build_toy_world, single_thread
 
 
-TOLERANCES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+MULTIPLES = (1, 2, 4)
 METRICS = ("refusal_attacked", "refusal_unattacked", "over_refusal_benign", "downstream_accuracy", "benign_accuracy")
-CRITERION = ("refusal_attacked", "refusal_unattacked", "downstream_accuracy")  # issue 15: within 0.02 of merged
 
 
-class Recorder(AdapterFactors):
-    """Keeps (Δ′, H, W′) of every module instead of factors: each tolerance is then applied offline."""
+class EveryMultiple(AdapterFactors):
+    """The adapter at several rank multiples from one layer loop: the step is run once per multiple."""
 
-    def __init__(self, percdamp: float) -> None:
-        super().__init__(percdamp=percdamp, tolerance=0.0)
-        self.kept: dict[str, tuple] = {}
+    def __init__(self, multiples) -> None:
+        super().__init__()
+        self.multiples = multiples
+        self.by_multiple: dict[int, dict] = {m: {} for m in multiples}
 
-    def after(self, groups) -> None:
-        for group, hessians in groups:
-            hessian = hessians["calibration"][0].double().clone()
-            for t in group:
-                base = self._bases.pop(t.name).double()
-                new = t.weight.detach().double().clone()
-                self.kept[t.name] = (new - base, hessian, new, base)
+    def after(self, groups, settings) -> None:
+        saved = dict(self._saved)
+        for m in self.multiples:
+            self._saved, self.multiple, self.factors = dict(saved), m, {}
+            super().after(groups, settings)
+            self.by_multiple[m].update(self.factors)
 
 
-def _adapter_model(merged, kept, factor) -> tuple[torch.nn.Module, dict]:
-    """The merged model with every target's weight replaced by W_A + BA of `factor(Δ′, H, W′)`."""
+def _plain(name: str) -> str:
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def _adapter_model(merged, base, factors) -> torch.nn.Module:
     model = copy.deepcopy(merged)
     params = dict(model.named_parameters())
-    ranks, errors, numel = {}, {}, [0, 0]
     with torch.no_grad():
-        for name, (delta, hessian, new, base) in kept.items():
-            f = factor(delta, hessian, new)
-            params[name].copy_((base + f.b.double() @ f.a.double()).to(params[name].dtype))
-            ranks[name], errors[name] = f.rank, f.error
-            numel[0] += f.rank * sum(delta.shape)
-            numel[1] += delta.numel()
-    info = {
-        "max_rank": max(ranks.values()),
-        "mean_rank": sum(ranks.values()) / len(ranks),
-        "max_error": max(errors.values()),
-        "adapter_vs_dense": numel[0] / numel[1],
-    }
-    return model, info
+        for name, f in factors.items():
+            plain = _plain(name)
+            params[plain].copy_((base[plain].double() + f.b.double() @ f.a.double()).to(params[plain].dtype))
+    return model
 
 
-def _frobenius(rank: int):
-    def factor(delta, hessian, new):
-        return weighted_lowrank(delta, torch.eye(delta.shape[1], dtype=delta.dtype), percdamp=0.0, rank=rank)
-
-    return factor
+def _same_output(responses, reference) -> float:
+    pairs = [(a, b) for name in reference for a, b in zip(responses[name], reference[name])]
+    return sum(a == b for a, b in pairs) / len(pairs)
 
 
-def _demo_finetune(world, seed: int):
-    """`irr demo --lora`'s own run (Trainer + IRRCallback, lora_output="merged"): the fine-tuned PeftModel
-    (copied before IRR) and the merged model the callback saved."""
-    from irr_callback.commands import demo
-
-    directory = tempfile.mkdtemp(prefix="bench_lora_")
-    demo._save_inputs(world, directory)
-    ns = argparse.Namespace(lora=True, steps=None, safety_source="vector", seed=seed)
-    finetuned, saved, _, _ = demo._finetune_with_irr(world, directory, ns)
-    shutil.rmtree(directory, ignore_errors=True)
-    return finetuned, saved
-
-
-def run_seed(seed: int, size: str, tolerances, damps, recipe: str) -> list[dict]:
+def run_world(seed: int, size: str, settings: list[str], calib_n: int) -> list[dict]:
     world = build_toy_world(seed=seed, size=size)
-    saved = None
-    if recipe == "demo":
-        peft, saved = _demo_finetune(world, seed)
-    else:
-        peft = world.downstream_model(lora=True)
-    names = [t.name for t in find_targets(world.aligned_model)[2]]
-    base = {k: p.detach() for k, p in world.aligned_model.named_parameters()}
-    unaligned = {k: p.detach() for k, p in world.unaligned_model.named_parameters()}
-    vector = safety_vector(base, unaligned, names=names, sign_only=True)
-    config = IRRConfig()
-    recorder = Recorder(config.percdamp)
-    n = min(config.num_calibration_samples, len(world.downstream_train))
-    realign(
-        peft,
-        safety_vector=vector,
-        calibration=world.tokenize_sft(world.downstream_train.select(range(n))),
-        config=config,
-        progress=False,
-        lowrank=recorder,
-    )
-    merged = copy.deepcopy(peft).merge_and_unload().eval()
-    rows = [{"seed": seed, "model": "merged (exact)", **world.evaluate(merged)}]
-    if saved is not None:  # the same model, as IRRCallback saved it in the demo run
-        rows.append({"seed": seed, "model": "merged, saved by IRRCallback", **world.evaluate(saved)})
-    r = int(next(iter(peft.peft_config.values())).r)
-    variants = [(f"plain SVD rank {4 * r} (previous default)", _frobenius(4 * r))]
-    for damp in damps or [config.percdamp]:
-        for tol in tolerances:
-
-            def factor(delta, hessian, new, tol=tol, damp=damp):
-                return weighted_lowrank(delta, hessian, percdamp=damp, tolerance=tol, weight=new)
-
-            extra = "" if damp == config.percdamp else f", damping {damp}"
-            variants.append((f"H-weighted, tolerance {tol}{extra}", factor))
-    for label, factor in variants:
-        model, info = _adapter_model(merged, recorder.kept, factor)
-        rows.append({"seed": seed, "model": label, **world.evaluate(model.eval()), **info})
-        print(json.dumps(rows[-1]), flush=True)
+    inputs = Inputs(world)
+    hp = world.hparams
+    rows = []
+    for setting in settings:
+        share = SETTINGS[setting]
+        downstream = (
+            world.downstream_train if share == world.harmful_share else world.make_downstream(harmful_share=share)
+        )
+        finetuned = world.finetune(
+            world.aligned_model, downstream, steps=hp["lora_steps"], lr=hp["lora_lr"], lora=True
+        )
+        for method, config in (
+            ("paper IRR (mask)", IRRConfig(num_calibration_samples=calib_n)),
+            ("recommended (no mask)", IRRConfig.recommended(num_calibration_samples=calib_n)),
+        ):
+            peft = copy.deepcopy(finetuned)
+            recorder = EveryMultiple(MULTIPLES)
+            t0 = time.perf_counter()
+            report = realign(
+                peft,
+                safety_vector=inputs.signs,
+                calibration=inputs.calibration(downstream, calib_n),
+                safety_calibration=inputs.safe if config.uses_safety_stream else None,
+                config=config,
+                progress=False,
+                lowrank=recorder,
+            )
+            seconds = time.perf_counter() - t0
+            merged = copy.deepcopy(peft).merge_and_unload().eval()
+            exact = world.evaluate(merged, return_responses=True)
+            reference = exact.pop("responses")
+            common = {"seed": seed, "setting": setting, "method": method, "safety_weight": report.safety_weight or 0}
+            rows.append({**common, "model": "merged (exact)", **exact, "same_output": 1.0, "realign_s": seconds})
+            for m in MULTIPLES:
+                factors = recorder.by_multiple[m]
+                result = world.evaluate(_adapter_model(merged, inputs.base, factors).eval(), return_responses=True)
+                same = _same_output(result.pop("responses"), reference)
+                rows.append(
+                    {
+                        **common,
+                        "model": f"adapter {m}x trained rank",
+                        **result,
+                        "same_output": same,
+                        "max_rank": max(f.rank for f in factors.values()),
+                        "max_relative_gap": max(f.relative_gap for f in factors.values()),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per method and adapter rank, over every world: the largest difference to the exact merged model in each
+    metric, and the mean and smallest share of identical greedy outputs."""
+    merged = {(r["seed"], r["setting"], r["method"]): r for r in rows if r["model"] == "merged (exact)"}
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for m in MULTIPLES:
+            mine = [r for r in rows if r["method"] == method and r["model"] == f"adapter {m}x trained rank"]
+            if not mine:
+                continue
+            diffs = {
+                k: max(abs(r[k] - merged[(r["seed"], r["setting"], r["method"])][k]) for r in mine) for k in METRICS
+            }
+            out.append(
+                {
+                    "method": method,
+                    "adapter rank": f"{m}x trained",
+                    "worlds": len(mine),
+                    **{f"max |Δ| {k}": v for k, v in diffs.items()},
+                    "same_output mean": sum(r["same_output"] for r in mine) / len(mine),
+                    "same_output min": min(r["same_output"] for r in mine),
+                }
+            )
+    return out
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--size", default="demo")
-    p.add_argument("--tolerances", type=float, nargs="+", default=list(TOLERANCES))
-    p.add_argument("--damps", type=float, nargs="*", default=None, help="H dampings (default: IRRConfig.percdamp)")
-    p.add_argument(
-        "--recipe",
-        default="demo",
-        choices=["demo", "toy"],
-        help="'demo': the fine-tune of `irr demo --lora` (Trainer + IRRCallback); 'toy': ToyWorld.downstream_model",
-    )
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--size", default="demo", choices=["demo", "tiny"])
+    p.add_argument("--calibration", type=int, default=128)
     p.add_argument("--prefix", default="bench_lora_adapter")
     args = p.parse_args()
     started = time.perf_counter()
     rows = []
     with single_thread():
         for seed in args.seeds:
-            rows += run_seed(seed, args.size, args.tolerances, args.damps, args.recipe)
-    merged = {r["seed"]: r for r in rows if r["model"] == "merged (exact)"}
-    for r in rows:
-        m = merged[r["seed"]]
-        r["diff_refusal_downstream"] = max(abs(r[k] - m[k]) for k in CRITERION)
-        r["max_abs_diff"] = max(abs(r[k] - m[k]) for k in METRICS)
-    summary = []
-    for label in dict.fromkeys(r["model"] for r in rows if "max_rank" in r):
-        mine = [r for r in rows if r["model"] == label]
-        summary.append(
-            {
-                "model": label,
-                "seeds": len(mine),
-                "worst_diff_refusal_downstream": max(r["diff_refusal_downstream"] for r in mine),
-                "worst_max_abs_diff": max(r["max_abs_diff"] for r in mine),
-                "meets_0.02": all(r["diff_refusal_downstream"] <= 0.02 + 1e-9 for r in mine),
-                "adapter_vs_dense": max(r["adapter_vs_dense"] for r in mine),
-            }
-        )
-    os.makedirs(_common.RESULTS, exist_ok=True)
-    out = os.path.join(_common.RESULTS, args.prefix)
-    payload = {
-        "command": " ".join(["python", "benchmarks/bench_lora_adapter.py", *os.sys.argv[1:]]),
-        "summary": summary,
-        "rows": rows,
-    }
-    payload["machine"] = _common.machine()
-    payload["seconds"] = round(time.perf_counter() - started, 1)
-    with open(out + ".json", "w") as fh:
-        json.dump(payload, fh, indent=1)
-    columns = ["seed", "model", *METRICS, "diff_refusal_downstream", "max_abs_diff", "max_rank", "max_error"]
+            rows += run_world(seed, args.size, args.settings, args.calibration)
+    summary = summarise(rows)
+    columns = ["seed", "setting", "method", "model", *METRICS, "same_output", "max_rank", "max_relative_gap"]
     text = (
-        f"`{payload['command']}` ({payload['seconds']} s)\n\n"
-        "Per adapter, over the seeds: the largest difference to the exact merged model in refusal (attacked, "
-        "unattacked) and downstream accuracy (the 0.02 criterion), in any metric, and the adapter's size "
-        "relative to the dense delta (>= 1: IRRCallback saves the merged model instead).\n\n"
+        f"{round(time.perf_counter() - started)} s, single thread.\n\n"
+        "Per method and adapter rank, over every world: the largest difference to the exact merged model of the "
+        "same world, and the share of prompts with the same greedy output as the merged model.\n\n"
         + markdown_table(summary, list(summary[0]))
-        + "\n\n"
-        + markdown_table(rows, columns + ["adapter_vs_dense"])
+        + "\n\nEvery world:\n\n"
+        + markdown_table(rows, columns)
         + "\n"
     )
-    with open(out + ".md", "w") as fh:
-        fh.write(text)
+    write_results(args.prefix, {"summary": summary, "rows": rows, "args": vars(args)}, text)
     print(text)
 
 

@@ -465,12 +465,11 @@ class IRRCallback(TrainerCallback):
         _, _, targets = find_targets(model, config.target_modules)
         backup = LoraBackup(model, targets, config.backup) if peft else None
         lowrank = None
-        if peft:  # the adapter's factors are computed layer by layer, from each layer's H
-            fixed = self.config.lora_refactor_rank
+        if peft:  # the adapter at its rank, layer by layer, from each layer's H (W_A cloned one layer at a time)
             lowrank = AdapterFactors(
-                percdamp=config.percdamp,
-                tolerance=None if fixed else self.config.lora_adapter_tolerance,
-                rank=fixed,  # W_A: cloned one layer at a time on the device (the backup may be on disk)
+                rank=self.config.lora_refactor_rank,
+                tolerance=self.config.lora_adapter_tolerance,
+                multiple=self.config.lora_rank_multiple,
             )
         plan = None
         try:
@@ -487,24 +486,19 @@ class IRRCallback(TrainerCallback):
             )
             self._describe(report)
             if peft:
-                plan = AdapterPlan.build(targets, lowrank.factors, tolerance=lowrank.tolerance, rank=lowrank.rank)
+                plan = AdapterPlan.build(targets, lowrank.factors, rule=_rank_rule(self.config))
                 report.extra["lora_adapter"] = plan.to_dict()
-                if plan.adapter:  # (A, B) now; the frozen weights keep W_A + Δ′ until the merged model is saved
-                    install_factors(model, targets, plan)
+                install_factors(model, targets, plan)  # the frozen weights keep W_A + Δ′ until the merged save
         except Exception:
             if backup is not None:
                 backup.restore()
             raise
-        if target is None and plan is not None and not plan.adapter and self.config.save_realigned:
-            # no adapter stands for the realigned model: the merged model must be written somewhere
-            target = os.path.join(args.output_dir, "_irr")
-            logger.warning(f"IRR: no realigned adapter within the tolerance: the merged model goes to {target}")
         merged_at = None
         try:
             if target is not None:
                 self._save(model, tokenizer, report, target, plan)
                 self.output_path = target
-                merged = plan is not None and (not plan.adapter or self.config.lora_output in ("merged", "both"))
+                merged = plan is not None and self.config.lora_output in ("merged", "both")
                 merged_at = portable_paths(os.path.abspath(target), args.output_dir) if merged else None
         except Exception as exc:
             raise _SaveFailed(report, target) from exc
@@ -514,28 +508,15 @@ class IRRCallback(TrainerCallback):
         return report
 
     def _finish_adapter(self, model, targets, backup: LoraBackup, plan: AdapterPlan, merged_at: str | None) -> None:
-        """The live PeftModel after a LoRA run: the realigned adapter on W_A when it is smaller than the
-        dense delta; else the exact realigned weights in base_layer with B = 0 (a forward is the realigned
-        model, but `save_pretrained` writes only the adapter: say so, loudly, there and in the log).
-        `merged_at`: where the merged model was saved, relative to output_dir (None: it was not)."""
-        if plan.adapter:
-            backup.restore_bases()
-            logger.info(
-                f"IRR: live adapter realigned: ranks up to {plan.max_rank}, max layer-output error "
-                f"{plan.max_error:.3g} ({plan.adapter_params:,} parameters vs {plan.dense_params:,} dense)"
-            )
-        else:
-            backup.close()
-            where = (
-                f"saved merged to {merged_at}" if merged_at else "not saved (save_realigned=False or the save failed)"
-            )
-            logger.warning(
-                f"IRR: an adapter within lora_adapter_tolerance={plan.tolerance} needs {plan.adapter_params:,} "
-                f"parameters, no fewer than the dense delta's {plan.dense_params:,}: the realigned model is {where}. "
-                "The live PeftModel holds the exact realigned weights in its frozen layers with a zeroed adapter, so "
-                "trainer.save_model() writes an adapter that is NOT the realigned model: use "
-                "trainer.model.merge_and_unload() or the merged directory"
-            )
+        """The live PeftModel after a LoRA run, on every path (a failed save included): the realigned adapter
+        on W_A. `merged_at`: where the exact merged model was saved, relative to output_dir (None: it was not)."""
+        backup.restore_bases()
+        logger.info(
+            f"IRR: the live adapter is the realigned model ({plan.rule}; ranks up to {plan.max_rank}, "
+            f"largest objective gap {plan.max_relative_gap:.3g} of the realigned delta's output energy"
+            + ("" if plan.exact else ", truncation of the masked solution")
+            + "): trainer.save_model() writes it"
+        )
         self._card_note = adapter_note(plan.to_dict(), merged_at)
         mark_realigned(model, self._card_note)
 
@@ -553,15 +534,14 @@ class IRRCallback(TrainerCallback):
 
     def _save(self, model, tokenizer, report: IRRReport, target: str, plan: AdapterPlan | None) -> None:
         """Every rank: the one sharding-aware writer (`output.save_realigned`) gathers and writes on the main
-        process. A LoRA run's merged model is the realigned frozen weights under the plain names (no copy); its
-        adapter is written only when it is smaller than the dense delta (else the merged model, whatever
-        `lora_output` says)."""
+        process. A LoRA run's merged model is the realigned frozen weights under the plain names (no copy); the
+        adapter (`lora_output` 'adapter' or 'both') is the live one."""
         card = self._card(report, model)
         if plan is None:
             save_realigned(model, target, processing_class=tokenizer, report=report, card=card)
             logger.info(f"IRR: realigned model saved to {target} ({report.setting_line()})")
             return
-        output = self.config.lora_output if plan.adapter else "merged"
+        output = self.config.lora_output
         merged = output in ("merged", "both")
 
         def adapter(tmp: str) -> None:
@@ -699,6 +679,17 @@ def _card_hook(create_model_card, callback: IRRCallback, output_dir: str):
 def _show_progress(args) -> bool:
     """Progress bars as the Trainer shows its own: not with disable_tqdm, and on the local main process only."""
     return not args.disable_tqdm and _partial_state().is_local_main_process
+
+
+def _rank_rule(config: IRRConfig) -> str:
+    """How the realigned adapter's ranks were chosen, in words (report and cards)."""
+    if config.lora_refactor_rank is not None:
+        return f"rank {config.lora_refactor_rank} for every module (lora_refactor_rank)"
+    if config.lora_adapter_tolerance is not None:
+        return f"the smallest rank within lora_adapter_tolerance={config.lora_adapter_tolerance}"
+    if config.lora_rank_multiple == 1:
+        return "the rank each module was trained at"
+    return f"{config.lora_rank_multiple}x the rank each module was trained at (lora_rank_multiple)"
 
 
 def _model_name(model: nn.Module) -> str:

@@ -17,7 +17,6 @@ IDENTIFY_MODES = ("sign", "no_sign", "random", "none")
 SAFETY_TOKENS = ("all", "response", "prompt")
 SAFETY_TERMS = ("aligned", "delta")
 LORA_OUTPUTS = ("merged", "adapter", "both")
-LORA_ADAPTER_TOLERANCE = 0.01  # the realigned adapter's default layer-output error (docs/defaults.md)
 ON_ERROR = ("raise", "warn")
 SNAPSHOT_LOCATIONS = ("cpu", "disk")
 BACKUP_LOCATIONS = ("disk", "cpu")
@@ -56,7 +55,8 @@ class IRRConfig:
         cache_dir: where computed safety inputs are kept for the next run.
 
     Args (callback behaviour):
-        snapshot, irr_output_dir, save_realigned, lora_output, lora_adapter_tolerance, lora_refactor_rank,
+        snapshot, irr_output_dir, save_realigned, lora_output, lora_rank_multiple, lora_refactor_rank,
+        lora_adapter_tolerance,
         realign_checkpoints, on_error.
 
     Example:
@@ -317,32 +317,33 @@ class IRRConfig:
     save_realigned: bool = field(
         default=True,
         metadata={
-            "help": "Callback: write IRR's copy at irr_output_dir (False: never, even if irr_output_dir is set; a LoRA "
-            "run whose adapter cannot stand for the realigned model otherwise writes the merged model to "
-            "<output_dir>/_irr)."
+            "help": "Callback: write IRR's copy at irr_output_dir (False: never, even if irr_output_dir is set)."
         },
     )
     lora_output: str = field(
         default="both",
         metadata={
-            "help": "LoRA runs with irr_output_dir: IRR's copy holds the exact 'merged' model, the realigned 'adapter', "
-            "or 'both' (the adapter in adapter/). When the adapter would need as many parameters as the dense delta, "
-            "the merged model is saved instead."
+            "help": "LoRA runs with irr_output_dir: IRR's copy holds the exact 'merged' model (W_A + Δ′, no rank "
+            "limit), the realigned 'adapter', or 'both' (the adapter in adapter/). Whatever it says, the live "
+            "PeftModel is the realigned adapter: what trainer.save_model() and push_to_hub() write."
         },
     )
-    lora_adapter_tolerance: float = field(
-        default=LORA_ADAPTER_TOLERANCE,
+    lora_rank_multiple: int = field(
+        default=1,
         metadata={
-            "help": "LoRA runs: each module's adapter rank is the smallest whose layer-output error on the "
-            "calibration tokens, ‖(Δ′ − BA)X‖ / ‖Δ′X‖ (damped H, relative to the realigned delta's output), "
-            "is at most this (docs/defaults.md)."
+            "help": "LoRA runs: each module's realigned adapter has this many times the rank it was trained at "
+            "(the rank-constrained optimum of the recalibration objective; docs/lora.md)."
         },
     )
     lora_refactor_rank: int | None = field(
         default=None,
+        metadata={"help": "LoRA runs: one adapter rank for every module instead of lora_rank_multiple."},
+    )
+    lora_adapter_tolerance: float | None = field(
+        default=None,
         metadata={
-            "help": "LoRA runs: one fixed adapter rank for every module instead of lora_adapter_tolerance "
-            "(its error is still measured and reported; that adapter is saved even if it is not smaller)."
+            "help": "LoRA runs: instead of a rank, each module at the smallest rank whose objective gap is at most "
+            "tolerance² of the realigned delta's own output energy ‖Δ′‖²_H (may exceed the trained rank)."
         },
     )
     realign_checkpoints: bool = field(
@@ -458,12 +459,23 @@ class IRRConfig:
         _check(self.backup in BACKUP_LOCATIONS, "backup", self.backup, f"one of {BACKUP_LOCATIONS}")
         _check(self.lora_output in LORA_OUTPUTS, "lora_output", self.lora_output, f"one of {LORA_OUTPUTS}")
         _check(
-            isinstance(self.lora_adapter_tolerance, (int, float))
-            and not isinstance(self.lora_adapter_tolerance, bool)
-            and 0 <= self.lora_adapter_tolerance < 1,
+            self.lora_adapter_tolerance is None
+            or (
+                isinstance(self.lora_adapter_tolerance, (int, float))
+                and not isinstance(self.lora_adapter_tolerance, bool)
+                and 0 <= self.lora_adapter_tolerance < 1
+            ),
             "lora_adapter_tolerance",
             self.lora_adapter_tolerance,
-            "a number in [0, 1)",
+            "None or a number in [0, 1)",
+        )
+        _check(
+            isinstance(self.lora_rank_multiple, int)
+            and not isinstance(self.lora_rank_multiple, bool)
+            and self.lora_rank_multiple >= 1,
+            "lora_rank_multiple",
+            self.lora_rank_multiple,
+            "an integer >= 1",
         )
         _check(
             self.lora_refactor_rank is None

@@ -1,12 +1,12 @@
 """PEFT specifics of the callback: what is supported, the realigned adapter, and the merged output.
 
-IRR's result for a LoRA run is a dense delta Δ' (the removed entries are no longer low rank), so a
-realigned adapter can only approximate it. The pipeline's `AdapterFactors` step computes, per module,
-the low-rank factors that are best for the layer's outputs on the calibration data, at the rank a
-stated tolerance needs (`core.lowrank`); `AdapterPlan` decides whether that adapter is worth saving
-(smaller than the dense delta), `install_factors` / `LoraBackup.restore_bases` turn the PeftModel into it, and
-`merged_state_dict` names the realigned frozen weights as the plain model's for the exact merged
-output. `mark_realigned` makes the adapter's own model card (PEFT's / the Trainer's) say so.
+A LoRA run ends with the realigned adapter live: the pipeline's `AdapterFactors` step computes, per
+module, the rank-constrained optimum of the recalibration objective at the rank the user trained at
+(`core.lowrank`; exact without a removal mask), `AdapterPlan` records ranks and objective gaps,
+`install_factors` / `LoraBackup.restore_bases` turn the PeftModel into that adapter on W_A, so
+`trainer.evaluate()`, `save_model()` and `push_to_hub()` all see it. `merged_state_dict` names the
+realigned frozen weights as the plain model's for the opt-in exact merged output (read before W_A is put
+back). `mark_realigned` makes the adapter's own model card (PEFT's / the Trainer's) say so.
 """
 
 from __future__ import annotations
@@ -69,63 +69,71 @@ def lora_module_names(targets: list[Target]) -> list[str]:
 
 @dataclass
 class AdapterPlan:
-    """The realigned adapter of a LoRA run: per module its rank and its errors (`core.lowrank`), and
-    whether it is worth saving (`adapter`: it has fewer parameters than the dense delta)."""
+    """The realigned adapter of a LoRA run: per module its rank and the objective gap that rank costs
+    (`core.lowrank`: the rank-constrained optimum of the recalibration objective), and the rule that chose it."""
 
     factors: dict[str, LowRankFactors]
-    tolerance: float | None  # None: a fixed rank (IRRConfig.lora_refactor_rank)
-    rank: int | None
+    rule: str  # how the ranks were chosen, for the report and the cards
     adapter_params: int
     dense_params: int
 
     @classmethod
-    def build(
-        cls, targets: list[Target], factors: dict[str, LowRankFactors], *, tolerance: float | None, rank: int | None
-    ) -> AdapterPlan:
+    def build(cls, targets: list[Target], factors: dict[str, LowRankFactors], *, rule: str) -> AdapterPlan:
         lora = [t for t in targets if t.kind == "lora"]
         missing = [t.name for t in lora if t.name not in factors]
         if missing:
             raise RuntimeError(f"no low-rank factors were computed for {missing[:3]}")
+        if lora and all(factors[t.name].rank == 0 for t in lora):
+            raise RuntimeError(
+                "the realigned delta is zero in every LoRA module (the realignment removed the whole fine-tune): "
+                "an all-zero adapter is never written or left live; the fine-tuned adapter is kept"
+            )
         shapes = {t.name: t.out_in_shape for t in lora}
         params = sum(_rank(factors[n]) * (o + i) for n, (o, i) in shapes.items())
         dense = sum(o * i for o, i in shapes.values())
-        return cls({t.name: factors[t.name] for t in lora}, tolerance, rank, params, dense)
+        return cls({t.name: factors[t.name] for t in lora}, rule, params, dense)
 
     @property
-    def adapter(self) -> bool:
-        """Save (and keep live) the adapter: it is smaller than the dense delta, or its rank was fixed."""
-        return self.rank is not None or self.adapter_params < self.dense_params
-
-    @property
-    def max_error(self) -> float:
-        return max((f.error for f in self.factors.values()), default=0.0)
+    def max_relative_gap(self) -> float:
+        return max((f.relative_gap for f in self.factors.values()), default=0.0)
 
     @property
     def max_rank(self) -> int:
         return max((_rank(f) for f in self.factors.values()), default=0)
 
+    @property
+    def exact(self) -> bool:
+        """Every module is the exact rank-constrained optimum (no removal mask)."""
+        return all(f.exact for f in self.factors.values())
+
     def to_dict(self) -> dict:
         """`report.extra["lora_adapter"]`: small and readable, one entry per module."""
         return {
-            "adapter": "realigned"
-            if self.adapter
-            else "not kept: not smaller than the dense delta within the tolerance, the merged model is saved instead",
-            "tolerance": self.tolerance,
-            "fixed_rank": self.rank,
-            "error": "||(D' - BA) X|| / ||D' X|| on the calibration tokens (damped H)",
-            "max_error": self.max_error,
+            "adapter": "realigned",
+            "ranks": self.rule,
+            "objective": "the recalibration objective ||D' - D~||^2_H + const, H = H_d + eps*I + lambda*H_s (damped)",
+            "objective_gap": "objective(BA) - objective(D'), D' the realigned delta without the rank limit",
+            "relative_gap": "objective_gap / ||D'||^2_H (the realigned delta's own output energy)",
+            "exact": self.exact,
             "max_rank": self.max_rank,
+            "max_relative_gap": self.max_relative_gap,
             "adapter_params": self.adapter_params,
             "dense_delta_params": self.dense_params,
             "modules": {
-                name: {"rank": _rank(f), "error": round(f.error, 6), "layer_output_error": round(f.output_error, 6)}
+                name: {
+                    "rank": _rank(f),
+                    "trained_rank": f.trained_rank,
+                    "objective_gap": float(f"{f.objective_gap:.6g}"),
+                    "relative_gap": float(f"{f.relative_gap:.6g}"),
+                    "exact": f.exact,
+                }
                 for name, f in self.factors.items()
             },
         }
 
 
 def _rank(factors: LowRankFactors) -> int:
-    """PEFT needs r >= 1: a zero delta is stored at rank 1 with zero factors."""
+    """PEFT needs r >= 1: a module whose realigned delta is zero is stored at rank 1 with zero factors."""
     return max(factors.rank, 1)
 
 

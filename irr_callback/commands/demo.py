@@ -313,9 +313,8 @@ def _finetune_with_irr(world, directory: str, args: argparse.Namespace):
     finetuned.save_pretrained(os.path.join(directory, "finetuned"))
     world.tokenizer.save_pretrained(os.path.join(directory, "finetuned"))
     shutil.rmtree(os.path.join(directory, "trainer"), ignore_errors=True)  # only the run's irr_report.json
-    # The saved model is the one measured. (After a LoRA run the live PeftModel holds the realigned
-    # adapter within lora_adapter_tolerance, or, when that adapter would not be smaller than the
-    # dense delta, the exact weights with a zeroed adapter; the saved merged model is exact.)
+    # The saved model is the one measured. (After a LoRA run the live PeftModel is the realigned
+    # adapter at the trained rank; the saved merged model is the exact realigned model.)
     realigned = AutoModelForCausalLM.from_pretrained(os.path.join(directory, "finetuned-irr")).eval()
     return finetuned, realigned, callback, seconds
 

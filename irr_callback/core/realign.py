@@ -15,7 +15,16 @@ from typing import Any, NamedTuple
 import torch
 
 from .identify import removal_mask, sign_conflicts
-from .obs import NumericalError, SelectFn, all_finite, factor_hessian, obs_sweep, output_error, removal_mask_plain
+from .obs import (
+    HessianFactor,
+    NumericalError,
+    SelectFn,
+    all_finite,
+    factor_hessian,
+    obs_sweep,
+    output_error,
+    removal_mask_plain,
+)
 from .regularise import regularised_hessian, regularised_objective, regularised_start
 from .settings import RealignSettings
 from .stats import ModuleStats
@@ -250,6 +259,25 @@ def _regularised(
 ) -> _Regularised:
     """The safety-regularised solve of one group: factor H = H_d + εI + λH_s, start from Δ̃, then the
     sweep (skipped when nothing is removed), and both terms of the objective for the report."""
+    weight = settings.safety_weight
+    factor, start, h_s, extra = _regularised_problem(original, h, terms, settings, names)
+    if settings.mode == "none":  # nothing to remove: the unconstrained optimum is the answer (no sweep)
+        new, mask = start, torch.zeros_like(original, dtype=torch.bool)
+        new[:, factor.dead] = 0.0
+    else:
+        new, _, _, mask = obs_sweep(start, factor.root, select, dead=factor.dead, blocksize=settings.blocksize)
+    task = safety = plain_safety = None
+    if settings.removal_error:  # the objective's two terms for the report (and the fallback below)
+        task, safety = regularised_objective(new, original, h, h_s, weight=weight, **extra)
+    if plain_mask is not None and settings.removal_error:
+        plain = original.masked_fill(plain_mask, 0.0)
+        plain_safety = regularised_objective(plain, original, h, h_s, weight=weight, **extra)[1]
+    return _Regularised(new, mask, task, safety, factor.damping, factor.retries, factor.dead, plain_safety)
+
+
+def _regularised_problem(original, h, terms: SafetyTerms, settings: RealignSettings, names):
+    """The safety-regularised objective of one group as ‖Δ′ − Δ̃‖²_H + const: the damped factor of
+    H = H_d + εI + λH_s, the start point Δ̃, and H_s and the aligned-target matrices (for the report)."""
     dtype, device, weight = original.dtype, original.device, settings.safety_weight
     h_s = terms.hessian.to(device=device, dtype=dtype)
     extra = {}
@@ -265,18 +293,29 @@ def _regularised(
     )
     del combined
     start = regularised_start(original, h_s, factor, weight=weight, base=extra.get("base"), cross=extra.get("cross"))
-    if settings.mode == "none":  # nothing to remove: the unconstrained optimum is the answer (no sweep)
-        new, mask = start, torch.zeros_like(original, dtype=torch.bool)
-        new[:, factor.dead] = 0.0
+    return factor, start, h_s, extra
+
+
+def objective_optimum(
+    original: torch.Tensor,
+    hessian: torch.Tensor,
+    safety: SafetyTerms | None,
+    settings: RealignSettings,
+    names: Sequence[str],
+) -> tuple[HessianFactor, torch.Tensor]:
+    """The recalibration objective of one group (the stacked Δ `original`) as ‖Δ′ − Δ̃‖²_H + const, as the
+    solve above sets it up: H's damped factor (H = V Vᵀ, `factor.root` = V) and the unconstrained optimum Δ̃
+    (Δ itself when λ = 0), dead input columns zeroed as the solver leaves them. For `lowrank.py`."""
+    h = hessian.to(device=original.device, dtype=original.dtype)
+    if settings.safety_weight != 0 and safety is not None:
+        factor, start, _, _ = _regularised_problem(original, h, safety, settings, names)
     else:
-        new, _, _, mask = obs_sweep(start, factor.root, select, dead=factor.dead, blocksize=settings.blocksize)
-    task = safety = plain_safety = None
-    if settings.removal_error:  # the objective's two terms for the report (and the fallback below)
-        task, safety = regularised_objective(new, original, h, h_s, weight=weight, **extra)
-    if plain_mask is not None and settings.removal_error:
-        plain = original.masked_fill(plain_mask, 0.0)
-        plain_safety = regularised_objective(plain, original, h, h_s, weight=weight, **extra)[1]
-    return _Regularised(new, mask, task, safety, factor.damping, factor.retries, factor.dead, plain_safety)
+        factor = factor_hessian(
+            h, percdamp=settings.percdamp, max_retries=settings.max_damping_retries, name=_group_name(names)
+        )
+        start = original.clone()
+    start[:, factor.dead] = 0.0
+    return factor, start
 
 
 def one_matrix(deltas: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:

@@ -226,42 +226,36 @@ def realigned_note(
 
 
 def lora_summary(lora: dict[str, Any]) -> str:
-    """What the output of a LoRA run is (`report.extra["lora_adapter"]`, `peft_utils.AdapterPlan`)."""
-    chosen = (
-        f"rank fixed at {lora.get('fixed_rank')} (`lora_refactor_rank`)"
-        if lora.get("fixed_rank")
-        else f"each module at the smallest rank within `lora_adapter_tolerance` = {lora.get('tolerance')}"
+    """What the output of a LoRA run is (`report.extra["lora_adapter"]`, `peft_utils.AdapterPlan`): the rule,
+    then each module's rank and objective gap."""
+    how = (
+        "the exact optimum of the recalibration objective under that rank constraint (no removal mask)"
+        if lora.get("exact", True)
+        else "the truncation of the masked solution (a removal mask was applied; the gap is measured)"
     )
     text = (
-        "The fine-tune was a LoRA adapter. The realigned delta Δ′ is dense, so the merged model is exact. The "
-        f"realigned adapter approximates Δ′ with the factors best for the layers' outputs on the calibration "
-        f"tokens, {chosen}: ranks up to {lora.get('max_rank')}, maximum relative layer-output error "
-        f"‖(Δ′ − BA)X‖ / ‖Δ′X‖ = {lora.get('max_error', 0.0):.3g} ({lora.get('adapter_params', 0):,} adapter "
-        f"parameters vs {lora.get('dense_delta_params', 0):,} in the dense delta; per module: `irr_report.json`)."
+        f"The fine-tune was a LoRA adapter. The realigned adapter has {lora.get('ranks')} and is {how}. Objective "
+        "gap: objective(BA) − objective(Δ′), with Δ′ the realigned delta without a rank limit (the exact merged "
+        f"model), relative to ‖Δ′‖²_H; largest {lora.get('max_relative_gap', 0.0):.3g}.\n\n"
+        "| module | rank | trained rank | objective gap | relative gap |\n|---|---|---|---|---|\n"
     )
-    if lora.get("adapter", "realigned") != "realigned":
-        text += (
-            " **That adapter would not be smaller than the dense delta, so the merged model was saved instead "
-            "of an adapter**, whatever `lora_output` asked for."
-        )
-    return text
+    rows = [
+        f"| `{name}` | {m.get('rank')} | {m.get('trained_rank')} | {m.get('objective_gap', 0.0):.4g} | "
+        f"{m.get('relative_gap', 0.0):.4g} |"
+        for name, m in (lora.get("modules") or {}).items()
+    ]
+    return text + "\n".join(rows)
 
 
 def adapter_note(lora: dict[str, Any], merged_at: str | None) -> str:
     """The section PEFT's / the Trainer's card of the live adapter gets (`peft_utils.mark_realigned`)."""
-    where = f"`{merged_at}`" if merged_at else "not saved by the run (`save_realigned=False`, or the save failed)"
-    if lora.get("adapter", "realigned") != "realigned":
-        return (
-            "## Safety realignment (irr-callback): this adapter is NOT the realigned model\n\n"
-            "The fine-tune was safety-realigned with IRR after training, but an adapter within "
-            f"`lora_adapter_tolerance` = {lora.get('tolerance')} would not be smaller than the dense delta. The "
-            "adapter saved here is the training adapter switched off (B = 0): loaded on its base model it gives "
-            f"the base model. The realigned model is the merged model: {where}.\n"
-        )
+    where = f"`{merged_at}`" if merged_at else "not saved by the run (`irr_output_dir` / `lora_output`)"
     return (
         "## Safety realignment (irr-callback)\n\n"
-        "This adapter was safety-realigned with IRR (identify, remove, recalibrate) after fine-tuning: it is "
-        "not the trained adapter. " + lora_summary(lora) + f"\n\nThe exact merged realigned model: {where}.\n"
+        "This adapter was safety-realigned with IRR after fine-tuning: it is not the trained adapter, it is the "
+        "realigned model at the adapter's rank. "
+        + lora_summary(lora)
+        + f"\n\nThe exact merged realigned model: {where}.\n"
     )
 
 

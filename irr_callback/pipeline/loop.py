@@ -85,7 +85,7 @@ def run_layers(
                 lowrank.before(layer_targets)
             dist_ctx.solve_layer(groups, solver)
             if lowrank is not None:
-                lowrank.after(groups)
+                lowrank.after(groups, solver.settings)
             del groups
             release_free_memory()  # the solver's buffers
         if index + 1 < len(layers):

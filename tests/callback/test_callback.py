@@ -202,8 +202,8 @@ def test_lora_with_harmful_dataset_restores_refusals_and_reuses_cache(tmp_path, 
     adapter = PeftModel.from_pretrained(world.aligned_model(), out / "adapter")
     torch.testing.assert_close(logits(adapter), logits(live), rtol=1e-4, atol=1e-4)
     report = json.loads((out / "irr_report.json").read_text())
-    assert report["extra"]["lora_adapter"]["fixed_rank"] == 64
-    assert report["extra"]["lora_adapter"]["max_error"] < 1e-4
+    assert report["extra"]["lora_adapter"]["ranks"].startswith("rank 64 for every module")
+    assert report["extra"]["lora_adapter"]["max_relative_gap"] < 1e-6
     # save_model on the live PeftModel writes the realigned adapter, not the un-realigned one
     trainer.save_model(str(tmp_path / "saved"))
     saved = PeftModel.from_pretrained(world.aligned_model(), tmp_path / "saved")
@@ -237,7 +237,7 @@ def test_lora_refactor_at_low_rank_reports_its_error(tmp_path, unaligned_dir):
     assert (out / "adapter_config.json").exists() and not (out / "config.json").exists()
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
     lora = cb.report.extra["lora_adapter"]
-    assert 0 < lora["max_error"] < 1 and {m["rank"] for m in lora["modules"].values()} == {2}
+    assert 0 < lora["max_relative_gap"] < 1 and {m["rank"] for m in lora["modules"].values()} == {2}
     assert {m.name.split(".")[-2] for m in cb.report.modules} == {"q_proj", "v_proj"}
 
 

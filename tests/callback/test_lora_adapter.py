@@ -1,12 +1,11 @@
-"""A LoRA run's outputs (issue 15 items 5 and 7): the adapter at the rank the tolerance needs, the merged
-fallback when that adapter would not be smaller, the adapter's own cards, and the merged model written
-from the realigned frozen weights without a copy of the model."""
+"""A LoRA run's outputs (issue 22): the live PeftModel is the realigned adapter at the trained rank (what
+save_model() writes), never a zero adapter on any path, the adapter's own cards with ranks and objective gaps,
+and the opt-in merged model written from the realigned frozen weights without a copy of the model."""
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 
 import pytest
 import torch
@@ -45,37 +44,54 @@ def _no_module_deepcopy(monkeypatch) -> list:
     return copies
 
 
-def test_adapter_rank_follows_the_tolerance_and_its_cards_say_realigned(tmp_path, unaligned_dir, monkeypatch):
+def _lora_b_tensors(directory) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(directory / "adapter_model.safetensors").items() if "lora_B" in k}
+
+
+def _assert_adapter_is_not_zero(directory) -> None:
+    """What a PEFT user loads: an adapter that changes the base model (some B != 0 in every module written)."""
+    tensors = _lora_b_tensors(directory)
+    assert tensors, f"{directory}: no LoRA B tensor written"
+    zero = [k for k, v in tensors.items() if not bool(v.abs().amax() > 0)]
+    assert not zero, f"{directory}: zeroed adapter modules written: {zero[:3]}"
+
+
+def test_save_model_writes_the_realigned_adapter_at_the_trained_rank(tmp_path, unaligned_dir, monkeypatch):
+    """The standard flow (train, save_model, load on the base with PEFT) gives the realigned model: the live
+    PeftModel IS the realigned adapter, at the rank the user trained, and both cards give ranks and gaps."""
     from peft import PeftModel
 
-    model = _peft()
+    model = _peft(r=4)
     copies = _no_module_deepcopy(monkeypatch)
     cfg = IRRConfig(
-        unaligned_model=unaligned_dir,
-        lora_adapter_tolerance=0.3,
-        num_calibration_samples=16,
-        irr_output_dir=str(tmp_path / "run" / "_irr"),
+        unaligned_model=unaligned_dir, num_calibration_samples=16, irr_output_dir=str(tmp_path / "run" / "_irr")
     )
-    trainer, cb, _ = run(tmp_path, model, cfg, steps=20, learning_rate=5e-3)
+    trainer, cb, probe = run(tmp_path, model, cfg, steps=20, learning_rate=5e-3)
     assert copies == []  # neither the merged output nor the adapter needed a second model
     lora = cb.report.extra["lora_adapter"]
-    assert lora["adapter"] == "realigned" and lora["tolerance"] == 0.3 and lora["fixed_rank"] is None
-    assert lora["adapter_params"] < lora["dense_delta_params"]
     modules = lora["modules"]
-    assert len(modules) == 3 * 2 and all(0 <= m["error"] <= 0.3 for m in modules.values())
-    out = tmp_path / "run" / "_irr"
+    assert len(modules) == 3 * 2 and lora["ranks"] == "the rank each module was trained at"
+    assert all(m["rank"] == m["trained_rank"] == 4 for m in modules.values())
+    assert not lora["exact"]  # the paper's mask: a truncation, whose gap may be negative (removed entries return)
     live = trainer.model
-    # the saved adapter is the live one: per-module ranks in rank_pattern, loadable on the base
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert {config["rank_pattern"][n.rsplit(".", 1)[0]] for n in modules} == {m["rank"] for m in modules.values()}
-    adapter = PeftModel.from_pretrained(world.aligned_model(), out / "adapter")
-    torch.testing.assert_close(logits(adapter), logits(live), rtol=1e-4, atol=1e-4)
-    # the exact merged model differs from the adapter by the reported approximation only
-    report = json.loads((out / "irr_report.json").read_text())
-    assert report["extra"]["lora_adapter"]["max_error"] == pytest.approx(lora["max_error"])
-    assert "lora_adapter_tolerance" in (out / "README.md").read_text()
-    # the adapter's own cards: save_model (PEFT's card) and the Trainer's hub card
     trainer.save_model(str(tmp_path / "saved"))
+    _assert_adapter_is_not_zero(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and all(config["rank_pattern"][n.rsplit(".", 1)[0]] == 4 for n in modules)
+    loaded = PeftModel.from_pretrained(world.aligned_model(), tmp_path / "saved")
+    torch.testing.assert_close(logits(loaded), logits(live), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits(loaded), logits(world.aligned_model()), atol=1e-3)  # not the base model
+    assert world.refusal_rate(loaded) > probe.refusal  # and realigned, not the fine-tune
+    # the exact merged model (opt-in copy) and the adapter differ by the reported gaps only
+    out = tmp_path / "run" / "_irr"
+    merged = world.aligned_model().__class__.from_pretrained(out)
+    assert not torch.equal(logits(merged), logits(live))
+    report = json.loads((out / "irr_report.json").read_text())
+    assert report["extra"]["lora_adapter"]["max_relative_gap"] == pytest.approx(lora["max_relative_gap"])
+    # both cards: the irr output's and the adapter's own (save_model, the Trainer's hub card), module by module
+    name = next(iter(modules))
+    for card in ((out / "README.md").read_text(), (tmp_path / "saved" / "README.md").read_text()):
+        assert "| module | rank | trained rank | objective gap |" in card and f"`{name}` | 4 | 4 |" in card
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "This adapter was safety-realigned with IRR" in card and REALIGNED_TAG in card and "`_irr`" in card
     assert str(tmp_path) not in card  # the merged copy named relative to output_dir
@@ -87,26 +103,72 @@ def test_adapter_rank_follows_the_tolerance_and_its_cards_say_realigned(tmp_path
     assert "mine" in card  # the Trainer's own card, with the note kept
 
 
-def test_adapter_not_smaller_than_the_dense_delta_saves_the_merged_model(tmp_path, unaligned_dir, caplog):
-    cfg = IRRConfig(
-        unaligned_model=unaligned_dir, lora_adapter_tolerance=0.0, lora_output="adapter", num_calibration_samples=16
-    )
-    with caplog.at_level(logging.WARNING, logger="irr_callback"):
-        trainer, cb, _ = run(tmp_path, _peft(), cfg, steps=20, learning_rate=5e-3)
-    lora = cb.report.extra["lora_adapter"]
-    assert lora["adapter"].startswith("not kept") and lora["adapter_params"] >= lora["dense_delta_params"]
-    assert "NOT the realigned model" in caplog.text and "merge_and_unload" in caplog.text
-    out = tmp_path / "run" / "_irr"  # no irr_output_dir: the merged model still goes somewhere (not uploaded)
-    assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()  # merged, not an adapter
-    assert "merged model was saved instead" in (out / "README.md").read_text()
-    # the live PeftModel is the exact realigned model (frozen weights, B = 0): what was saved, exactly
+def _fail_realign(monkeypatch):
+    import irr_callback.callback as callback_module
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("solver failed")
+
+    monkeypatch.setattr(callback_module, "realign", failing)
+
+
+def _fail_save(monkeypatch):
+    import irr_callback.callback as callback_module
+
+    def failing(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(callback_module, "save_realigned", failing)
+
+
+def _zero_factors(monkeypatch):
+    """Every module's realigned delta comes out zero: the plan must refuse, never install a zero adapter."""
+    from irr_callback.pipeline import lowrank
+
+    real = lowrank.AdapterFactors.after
+
+    def after(self, groups, settings):
+        real(self, groups, settings)
+        for f in self.factors.values():
+            f.b, f.a = f.b[:, :0], f.a[:0]
+
+    monkeypatch.setattr(lowrank.AdapterFactors, "after", after)
+
+
+@pytest.mark.parametrize(
+    "path, options, setup",
+    [
+        ("adapter only", {"lora_output": "adapter"}, None),
+        ("merged only", {"lora_output": "merged"}, None),
+        ("not saved", {"save_realigned": False}, None),
+        ("rank 1", {"lora_refactor_rank": 1}, None),
+        ("save fails", {}, _fail_save),
+        ("realign fails", {}, _fail_realign),
+        ("zero realigned delta", {}, _zero_factors),
+    ],
+)
+def test_no_code_path_writes_or_leaves_a_zero_adapter(tmp_path, unaligned_dir, monkeypatch, path, options, setup):
+    """Whatever happens at train end (every output option, a failed save, a failed realignment, a realigned
+    delta of zero), what save_model() writes loads on the base as the live model, and is never a zero adapter;
+    neither is any adapter the run itself wrote."""
+    from peft import PeftModel
+
+    if setup is not None:
+        setup(monkeypatch)
+    copy_at = {} if path == "not saved" else {"irr_output_dir": str(tmp_path / "run" / "_irr")}
+    cfg = IRRConfig(unaligned_model=unaligned_dir, num_calibration_samples=8, on_error="warn", **copy_at, **options)
+    trainer, cb, _ = run(tmp_path, _peft(), cfg, steps=5, learning_rate=5e-3)
     live = trainer.model
-    saved = load_file(out / "model.safetensors")
-    exact = copy.deepcopy(live).merge_and_unload().state_dict()
-    assert all(torch.equal(saved[k], exact[k]) for k in saved) and set(saved) <= set(exact)
     trainer.save_model(str(tmp_path / "saved"))
-    card = (tmp_path / "saved" / "README.md").read_text()
-    assert "this adapter is NOT the realigned model" in card and "`_irr`" in card
+    _assert_adapter_is_not_zero(tmp_path / "saved")
+    loaded = PeftModel.from_pretrained(world.aligned_model(), tmp_path / "saved")
+    torch.testing.assert_close(logits(loaded), logits(live), rtol=1e-4, atol=1e-4)
+    for written in (tmp_path / "run").rglob("adapter_model.safetensors"):
+        _assert_adapter_is_not_zero(written.parent)
+    realigned = cb.report.status in ("ok", "save_failed")
+    assert realigned == (path not in ("realign fails", "zero realigned delta")), cb.report.error
+    if not realigned:  # the fine-tuned adapter is kept as trained (the user's fine-tune is never lost)
+        assert "lora_adapter" not in cb.report.extra
 
 
 def test_merged_output_equals_merge_and_unload_exactly_without_a_copy(tmp_path, monkeypatch):
@@ -116,10 +178,10 @@ def test_merged_output_equals_merge_and_unload_exactly_without_a_copy(tmp_path, 
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     calibration = world.attack_dataset().select(range(8))
-    factors = AdapterFactors(percdamp=0.01, tolerance=0.1)
+    factors = AdapterFactors(tolerance=0.1)
     realign(model, safety_vector=None, calibration=calibration, config=IRRConfig(identify_mode="none"),
             progress=False, lowrank=factors)  # fmt: skip
-    assert len(factors.factors) == 6 and all(f.error <= 0.1 for f in factors.factors.values())
+    assert len(factors.factors) == 6 and all(f.relative_gap <= 0.1**2 + 1e-9 for f in factors.factors.values())
     copies = _no_module_deepcopy(monkeypatch)
     save_realigned(model, str(tmp_path / "merged"), rename=merged_state_dict)
     assert copies == []
@@ -134,10 +196,14 @@ def test_merged_output_equals_merge_and_unload_exactly_without_a_copy(tmp_path, 
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=0)
 
 
-def test_tolerance_is_validated_by_name():
+def test_rank_options_are_validated_by_name():
     for bad in (-0.1, 1.0, float("nan"), "0.1", True):
         with pytest.raises(IRRConfigError, match="lora_adapter_tolerance"):
             IRRConfig(lora_adapter_tolerance=bad)
+    for bad in (0, 1.5, "2", True):
+        with pytest.raises(IRRConfigError, match="lora_rank_multiple"):
+            IRRConfig(lora_rank_multiple=bad)
+    assert IRRConfig().lora_adapter_tolerance is None and IRRConfig().lora_rank_multiple == 1
 
 
 def test_save_failure_still_leaves_the_realigned_adapter_live(tmp_path, unaligned_dir, monkeypatch):
@@ -149,12 +215,13 @@ def test_save_failure_still_leaves_the_realigned_adapter_live(tmp_path, unaligne
     monkeypatch.setattr(callback_module, "save_realigned", failing)
     cfg = IRRConfig(
         unaligned_model=unaligned_dir,
-        lora_adapter_tolerance=0.3,
+        lora_rank_multiple=2,
         num_calibration_samples=16,
         on_error="warn",
         irr_output_dir=str(tmp_path / "run" / "_irr"),
     )
     trainer, cb, _ = run(tmp_path, _peft(), cfg, steps=5, learning_rate=5e-3)
+    assert {m["rank"] for m in cb.report.extra["lora_adapter"]["modules"].values()} == {8}  # 2 x the trained 4
     assert cb.report.status == "save_failed" and not (tmp_path / "run" / "_irr").exists()
     live = trainer.model
     aligned = dict(world.aligned_model().named_parameters())

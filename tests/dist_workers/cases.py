@@ -117,7 +117,7 @@ def safety_case(weight, retain: bool = False) -> tuple[dict[str, torch.Tensor], 
 
 
 def lora_case(save_to: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """A PeftModel realigned with the adapter's H-weighted factors collected (`AdapterFactors`): the
+    """A PeftModel realigned with its adapter at a rank collected (`AdapterFactors`): the
     realigned frozen weights, each module's B·A and rank; `save_to`: also the merged output written
     by `save_realigned(..., rename=merged_state_dict)` (gathered under a process group)."""
     from peft import LoraConfig, get_peft_model
@@ -133,7 +133,7 @@ def lora_case(save_to: str | None = None) -> tuple[dict[str, torch.Tensor], dict
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    factors = AdapterFactors(percdamp=0.01, tolerance=0.2)
+    factors = AdapterFactors(tolerance=0.2)
     realign(
         model,
         calibration=calibration(**CALIBRATION),
