@@ -149,16 +149,18 @@ def rank_constrained_group(
     tolerance: float | None = None,
     safety: SafetyTerms | None = None,
     trained_ranks: Sequence[int | None] | None = None,
+    retain_hessian: torch.Tensor | None = None,
 ) -> list[LowRankFactors]:
     """Per module of one group (the solver's group: one H), the realigned delta at a LoRA rank under the
-    objective the solver used (`settings`, the calibration `hessian`, `safety`'s matrices when λ > 0).
+    objective the solver used (`settings`, the calibration `hessian`, `safety`'s matrices when λ > 0,
+    `retain_hessian` when ρ > 0).
 
     `deltas`: the fine-tuning deltas Δ (out × in); `solved`: the solver's Δ′, read only with a removal
     mask (`settings.mode` != "none"), where the truncation of Δ′ replaces the exact optimum. `ranks[k]`:
     module k's rank, or None with a `tolerance` (then the smallest rank within it)."""
     dtype = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
     original = one_matrix(deltas, dtype, deltas[0].device)
-    factor, optimum = objective_optimum(original, hessian, safety, settings, names)
+    factor, optimum = objective_optimum(original, hessian, safety, settings, names, retain_hessian)
     del original
     masked = settings.mode != "none"
     out, r0 = [], 0

@@ -302,11 +302,15 @@ def objective_optimum(
     safety: SafetyTerms | None,
     settings: RealignSettings,
     names: Sequence[str],
+    retain_hessian: torch.Tensor | None = None,
 ) -> tuple[HessianFactor, torch.Tensor]:
     """The recalibration objective of one group (the stacked Δ `original`) as ‖Δ′ − Δ̃‖²_H + const, as the
     solve above sets it up: H's damped factor (H = V Vᵀ, `factor.root` = V) and the unconstrained optimum Δ̃
-    (Δ itself when λ = 0), dead input columns zeroed as the solver leaves them. For `lowrank.py`."""
+    (Δ itself when λ = 0), dead input columns zeroed as the solver leaves them. The task metric is
+    H_d + ρH_r with a retain weight ρ and `retain_hessian`. For `lowrank.py`."""
     h = hessian.to(device=original.device, dtype=original.dtype)
+    if settings.retain_weight != 0 and retain_hessian is not None:
+        h = torch.add(h, retain_hessian.to(device=h.device, dtype=h.dtype), alpha=settings.retain_weight)
     if settings.safety_weight != 0 and safety is not None:
         factor, start, _, _ = _regularised_problem(original, h, safety, settings, names)
     else:

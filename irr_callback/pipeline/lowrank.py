@@ -18,7 +18,7 @@ from ..core.lowrank import LowRankFactors, rank_constrained_group
 from ..core.realign import SafetyTerms
 from ..targets import Target
 from .hessians import GroupHessians
-from .streams import ALIGNED, CALIBRATION, CROSS, SAFETY
+from .streams import ALIGNED, CALIBRATION, CROSS, RETAIN, SAFETY
 
 
 @dataclass
@@ -86,6 +86,7 @@ class AdapterFactors:
                 tolerance=self.tolerance,
                 safety=_safety_terms(hessians, settings, bases),
                 trained_ranks=trained,
+                retain_hessian=hessians[RETAIN][0] if settings.retain_weight and RETAIN in hessians else None,
             )
             for t, f in zip(lora, found):
                 f.b, f.a = f.b.cpu(), f.a.cpu()

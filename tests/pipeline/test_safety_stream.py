@@ -275,7 +275,7 @@ def test_lora_adapter_equals_its_merged_model(term):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("term", ["aligned", "delta"])
+@pytest.mark.parametrize("term", ["aligned", "delta", "aligned + retain"])
 def test_lora_adapter_factors_solve_the_objective_the_solver_solved(term):
     """The adapter step rebuilds the group's objective from the layer's streams (H_d, H_s, C, H_A, W_A): at full
     rank its optimum is the solver's Δ′ exactly (same objective), at the trained rank it is the exact
@@ -286,7 +286,9 @@ def test_lora_adapter_factors_solve_the_objective_the_solver_solved(term):
     from irr_callback.targets import find_targets
 
     base, _, _ = triple("llama", layers=2)
-    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term)
+    retain = term.endswith("retain")
+    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term.split()[0], retain_weight=0.7 if retain else 0.0)
+    extra = {"retain_calibration": calibration(n=16, length=10, seed=3)} if retain else {}
     found = {}
     for rank in (None, 10_000):
         lora = get_peft_model(
@@ -299,7 +301,7 @@ def test_lora_adapter_factors_solve_the_objective_the_solver_solved(term):
                     p.copy_(0.05 * torch.randn(p.shape, generator=g))
         factors = AdapterFactors(rank=rank)
         realign(lora, calibration=calibration(n=16, length=10), safety_calibration=safety_rows(), config=cfg,
-                lowrank=factors)  # fmt: skip
+                lowrank=factors, **extra)  # fmt: skip
         found[rank] = factors.factors
         if rank is not None:
             _, _, targets = find_targets(lora)
