@@ -32,7 +32,7 @@ from . import distributed
 from .config import IRRConfig, IRRConfigError
 from .inputs.data import calibration_examples
 from .inputs.irr_files import fingerprint, fingerprint_id, same_base
-from .inputs.refusals import safety_dataset_for_run
+from .inputs.refusals import retain_dataset_for_run, safety_dataset_for_run
 from .inputs.snapshot import RunStore, take_snapshot
 from .inputs.sources import (
     BaseContext,
@@ -40,6 +40,7 @@ from .inputs.sources import (
     load_safety_pairs,
     resolve_fisher,
     resolve_safety_vector,
+    retain_calibration_examples,
     safety_calibration_examples,
     safety_source,
 )
@@ -98,6 +99,10 @@ class IRRCallback(TrainerCallback):
             when the config uses a safety weight (e.g. `IRRConfig.recommended()`), the safety stream;
             takes precedence over `IRRConfig.safety_dataset`. Without a response column the base
             model's own answers are generated at train begin.
+        retain_dataset: a `datasets.Dataset` of general prompts (with or without answers) for the retain
+            stream, when `IRRConfig.retain_weight` > 0; takes precedence over `IRRConfig.retain_dataset`.
+            Without one, the shipped general prompts (the hub set online), answered by the base model at
+            train begin and cached under the base fingerprint (docs/safety-weight.md).
 
     Example:
 
@@ -113,10 +118,18 @@ class IRRCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, config: IRRConfig | None = None, *, harmful_dataset: Any = None, safety_dataset: Any = None):
+    def __init__(
+        self,
+        config: IRRConfig | None = None,
+        *,
+        harmful_dataset: Any = None,
+        safety_dataset: Any = None,
+        retain_dataset: Any = None,
+    ):
         self.config = config or IRRConfig.recommended()
         self.harmful_dataset = harmful_dataset
         self.safety_dataset = safety_dataset
+        self.retain_dataset = retain_dataset
         self.report: IRRReport | None = None
         self.output_path: str | None = None
         self.sources: dict[str, dict[str, Any]] = {}
@@ -127,6 +140,7 @@ class IRRCallback(TrainerCallback):
         self._safety: Mapping[str, torch.Tensor] | None = None
         self._importance: Mapping[str, torch.Tensor] | None = None
         self._safety_calibration: list[dict] | None = None  # the safety stream's tokenized rows
+        self._retain_calibration: list[dict] | None = None  # the retain stream's tokenized rows
         self._base_fingerprint: str | None = None
         self._resumed_rows_sources: dict[str, dict] = {}
         self._card_note: str | None = None  # what the output's model card says about IRR (set at train end)
@@ -245,6 +259,18 @@ class IRRCallback(TrainerCallback):
             )
             self._safety_calibration = safety_calibration_examples(config, pairs, tokenizer)
             self._check_auto_rows(config, len(self._safety_calibration))
+        retain_data = None
+        if config.uses_retain_stream:  # general prompts, answered by the base now (before training) when needed
+            with state.main_process_first():
+                self.retain_dataset, retain_data = retain_dataset_for_run(
+                    model,
+                    tokenizer,
+                    config,
+                    retain_dataset=self.retain_dataset,
+                    base_fingerprint=ctx.fingerprint,
+                    progress=ctx.progress,
+                )
+            self._retain_calibration = retain_calibration_examples(config, self.retain_dataset, tokenizer)
         if config.needs_safety_vector:
             with state.main_process_first():  # the main process computes; the others then hit the cache
                 safety = resolve_safety_vector(config, ctx)
@@ -262,6 +288,8 @@ class IRRCallback(TrainerCallback):
             }
         if safety_data is not None:
             self.sources["safety_data"] = safety_data
+        if retain_data is not None:
+            self.sources["retain_data"] = {**retain_data, "examples": len(self._retain_calibration)}
         persist = (
             self.config.snapshot == "disk" or str(getattr(args.save_strategy, "value", args.save_strategy)) != "no"
         )
@@ -279,6 +307,8 @@ class IRRCallback(TrainerCallback):
                         )
                 if self._safety_calibration is not None:
                     _save_rows(store, self._safety_calibration, self._base_fingerprint, self.sources)
+                if self._retain_calibration is not None:
+                    _save_rows(store, self._retain_calibration, self._base_fingerprint, self.sources, _RETAIN_FILE)
             state.wait_for_everyone()
         if snapshot and self.config.snapshot == "disk":
             snapshot = SafetensorsMapping(store.path("snapshot"))
@@ -299,6 +329,9 @@ class IRRCallback(TrainerCallback):
             fp = self._safety.metadata["irr_callback.base_fingerprint"]
         if run_config.uses_safety_stream:
             self._safety_calibration, fp, self._resumed_rows_sources = _load_rows(store, fp)
+        retain_sources = {}
+        if run_config.uses_retain_stream:
+            self._retain_calibration, fp, retain_sources = _load_rows(store, fp, _RETAIN_FILE)
         self._base_fingerprint = fp
         self._importance = (
             store.load("fisher", names, base_fingerprint=self._base_fingerprint)
@@ -315,6 +348,8 @@ class IRRCallback(TrainerCallback):
         }
         if self._safety_calibration is not None:
             self.sources.update(self._resumed_rows_sources)
+        if self._retain_calibration is not None:
+            self.sources.update(retain_sources)
         logger.info(f"IRR: resumed run, base snapshot and safety inputs reloaded from {store.directory}")
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -336,6 +371,7 @@ class IRRCallback(TrainerCallback):
                     importance=self._importance,
                     calibration=self._calibration(processing_class),
                     safety_calibration=self._safety_calibration,
+                    retain_calibration=self._retain_calibration,
                     config=self._run_config,
                     progress=_show_progress(args),
                     card=lambda report: self._card(report, self._model(model)),
@@ -448,6 +484,7 @@ class IRRCallback(TrainerCallback):
         if state.is_main_process:
             RunStore(args.output_dir).remove()
         self._snapshot = self._safety = self._importance = self._safety_calibration = None
+        self._retain_calibration = None
         self._prepared = False
 
     def _realign_and_save(self, model: nn.Module, args, processing_class, target: str | None) -> IRRReport:
@@ -480,6 +517,7 @@ class IRRCallback(TrainerCallback):
                 importance=self._importance,
                 calibration=calibration,
                 safety_calibration=self._safety_calibration,
+                retain_calibration=self._retain_calibration,
                 config=config,
                 progress=_show_progress(args),
                 lowrank=lowrank,
@@ -593,33 +631,41 @@ class IRRCallback(TrainerCallback):
 
 
 _ROWS_FILE = "safety_calibration.json"
+_RETAIN_FILE = "retain_calibration.json"
 
 
-def _rows_path(store: RunStore) -> str:
-    return os.path.join(store.directory, _ROWS_FILE)
+def _rows_path(store: RunStore, file: str = _ROWS_FILE) -> str:
+    return os.path.join(store.directory, file)
 
 
-def _save_rows(store: RunStore, rows: list[dict], base_fingerprint: str, sources: dict) -> None:
-    """The safety stream's tokenized rows (the base model's generated answers included) for a resumed run."""
+def _save_rows(
+    store: RunStore, rows: list[dict], base_fingerprint: str, sources: dict, file: str = _ROWS_FILE
+) -> None:
+    """A stream's tokenized rows (the base model's generated answers included) for a resumed run: the safety
+    stream's (`_ROWS_FILE`) or the retain stream's (`_RETAIN_FILE`)."""
     from .saving import atomic_file
 
     os.makedirs(store.directory, exist_ok=True)
+    kinds = ("safety_calibration", "safety_data") if file == _ROWS_FILE else ("retain_data",)
     payload = {
         "base_fingerprint": base_fingerprint,
-        "sources": {k: sources[k] for k in ("safety_calibration", "safety_data") if k in sources},
+        "sources": {k: sources[k] for k in kinds if k in sources},
         "rows": rows,
     }
-    with atomic_file(_rows_path(store), suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_file(_rows_path(store, file), suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(payload, fh)
 
 
-def _load_rows(store: RunStore, fingerprint: str | None) -> tuple[list[dict], str, dict[str, dict]]:
-    """The persisted rows, the base they were made for, and their description at the run's first start
-    (marked `resumed`), so that a resumed run's report describes the same safety data."""
-    path = _rows_path(store)
+def _load_rows(
+    store: RunStore, fingerprint: str | None, file: str = _ROWS_FILE
+) -> tuple[list[dict], str, dict[str, dict]]:
+    """The persisted rows (`file`: the safety stream's or the retain stream's), the base they were made for,
+    and their description at the run's first start (marked `resumed`), so that a resumed run's report
+    describes the same data."""
+    path = _rows_path(store, file)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"resuming from a checkpoint but '{path}' does not exist: the safety stream's rows are persisted at "
+            f"resuming from a checkpoint but '{path}' does not exist: the safety and retain streams' rows are persisted at "
             "the first start of the run (the base model's answers cannot be regenerated after fine-tuning). "
             "Start the run with IRRCallback from step 0."
         )
@@ -632,7 +678,8 @@ def _load_rows(store: RunStore, fingerprint: str | None) -> tuple[list[dict], st
             f"{fingerprint_id(fingerprint)}"
         )
     described = {kind: {**info, "resumed": True} for kind, info in (payload.get("sources") or {}).items() if info}
-    described.setdefault("safety_calibration", {"source": "resumed", "examples": len(payload["rows"])})
+    kind = "safety_calibration" if file == _ROWS_FILE else "retain_data"
+    described.setdefault(kind, {"source": "resumed", "examples": len(payload["rows"])})
     return payload["rows"], recorded, described
 
 

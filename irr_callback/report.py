@@ -123,19 +123,24 @@ class IRRReport:
         )
 
     def setting_summary(self) -> str:
-        """'' for the paper's IRR; else the setting and λ (and that 'auto' chose it)."""
-        if self.setting == "irr" and not self.safety_weight:
+        """'' for the paper's IRR; else the setting and λ (and that 'auto' chose it), and the retain weight."""
+        if self.setting == "irr" and not self.safety_weight and not self._retain_weight:
             return ""
         return "; " + self.setting_line()
 
     def setting_line(self) -> str:
         """The setting in words, for log lines and the model card: 'setting irr (the paper's IRR)' or
-        e.g. "setting recommended, safety weight λ=0.2 chosen by safety_weight='auto'"."""
+        e.g. "setting recommended, safety weight λ=0.2 chosen by safety_weight='auto', retain weight ρ=1"."""
+        retain = f", retain weight ρ={self._retain_weight:g}" if self._retain_weight else ""
         if self.setting == "irr" and not self.safety_weight:
-            return "setting irr (the paper's IRR)"
+            return "setting irr (the paper's IRR)" if not retain else "setting irr" + retain
         weight = "not chosen" if self.safety_weight is None else f"{self.safety_weight:g}"
         chosen = " chosen by safety_weight='auto'" if self.auto else ""
-        return f"setting {self.setting}, safety weight λ={weight}{chosen}"
+        return f"setting {self.setting}, safety weight λ={weight}{chosen}{retain}"
+
+    @property
+    def _retain_weight(self) -> float:
+        return float(self.config.get("retain_weight") or 0.0) if self.config else 0.0
 
 
 def _sum_or_none(values) -> float | None:

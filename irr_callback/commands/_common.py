@@ -41,6 +41,11 @@ CORE_FIELDS = (
     "safety_tokens",
     "num_safety_samples",
     "safety_max_new_tokens",
+    "retain_weight",
+    "num_retain_samples",
+    "retain_max_new_tokens",
+    "retain_prompt_column",
+    "retain_response_column",
 )
 
 #: --preset values: the paper's IRR (`IRRConfig()`) or the recommended setting (`IRRConfig.recommended()`)

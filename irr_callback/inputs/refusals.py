@@ -57,17 +57,18 @@ class Refusals:
     cached: bool = False
     path: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    judged: bool = True  # False for the retain stream's general prompts: no refusal check
 
     @property
     def looks_aligned(self) -> bool:
         return self.refusal_rate >= MIN_REFUSAL_RATE
 
     def describe(self) -> dict[str, Any]:
+        judged = {"refusal_rate": round(self.refusal_rate, 4), "looks_aligned": self.looks_aligned}
         return {
             "generated_responses": True,
             "responses": len(self.responses),
-            "refusal_rate": round(self.refusal_rate, 4),
-            "looks_aligned": self.looks_aligned,
+            **(judged if self.judged else {}),
             "generation_seconds": round(self.seconds, 3),
             "cached": self.cached,
             "path": self.path,
@@ -121,6 +122,7 @@ def write_refusals(
     progress: bool = False,
     min_refusal_rate: float = MIN_REFUSAL_RATE,
     cached_only: bool = False,
+    kind: str = "refusals",
 ) -> Refusals:
     """The model's own greedy answers to `prompts` (same order), cached when `cache_dir` is given.
 
@@ -130,11 +132,14 @@ def write_refusals(
     `base_fingerprint` when given (the callback's fingerprint of the base's target weights, the same
     directory as the other safety inputs: a resumed run, whose live model is no longer the base, finds
     the answers the base wrote), else a fingerprint of every weight of `model`. `cached_only=True`
-    (a resumed run) raises instead of generating when the answers are not in the cache.
+    (a resumed run) raises instead of generating when the answers are not in the cache. `kind`: "refusals"
+    (harmful prompts: the answers are checked with the refusal judge) or "answers" (the retain stream's general
+    prompts: no judge; cache file `answers-<key>.json`).
     """
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise ValueError("write_refusals: no prompts")
+    judged, what = kind == "refusals", "safety" if kind == "refusals" else "retain"
     if tokenizer is None:
         raise ValueError(
             "the base model's answers to the safety prompts are generated with the run's tokenizer: pass "
@@ -145,20 +150,20 @@ def write_refusals(
     key = _digest([_FORMAT, model_fp, prompts, settings, _tokenizer_identity(tokenizer)])[:20]
     path = None
     if cache_dir is not None:
-        path = os.path.join(os.path.expanduser(cache_dir), fingerprint_id(model_fp), f"refusals-{key}.json")
+        path = os.path.join(os.path.expanduser(cache_dir), fingerprint_id(model_fp), f"{kind}-{key}.json")
         hit = _read(path, prompts)
         if hit is not None:
-            logger.info(f"IRR: reusing the base model's cached answers to {len(prompts)} safety prompts ({path})")
-            rate = check_refusals(hit, min_rate=min_refusal_rate)
-            return Refusals(prompts, hit, rate, 0.0, cached=True, path=path, settings=settings)
+            logger.info(f"IRR: reusing the base model's cached answers to {len(prompts)} {what} prompts ({path})")
+            rate = check_refusals(hit, min_rate=min_refusal_rate) if judged else 0.0
+            return Refusals(prompts, hit, rate, 0.0, cached=True, path=path, settings=settings, judged=judged)
     if cached_only:
         raise FileNotFoundError(
-            f"the base model's answers to the {len(prompts)} safety prompts are not in the cache "
+            f"the base model's answers to the {len(prompts)} {what} prompts are not in the cache "
             f"({path or 'no cache_dir'}), and the live model is no longer the base (resumed run): set "
             "safety_dataset= with responses, or restart the run from step 0"
         )
     logger.info(
-        f"IRR: the base model writes its answers to {len(prompts)} safety prompts (greedy, batches of {batch_size})"
+        f"IRR: the base model writes its answers to {len(prompts)} {what} prompts (greedy, batches of {batch_size})"
     )
     start = time.perf_counter()
     responses = generate_responses(
@@ -176,11 +181,11 @@ def write_refusals(
     # on a CPU shared with other jobs, several torch threads per tiny step can be 10-30x slower than one
     # (measured: 128 answers of a 2-layer model, 2 s on 1 thread, 30-60 s on 2 threads at load 10; issue 23)
     threads = f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else ""
-    logger.info(f"IRR: {len(prompts)} safety answers generated in {seconds:.1f} s (on {device}{threads})")
-    rate = check_refusals(responses, min_rate=min_refusal_rate)
+    logger.info(f"IRR: {len(prompts)} {what} answers generated in {seconds:.1f} s (on {device}{threads})")
+    rate = check_refusals(responses, min_rate=min_refusal_rate) if judged else 0.0
     if path is not None:
-        _write(path, prompts, responses, {"fingerprint": model_fp, **settings, "seconds": seconds})
-    return Refusals(prompts, responses, rate, seconds, path=path, settings=settings)
+        _write(path, prompts, responses, {"kind": kind, "fingerprint": model_fp, **settings, "seconds": seconds})
+    return Refusals(prompts, responses, rate, seconds, path=path, settings=settings, judged=judged)
 
 
 def _read(path: str, prompts: list[str]) -> list[str] | None:
@@ -201,7 +206,7 @@ def _read(path: str, prompts: list[str]) -> list[str] | None:
 
 
 def _write(path: str, prompts: list[str], responses: list[str], info: dict[str, Any]) -> None:
-    payload = {"format": _FORMAT, "kind": "refusals", **info, "prompts": prompts, "responses": responses}
+    payload = {"format": _FORMAT, **info, "prompts": prompts, "responses": responses}
     with atomic_file(path, suffix=".json.tmp") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(payload, fh, ensure_ascii=False, indent=1)
 
@@ -230,39 +235,101 @@ def safety_dataset_for_run(
     Answers are cached under `cache_dir` (`IRRConfig.cache_dir`, `$IRR_CACHE`, ~/.cache/irr_callback),
     in the directory of `base_fingerprint`; a resumed run passes `cached_only=True` (see `write_refusals`).
     """
+    return _answered_dataset(
+        model,
+        tokenizer,
+        config,
+        kind="refusals",
+        field="safety",
+        source=safety_dataset if safety_dataset is not None else config.safety_dataset,
+        columns=(config.safety_prompt_column, config.safety_response_column),
+        num_samples=config.num_safety_samples,
+        max_new_tokens=config.safety_max_new_tokens,
+        default=lambda: load_default_prompts(config.num_safety_samples, seed=config.irr_seed, online=online),
+        base_fingerprint=base_fingerprint,
+        batch_size=batch_size,
+        progress=progress,
+        cached_only=cached_only,
+    )
+
+
+def retain_dataset_for_run(
+    model: nn.Module,
+    tokenizer: Any,
+    config: IRRConfig,
+    *,
+    retain_dataset: Any = None,
+    base_fingerprint: str | None = None,
+    online: bool | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    cached_only: bool = False,
+):
+    """The retain stream's data, as `safety_dataset_for_run` gives the safety data: `retain_dataset` (or
+    `config.retain_dataset`) with a response column as it is; without one, its first `num_retain_samples`
+    prompts answered by the base model; neither: `num_retain_samples` default general prompts
+    (`general_prompts.load_general_prompts`) answered by the base model, `retain_max_new_tokens` each,
+    cached under the base fingerprint as `answers-<key>.json`. Returns `(dataset, info)`."""
+    from .general_prompts import load_general_prompts
+
+    return _answered_dataset(
+        model,
+        tokenizer,
+        config,
+        kind="answers",
+        field="retain",
+        source=retain_dataset if retain_dataset is not None else config.retain_dataset,
+        columns=(config.retain_prompt_column, config.retain_response_column),
+        num_samples=config.num_retain_samples,
+        max_new_tokens=config.retain_max_new_tokens,
+        default=lambda: load_general_prompts(config.num_retain_samples, seed=config.irr_seed, online=online),
+        base_fingerprint=base_fingerprint,
+        batch_size=batch_size,
+        progress=progress,
+        cached_only=cached_only,
+    )
+
+
+def _answered_dataset(
+    model, tokenizer, config: IRRConfig, *, kind, field, source, columns, num_samples, max_new_tokens, default, **kw
+):
+    """Prompts with answers for one stream (`field`: "safety" or "retain"): the user's data, or its prompts /
+    the default prompts answered by the base model (`write_refusals` with `kind`)."""
     import datasets
 
-    prompt_col, response_col = config.safety_prompt_column, config.safety_response_column
-    source = safety_dataset if safety_dataset is not None else config.safety_dataset
+    prompt_col, response_col = columns
+    what = f"{field}_dataset"
     chosen: PromptSet | None = None
     if source is None:
-        chosen = load_default_prompts(config.num_safety_samples, seed=config.irr_seed, online=online)
+        chosen = default()
         prompts, info = chosen.prompts, {"source": "default", **chosen.describe()}
     else:
-        data = load_examples(source, what="IRRConfig.safety_dataset")
-        require_columns(data, [prompt_col], what="safety_dataset", fields=["safety_prompt_column"])
+        data = load_examples(source, what=f"IRRConfig.{what}")
+        require_columns(data, [prompt_col], what=what, fields=[f"{field}_prompt_column"])
         label = source if isinstance(source, str) else type(source).__name__
         if response_col in data.column_names:
-            return data, {"source": "safety_dataset", "set": label, "prompts": len(data), "generated_responses": False}
-        head = data.select(range(min(config.num_safety_samples, len(data))))
+            return data, {"source": what, "set": label, "prompts": len(data), "generated_responses": False}
+        head = data.select(range(min(num_samples, len(data))))
         prompts = [str(p) for p in head[prompt_col] if p is not None and str(p).strip()]
         if not prompts:
-            raise ValueError(f"safety_dataset '{label}' has no non-empty prompt in column '{prompt_col}'")
-        info = {"source": "safety_dataset", "set": label, "prompts": len(prompts)}
+            raise ValueError(f"{what} '{label}' has no non-empty prompt in column '{prompt_col}'")
+        info = {"source": what, "set": label, "prompts": len(prompts)}
     answers = write_refusals(
         model,
         tokenizer,
         prompts,
-        max_new_tokens=config.safety_max_new_tokens,
-        batch_size=batch_size,
-        base_fingerprint=base_fingerprint,
+        max_new_tokens=max_new_tokens,
+        base_fingerprint=kw["base_fingerprint"],
+        batch_size=kw["batch_size"],
         cache_dir=cache_root(config),
-        progress=progress,
-        cached_only=cached_only,
+        progress=kw["progress"],
+        cached_only=kw["cached_only"],
+        kind=kind,
     )
     info.update(answers.describe(), generated_responses=True)
+    judged = f"{answers.refusal_rate:.0%} refusals, " if kind == "refusals" else ""
     logger.info(
-        f"IRR: safety data: {len(prompts)} prompts from {info['set']}, answered by the base model "
-        f"({answers.refusal_rate:.0%} refusals, {'cached' if answers.cached else f'{answers.seconds:.1f} s'})"
+        f"IRR: {field} data: {len(prompts)} prompts from {info['set']}, answered by the base model "
+        f"({judged}{'cached' if answers.cached else f'{answers.seconds:.1f} s'})"
     )
     return datasets.Dataset.from_dict({prompt_col: answers.prompts, response_col: answers.responses}), info

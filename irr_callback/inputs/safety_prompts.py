@@ -94,9 +94,9 @@ def select(prompts: list[str], num_prompts: int | None = None, *, seed: int = 0,
     return ordered if num_prompts is None else ordered[:num_prompts]
 
 
-def shipped_rows() -> list[dict[str, str]]:
-    """Every row of the shipped file: `id`, `category`, `prompt`."""
-    text = resources.files("irr_callback").joinpath(SHIPPED_FILE).read_text(encoding="utf-8")
+def shipped_rows(file: str = SHIPPED_FILE) -> list[dict[str, str]]:
+    """Every row of a file shipped in the package (default: the harmful prompts): `id`, `category`, `prompt`."""
+    text = resources.files("irr_callback").joinpath(file).read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -105,7 +105,7 @@ def shipped_prompts(
 ) -> PromptSet:
     """The set shipped inside the package (no network)."""
     every = [r["prompt"] for r in shipped_rows()]
-    return _prompt_set(
+    return prompt_set(
         every,
         num_prompts,
         seed,
@@ -134,7 +134,7 @@ def hub_prompts(
         raise KeyError(f"hub dataset '{dataset_id}' has no column '{column}' (columns: {data.column_names})")
     every = [str(p) for p in data[column]]
     license = HUB_LICENSE if dataset_id == HUB_DATASET else "see the dataset card"
-    chosen = _prompt_set(
+    chosen = prompt_set(
         every, num_prompts, seed, split, name=dataset_id, source="hub", license=license, revision=revision
     )
     if not chosen.prompts:
@@ -142,7 +142,7 @@ def hub_prompts(
     return chosen
 
 
-def _prompt_set(every: list[str], num_prompts: int | None, seed: int, split: str, **fields: Any) -> PromptSet:
+def prompt_set(every: list[str], num_prompts: int | None, seed: int, split: str, **fields: Any) -> PromptSet:
     """`num_prompts` of `every` (see `select`), and how many the split had."""
     available = len(select(every, None, seed=seed, split=split))
     return PromptSet(

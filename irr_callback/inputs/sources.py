@@ -385,3 +385,18 @@ def safety_calibration_examples(config: IRRConfig, pairs: SafetyPairs, tokenizer
     template when the tokenizer has one, labels -100 on the prompt), at most `num_safety_samples`."""
     n = config.num_safety_samples
     return tokenize_pairs(tokenizer, pairs.prompts[:n], pairs.responses[:n], max_length=config.calibration_max_length)
+
+
+def retain_calibration_examples(config: IRRConfig, dataset: Any, tokenizer: Any) -> list[dict]:
+    """The retain stream's rows: the first `num_retain_samples` prompt/response pairs of `dataset` (the
+    config's retain columns), tokenized like the fine-tuning data (`data.tokenize_pairs`: the chat template
+    when the tokenizer has one, labels -100 on the prompt); an already tokenized dataset (`input_ids`) as is."""
+    n = config.num_retain_samples
+    head = dataset.select(range(min(n, len(dataset))))
+    if "input_ids" in head.column_names:
+        return [dict(row) for row in head]
+    columns = [config.retain_prompt_column, config.retain_response_column]
+    require_columns(head, columns, what="retain_dataset", fields=["retain_prompt_column", "retain_response_column"])
+    prompts = [str(p) for p in head[columns[0]]]
+    responses = [str(r) for r in head[columns[1]]]
+    return tokenize_pairs(tokenizer, prompts, responses, max_length=config.calibration_max_length)

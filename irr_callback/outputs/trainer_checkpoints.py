@@ -45,6 +45,7 @@ def realign_saved_checkpoint(
     config: IRRConfig,
     progress: bool,
     card: Callable[[IRRReport], Any] | None = None,
+    retain_calibration: Any = None,
 ) -> IRRReport:
     """Realign the saved `checkpoint` into `checkpoint/irr` with the inputs of the train-end realignment.
 
@@ -71,6 +72,7 @@ def realign_saved_checkpoint(
         importance=importance,
         calibration=calibration,
         safety_calibration=safety_calibration,
+        retain_calibration=retain_calibration,
         output_dir=output,
         config=config,
         progress=progress,

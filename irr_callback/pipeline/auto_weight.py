@@ -36,7 +36,7 @@ from transformers.utils import logging
 from ..config import IRRConfig
 from ..report import IRRReport
 from ..targets import Target
-from .capture import ArgsRecorder, propagate
+from .capture import ArgsRecorder, accepts_argument, propagate
 from .hessians import collect_hessians
 from .inputs import SafetyInputs
 from .loop import LayerHook
@@ -274,22 +274,34 @@ def held_out_losses(
 def _loss(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any) -> float:
     """Mean next-token loss on the scored (response) tokens of `stream`, from its last layer's outputs:
     the model runs with every decoder layer stubbed out and the last one returning them, so whatever
-    follows the layer loop (final norm, LM head, soft-capping) is the model's own."""
+    follows the layer loop (final norm, LM head, soft-capping) is the model's own. Where the model takes
+    `logits_to_keep`, only the positions that predict a scored token go through the LM head (the prompt
+    positions of the safety and retain rows cost nothing there)."""
     total = torch.zeros(2, dtype=torch.float64)
     originals = list(layers)
     device = next(model.parameters()).device
+    select = accepts_argument(model, "logits_to_keep")
     try:
         for final, batch in zip(stream.hidden, stream.batches):
+            scored = batch["irr_loss_mask"][:, 1:].bool()  # position t predicts token t + 1
+            targets = batch["input_ids"][:, 1:]
+            extra = {}
+            if select:
+                keep = scored.any(dim=0).nonzero().flatten()  # the positions any row scores
+                keep = keep if keep.numel() else torch.zeros(1, dtype=torch.long)  # every rank runs every batch
+                extra["logits_to_keep"] = keep.to(device)
+                scored, targets = scored[:, keep], targets[:, keep]
             for i, layer in enumerate(originals):
                 layers[i] = _Replay(layer, final if i == len(originals) - 1 else None)
             logits = model(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
                 use_cache=False,
+                **extra,
             ).logits.float()
-            targets = batch["input_ids"][:, 1:].to(logits.device)
-            scored = batch["irr_loss_mask"][:, 1:].to(logits.device).bool()
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1][scored], targets[scored], reduction="sum")
+            logits = logits if select else logits[:, :-1]
+            scored, targets = scored.to(logits.device), targets.to(logits.device)
+            nll = torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="sum")
             total += torch.tensor([float(nll), float(scored.sum())], dtype=torch.float64)
     finally:
         for i, layer in enumerate(originals):

@@ -42,7 +42,7 @@ def capture_layer_inputs(
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = input_device(model)
-    extra = {} if stop_early or not _accepts(model, "logits_to_keep") else {"logits_to_keep": 1}
+    extra = {} if stop_early or not accepts_argument(model, "logits_to_keep") else {"logits_to_keep": 1}
     try:
         for batch in batches:
             try:
@@ -114,7 +114,8 @@ def input_device(model: nn.Module) -> torch.device:
         return next(model.parameters()).device
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
+def accepts_argument(model: nn.Module, name: str) -> bool:
+    """Whether `model.forward` takes the keyword `name` (e.g. `logits_to_keep`)."""
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

@@ -177,3 +177,18 @@ def test_retain_tolerance_stops_over_restoring(caplog):
     assert any("no candidate" in r.getMessage() for r in caplog.records)
     within = {**cands, 1.0: (0.05, 0.001, ref * (1 + AUTO_RETAIN_TOLERANCE / 2))}
     assert choose_weight(normalised(within, retain=(ref, 1.9)))[0] == 1.0  # passes once old abilities are kept
+
+
+def test_held_out_losses_through_the_scored_positions_only_equal_the_full_logits(monkeypatch):
+    """`logits_to_keep` sends only the positions that predict a scored token through the LM head: the same
+    held-out losses (float tolerance) as the full logits, so the same λ."""
+    from irr_callback.pipeline import auto_weight
+
+    cfg = IRRConfig.recommended(retain_weight=1.0)
+    _, selected = run(cfg, retain=retain_rows())
+    monkeypatch.setattr(auto_weight, "accepts_argument", lambda model, name: False)
+    _, full = run(cfg, retain=retain_rows())
+    assert selected.safety_weight == full.safety_weight
+    for mine, theirs in zip(selected.auto["candidates"], full.auto["candidates"]):
+        for key in ("task_loss", "safety_loss", "retain_loss"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5), key
