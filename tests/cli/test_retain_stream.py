@@ -23,7 +23,10 @@ def test_apply_with_retain_data_in_memory_equals_low_memory(ckpts, tmp_path):  #
     torch.testing.assert_close(_tensor(tmp_path / "low"), _tensor(tmp_path / "mem"), rtol=0, atol=0)
     report = json.loads((tmp_path / "mem" / "irr_report.json").read_text())
     assert report["retain_sequences"] == 5 and report["config"]["retain_weight"] == 1.0
-    assert report["extra"]["retain_data"]["set"].endswith("retain.jsonl") and not report["extra"]["retain_data"]["generated_responses"]
+    assert (
+        report["extra"]["retain_data"]["set"].endswith("retain.jsonl")
+        and not report["extra"]["retain_data"]["generated_responses"]
+    )
     assert _apply(paths, tmp_path / "none", "--safety_weight", "0.3") == 0  # ρ = 0: another model
     assert not torch.equal(_tensor(tmp_path / "none"), _tensor(tmp_path / "mem"))
 
