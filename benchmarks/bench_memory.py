@@ -13,6 +13,9 @@ generated; a tiny harmful dataset for the paper setting), no network. Configurat
   harmful_full  the same with unaligned_lora_rank=0 (a full harmful fine-tune)
   harmful_lora  harmful, but the run trains a PeftModel (as lora): its peak is not the optimizer
                 step of a full fine-tune, so a copy made by the harmful fine-tune would show
+  lora_unaligned  the paper's setting on a LoRA run (issue 22): a PeftModel (r=8 on q/v/up/down),
+                `IRRConfig(unaligned_model=DIR, num_calibration_samples=16)`, no checkpoint (DIR: a
+                perturbed copy of the model saved by the parent process before the runs)
 
 full_* and lora use `IRRConfig.recommended(safety_weight=λ)` (no safety vector needed; λ fixed by
 --safety-weight, default 0.3, so checkpoints realign on any branch; "auto" works too). The run
@@ -43,16 +46,21 @@ from _common import AnonPeak, peak_rss_bytes, rss_bytes, run_worker, write_resul
 
 
 HERE = os.path.abspath(__file__)
-CONFIGS = ("full_cpu", "full_disk", "lora", "harmful", "harmful_full", "harmful_lora")
+CONFIGS = ("full_cpu", "full_disk", "lora", "harmful", "harmful_full", "harmful_lora", "lora_unaligned")
+LORA_SMALL = ["q_proj", "v_proj", "up_proj", "down_proj"]  # lora_unaligned's adapter (r=8)
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIB = 2**20
 
 
 def baseline_of(config: str) -> str:
     """Runs that train the same way share one baseline (the callback is the only difference)."""
-    return {"full_cpu": "full_save", "full_disk": "full_save", "lora": "lora", "harmful_lora": "lora"}.get(
-        config, "full"
-    )
+    return {
+        "full_cpu": "full_save",
+        "full_disk": "full_save",
+        "lora": "lora",
+        "harmful_lora": "lora",
+        "lora_unaligned": "lora_small",
+    }.get(config, "full")
 
 
 def _tokenizer(vocab: int):
@@ -84,7 +92,7 @@ def _datasets(args):
     return datasets.Dataset.from_list(rows), datasets.Dataset.from_list(safety), datasets.Dataset.from_list(harmful)
 
 
-def _model(args, lora: bool):
+def _model(args, lora: bool, small: bool = False):
     from _models import llama_config
     from transformers import LlamaForCausalLM
 
@@ -95,7 +103,22 @@ def _model(args, lora: bool):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LINEARS))
+        shape = (
+            dict(r=8, lora_alpha=16, target_modules=LORA_SMALL)
+            if small
+            else dict(r=16, lora_alpha=32, target_modules=LINEARS)
+        )
+        model = get_peft_model(model, LoraConfig(**shape))
+    return model
+
+
+def _unaligned_model(args):
+    """The model every run starts from, moved by a small seeded perturbation: a stand-in for its unaligned twin."""
+    model = _model(args, lora=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.01)
     return model
 
 
@@ -108,6 +131,8 @@ def _irr_config(config: str, args, cache: str):
         num_safety_samples=args.safety_rows,
         cache_dir=cache,
     )
+    if config == "lora_unaligned":
+        return IRRConfig(unaligned_model=args.unaligned_dir, num_calibration_samples=16, cache_dir=cache)
     if config.startswith("harmful"):
         return IRRConfig(
             harmful_dataset="in-process",  # the Dataset passed to IRRCallback wins
@@ -131,11 +156,11 @@ def worker(config: str, with_irr: bool, args) -> dict:
     from irr_callback import IRRCallback
 
     kind = config if with_irr else baseline_of(config)
-    lora = kind in ("lora", "harmful_lora")
+    lora = kind in ("lora", "harmful_lora", "lora_unaligned", "lora_small")
     cuda = args.device == "cuda"
     tokenizer = _tokenizer(args.vocab)
     train, safety, harmful = _datasets(args)
-    model = _model(args, lora)
+    model = _model(args, lora, small=kind in ("lora_unaligned", "lora_small"))
     base = model.get_base_model() if lora else model
     layer = sum(p.numel() * p.element_size() for p in base.model.layers[0].parameters())
     dense = 0
@@ -219,6 +244,8 @@ def _row(config: str, base: dict, irr: dict, key: str) -> dict:
     diff = irr[key] - base[key]
     layer, snap = irr["layer_bytes"], irr["snapshot_bytes"]
     allowed = layer + (0 if config == "full_disk" else snap)  # a LoRA run has no snapshot (snap = 0)
+    if config == "lora_unaligned":  # issue 22: one decoder layer + 10% of the model
+        allowed = layer + irr["model_bytes"] // 10
     return {
         "without": base[key],
         "with": irr[key],
@@ -250,6 +277,7 @@ def main() -> None:
     parser.add_argument("--name", default="bench_memory")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--irr", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--unaligned-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, bool(args.irr), args)))
@@ -259,6 +287,11 @@ def main() -> None:
     if unknown:
         parser.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
     passthrough = sys.argv[1:]
+    unaligned = None
+    if "lora_unaligned" in configs:  # the unaligned model's directory, written here, outside the measured runs
+        unaligned = tempfile.mkdtemp(prefix="irr-bench-unaligned-")
+        _unaligned_model(args).save_pretrained(unaligned)
+        passthrough += ["--unaligned-dir", unaligned]
     baselines: dict[str, dict] = {}
     results, irr_runs = [], []
     for config in configs:
@@ -288,6 +321,8 @@ def main() -> None:
             f"IRR {row['irr_status']}",
             flush=True,
         )
+    if unaligned is not None:
+        shutil.rmtree(unaligned, ignore_errors=True)
     runs = [*baselines.values(), *irr_runs]
     dense_run = next((r for r in runs if r["kind"] != "lora"), runs[0])  # sizes of the model without an adapter
     sizes = {k: dense_run[k] for k in ("layer_bytes", "snapshot_bytes", "model_bytes", "params")}

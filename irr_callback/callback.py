@@ -556,6 +556,13 @@ class IRRCallback(TrainerCallback):
             + "): trainer.save_model() writes it"
         )
         self._card_note = adapter_note(plan.to_dict(), merged_at)
+        if not plan.exact:
+            logger.warning(
+                "IRR: with a removal mask (this setting) the realigned delta is not low rank and the adapter is a "
+                "truncation of it: on the toy LoRA worlds it refused up to 0.71 differently from the exact merged "
+                "model at the trained rank (docs/lora.md). Prefer IRRConfig.recommended() (no mask: the adapter is "
+                "the exact rank-constrained optimum), or use the merged copy (irr_output_dir, lora_output='merged')"
+            )
         mark_realigned(model, self._card_note)
 
     def _describe(self, report: IRRReport) -> None:

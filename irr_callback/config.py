@@ -17,6 +17,7 @@ IDENTIFY_MODES = ("sign", "no_sign", "random", "none")
 SAFETY_TOKENS = ("all", "response", "prompt")
 SAFETY_TERMS = ("aligned", "delta")
 LORA_OUTPUTS = ("merged", "adapter", "both")
+LORA_RANK_MULTIPLE = 2  # the realigned adapter's rank / the trained rank (docs/lora.md, bench_lora_adapter)
 ON_ERROR = ("raise", "warn")
 SNAPSHOT_LOCATIONS = ("cpu", "disk")
 BACKUP_LOCATIONS = ("disk", "cpu")
@@ -329,10 +330,11 @@ class IRRConfig:
         },
     )
     lora_rank_multiple: int = field(
-        default=1,
+        default=LORA_RANK_MULTIPLE,
         metadata={
             "help": "LoRA runs: each module's realigned adapter has this many times the rank it was trained at "
-            "(the rank-constrained optimum of the recalibration objective; docs/lora.md)."
+            "(the rank-constrained optimum of the recalibration objective; 2: chosen on the toy LoRA worlds, "
+            "docs/lora.md)."
         },
     )
     lora_refactor_rank: int | None = field(

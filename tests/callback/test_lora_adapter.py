@@ -56,7 +56,7 @@ def _assert_adapter_is_not_zero(directory) -> None:
     assert not zero, f"{directory}: zeroed adapter modules written: {zero[:3]}"
 
 
-def test_save_model_writes_the_realigned_adapter_at_the_trained_rank(tmp_path, unaligned_dir, monkeypatch):
+def test_save_model_writes_the_realigned_adapter(tmp_path, unaligned_dir, monkeypatch):
     """The standard flow (train, save_model, load on the base with PEFT) gives the realigned model: the live
     PeftModel IS the realigned adapter, at the rank the user trained, and both cards give ranks and gaps."""
     from peft import PeftModel
@@ -70,14 +70,14 @@ def test_save_model_writes_the_realigned_adapter_at_the_trained_rank(tmp_path, u
     assert copies == []  # neither the merged output nor the adapter needed a second model
     lora = cb.report.extra["lora_adapter"]
     modules = lora["modules"]
-    assert len(modules) == 3 * 2 and lora["ranks"] == "the rank each module was trained at"
-    assert all(m["rank"] == m["trained_rank"] == 4 for m in modules.values())
+    assert len(modules) == 3 * 2 and lora["ranks"].startswith("2x the rank each module was trained at")
+    assert all(m["rank"] == 2 * m["trained_rank"] == 8 for m in modules.values())
     assert not lora["exact"]  # the paper's mask: a truncation, whose gap may be negative (removed entries return)
     live = trainer.model
     trainer.save_model(str(tmp_path / "saved"))
     _assert_adapter_is_not_zero(tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and all(config["rank_pattern"][n.rsplit(".", 1)[0]] == 4 for n in modules)
+    assert config["r"] == 8 and all(config["rank_pattern"][n.rsplit(".", 1)[0]] == 8 for n in modules)
     loaded = PeftModel.from_pretrained(world.aligned_model(), tmp_path / "saved")
     torch.testing.assert_close(logits(loaded), logits(live), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(logits(loaded), logits(world.aligned_model()), atol=1e-3)  # not the base model
@@ -91,7 +91,7 @@ def test_save_model_writes_the_realigned_adapter_at_the_trained_rank(tmp_path, u
     # both cards: the irr output's and the adapter's own (save_model, the Trainer's hub card), module by module
     name = next(iter(modules))
     for card in ((out / "README.md").read_text(), (tmp_path / "saved" / "README.md").read_text()):
-        assert "| module | rank | trained rank | objective gap |" in card and f"`{name}` | 4 | 4 |" in card
+        assert "| module | rank | trained rank | objective gap |" in card and f"`{name}` | 8 | 4 |" in card
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "This adapter was safety-realigned with IRR" in card and REALIGNED_TAG in card and "`_irr`" in card
     assert str(tmp_path) not in card  # the merged copy named relative to output_dir
@@ -203,7 +203,7 @@ def test_rank_options_are_validated_by_name():
     for bad in (0, 1.5, "2", True):
         with pytest.raises(IRRConfigError, match="lora_rank_multiple"):
             IRRConfig(lora_rank_multiple=bad)
-    assert IRRConfig().lora_adapter_tolerance is None and IRRConfig().lora_rank_multiple == 1
+    assert IRRConfig().lora_adapter_tolerance is None and IRRConfig().lora_rank_multiple == 2
 
 
 def test_save_failure_still_leaves_the_realigned_adapter_live(tmp_path, unaligned_dir, monkeypatch):
@@ -215,13 +215,13 @@ def test_save_failure_still_leaves_the_realigned_adapter_live(tmp_path, unaligne
     monkeypatch.setattr(callback_module, "save_realigned", failing)
     cfg = IRRConfig(
         unaligned_model=unaligned_dir,
-        lora_rank_multiple=2,
+        lora_rank_multiple=3,
         num_calibration_samples=16,
         on_error="warn",
         irr_output_dir=str(tmp_path / "run" / "_irr"),
     )
     trainer, cb, _ = run(tmp_path, _peft(), cfg, steps=5, learning_rate=5e-3)
-    assert {m["rank"] for m in cb.report.extra["lora_adapter"]["modules"].values()} == {8}  # 2 x the trained 4
+    assert {m["rank"] for m in cb.report.extra["lora_adapter"]["modules"].values()} == {12}  # 3 x the trained 4
     assert cb.report.status == "save_failed" and not (tmp_path / "run" / "_irr").exists()
     live = trainer.model
     aligned = dict(world.aligned_model().named_parameters())
