@@ -7,7 +7,8 @@ group; `solver.solve` / `solver.write` separately, on a process's rows) and call
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -22,11 +23,22 @@ from .collectives import (
     rank_and_world,
     shard_batches,
 )
+from .shards import Overlay, ShardedSnapshot, whole_base
+
+
+#: a parameter and a function giving the value it takes for a while (called on every rank, in order)
+Swap = tuple[torch.Tensor, Callable[[], torch.Tensor]]
+#: inside a write scope: parameter -> (the tensor to write in place, the global rows it holds or None)
+WriteView = Callable[[torch.Tensor], tuple[torch.Tensor, slice | None]]
 
 
 def calibration_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of a calibration batch whose tokens all carry zero weight in H (`irr_token_mask`)."""
-    return {**batch, "irr_token_mask": torch.zeros_like(batch["attention_mask"])}
+    """A copy of a calibration batch whose tokens all carry zero weight in H (`irr_token_mask`) and, when the
+    batch is scored (`irr_loss_mask`, safety_weight='auto'), in the held-out losses."""
+    padding = {**batch, "irr_token_mask": torch.zeros_like(batch["attention_mask"])}
+    if "irr_loss_mask" in batch:
+        padding["irr_loss_mask"] = torch.zeros_like(batch["irr_loss_mask"])
+    return padding
 
 
 class SingleProcess:
@@ -58,6 +70,70 @@ class SingleProcess:
     def restore(self, backup: Any) -> None:
         backup.restore()
 
+    # -- temporary weights: the aligned twin's W_A, auto's trial weights ------------------------------
+    @contextlib.contextmanager
+    def swapped(self, swaps: Sequence[Swap]) -> Iterator[None]:
+        """The parameters hold the given values inside (the aligned twin's layer): whole weights are swapped
+        by reference, nothing copied. The sharded backends copy each rank's part in and out instead."""
+        saved = []
+        try:
+            for param, value in swaps:
+                saved.append((param, param.data))
+                param.data = value().to(device=param.device, dtype=param.dtype)
+            yield
+        finally:
+            for param, data in saved:
+                param.data = data
+
+    @contextlib.contextmanager
+    def write_scope(self, params: Sequence[torch.Tensor]) -> Iterator[WriteView]:
+        """Inside: `view(param)` is what to write in place; what rank 0 writes is every rank's on exit (every rank
+        writes the same values). Whole weights here; the sharded backends gather or give each rank's rows."""
+        yield lambda param: (param, None)
+
+    @contextlib.contextmanager
+    def whole_base(self, groups: list, solver: Any) -> Iterator[None]:
+        """The solver reads whole base weights of `groups` inside: a base held in shards (the callback's
+        snapshot under ZeRO-3 / FSDP1) is gathered one group at a time (collective), else nothing changes."""
+        base = solver.inputs.base
+        if not isinstance(base, ShardedSnapshot):
+            yield
+            return
+        whole = whole_base(base, [t.name for group, _ in groups for t in group if t.kind != "lora"])
+        solver.inputs.base = Overlay(whole, base)
+        try:
+            yield
+        finally:
+            solver.inputs.base = base
+
+
+def swap_by_copy(swaps: Sequence[Swap], scope: Callable, select: Callable) -> contextlib.AbstractContextManager:
+    """`SingleProcess.swapped` for sharded weights: each rank copies its part of every value in (keeping what
+    was there), and back on exit, inside `scope(params)` (a write scope). `select(value, tensor, rows, param)`:
+    the part of `value` that `tensor` (holding the global `rows` of `param`) takes."""
+
+    @contextlib.contextmanager
+    def run() -> Iterator[None]:
+        params = [p for p, _ in swaps]
+        values = [value() for _, value in swaps]  # every rank, in order: may gather (collective)
+        saved = []
+        try:
+            with torch.no_grad(), scope(params) as view:
+                for param, value in zip(params, values):
+                    tensor, rows = view(param)
+                    saved.append(tensor.detach().to("cpu", copy=True))
+                    tensor.copy_(select(value, tensor, rows, param).to(device=tensor.device, dtype=tensor.dtype))
+            del values
+            yield
+        finally:
+            if saved:
+                with torch.no_grad(), scope(params) as view:
+                    for param, original in zip(params, saved):
+                        tensor, _ = view(param)
+                        tensor.copy_(original.to(tensor.device))
+
+    return run()
+
 
 class Replicated(SingleProcess):
     """DDP and ZeRO-1/2: every rank holds the full weights. H is all-reduced; each group is solved
@@ -81,12 +157,13 @@ class Replicated(SingleProcess):
     def solve_layer(self, groups, solver) -> None:
         owners = self.owners(groups)
         error: BaseException | None = None
-        for (group, hessians), owner in zip(groups, owners):
-            if owner == self.rank and error is None:
-                try:
-                    solver(group, hessians)
-                except Exception as exc:  # agreed on below, then re-raised on every rank
-                    error = exc
+        with self.whole_base(groups, solver):
+            for (group, hessians), owner in zip(groups, owners):
+                if owner == self.rank and error is None:
+                    try:
+                        solver(group, hessians)
+                    except Exception as exc:  # agreed on below, then re-raised on every rank
+                        error = exc
         raise_if_any_failed(error)
         for (group, _), owner in zip(groups, owners):
             for t in group:

@@ -8,7 +8,11 @@ model's weights on every rank during each layer's solve — prefer FSDP2 for lar
 
 from __future__ import annotations
 
-from .base import Replicated
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from .base import Replicated, Swap, WriteView, swap_by_copy
+from .shards import gathered
 
 
 class FSDP1(Replicated):
@@ -30,3 +34,13 @@ class FSDP1(Replicated):
 
         with FSDP.summon_full_params(self.model, writeback=True, rank0_only=False):
             backup.restore()
+
+    def swapped(self, swaps: Sequence[Swap]) -> contextlib.AbstractContextManager:
+        """W_A written into the units holding the layer (`summon_full_params(writeback=True)`, every rank the same
+        values), the layer's weights written back the same way on exit (a forward cannot run inside a summon)."""
+        return swap_by_copy(swaps, self.write_scope, lambda value, tensor, rows, param: value)
+
+    @contextlib.contextmanager
+    def write_scope(self, params) -> Iterator[WriteView]:
+        with gathered(self.model, params, write=True):
+            yield lambda param: (param, None)

@@ -15,25 +15,16 @@ Both paths call the pipeline's group solver (`solver.solve` / `solver.write` on 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ..core.identify import removal_mask
-from .base import Replicated
+from .base import Replicated, Swap, WriteView, swap_by_copy
 from .collectives import all_reduce_sum_, assign_owners, broadcast_, raise_if_any_failed
-
-
-def local_rows(weight: Any) -> tuple[torch.Tensor, slice]:
-    """The local shard (a plain tensor aliasing the parameter's storage) and the global rows it holds."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    placements = tuple(weight.placements)
-    if any(not isinstance(p, Shard) or p.dim != 0 for p in placements if not p.is_replicate()):
-        raise ValueError(f"FSDP2 weight with placements {placements}: only Shard(0) is supported")
-    shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, placements)
-    return weight.to_local(), slice(offset[0], offset[0] + shape[0])
+from .shards import global_shape, is_dtensor, local_rows
 
 
 class _View:
@@ -83,22 +74,36 @@ class RowSharded(Replicated):
         if gathered:
             self._solve_gathered(gathered, solver)
 
+    # -- temporary weights: each rank copies its rows in and out (no gather) --------------------------
+    def swapped(self, swaps: Sequence[Swap]) -> contextlib.AbstractContextManager:
+        return swap_by_copy(swaps, self.write_scope, _rows_of)
+
+    @contextlib.contextmanager
+    def write_scope(self, params: Sequence[torch.Tensor]) -> Iterator[WriteView]:
+        yield lambda param: local_rows(param) if is_dtensor(param) else (param, None)
+
     # -- row-local path ---------------------------------------------------------------------------
     def _agree_fallback(self, group, local, results, hessians, solver) -> None:
         """Sum both errors over ranks, choose recalibration or plain removal per module like one process,
         then write this rank's rows."""
         settings = solver.settings
-        errors = torch.zeros(2 * len(group), dtype=torch.float64)
+        # per module: the recalibration's task and safety errors, plain removal's error, and whether it has one
+        # (nothing is removed with identify_mode='none': no plain removal to fall back to, as in one process)
+        errors = torch.zeros(4 * len(group), dtype=torch.float64)
         if results is not None:
             for k, (_, stats) in enumerate(results):
-                errors[2 * k] = stats.error_recalibrated or 0.0
-                errors[2 * k + 1] = stats.error_removal or 0.0
+                errors[4 * k] = stats.error_recalibrated or 0.0
+                errors[4 * k + 1] = stats.error_safety or 0.0
+                errors[4 * k + 2] = stats.error_removal or 0.0
+                errors[4 * k + 3] = stats.error_removal is not None and stats.error_recalibrated is not None
         all_reduce_sum_(errors)
         if results is None:
             return
         for k, (t, (shard, rows), (new_delta, stats)) in enumerate(zip(group, local, results)):
-            e_recal, e_plain = float(errors[2 * k]), float(errors[2 * k + 1])
-            if settings.recalibrate and settings.fallback_to_removal and e_plain < e_recal:
+            e_recal, e_safety, e_plain = (float(e) for e in errors[4 * k : 4 * k + 3])
+            comparable = float(errors[4 * k + 3]) == self.world_size
+            objective = e_recal + (stats.safety_weight or 0.0) * e_safety
+            if settings.recalibrate and settings.fallback_to_removal and comparable and e_plain < objective:
                 delta = solver.inputs.delta_into(t, torch.empty_like(new_delta), weight=shard, rows=rows)
                 signs = solver.inputs.signs(t, delta.device, rows=rows)
                 mask = removal_mask(
@@ -110,6 +115,7 @@ class RowSharded(Replicated):
                 )
                 results[k] = (delta.masked_fill(mask, 0.0), stats)
                 stats.removed, stats.recalibrated, stats.fell_back_to_removal = int(mask.sum()), False, True
+                stats.error_safety = None
             self._row_local.add(t.name)
         solver.write(group, results, hessians, local=local)
 
@@ -118,12 +124,13 @@ class RowSharded(Replicated):
         owners = assign_owners([sum(t.weight.numel() for t in g) for g, _ in items], self.world_size)
         fulls = [[t.weight.full_tensor() for t in group] for group, _ in items]
         error: BaseException | None = None
-        for (group, hessians), full, owner in zip(items, fulls, owners):
-            if owner == self.rank and error is None:
-                try:
-                    solver([_View(t, w) for t, w in zip(group, full)], hessians)
-                except Exception as exc:
-                    error = exc
+        with self.whole_base(items, solver):  # a base held as rows (the callback's snapshot): gathered
+            for (group, hessians), full, owner in zip(items, fulls, owners):
+                if owner == self.rank and error is None:
+                    try:
+                        solver([_View(t, w) for t, w in zip(group, full)], hessians)
+                    except Exception as exc:
+                        error = exc
         raise_if_any_failed(error)
         for (group, _), full, owner in zip(items, fulls, owners):
             for t, w in zip(group, full):
@@ -147,9 +154,20 @@ class RowSharded(Replicated):
                     m.removed += s.removed
                     m.error_recalibrated = _add(m.error_recalibrated, s.error_recalibrated)
                     m.error_removal = _add(m.error_removal, s.error_removal)
+                    m.error_safety = _add(m.error_safety, s.error_safety)
                     m.seconds = max(m.seconds, s.seconds)
         return [merged[name] for name in order if name in merged]
 
 
 def _add(a: float | None, b: float | None) -> float | None:
     return None if a is None and b is None else (a or 0.0) + (b or 0.0)
+
+
+def _rows_of(value: torch.Tensor, tensor: torch.Tensor, rows: slice | None, param: Any) -> torch.Tensor:
+    """The rows of `value` a rank's shard takes: `value` is the whole weight, or already this rank's rows
+    (a `ShardedSnapshot` entry, a DTensor)."""
+    if is_dtensor(value):
+        return value.to_local()
+    if rows is None or tuple(value.shape) != global_shape(param):
+        return value
+    return value[rows]

@@ -9,8 +9,12 @@ lazily: it is an optional extra.
 
 from __future__ import annotations
 
-from .base import Replicated
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from .base import Replicated, Swap, WriteView, swap_by_copy
 from .collectives import assign_owners, raise_if_any_failed
+from .shards import gathered
 
 
 class Zero3(Replicated):
@@ -30,15 +34,27 @@ class Zero3(Replicated):
                     "the adapter or run IRR on the saved model"
                 )
             params = [t.weight for t in group]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=owner):
-                for p in params:  # every rank: restore() needs the same list everywhere
-                    backup.save(p)
-                if owner == self.rank and error is None:
-                    try:
-                        solver(group, hessians)
-                    except Exception as exc:
-                        error = exc
+            # a base held in partitions (the callback's snapshot) is gathered for the group, like its weights
+            with self.whole_base([(group, hessians)], solver):
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=owner):
+                    for p in params:  # every rank: restore() needs the same list everywhere
+                        backup.save(p)
+                    if owner == self.rank and error is None:
+                        try:
+                            solver(group, hessians)
+                        except Exception as exc:
+                            error = exc
         raise_if_any_failed(error)
+
+    def swapped(self, swaps: Sequence[Swap]) -> contextlib.AbstractContextManager:
+        """W_A written into the layer through a gather (rank 0's values broadcast and re-partitioned), and the
+        layer's weights written back the same way on exit: every forward inside gathers W_A by DeepSpeed's hooks."""
+        return swap_by_copy(swaps, self.write_scope, lambda value, tensor, rows, param: value)
+
+    @contextlib.contextmanager
+    def write_scope(self, params) -> Iterator[WriteView]:
+        with gathered(None, params, write=True):
+            yield lambda param: (param, None)
 
     def owners(self, groups):
         return assign_owners([sum(_numel(t.weight) for t in g) for g, _ in groups], self.world_size)

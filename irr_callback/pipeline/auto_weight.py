@@ -247,28 +247,48 @@ def held_out_losses(
             backup = make_backup("cpu")
             try:
                 if layer_targets and c == math.inf:
-                    for t in layer_targets:
-                        w_a = inputs.base_weight(t, t.weight.device, torch.float32)
-                        write_weight(t, w_a, backup)
+                    write_aligned(layer_targets, inputs, backup, dist_ctx)
                 elif layer_targets and c > 0:
                     groups = collect_hessians(
                         layer, layer_targets, train_state[c], index, device=device, reduce=dist_ctx.reduce_hessian
                     )
                     trial = replace(settings, safety_weight=c, removal_error=False, fallback_to_removal=False)
                     solver = GroupSolver(inputs, trial, backup, IRRReport())  # no report errors: weights only
-                    for group, hessians in groups:
-                        solver(group, hessians)
+                    dist_ctx.solve_layer(groups, solver)  # each backend's own solve and write, as in the real run
                     del groups
                 for stream in held_state[c] + train_state.get(c, []):
                     stream.propagate(layer, index, twin=False)
             finally:
-                backup.restore()
+                dist_ctx.restore(backup)  # sharded weights: through each backend's gather
         for twin in twins:  # the aligned weights: the same for every candidate
             with twin.layer_context(index):
                 twin.hidden = propagate(layer, twin.hidden, twin.args[index])
         if drop_layer is not None:
             drop_layer(index, layer)
     return {c: tuple(_loss(model, layers, stream, dist_ctx) for stream in held_state[c]) for c in levels}
+
+
+def write_aligned(targets: Sequence[Target], inputs: SafetyInputs, backup: Any, dist_ctx: Any) -> None:
+    """λ = ∞: every target of a layer at W_A (backed up first). Sharded weights: inside the backend's write
+    scope (FSDP2: each rank's rows; ZeRO-3, FSDP1: gathered, the base gathered with them when held in shards)."""
+    if dist_ctx.kind in ("single", "replicated"):
+        for t in targets:
+            write_weight(t, inputs.base_weight(t, t.weight.device, torch.float32), backup)
+        return
+    groups = [([t], {}) for t in targets]
+    reader = _BaseReader(inputs)
+    with dist_ctx.whole_base(groups, reader), dist_ctx.write_scope([t.weight for t in targets]) as view:
+        for t in targets:
+            tensor, rows = view(t.weight)
+            backup.save(tensor)
+            tensor.copy_(reader.inputs.base_weight(t, tensor.device, tensor.dtype, rows=rows).view_as(tensor))
+
+
+class _BaseReader:
+    """What `dist_ctx.whole_base` reads and replaces: the run's safety inputs."""
+
+    def __init__(self, inputs: SafetyInputs) -> None:
+        self.inputs = inputs
 
 
 def _loss(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any) -> float:
@@ -346,11 +366,6 @@ def resolve_auto_weight(
     batches feed the candidates' Hessians; record the search in `report`; return the config with λ* in
     place of 'auto'. `load_layer` / `drop_layer`: see `held_out_losses` (the offline path also
     materialises everything outside the decoder layers: the losses run the model's head)."""
-    if dist_ctx.kind not in ("single", "replicated"):
-        raise ValueError(
-            f"IRRConfig.safety_weight='auto' is not supported under {dist_ctx.kind} yet: choose λ on one process "
-            "(e.g. irr apply --safety_weight auto on the saved model) and pass that number"
-        )
     import time
 
     started = time.perf_counter()

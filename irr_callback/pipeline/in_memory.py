@@ -107,7 +107,7 @@ def realign(
     safety_batches = prepare_safety(safety_calibration, config, getattr(model, "config", None), report)
     retain_batches = prepare_retain(retain_calibration, config, getattr(model, "config", None), report)
     dist_ctx = context_for(model, targets)  # SingleProcess without a process group: no collectives
-    aligned = AlignedWeights(model, layers, prefix, targets, inputs.base)
+    aligned = AlignedWeights(model, layers, prefix, targets, inputs.base, dist_ctx)
     streams, held_out = build_streams(batches, safety_batches, config, dist_ctx, aligned, retain_batches)
     backup = make_backup(config.backup)
     was_training = model.training
@@ -164,11 +164,6 @@ def build_streams(
         if retain_batches:
             streams.append(Stream(RETAIN, dist_ctx.shard_calibration(retain_batches)))
         return streams, {}
-    if dist_ctx.kind not in ("single", "replicated") and config.safety_term == "aligned":
-        raise ValueError(
-            f"IRRConfig.safety_term='aligned' is not supported under {dist_ctx.kind} yet; use safety_term='delta' "
-            "there, or realign the saved model on one process"
-        )
     held_out: dict[str, int] = {}
     given = {CALIBRATION: batches, SAFETY: safety_batches, RETAIN: retain_batches}
     given = {name: part for name, part in given.items() if part}

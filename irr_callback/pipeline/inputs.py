@@ -71,7 +71,12 @@ class SafetyInputs:
         self, t: Target, device: torch.device, dtype: torch.dtype, rows: slice | None = None
     ) -> torch.Tensor:
         """W_A (a LoRA layer's frozen weight), read again from the mapping each time it is needed."""
-        source = t.weight.detach() if t.kind == "lora" else self.base[t.name]
+        if t.kind == "lora":
+            source = t.weight.detach()
+        elif rows is not None and hasattr(self.base, "local_rows"):  # a row-sharded snapshot: this rank's rows
+            return t.to_out_in(self.base.local_rows(t.name, rows)).to(device=device, dtype=dtype)
+        else:
+            source = self.base[t.name]
         return _rows(t.to_out_in(source), rows).to(device=device, dtype=dtype)
 
     def signs(self, t: Target, device: torch.device, rows: slice | None = None) -> torch.Tensor | None:

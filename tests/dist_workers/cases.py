@@ -12,7 +12,8 @@ import torch
 
 import irr_callback as irr
 from irr_callback import IRRConfig, realign
-from irr_callback.distributed import context_for
+from irr_callback.distributed import context_for, is_fsdp1
+from irr_callback.distributed.shards import full_weight
 from irr_callback.pipeline.calibration import calibration_batches
 from irr_callback.pipeline.capture import capture_layer_inputs
 from irr_callback.pipeline.hessians import collect_stream
@@ -87,21 +88,29 @@ def realign_case(remove_ratio: float = 1.0, model_fn=None) -> tuple[dict[str, to
     return weights, totals
 
 
-def safety_case(weight, retain: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """The safety-regularised recalibration (aligned twin, no sign mask) at λ = `weight` (or 'auto');
-    `retain`: with a retain stream (retain_weight 1)."""
+#: the safety cases: 12 calibration and 6 safety batches, so that with 'auto' the held-out parts (3 and 2 batches)
+#: split unevenly over 2 ranks and the shorter share is padded (padding must score nothing)
+SAFETY_CALIBRATION = dict(n=24, length=8, seed=3)
+SAFETY_BATCHES = 6
+
+
+def safety_case(weight, retain: bool = False, model_fn=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The recommended setting (aligned twin, no sign mask) at λ = `weight` (or 'auto'); `retain`: with a retain
+    stream (retain_weight 1); `model_fn`: the fine-tuned model sharded (FSDP2, FSDP1, ZeRO-3) or left as it is
+    (one process, DDP)."""
     base, ft, _ = triple("llama")
+    model = model_fn(ft) if model_fn else ft
     report = realign(
-        ft,
+        model,
         base=base,
-        calibration=calibration(**CALIBRATION),
-        safety_calibration=safety_batches(n=5),
-        retain_calibration=safety_batches(n=5, seed=19) if retain else None,
+        calibration=calibration(**SAFETY_CALIBRATION),
+        safety_calibration=safety_batches(n=SAFETY_BATCHES),
+        retain_calibration=safety_batches(n=SAFETY_BATCHES, seed=19) if retain else None,
         config=IRRConfig.recommended(safety_weight=weight, retain_weight=1.0 if retain else 0.0, **CONFIG),
         progress=False,
     )
-    _, _, targets = find_targets(ft)
-    weights = {t.name: t.weight.detach().clone() for t in targets}
+    _, _, targets = find_targets(model)
+    weights = {t.name: _full(t.weight, model).detach().clone() for t in targets}
     totals = {
         "modules": len(report.modules),
         "tokens": report.calibration_tokens,
@@ -111,6 +120,7 @@ def safety_case(weight, retain: bool = False) -> tuple[dict[str, torch.Tensor], 
         "losses": [
             [c["task_loss"], c["safety_loss"], c["retain_loss"]] for c in (report.auto or {}).get("candidates", [])
         ],
+        "references": (report.auto or {}).get("references"),
         **({"retain_tokens": report.retain_tokens} if retain else {}),
     }
     return weights, totals
@@ -149,9 +159,11 @@ def lora_case(save_to: str | None = None) -> tuple[dict[str, torch.Tensor], dict
     return out, {"ranks": {name: f.rank for name, f in sorted(factors.factors.items())}}
 
 
-def _full(weight: torch.Tensor) -> torch.Tensor:
+def _full(weight: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
     if hasattr(weight, "ds_id"):
         return zero3_full(weight)
+    if model is not None and is_fsdp1(model):
+        return full_weight(model, weight)
     return weight.full_tensor() if type(weight).__name__ == "DTensor" else weight
 
 
@@ -166,6 +178,21 @@ def fsdp2_shard(model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def fsdp1_wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP1 on CPU (gloo): each decoder layer and the root are `FullyShardedDataParallel` units
+    (`use_orig_params=True`, as accelerate's FSDP1 configs set it)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    layer_class = type(model.model.layers[0])
+    return FSDP(
+        copy.deepcopy(model),
+        auto_wrap_policy=ModuleWrapPolicy({layer_class}),
+        use_orig_params=True,
+        device_id=torch.device("cpu"),
+    )
 
 
 # ---- ZeRO-3 (DeepSpeed on CPU) ----------------------------------------------------------------

@@ -31,6 +31,12 @@ CASES = {
     "safety": lambda: cases.safety_case(0.5),
     "safety_auto": lambda: cases.safety_case("auto"),
     "retain_auto": lambda: cases.safety_case("auto", retain=True),
+    "fsdp2_safety": lambda: cases.safety_case(0.5, model_fn=cases.fsdp2_shard),
+    "fsdp2_safety_auto": lambda: cases.safety_case("auto", model_fn=cases.fsdp2_shard),
+    "fsdp1_safety": lambda: cases.safety_case(0.5, model_fn=cases.fsdp1_wrap),
+    "fsdp1_safety_auto": lambda: cases.safety_case("auto", model_fn=cases.fsdp1_wrap),
+    "zero3_safety": lambda: cases.safety_case(0.5, model_fn=lambda m: cases.zero3_engine(m).module),
+    "zero3_safety_auto": lambda: cases.safety_case("auto", model_fn=lambda m: cases.zero3_engine(m).module),
 }
 
 
