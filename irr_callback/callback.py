@@ -16,6 +16,7 @@ sequences them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -168,7 +169,7 @@ class IRRCallback(TrainerCallback):
         names = [t.name for t in targets]
         store = RunStore(args.output_dir)
         if state.global_step > 0:
-            self._reload(store, targets, run_config)
+            self._reload(model, store, targets, run_config)
         else:
             self._prepare(args, model, tokenizer, targets, run_config, store)
         self._run_config = run_config
@@ -217,8 +218,19 @@ class IRRCallback(TrainerCallback):
         dense = [t for t in targets if t.kind != "lora"]
         names = [t.name for t in targets]
         live = {canonical_name(n): p.detach() for n, p in unwrap(model).named_parameters()}
+        sharded = distributed.sharding_kind(model, targets)
+        if sharded:  # every rank keeps its part of the base; the fingerprint gathers one weight at a time
+            if self.config.snapshot == "disk":
+                raise IRRConfigError(
+                    f"IRRConfig.snapshot='disk' is not supported with weights sharded by {sharded}: each rank keeps "
+                    "its own part of the base in RAM (1/world of the targets); set snapshot='cpu'"
+                )
+            live = distributed.GatheredWeights(model, {t.name: t.weight for t in targets})
         self._base_fingerprint = fingerprint(live, names)
-        snapshot = take_snapshot(dense) if dense else None
+        if sharded:
+            snapshot = distributed.ShardedSnapshot.take(model, {t.name: t.weight for t in dense}) if dense else None
+        else:
+            snapshot = take_snapshot(dense) if dense else None
         ctx = BaseContext(
             model=model,
             targets=targets,
@@ -230,17 +242,13 @@ class IRRCallback(TrainerCallback):
         )
         harmful = run_config.harmful_dataset if self.harmful_dataset is None else self.harmful_dataset
         config = dataclasses.replace(run_config, harmful_dataset=harmful)  # an empty Dataset is refused, not skipped
-        sharded = distributed.sharding_kind(model, targets)
-        if config.uses_safety_stream and config.safety_term == "aligned" and sharded:
-            raise IRRConfigError(
-                f"IRRConfig.safety_term='aligned' is not supported with weights sharded by {sharded} yet (its aligned "
-                "twin stream needs whole layers): set safety_term='delta', or realign the saved model on one process"
-            )
         state = _partial_state()
         pairs = None
         safety_data = None
         if config.uses_safety_stream:  # read once (the base answers now, before training), Fisher reuses it
-            with state.main_process_first():  # default prompts when none given; the base writes missing answers
+            # default prompts when none given; the base writes missing answers: the main process first, the others
+            # then read its cache; sharded weights: every rank generates in step (a forward is a collective)
+            with contextlib.nullcontext() if sharded else state.main_process_first():
                 self.safety_dataset, safety_data = safety_dataset_for_run(
                     model,
                     tokenizer,
@@ -248,6 +256,7 @@ class IRRCallback(TrainerCallback):
                     safety_dataset=self.safety_dataset,
                     base_fingerprint=ctx.fingerprint,
                     progress=ctx.progress,
+                    collective=bool(sharded),
                 )
             pairs = load_safety_pairs(config, ctx, safety_source(config, self.safety_dataset))
             # the rows are the run's safety data: described as `safety_data` says (the set it came from, and
@@ -295,7 +304,7 @@ class IRRCallback(TrainerCallback):
         )
         if persist:  # resume could matter: keep the base and the safety inputs under output_dir
             if state.is_main_process:
-                if snapshot:
+                if snapshot and not sharded:  # sharded: no rank holds the whole base (a resumed run says so)
                     store.save("snapshot", snapshot, base_fingerprint=self._base_fingerprint, base_model=ctx.name)
                 for kind, tensors in (("safety_vector", safety.tensors), ("fisher", importance.tensors)):
                     if tensors is not None:  # no safety vector with identify_mode='none'
@@ -314,8 +323,15 @@ class IRRCallback(TrainerCallback):
             snapshot = SafetensorsMapping(store.path("snapshot"))
         self._snapshot, self._safety, self._importance = snapshot, safety.tensors, importance.tensors
 
-    def _reload(self, store: RunStore, targets, run_config) -> None:
+    def _reload(self, model, store: RunStore, targets, run_config) -> None:
         dense = [t.name for t in targets if t.kind != "lora"]
+        sharded = distributed.sharding_kind(model, targets) if dense else None
+        if sharded:
+            raise IRRConfigError(
+                f"resuming an IRRCallback run with weights sharded by {sharded} is not supported: the base weights "
+                "are kept in shards in each rank's RAM, not persisted. Restart from step 0, or realign the fine-tuned "
+                "model afterwards from its consolidated checkpoint (irr apply)"
+            )
         names = [t.name for t in targets]
         fp = None
         if dense:
@@ -401,9 +417,11 @@ class IRRCallback(TrainerCallback):
         sharded = self.config.realign_checkpoints and distributed.sharding_kind(model, targets)
         if sharded:
             raise IRRConfigError(
-                f"IRRConfig.realign_checkpoints=True is not supported with weights sharded by {sharded}: no process "
-                "holds the whole base to realign a checkpoint's files against. Set realign_checkpoints=False and "
-                "realign a saved checkpoint afterwards (irr apply --low-memory)"
+                f"IRRConfig.realign_checkpoints=True is not supported with weights sharded by {sharded}: a checkpoint "
+                "is realigned from its files on one process, against the whole base, which no rank holds (each keeps "
+                "its part). Set realign_checkpoints=False; to realign a checkpoint, save it consolidated (FSDP: "
+                "fsdp_state_dict_type FULL_STATE_DICT; ZeRO-3: zero3_save_16bit_model) and run "
+                "`irr apply --low-memory` on it with the base model"
             )
 
     # ------------------------------------------------------------------------------ train end

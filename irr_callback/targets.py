@@ -45,7 +45,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         # FSDP2's fully_shard swaps a module's class for "FSDP<Name>": match the original name
-        classes = {type(m).__name__.removeprefix("FSDP") for m in module}
+        classes = {type(getattr(m, "_fsdp_wrapped_module", m)).__name__.removeprefix("FSDP") for m in module}
         if len(classes) != 1:
             continue
         if no_split and not classes & no_split:
@@ -59,7 +59,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             f"{type(model).__name__}: no decoder layers found (no ModuleList of identical blocks "
             "with Linear layers); IRR needs a decoder-only transformer"
         )
-    return best
+    return canonical_name(best[0]), best[1]  # FSDP1 wraps each layer: its module names carry the wrapper
 
 
 @dataclass
@@ -84,8 +84,18 @@ class Target:
         return isinstance(layer, Conv1D) if Conv1D else False
 
     @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The whole weight's shape as stored, also while sharded (ZeRO-3 and FSDP1 keep flat pieces)."""
+        layer = self.module.base_layer if self.kind == "lora" else self.module
+        if isinstance(layer, nn.Linear):
+            return (layer.out_features, layer.in_features)
+        if Conv1D and isinstance(layer, Conv1D):
+            return (layer.nx, layer.nf)
+        return tuple(getattr(self.weight, "ds_shape", self.weight.shape))
+
+    @property
     def out_in_shape(self) -> tuple[int, int]:
-        shape = tuple(getattr(self.weight, "ds_shape", self.weight.shape))  # ZeRO-3: partitioned
+        shape = self.stored_shape
         return (shape[1], shape[0]) if self.transposed else shape  # type: ignore[return-value]
 
     def to_out_in(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -145,9 +155,9 @@ def find_targets(
                 if len(adapters) != 1:
                     raise TargetError(f"{full}: {len(adapters)} active LoRA adapters; activate exactly one")
                 targets.append(Target(f"{canonical_name(full)}.weight", module, index, "lora", adapters[0]))
-            elif _is_linear(module) and rel and _matches(full, target_modules):
+            elif _is_linear(module) and rel and _matches(canonical_name(full), target_modules):
                 kind = "linear" if isinstance(module, nn.Linear) else "conv1d"
-                targets.append(Target(f"{full}.weight", module, index, kind))
+                targets.append(Target(f"{canonical_name(full)}.weight", module, index, kind))
     if target_modules is None and any(t.kind == "lora" for t in targets):
         # a LoRA fine-tune only moved its adapters' weights: those are the default targets
         targets = [t for t in targets if t.kind == "lora"]

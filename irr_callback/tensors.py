@@ -19,8 +19,14 @@ from torch import nn
 PEFT_PREFIX = "base_model.model."
 
 
+#: module names FSDP1 (`FullyShardedDataParallel`) and activation checkpointing insert between a model's own
+FSDP1_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
 def canonical_name(name: str) -> str:
-    """`base_model.model.x.q_proj.base_layer.weight` → `x.q_proj.weight` (PEFT wrappers removed)."""
+    """`base_model.model.x.q_proj.base_layer.weight` → `x.q_proj.weight` (PEFT and FSDP1 wrappers removed)."""
+    for wrapper in FSDP1_WRAPPERS:
+        name = name.replace(wrapper, "")
     if name.startswith(PEFT_PREFIX):
         name = name[len(PEFT_PREFIX) :]
     return name.replace(".base_layer.", ".")

@@ -44,6 +44,7 @@ from .collectives import (
 )
 from .fisher import check_local_gradients, fisher_padding, reduce_fisher_, shard_fisher_batches
 from .save import full_state_dict
+from .shards import GatheredWeights, ShardedSnapshot, generation_scope
 
 
 __all__ = [
@@ -58,8 +59,11 @@ __all__ = [
     "check_local_gradients",
     "context_for",
     "device_of_group",
+    "GatheredWeights",
+    "ShardedSnapshot",
     "fisher_padding",
     "full_state_dict",
+    "generation_scope",
     "gather_stats",
     "is_distributed",
     "is_fsdp1",

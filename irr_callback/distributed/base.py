@@ -8,6 +8,7 @@ group; `solver.solve` / `solver.write` separately, on a process's rows) and call
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -152,7 +153,8 @@ class Replicated(SingleProcess):
         accumulator.tokens = all_reduce_count(accumulator.tokens)
 
     def owners(self, groups: list) -> list[int]:
-        return assign_owners([sum(t.weight.numel() for t in group) for group, _ in groups], self.world_size)
+        sizes = [sum(math.prod(t.stored_shape) for t in group) for group, _ in groups]
+        return assign_owners(sizes, self.world_size)
 
     def solve_layer(self, groups, solver) -> None:
         owners = self.owners(groups)

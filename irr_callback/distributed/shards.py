@@ -204,3 +204,22 @@ def whole_base(base: Any, names: Iterable[str]) -> dict[str, torch.Tensor]:
     if isinstance(base, ShardedSnapshot):
         return {n: base.full(n) for n in names}
     return {}
+
+
+@contextlib.contextmanager
+def generation_scope(model: torch.nn.Module) -> Iterator[None]:
+    """`model.generate` under FSDP1 calls the wrapped model, not the root unit, so the root's own parameters
+    (embedding, final norm, LM head) are summoned for it (the layer units gather their own in their forward);
+    one root forward first runs FSDP1's lazy initialisation from the root. Other backends: nothing to do."""
+    from .collectives import is_fsdp1
+
+    if not is_fsdp1(model):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    with FSDP.summon_full_params(model, recurse=False, writeback=False):
+        yield

@@ -16,6 +16,7 @@ default harmful prompts (`safety_prompts.load_default_prompts`) answered by the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .. import distributed
 from ..config import IRRConfig
 from ..evaluation.generation import generate_responses
 from ..evaluation.judges import KeywordRefusalJudge
@@ -123,6 +125,7 @@ def write_refusals(
     min_refusal_rate: float = MIN_REFUSAL_RATE,
     cached_only: bool = False,
     kind: str = "refusals",
+    collective: bool = False,
 ) -> Refusals:
     """The model's own greedy answers to `prompts` (same order), cached when `cache_dir` is given.
 
@@ -135,6 +138,9 @@ def write_refusals(
     (a resumed run) raises instead of generating when the answers are not in the cache. `kind`: "refusals"
     (harmful prompts: the answers are checked with the refusal judge) or "answers" (the retain stream's general
     prompts: no judge; cache file `answers-<key>.json`).
+    `collective=True` (weights sharded over the processes: every forward is a collective): every rank calls
+    this, the cache hit is agreed on by all, every rank generates the same answers in step (`synced_gpus`),
+    and the main process alone writes the cache.
     """
     prompts = [str(p) for p in prompts]
     if not prompts:
@@ -152,6 +158,8 @@ def write_refusals(
     if cache_dir is not None:
         path = os.path.join(os.path.expanduser(cache_dir), fingerprint_id(model_fp), f"{kind}-{key}.json")
         hit = _read(path, prompts)
+        if collective and distributed.all_reduce_count(hit is None) > 0:
+            hit = None  # all ranks read the cache or all generate: a forward is a collective
         if hit is not None:
             logger.info(f"IRR: reusing the base model's cached answers to {len(prompts)} {what} prompts ({path})")
             rate = check_refusals(hit, min_rate=min_refusal_rate) if judged else 0.0
@@ -166,16 +174,18 @@ def write_refusals(
         f"IRR: the base model writes its answers to {len(prompts)} {what} prompts (greedy, batches of {batch_size})"
     )
     start = time.perf_counter()
-    responses = generate_responses(
-        model,
-        tokenizer,
-        prompts,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        progress=progress,
-        use_cache=True,  # training configs often switch the KV cache off (gradient checkpointing)
-    )
+    with distributed.generation_scope(model) if collective else contextlib.nullcontext():
+        responses = generate_responses(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            progress=progress,
+            use_cache=True,  # training configs often switch the KV cache off (gradient checkpointing)
+            **({"synced_gpus": True} if collective else {}),
+        )
     seconds = time.perf_counter() - start
     device = next(model.parameters()).device
     # on a CPU shared with other jobs, several torch threads per tiny step can be 10-30x slower than one
@@ -183,7 +193,7 @@ def write_refusals(
     threads = f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else ""
     logger.info(f"IRR: {len(prompts)} {what} answers generated in {seconds:.1f} s (on {device}{threads})")
     rate = check_refusals(responses, min_rate=min_refusal_rate) if judged else 0.0
-    if path is not None:
+    if path is not None and (not collective or distributed.rank_and_world()[0] == 0):  # sharded: main writes
         _write(path, prompts, responses, {"kind": kind, "fingerprint": model_fp, **settings, "seconds": seconds})
     return Refusals(prompts, responses, rate, seconds, path=path, settings=settings, judged=judged)
 
@@ -223,6 +233,7 @@ def safety_dataset_for_run(
     batch_size: int = 8,
     progress: bool = False,
     cached_only: bool = False,
+    collective: bool = False,
 ):
     """The safety data of a run as a `datasets.Dataset` with the config's prompt and response columns,
     and a description of it for the report: `(dataset, info)`.
@@ -233,7 +244,8 @@ def safety_dataset_for_run(
       offline; `irr_seed` picks them), answered by the base model.
 
     Answers are cached under `cache_dir` (`IRRConfig.cache_dir`, `$IRR_CACHE`, ~/.cache/irr_callback),
-    in the directory of `base_fingerprint`; a resumed run passes `cached_only=True` (see `write_refusals`).
+    in the directory of `base_fingerprint`; a resumed run passes `cached_only=True`, a model whose weights are
+    sharded over the processes `collective=True` (every rank calls it; see `write_refusals`).
     """
     return _answered_dataset(
         model,
@@ -250,6 +262,7 @@ def safety_dataset_for_run(
         batch_size=batch_size,
         progress=progress,
         cached_only=cached_only,
+        collective=collective,
     )
 
 
@@ -264,12 +277,14 @@ def retain_dataset_for_run(
     batch_size: int = 8,
     progress: bool = False,
     cached_only: bool = False,
+    collective: bool = False,
 ):
     """The retain stream's data, as `safety_dataset_for_run` gives the safety data: `retain_dataset` (or
     `config.retain_dataset`) with a response column as it is; without one, its first `num_retain_samples`
     prompts answered by the base model; neither: `num_retain_samples` default general prompts
     (`general_prompts.load_general_prompts`) answered by the base model, `retain_max_new_tokens` each,
-    cached under the base fingerprint as `answers-<key>.json`. Returns `(dataset, info)`."""
+    cached under the base fingerprint as `answers-<key>.json`; `collective` as in `write_refusals`. Returns
+    `(dataset, info)`."""
     from .general_prompts import load_general_prompts
 
     return _answered_dataset(
@@ -287,6 +302,7 @@ def retain_dataset_for_run(
         batch_size=batch_size,
         progress=progress,
         cached_only=cached_only,
+        collective=collective,
     )
 
 
@@ -325,6 +341,7 @@ def _answered_dataset(
         progress=kw["progress"],
         cached_only=kw["cached_only"],
         kind=kind,
+        collective=kw.get("collective", False),
     )
     info.update(answers.describe(), generated_responses=True)
     judged = f"{answers.refusal_rate:.0%} refusals, " if kind == "refusals" else ""

@@ -25,6 +25,7 @@ from torch import nn
 from ..distributed import SingleProcess
 from ..distributed.shards import ShardedSnapshot
 from ..targets import Target
+from ..tensors import canonical_name
 
 
 class AlignedWeights:
@@ -70,7 +71,7 @@ class AlignedWeights:
         base = self.base if self.base is not None else {}
         if index < 0:
             embedding = self.model.get_input_embeddings().weight
-            name = next((n for n, p in self.model.named_parameters() if p is embedding), None)
+            name = next((canonical_name(n) for n, p in self.model.named_parameters() if p is embedding), None)
             return [(embedding, lambda: self._value(name))] if name in base else []
         swaps, own = [], set()
         for t in self.by_layer.get(index, []):
@@ -83,7 +84,7 @@ class AlignedWeights:
             else:
                 swaps.append((t.weight, lambda n=t.name: self._value(n)))
         for name, param in self.layers[index].named_parameters():  # norms and other untargeted weights
-            full = f"{self.prefix}.{index}.{name}"
+            full = f"{self.prefix}.{index}.{canonical_name(name)}"
             if id(param) not in own and "lora_" not in name and full in base:
                 swaps.append((param, lambda n=full: self._value(n)))
         return swaps

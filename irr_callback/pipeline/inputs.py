@@ -95,7 +95,7 @@ class SafetyInputs:
     def validate(self, targets: list[Target]) -> None:
         """Every target has a base, a safety vector and (when needed) an importance of its shape, all finite."""
         for t in targets:
-            shape = tuple(getattr(t.weight, "ds_shape", t.weight.shape))  # ZeRO-3 keeps a flat partition
+            shape = t.stored_shape  # ZeRO-3 and FSDP1 keep flat pieces
             if t.kind == "lora":
                 check_lora_supported(t)
             elif self.base is None:
@@ -112,7 +112,7 @@ class SafetyInputs:
         """Every target has an entry of its shape in every source (shapes only: no tensor is read)."""
         for t in targets:
             for label, mapping in self.sources(lora=False):
-                check_entry(label, mapping, t.name, tuple(t.weight.shape))
+                check_entry(label, mapping, t.name, t.stored_shape)
 
     def sources(self, *, lora: bool) -> list[tuple[str, Mapping]]:
         """(label, mapping) of every input a target of this kind reads, in the order they are checked."""

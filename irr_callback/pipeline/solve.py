@@ -114,7 +114,7 @@ class GroupSolver:
             else:
                 self.backup.save(weight)
                 weight.copy_(new.to(dtype=weight.dtype, device=weight.device))
-                stats.shape = tuple(t.weight.shape)
+                stats.shape = t.stored_shape
             stats.layer, stats.hessian_tokens = t.layer, tokens
             self.report.modules.append(stats)
 

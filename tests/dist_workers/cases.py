@@ -78,7 +78,7 @@ def realign_case(remove_ratio: float = 1.0, model_fn=None) -> tuple[dict[str, to
         progress=False,
     )
     _, _, targets = find_targets(model)
-    weights = {t.name: _full(t.weight).detach().clone() for t in targets}
+    weights = {t.name: _full(t.weight, model).detach().clone() for t in targets}
     totals = {
         "removed": sum(m.removed for m in report.modules),
         "entries": sum(m.entries for m in report.modules),

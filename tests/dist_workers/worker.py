@@ -33,6 +33,7 @@ CASES = {
     "retain_auto": lambda: cases.safety_case("auto", retain=True),
     "fsdp2_safety": lambda: cases.safety_case(0.5, model_fn=cases.fsdp2_shard),
     "fsdp2_safety_auto": lambda: cases.safety_case("auto", model_fn=cases.fsdp2_shard),
+    "fsdp1": lambda: cases.realign_case(1.0, model_fn=cases.fsdp1_wrap),
     "fsdp1_safety": lambda: cases.safety_case(0.5, model_fn=cases.fsdp1_wrap),
     "fsdp1_safety_auto": lambda: cases.safety_case("auto", model_fn=cases.fsdp1_wrap),
     "zero3_safety": lambda: cases.safety_case(0.5, model_fn=lambda m: cases.zero3_engine(m).module),
@@ -127,7 +128,17 @@ def trainer():
     return tensors, result
 
 
+def noarg(backend: str):
+    """`IRRCallback()` with no arguments under `backend` (tests/dist_workers/callback_case.py)."""
+    from tests.dist_workers import callback_case
+
+    state, info = callback_case.run(backend, OUT[0])
+    return {k: v.contiguous() for k, v in state.items()}, info
+
+
 CASES["trainer"] = trainer
+for _backend in ("ddp", "fsdp2", "fsdp1", "zero3"):
+    CASES[f"noarg_{_backend}"] = lambda b=_backend: noarg(b)
 CASES["lora"] = lambda: cases.lora_case(os.path.join(OUT[0], "lora_merged"))
 CASES["fsdp2_save"] = lambda: fsdp2_save(OUT[0])
 CASES["zero3_failure"] = zero3_failure
@@ -140,7 +151,7 @@ def main() -> None:
     out_dir, names = sys.argv[1], sys.argv[2:]
     OUT.append(out_dir)
     rank = int(os.environ["RANK"])
-    if any(name.startswith("zero3") for name in names):
+    if any(name.startswith("zero3") or name == "noarg_zero3" for name in names):
         import deepspeed.ops
 
         # DeepSpeed's optional CPU shared-memory all-reduce op is JIT-compiled (~4 min on 2 cores) on first

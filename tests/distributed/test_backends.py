@@ -24,7 +24,7 @@ from tests.dist_workers import cases, trainer_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-ZERO3_CASES = ["zero3", "zero3_ranked", "zero3_failure"]
+ZERO3_CASES = ["zero3", "zero3_ranked", "zero3_failure", "zero3_safety", "zero3_safety_auto"]
 CASES = [
     "trainer",
     "fisher",
@@ -34,6 +34,11 @@ CASES = [
     "safety",
     "safety_auto",
     "retain_auto",
+    "fsdp2_safety",
+    "fsdp2_safety_auto",
+    "fsdp1",
+    "fsdp1_safety",
+    "fsdp1_safety_auto",
     "fsdp2_ranked",
     "fsdp2_save",
     "lora",
@@ -54,7 +59,7 @@ def reference(ratio):
     return cases.realign_case(ratio)
 
 
-def torchrun(out_dir, script, *args, nproc=2, timeout=240):
+def torchrun(out_dir, script, *args, nproc=2, timeout=600):
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -131,26 +136,58 @@ def test_realign_two_processes_equals_one(two_ranks, case, ratio):
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
 
 
+@functools.cache
+def safety_reference(weight, retain=False):
+    """The recommended setting in one process (no process group), computed once per λ."""
+    return cases.safety_case(weight, retain=retain)
+
+
+#: the recommended setting (aligned twin, identify_mode='none') under every backend, fixed λ and 'auto'
+BACKENDS = {"ddp": "", "fsdp2": "fsdp2_", "fsdp1": "fsdp1_", "zero3": "zero3_"}
+
+
 @pytest.mark.parametrize(
-    "case,weight,retain", [("safety", 0.5, False), ("safety_auto", "auto", False), ("retain_auto", "auto", True)]
+    "backend,weight,retain",
+    [(backend, weight, False) for backend in BACKENDS for weight in (0.5, "auto")] + [("ddp", "auto", True)],
 )
-def test_safety_stream_two_processes_equals_one(two_ranks, case, weight, retain):
-    """The safety stream and its aligned twin (and the retain stream) split across ranks, H_s / H_A / C / H_r
-    reduced like H_d; with 'auto' the held-out losses are summed over ranks, so both choose the same λ and
-    weights."""
+def test_recommended_setting_two_processes_equals_one(two_ranks, backend, weight, retain):
+    """The safety stream and its aligned twin split across ranks, H_s / H_A / C reduced like H_d, W_A swapped
+    into each layer the backend's way (DDP: whole weights; FSDP2: each rank's rows; ZeRO-3 and FSDP1: through
+    a gather); with 'auto' the candidates' trial weights are written and restored the same way and the held-out
+    losses summed over ranks (the held-out parts split unevenly: padding scores nothing), so both choose the
+    same λ and weights as one process. `retain`: with the retain stream too (H_r reduced like H_d)."""
+    if backend == "zero3" and not DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[test]' installs it)")
+    case = "retain_auto" if retain else BACKENDS[backend] + ("safety_auto" if weight == "auto" else "safety")
     ranks, extras = two_ranks(case)
-    expected, totals = cases.safety_case(weight, retain=retain)
+    expected, totals = safety_reference(weight, retain)
     assert_identical_ranks(ranks)
     assert extras[0] == extras[1]
+    totals = dict(totals)
     losses = [extra.pop("losses") for extra in (extras[0], extras[1], totals)]
+    references = [extra.pop("references") for extra in (extras[0], extras[1], totals)]
     assert extras[0] == totals  # same λ, candidates, modules and token counts
     # the coarse grid, and a refining midpoint or the fallback only when the held-out losses call for one
     # (which depends on how the random triple came out under the CPU's kernels): by construction, not a margin
     assert len(losses[2]) >= len(AUTO_CANDIDATES) if weight == "auto" else losses[2] == []
     for got, want in zip(losses[0], losses[2]):  # each candidate's held-out losses, summed over ranks
         assert got == pytest.approx(want, rel=1e-4)
-    assert totals["safety_tokens"] == 70  # 10 sequences x 7 tokens ("all" tokens), padding excluded
-    assert totals.get("retain_tokens", 70) == 70
+    if weight == "auto":  # λ = 0 (the fine-tuned model) and λ = ∞ (every target at W_A, written and restored)
+        for which in ("finetuned", "aligned_targets"):
+            for key, value in references[2][which].items():
+                assert references[0][which][key] == pytest.approx(value, rel=1e-4)
+    assert totals["safety_tokens"] == 84  # 12 sequences x 7 tokens ("all" tokens), padding excluded
+    assert totals.get("retain_tokens", 84) == 84
+    for k, v in expected.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp1_equals_one_process(two_ranks):
+    """The paper's setting under FSDP1 (`FullyShardedDataParallel`, per-layer units, use_orig_params=True)."""
+    ranks, extras = two_ranks("fsdp1")
+    expected, totals = reference(1.0)
+    assert_identical_ranks(ranks)
+    assert extras[0] == totals
     for k, v in expected.items():
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
 
