@@ -115,6 +115,9 @@ def swap_by_copy(swaps: Sequence[Swap], scope: Callable, select: Callable) -> co
 
     @contextlib.contextmanager
     def run() -> Iterator[None]:
+        if not swaps:  # e.g. the embedding when the base holds the targets only
+            yield
+            return
         params = [p for p, _ in swaps]
         values = [value() for _, value in swaps]  # every rank, in order: may gather (collective)
         saved = []

@@ -54,7 +54,7 @@ def fsdp1_units(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> list[
 def gathered(model: torch.nn.Module, params: Sequence[torch.Tensor], *, write: bool = False) -> Iterator[None]:
     """`params` whole (their full shape, `.data` readable) on every rank inside; `write`: rank 0's values
     are kept on exit (ZeRO-3 broadcasts them; FSDP1 writes back each rank's, so every rank must write the same)."""
-    if any(is_zero3(p) for p in params):
+    if any(is_zero3(p) for p in params) or model is None:  # DeepSpeed skips parameters it does not partition
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0 if write else None):
@@ -65,12 +65,23 @@ def gathered(model: torch.nn.Module, params: Sequence[torch.Tensor], *, write: b
     if is_fsdp1(model):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+        initialise_fsdp1(model)
         with contextlib.ExitStack() as stack:
             for unit in fsdp1_units(model, params):
                 stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=write))
             yield
         return
     yield
+
+
+def initialise_fsdp1(model: torch.nn.Module) -> None:
+    """FSDP1 initialises lazily from the first unit used, which becomes the root: make it the real root (a summon
+    of its own parameters) before any inner unit is summoned or run on its own."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDP) and getattr(model, "_is_root", None) is None:
+        with FSDP.summon_full_params(model, recurse=False, writeback=False):
+            pass
 
 
 def writable(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> contextlib.AbstractContextManager:
@@ -135,12 +146,12 @@ class ShardedSnapshot(Mapping):
         parts, shapes, spans = {}, {}, {}
         rank, world = rank_and_world()
         for name, param in named.items():
-            shapes[name] = global_shape(param)
             if is_dtensor(param):
                 shard, rows = local_rows(param)
-                parts[name], spans[name] = shard.detach().to("cpu", copy=True), rows
+                parts[name], spans[name], shapes[name] = shard.detach().to("cpu", copy=True), rows, global_shape(param)
                 continue
-            flat = full_weight(model, param).reshape(-1)
+            whole = full_weight(model, param)
+            shapes[name], flat = tuple(whole.shape), whole.reshape(-1)
             chunk = math.ceil(flat.numel() / world)
             parts[name] = flat[rank * chunk : (rank + 1) * chunk].clone()
         return cls("rows" if spans else "flat", parts, shapes, spans)
@@ -209,8 +220,8 @@ def whole_base(base: Any, names: Iterable[str]) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def generation_scope(model: torch.nn.Module) -> Iterator[None]:
     """`model.generate` under FSDP1 calls the wrapped model, not the root unit, so the root's own parameters
-    (embedding, final norm, LM head) are summoned for it (the layer units gather their own in their forward);
-    one root forward first runs FSDP1's lazy initialisation from the root. Other backends: nothing to do."""
+    (embedding, final norm, LM head) are summoned for it (the layer units gather their own in their forward).
+    Other backends: nothing to do."""
     from .collectives import is_fsdp1
 
     if not is_fsdp1(model):
@@ -218,8 +229,5 @@ def generation_scope(model: torch.nn.Module) -> Iterator[None]:
         return
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
-    with FSDP.summon_full_params(model, recurse=False, writeback=False):
+    with FSDP.summon_full_params(model, recurse=False, writeback=False):  # initialises from the root too
         yield

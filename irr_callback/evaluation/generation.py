@@ -65,6 +65,7 @@ def generate_responses(
     system_prompt: str | None = None,
     add_generation_prompt: bool = True,
     sort_by_length: bool = True,
+    inference_mode: bool = True,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Generate one response per prompt (same order as ``prompts``).
@@ -72,7 +73,9 @@ def generate_responses(
     Left padding so every row's last token is its prompt's last token (right padding would make
     the model continue after pad tokens). Prompts are grouped by length to waste less compute on
     padding; the output order is restored. ``use_chat_template=None`` uses the tokenizer's chat
-    template when it has one. Extra keyword arguments go to ``model.generate``.
+    template when it has one. ``inference_mode=False``: plain no-grad instead of inference mode, for models
+    that keep buffers across calls and are trained afterwards (FSDP2's all-gather buffers would become inference
+    tensors). Extra keyword arguments go to ``model.generate``.
     """
     prompts = list(prompts)
     if not prompts:
@@ -112,7 +115,7 @@ def generate_responses(
                 ids = encoded[i]
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, width - len(ids) :] = 1
-            with torch.inference_mode():
+            with torch.inference_mode() if inference_mode else torch.no_grad():
                 out = model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs
                 )

@@ -184,7 +184,7 @@ def write_refusals(
             do_sample=False,
             progress=progress,
             use_cache=True,  # training configs often switch the KV cache off (gradient checkpointing)
-            **({"synced_gpus": True} if collective else {}),
+            **({"synced_gpus": True, "inference_mode": False} if collective else {}),
         )
     seconds = time.perf_counter() - start
     device = next(model.parameters()).device

@@ -115,6 +115,7 @@ def run(backend: str, out_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, 
     from irr_callback.distributed import full_state_dict
 
     out = os.path.join(out_dir, f"noarg_{backend}")
+    os.environ["IRR_CACHE"] = os.path.join(out_dir, f"cache_{backend}")  # each backend's base answers once itself
     if backend == "ddp":
         callback, model = trainer_run(out)
     elif backend == "zero3":

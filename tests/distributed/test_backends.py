@@ -43,6 +43,11 @@ CASES = [
     "fsdp2_save",
     "lora",
     *(ZERO3_CASES if DEEPSPEED else []),
+    # IRRCallback() with no arguments, end to end (tests/dist_workers/callback_case.py)
+    "noarg_ddp",
+    "noarg_fsdp2",
+    "noarg_fsdp1",
+    *(["noarg_zero3"] if DEEPSPEED else []),
 ]
 needs_deepspeed = pytest.mark.skipif(
     not DEEPSPEED,
@@ -50,7 +55,7 @@ needs_deepspeed = pytest.mark.skipif(
     "the test extra): pip install deepspeed to run the ZeRO-3 cases on CPU",
 )
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @functools.cache
@@ -351,3 +356,40 @@ def test_save_realigned_under_zero3_writes_full_model(two_ranks):
     assert state.keys() == finetuned.state_dict().keys()  # persistent tensors only, none missing
     for k, v in finetuned.state_dict().items():
         torch.testing.assert_close(state[k], expected.get(k, v), rtol=1e-4, atol=1e-5)
+
+
+# ---- IRRCallback() with no arguments, end to end, per backend --------------------------------------
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "fsdp1", "zero3"])
+def test_no_argument_callback_end_to_end(two_ranks, backend):
+    """`IRRCallback()` and nothing else, 2 processes: DDP and ZeRO-3 as a Trainer run, FSDP2 and FSDP1 through the
+    callback's hooks around a few optimizer steps on the sharded model. At train begin the base answers the
+    shipped harmful prompts (generated in step on every rank when sharded, cached once); at train end the
+    recommended setting (aligned twin, λ chosen by 'auto') realigns the live model, which is saved once and
+    reloads equal to the live weights; the report says so."""
+    from transformers import AutoModelForCausalLM
+
+    if backend == "zero3" and not DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[test]' installs it)")
+    ranks, extras = two_ranks(f"noarg_{backend}")
+    out = two_ranks.out / f"noarg_{backend}"
+    assert extras[0] == extras[1]  # same λ, report and safety data on both ranks
+    info = extras[0]
+    assert info["world_size"] == 2 and info["sharding"] == (None if backend == "ddp" else backend)
+    assert info["status"] == "ok" and info["error"] is None, info["error"]
+    assert info["setting"] == "recommended" and info["auto"] and info["safety_weight"] > 0
+    data = info["safety_data"]
+    assert data["origin"] == "shipped" and data["generated_responses"] and not data["cached"]
+    assert data["prompts"] == data["responses"] == 128
+    assert data["path"].startswith(str(two_ranks.out / f"cache_{backend}")) and os.path.isfile(data["path"])
+    assert info["output_path"] == str(out / "irr")
+    report = json.loads((out / "irr" / "irr_report.json").read_text())
+    assert report["status"] == "ok" and report["setting"] == "recommended"
+    assert report["safety_weight"] == info["safety_weight"] and report["auto"]["chosen"] == info["safety_weight"]
+    assert len(report["modules"]) == 14  # 2 layers x 7 Linear targets, each once (row shards merged)
+    assert (out / "irr_report.json").is_file() and (out / "irr" / "README.md").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary directory left
+    loaded = AutoModelForCausalLM.from_pretrained(str(out / "irr")).state_dict()
+    live = ranks[0]  # the live realigned model, gathered on the main process
+    assert set(live) <= set(loaded) and live
+    for name, value in live.items():
+        assert torch.equal(loaded[name], value.to(loaded[name].dtype)), name
