@@ -412,16 +412,24 @@ class IRRCallback(TrainerCallback):
         )
 
     def _check_checkpoints(self, model: nn.Module, targets) -> None:
-        """Checkpoints are realigned from their files on the main process, against the base it holds: not
-        when the weights (and so the base snapshot) are sharded over the processes."""
-        sharded = self.config.realign_checkpoints and distributed.sharding_kind(model, targets)
-        if sharded:
+        """Sharded weights: every rank keeps its part of the base. What needs the whole base on one process is
+        refused before anything runs: the safety vector / Fisher (identify_mode != 'none'), and realigning
+        checkpoints from their files on the main process."""
+        sharded = distributed.sharding_kind(model, targets)
+        if sharded and self.config.realign_checkpoints:
             raise IRRConfigError(
                 f"IRRConfig.realign_checkpoints=True is not supported with weights sharded by {sharded}: a checkpoint "
                 "is realigned from its files on one process, against the whole base, which no rank holds (each keeps "
                 "its part). Set realign_checkpoints=False; to realign a checkpoint, save it consolidated (FSDP: "
                 "fsdp_state_dict_type FULL_STATE_DICT; ZeRO-3: zero3_save_16bit_model) and run "
                 "`irr apply --low-memory` on it with the base model"
+            )
+        if sharded and self.config.needs_safety_vector:
+            raise IRRConfigError(
+                f"IRRConfig.identify_mode={self.config.identify_mode!r} (the paper's setting) is not supported by "
+                f"IRRCallback with weights sharded by {sharded}: the safety vector (and Fisher) are resolved on one "
+                "process against the whole base, which no rank holds. Use the default recommended setting "
+                "(IRRCallback()), or realign the saved model with `irr apply` on one process"
             )
 
     # ------------------------------------------------------------------------------ train end

@@ -135,11 +135,13 @@ def test_recommended_ignores_unaligned_model_and_paper_default_needs_no_safety_d
     assert IRRConfig().setting_name == "irr" and not IRRConfig().uses_safety_stream
 
 
-def test_aligned_safety_term_under_sharded_weights_is_refused_at_train_begin(tmp_path, monkeypatch):
+def test_paper_setting_under_sharded_weights_is_refused_at_train_begin(tmp_path, monkeypatch):
+    """The recommended setting runs under sharded weights (tests/distributed); the paper's setting needs the whole
+    base on one process for its safety vector, so the callback refuses it before anything runs."""
     from irr_callback import distributed
 
     monkeypatch.setattr(distributed, "sharding_kind", lambda model, targets: "fsdp2")
-    with pytest.raises(IRRConfigError, match=r"safety_term='aligned' is not supported with weights sharded by fsdp2"):
-        _begin(IRRCallback(IRRConfig.recommended(), safety_dataset=refusals()), tmp_path)
+    with pytest.raises(IRRConfigError, match=r"identify_mode='sign' .* is not supported by IRRCallback with weights"):
+        _begin(IRRCallback(IRRConfig(unaligned_model=str(tmp_path / "never-read"))), tmp_path)
     monkeypatch.setattr(distributed, "sharding_kind", lambda model, targets: None)
     _begin(IRRCallback(IRRConfig.recommended(), safety_dataset=refusals()), tmp_path)
