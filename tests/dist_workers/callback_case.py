@@ -4,7 +4,9 @@ DDP and ZeRO-3 run as a `Trainer` under torchrun. The Trainer enables FSDP on GP
 drive the callback's hooks the way the Trainer calls them (`on_train_begin` on the wrapped model before the
 first step, a few optimizer steps, `on_train_end` with the train dataloader) on a `fully_shard` /
 `FullyShardedDataParallel` model in the process group. The safety data is the shipped harmful prompts
-answered by the base at train begin (the cache under $IRR_CACHE); each run ends with `<output_dir>/irr`.
+answered by the base at train begin (the cache under $IRR_CACHE). The callback realigns the live model and writes
+`irr_report.json` into output_dir; the realigned model is then saved the way each user saves it:
+`trainer.save_model(...)` (DDP, ZeRO-3), `irr_callback.outputs.save_realigned` (a hand-written FSDP loop).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from irr_callback import IRRCallback
+from irr_callback.outputs.realigned_model import save_realigned
 from tests import callback_world as world
 
 
@@ -26,7 +29,11 @@ BATCH = 8  # per process
 ZERO3 = {
     "train_micro_batch_size_per_gpu": BATCH,
     "gradient_accumulation_steps": 1,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero_optimization": {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_gather_16bit_weights_on_model_save": True,  # accelerate's zero3_save_16bit_model (the recipe's)
+    },
 }
 
 
@@ -60,6 +67,7 @@ def trainer_run(out_dir: str, deepspeed: dict | None = None) -> tuple[IRRCallbac
         callbacks=[callback],
     )
     trainer.train()
+    trainer.save_model(os.path.join(out_dir, "model"))
     return callback, trainer.model
 
 
@@ -89,6 +97,7 @@ def hooks_run(out_dir: str, wrap) -> tuple[IRRCallback, torch.nn.Module]:
         state.global_step = step + 1
         callback.on_step_end(args, state, control, **hooks)
     callback.on_train_end(args, state, control, **hooks)
+    save_realigned(model, os.path.join(out_dir, "model"), processing_class=tokenizer)  # every rank (collective)
     return callback, model
 
 

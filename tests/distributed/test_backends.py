@@ -364,8 +364,9 @@ def test_no_argument_callback_end_to_end(two_ranks, backend):
     """`IRRCallback()` and nothing else, 2 processes: DDP and ZeRO-3 as a Trainer run, FSDP2 and FSDP1 through the
     callback's hooks around a few optimizer steps on the sharded model. At train begin the base answers the
     shipped harmful prompts (generated in step on every rank when sharded, cached once); at train end the
-    recommended setting (aligned twin, λ chosen by 'auto') realigns the live model, which is saved once and
-    reloads equal to the live weights; the report says so."""
+    recommended setting (aligned twin, λ chosen by 'auto') realigns the live model and writes irr_report.json;
+    the model saved afterwards (`trainer.save_model`, or `save_realigned` for the FSDP loops) reloads equal to
+    the live weights."""
     from transformers import AutoModelForCausalLM
 
     if backend == "zero3" and not DEEPSPEED:
@@ -385,14 +386,13 @@ def test_no_argument_callback_end_to_end(two_ranks, backend):
     assert data["origin"] == "shipped" and data["generated_responses"]
     assert data["prompts"] == data["responses"] == 128
     assert data["path"].startswith(str(two_ranks.out / f"cache_{backend}")) and os.path.isfile(data["path"])
-    assert info["output_path"] == str(out / "irr")
-    report = json.loads((out / "irr" / "irr_report.json").read_text())
+    assert info["output_path"] is None  # no copy of its own: the live model is realigned and saved by the user
+    report = json.loads((out / "irr_report.json").read_text())
     assert report["status"] == "ok" and report["setting"] == "recommended"
     assert report["safety_weight"] == info["safety_weight"] and report["auto"]["chosen"] == info["safety_weight"]
     assert len(report["modules"]) == 14  # 2 layers x 7 Linear targets, each once (row shards merged)
-    assert (out / "irr_report.json").is_file() and (out / "irr" / "README.md").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary directory left
-    loaded = AutoModelForCausalLM.from_pretrained(str(out / "irr")).state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(str(out / "model")).state_dict()
     live = ranks[0]  # the live realigned model, gathered on the main process
     assert set(live) <= set(loaded) and live
     for name, value in live.items():
