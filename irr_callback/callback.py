@@ -270,7 +270,7 @@ class IRRCallback(TrainerCallback):
             self._check_auto_rows(config, len(self._safety_calibration))
         retain_data = None
         if config.uses_retain_stream:  # general prompts, answered by the base now (before training) when needed
-            with state.main_process_first():
+            with contextlib.nullcontext() if sharded else state.main_process_first():  # as the safety data
                 self.retain_dataset, retain_data = retain_dataset_for_run(
                     model,
                     tokenizer,
@@ -278,6 +278,7 @@ class IRRCallback(TrainerCallback):
                     retain_dataset=self.retain_dataset,
                     base_fingerprint=ctx.fingerprint,
                     progress=ctx.progress,
+                    collective=bool(sharded),
                 )
             self._retain_calibration = retain_calibration_examples(config, self.retain_dataset, tokenizer)
         if config.needs_safety_vector:
