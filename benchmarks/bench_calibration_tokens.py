@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                 }
                 for ft, source in tuned.items():
-                    reference = world.evaluate(source.merge_and_unload() if _is_peft(source) else source)
+                    reference = world.evaluate(
+                        copy.deepcopy(source).merge_and_unload() if _is_peft(source) else source
+                    )
                     rows.append({"seed": seed, "setting": setting, "ft": ft, "method": "fine-tuned", **reference})
                     for method, fields, safety in METHODS:
                         for only in (False, True):

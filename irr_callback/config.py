@@ -57,8 +57,12 @@ class IRRConfig:
 
     Args (callback behaviour):
         snapshot, irr_output_dir, save_realigned, lora_output, lora_rank_multiple, lora_refactor_rank,
-        lora_adapter_tolerance,
-        realign_checkpoints, on_error.
+        lora_adapter_tolerance, realign_checkpoints, on_error. Where each file goes (docs/trl.md): the realigned
+        model is the live model, which `trainer.save_model()` writes into `output_dir`; `irr_report.json` and the
+        model card's IRR section go there at train end; IRR's own copy only into `irr_output_dir` (opt-in; a name
+        starting with `_` inside `output_dir` keeps it out of `push_to_hub`); `checkpoint-N/irr` with
+        `realign_checkpoints`; `output_dir/_irr_run/` while a run may be resumed; computed safety inputs under
+        `cache_dir`.
 
     Example:
 

@@ -130,6 +130,11 @@ def test_full_finetune_restores_refusals_and_saves_reloadable_model(tmp_path, un
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), logits(live), rtol=0, atol=0)
     assert (out / "tokenizer.json").exists() and (out / "README.md").read_text() == card
     assert "irr-realigned" in trainer.model.model_tags
+    # push_to_hub's card (transformers' TrainingSummary) replaces README.md: IRR's section is added again, once
+    trainer.create_model_card(model_name="mine")
+    hub_card = (out / "README.md").read_text()
+    assert "mine" in hub_card and hub_card.count("irr-callback: realigned -->") == 1
+    assert "were safety-realigned after fine-tuning" in hub_card
 
 
 def test_safety_vector_file_source_and_foreign_files_refused(tmp_path):
