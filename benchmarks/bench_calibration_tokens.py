@@ -27,7 +27,7 @@ import _common  # noqa: F401  (puts the repository root on sys.path)
 from toy_table import METRICS, SETTINGS, Inputs, _is_peft, _machine, _realign, _write
 
 from irr_callback import IRRConfig
-from irr_callback.plotting import markdown_table
+from irr_callback.outputs.plotting import markdown_table
 from irr_callback.toy import build_toy_world, single_thread
 
 
