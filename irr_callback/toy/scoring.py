@@ -92,6 +92,24 @@ register(
     )
 )
 
+# which calibration tokens enter H when the fine-tune's loss was masked (issue 23): the default takes every token
+register(
+    Setting(
+        "paper-loss-tokens",
+        lambda: IRRConfig(calibration_loss_tokens_only=True),
+        ("calibration",),
+        True,
+        "the paper's IRR with only the trained calibration tokens (labels != -100) in H",
+    )
+)
+register(
+    Setting(
+        "recommended-loss-tokens",
+        lambda: IRRConfig.recommended(calibration_loss_tokens_only=True),
+        description="recommended with only the trained calibration tokens (labels != -100) in H",
+    )
+)
+
 
 def resolve(names: Iterable[str]) -> list[Setting]:
     """Registered settings by name; an unknown name is an error that lists the known ones."""
