@@ -185,7 +185,7 @@ def flow(name: str, work: str, sft: dict, irr: dict, kind: str = "messages", lor
     seconds = time.perf_counter() - start
     report = json.load(open(os.path.join(out, "irr_report.json"), encoding="utf-8"))
     data_info = report["extra"]["safety_inputs"].get("safety_data", {})
-    setting = ", ".join(f"{k}={v}" for k, v in {**sft, **irr}.items())
+    setting = ", ".join(f"{k}={v}" for k, v in {**sft, **irr}.items()).replace(work, "<work>")
     return (
         f"## {name}: `SFTConfig({setting})`{' + peft_config (LoRA r=4, q/v)' if lora else ''}\n\n"
         f"status `{report['status']}`, calibration {report['calibration_sequences']} sequences / "

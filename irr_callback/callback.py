@@ -289,9 +289,9 @@ class IRRCallback(TrainerCallback):
         # the Fisher is sharded over the processes (collectives inside): every rank at once, not main first
         importance = resolve_fisher(config, ctx, safety_dataset=self.safety_dataset, pairs=pairs)
         self.sources = {"safety_vector": safety.describe(), "importance": importance.describe()}
-        if pairs is not None:
+        if pairs is not None:  # the stream's rows come from `safety_data`: described by reference, not twice
             self.sources["safety_calibration"] = {
-                "source": "safety_dataset",
+                "source": "safety_data",
                 "safety_dataset": pairs.label,
                 "examples": len(self._safety_calibration),
                 "generated_responses": pairs.generated,

@@ -120,8 +120,12 @@ def source_text(kind: str, info: dict[str, Any]) -> str:
         text = f"the default safety prompts `{info.get('set')}` ({info.get('prompts')} prompts{origin}){answers}"
     elif source == "resumed":
         text = "computed at the first start of this (resumed) run"
+    elif source == "safety_data":
+        text = f"{info.get('examples')} rows of the safety data (`safety_data`), tokenized like the training data"
+    elif source == "none" and kind == "safety_vector":
+        text = "not needed (`identify_mode='none'`: nothing is removed by sign)"
     elif source == "none":
-        text = "not needed (remove_ratio = 1 removes every conflict)"
+        text = "not needed (nothing is ranked by importance)" if kind == "importance" else "not needed"
     else:
         text = str(source)
     return f"- **{kind}**: {text}{cached}"

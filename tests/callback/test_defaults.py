@@ -83,7 +83,9 @@ def test_trainer_with_no_argument_callback_offline(tmp_path, monkeypatch):
     # one description of the safety data: the stream's rows are the default prompts the base answered
     stream = report["extra"]["safety_inputs"]["safety_calibration"]
     assert stream["safety_dataset"] == data["set"] and stream["generated_responses"] is True
-    assert "safety_data" in (tmp_path / "run1" / "README.md").read_text()  # the model card lists it
+    assert stream["source"] == "safety_data"  # the card names the rows by reference, not as a second data set
+    card = (tmp_path / "run1" / "README.md").read_text()
+    assert "safety_data" in card and "rows of the safety data (`safety_data`)" in card  # the model card lists it
 
     generated = calls["n"]
     _, again = train_with_default_callback(str(tmp_path / "run2"))
