@@ -84,6 +84,15 @@ for _rho in (0.3, 1.0, 3.0, 10.0):
             description=f"recommended + the retain stream with ρ = {_rho:g}",
         )
     )
+for _lam, _rho in ((0.2, 1.0), (0.2, 3.0), (0.3, 3.0)):
+    register(
+        Setting(
+            f"aligned-λ{_lam:g}-ρ{_rho:g}",
+            lambda lam=_lam, rho=_rho: IRRConfig.recommended(safety_weight=lam, retain_weight=rho),
+            ("calibration", "safety", "retain"),
+            description=f"fixed λ = {_lam:g} with the retain stream, ρ = {_rho:g}",
+        )
+    )
 register(
     Setting(
         "delta-auto",
