@@ -58,7 +58,21 @@ def register(setting: Setting) -> Setting:
 
 
 register(Setting("paper", IRRConfig, ("calibration",), True, "the paper's IRR: IRRConfig() with the safety vector"))
-register(Setting("recommended", IRRConfig.recommended, description="IRRConfig.recommended()"))
+register(
+    Setting(
+        "recommended",
+        IRRConfig.recommended,
+        ("calibration", "safety", "retain"),
+        description="IRRConfig.recommended() as the code ships it (the retain stream is given; unused at ρ = 0)",
+    )
+)
+register(
+    Setting(
+        "recommended-before-retain",
+        lambda: IRRConfig.recommended(retain_weight=0.0),
+        description="the recommended setting before issue 19: IRRConfig.recommended(retain_weight=0)",
+    )
+)
 for _lam in (0.05, 0.1, 0.2, 0.3):
     register(
         Setting(

@@ -18,6 +18,7 @@ Built models (aligned, unaligned, fine-tuned) are cached on disk when `cache_dir
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -25,6 +26,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -279,7 +281,8 @@ def build_world(spec: WorldSpec, cache_dir: str | os.PathLike[str] | None = None
     root = os.path.join(os.fspath(cache_dir), f"suite-v{SUITE_VERSION}") if cache_dir is not None else None
     base_disk = os.path.join(root, f"base-{_digest(spec.base_key)}") if root else None
     with single_thread():
-        _load_or_train(toy, base_disk, pools.alignment_pairs(), toy.harmful_train)
+        with _locked(base_disk):
+            _load_or_train(toy, base_disk, pools.alignment_pairs(), toy.harmful_train)
         finetuned = _finetuned(spec, toy, root)
         retain_rng = random.Random(spec.seed + 5)
         retain_prompts = [p for p, _ in retain_rng.sample(pools.old_task_pool(), hp["retain_n"])]
@@ -299,18 +302,45 @@ def build_world(spec: WorldSpec, cache_dir: str | os.PathLike[str] | None = None
     return world
 
 
+@contextlib.contextmanager
+def _locked(disk: str | None) -> Iterator[None]:
+    """Hold an exclusive file lock next to `disk` (no-op without a cache): two processes that need the
+    same model build it once, the second loads it (POSIX; elsewhere no lock)."""
+    if disk is None:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    os.makedirs(os.path.dirname(disk), exist_ok=True)
+    with open(f"{disk}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _finetuned(spec: WorldSpec, toy: ToyWorld, root: str | None) -> torch.nn.Module:
-    """The aligned model fine-tuned on the world's downstream data (full or LoRA r=8), from disk when cached."""
-    hp = toy.hparams
-    lora = spec.finetune == "lora"
+    """The aligned model fine-tuned on the world's downstream data, from disk when cached (built under a lock)."""
     key = (
         spec.base_key,
         spec.overlap_downstream,
         spec.harmful_fraction,
         spec.finetune,
-        json.dumps(hp, sort_keys=True),
+        json.dumps(toy.hparams, sort_keys=True),
     )
     disk = os.path.join(root, f"ft-{_digest(key)}") if root else None
+    with _locked(disk):
+        return _finetune_or_load(spec, toy, disk)
+
+
+def _finetune_or_load(spec: WorldSpec, toy: ToyWorld, disk: str | None) -> torch.nn.Module:
+    """The aligned model fine-tuned on the world's downstream data (full or LoRA r=8), from disk when cached."""
+    hp = toy.hparams
+    lora = spec.finetune == "lora"
     marker = os.path.join(disk, "done.json") if disk else None
     if marker and os.path.isfile(marker):
         if lora:
