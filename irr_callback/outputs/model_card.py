@@ -290,6 +290,14 @@ def _method(report: IRRReport, calibration: str) -> str:
 
 
 def _safety_line(report: IRRReport) -> str:
-    if not report.safety_sequences:
-        return ""
-    return f"\nSafety stream: {report.safety_sequences} sequences, {report.safety_tokens} tokens."
+    """The safety and retain streams' sizes ('' without either)."""
+    out = ""
+    if report.safety_sequences:
+        out += f"\nSafety stream: {report.safety_sequences} sequences, {report.safety_tokens} tokens."
+    if report.retain_sequences:
+        out += (
+            f"\nRetain stream: {report.retain_sequences} sequences, {report.retain_tokens} tokens of general prompts "
+            f"with answers; each layer's outputs on them held at the fine-tuned model's with weight ρ = "
+            f"{float(report.config.get('retain_weight') or 0):g}."
+        )
+    return out

@@ -27,6 +27,8 @@ def test_apply_with_retain_data_in_memory_equals_low_memory(ckpts, tmp_path):  #
         report["extra"]["retain_data"]["set"].endswith("retain.jsonl")
         and not report["extra"]["retain_data"]["generated_responses"]
     )
+    card = (tmp_path / "mem" / "README.md").read_text()
+    assert "Retain stream: 5 sequences" in card and "ρ = 1" in card
     assert _apply(paths, tmp_path / "none", "--safety_weight", "0.3") == 0  # ρ = 0: another model
     assert not torch.equal(_tensor(tmp_path / "none"), _tensor(tmp_path / "mem"))
 
