@@ -545,7 +545,7 @@ class IRRConfig:
         'none'
         ```
         """
-        values = {**RECOMMENDED, **overrides}
+        values = {**RECOMMENDED, "retain_weight": RECOMMENDED_RETAIN_WEIGHT, **overrides}
         return cls(**values)
 
     @property
@@ -578,6 +578,9 @@ class IRRConfig:
 
 #: `IRRConfig.recommended()`: the solver fields of the setting the README recommends
 RECOMMENDED: dict[str, Any] = {"identify_mode": "none", "safety_weight": "auto", "safety_term": "aligned"}
+#: `IRRConfig.recommended()`'s retain weight ρ, chosen on the suite's dev worlds (docs/safety-weight.md); a run
+#: without retain data runs with the retain term off (a warning says so)
+RECOMMENDED_RETAIN_WEIGHT = 0.3
 
 
 def _safety_weight(value: Any) -> Any:

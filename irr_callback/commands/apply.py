@@ -519,8 +519,8 @@ def _run_low_memory(args: argparse.Namespace, config: IRRConfig, calibration_dat
     if config.uses_safety_stream:  # responses from the file only (checked): nothing to generate with
         safety_rows, _, _ = _safety_rows(args, config, None, tokenizer, False)
     retain_rows, retain_data = None, None
-    if config.uses_retain_stream:  # answers from the file only: nothing to generate with
-        retain_rows, retain_data = _retain_rows(args, config, None, tokenizer)
+    if config.uses_retain_stream and args.retain_data:  # answers from the file only: nothing to generate with
+        retain_rows, retain_data = _retain_rows(args, config, None, tokenizer)  # (without it: the term is off)
     with atomic_directory(args.output) as tmp:
         os.rmdir(tmp)  # realign_checkpoint writes (atomically) into a fresh directory of its own
         report = realign_checkpoint(

@@ -42,7 +42,7 @@ from .offload import (
     outside_layers,
 )
 from .solve import GroupSolver
-from .streams import prepare_calibration, prepare_retain, prepare_safety
+from .streams import prepare_calibration, prepare_retain, prepare_safety, retain_or_off
 from .writing import make_backup
 
 
@@ -110,7 +110,7 @@ def realign_checkpoint(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = config or IRRConfig()
+    config = retain_or_off(config or IRRConfig(), retain_calibration)
     started = time.perf_counter()
     finetuned_dir, output_dir = os.fspath(finetuned_dir), os.fspath(output_dir)
     from_mapping = weights is not None

@@ -24,7 +24,16 @@ from .inputs import SafetyInputs
 from .loop import compute_device, run_layers
 from .lowrank import AdapterFactors
 from .solve import GroupSolver
-from .streams import CALIBRATION, RETAIN, SAFETY, Stream, prepare_calibration, prepare_retain, prepare_safety
+from .streams import (
+    CALIBRATION,
+    RETAIN,
+    SAFETY,
+    Stream,
+    prepare_calibration,
+    prepare_retain,
+    prepare_safety,
+    retain_or_off,
+)
 from .writing import make_backup
 
 
@@ -98,7 +107,7 @@ def realign(
     ...                  config=IRRConfig.recommended())
     ```
     """
-    config = config or IRRConfig()
+    config = retain_or_off(config or IRRConfig(), retain_calibration)
     started = time.perf_counter()
     prefix, layers, targets = find_targets(model, config.target_modules)
     inputs = SafetyInputs.resolve(config, base, safety_vector, importance)

@@ -147,6 +147,23 @@ def prepare_safety(
     return batches
 
 
+def retain_or_off(config: IRRConfig, retain_calibration: Any) -> IRRConfig:
+    """`config`, or (a retain weight but no retain data) `config` with the retain term off and a warning: the
+    recommended preset has a retain weight, and a call that gives no retain data stays valid."""
+    if not config.uses_retain_stream or retain_calibration is not None:
+        return config
+    from dataclasses import replace
+
+    from transformers.utils import logging
+
+    logging.get_logger(__name__).warning(
+        f"IRR: IRRConfig.retain_weight={config.retain_weight:g} but no retain_calibration was given: the retain term "
+        "is off for this run (retain_weight 0 in the report). Pass general prompts with answers to keep what the "
+        "model could already do (docs/safety-weight.md)."
+    )
+    return replace(config, retain_weight=0.0)
+
+
 def prepare_retain(
     retain_calibration: Any, config: IRRConfig, model_config: Any, report: IRRReport
 ) -> list[dict[str, torch.Tensor]]:

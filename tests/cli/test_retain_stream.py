@@ -1,5 +1,6 @@
 """`irr apply` with the retain stream: --retain-data with answers (in memory and --low-memory, same weights),
-the shipped general prompts answered by --base without it, and --low-memory refusing to generate."""
+the shipped general prompts answered by --base without it; --low-memory cannot generate answers (without
+--retain-data the term is off, with prompts only it is refused)."""
 
 import json
 
@@ -46,5 +47,8 @@ def test_apply_without_retain_data_answers_the_shipped_prompts_and_low_memory_re
     assert _apply(paths, tmp_path / "out", *extra) == 0
     info = json.loads((tmp_path / "out" / "irr_report.json").read_text())["extra"]["retain_data"]
     assert info["set"] == SHIPPED_NAME and info["generated_responses"] and info["examples"] == 4
-    assert _apply(paths, tmp_path / "low", *extra, "--low-memory") == 2
-    assert "--retain-data" in capsys.readouterr().err and not (tmp_path / "low").exists()
+    assert _apply(paths, tmp_path / "low", *extra, "--low-memory") == 0  # cannot generate: the retain term is off
+    assert json.loads((tmp_path / "low" / "irr_report.json").read_text())["config"]["retain_weight"] == 0.0
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["text"]} for r in text_rows(3, seed=2)])
+    assert _apply(paths, tmp_path / "low2", *extra, "--retain-data", prompts, "--low-memory") == 2
+    assert "--retain-data" in capsys.readouterr().err and not (tmp_path / "low2").exists()

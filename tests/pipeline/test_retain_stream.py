@@ -35,7 +35,9 @@ def run(config, *, retain=None, safety=True, cal=None, vector=None):
     return model, report
 
 
-@pytest.mark.parametrize("config", [IRRConfig(), IRRConfig.recommended(safety_weight=0.5)], ids=["paper", "fixed"])
+@pytest.mark.parametrize(
+    "config", [IRRConfig(), IRRConfig.recommended(safety_weight=0.5, retain_weight=0.0)], ids=["paper", "fixed"]
+)
 def test_zero_retain_weight_ignores_the_retain_data_bit_for_bit(config):
     vector = None
     if config.needs_safety_vector:
@@ -49,14 +51,15 @@ def test_zero_retain_weight_ignores_the_retain_data_bit_for_bit(config):
     assert with_report.retain_tokens == 0 and with_report.totals["error_retain"] is None
 
 
-@pytest.mark.parametrize("config", [IRRConfig(identify_mode="none", retain_weight=1.0), None], ids=["irr", "safety"])
-def test_retain_weight_needs_retain_data_before_anything_is_written(config):
-    config = config or IRRConfig.recommended(safety_weight=0.5, retain_weight=1.0)
-    base, ft, _ = triple("llama")
-    before = state(ft)
-    with pytest.raises(ValueError, match="retain_calibration"):
-        realign(ft, base=base, calibration=calibration(n=8), safety_calibration=safety_rows(), config=config)
-    assert same_state(before, state(ft))
+def test_retain_weight_without_retain_data_warns_and_runs_with_the_term_off(caplog):
+    """`IRRConfig.recommended()` has a retain weight: a call without retain data stays valid (the term is off,
+    the report says retain_weight 0, a warning says why) and is bit for bit the run with ρ = 0."""
+    with caplog.at_level(logging.WARNING, logger="irr_callback"):
+        off, report = run(IRRConfig.recommended(safety_weight=0.5))
+    assert IRRConfig.recommended().retain_weight > 0 and report.config["retain_weight"] == 0.0
+    assert any("no retain_calibration" in r.getMessage() for r in caplog.records)
+    zero, _ = run(IRRConfig.recommended(safety_weight=0.5, retain_weight=0.0))
+    assert same_state(state(off), state(zero))
 
 
 @pytest.mark.parametrize("safety_weight", [0.0, 0.5])
