@@ -48,7 +48,11 @@ def _tensor(directory, name=NAME):
 def test_apply_with_only_safety_data_is_the_recommended_preset_and_matches_library(ckpts, tmp_path, capsys):  # noqa: F811
     paths, (base, ft, _) = ckpts
     out = tmp_path / "out"
-    assert _apply(paths, out) == 0
+    no_retain = [
+        "--retain_weight",
+        "0",
+    ]  # the safety stream alone (the retain stream: tests/cli/test_retain_stream.py)
+    assert _apply(paths, out, *no_retain) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "irr_report.json").read_text())
     assert report["setting"] == "recommended" and report["config"]["identify_mode"] == "none"
@@ -76,7 +80,7 @@ def test_apply_with_only_safety_data_is_the_recommended_preset_and_matches_libra
     assert lib.safety_weight == report["safety_weight"]
     torch.testing.assert_close(_tensor(out), dict(model.named_parameters())[NAME].detach(), rtol=0, atol=0)
     # --low-memory searches λ the same way, one layer at a time
-    assert _apply(paths, tmp_path / "low", "--low-memory") == 0
+    assert _apply(paths, tmp_path / "low", "--low-memory", *no_retain) == 0
     low = json.loads((tmp_path / "low" / "irr_report.json").read_text())
     assert low["safety_weight"] == report["safety_weight"] and low["auto"]["chosen"] == report["safety_weight"]
     torch.testing.assert_close(_tensor(tmp_path / "low"), _tensor(out), rtol=1e-5, atol=1e-6)
@@ -84,7 +88,7 @@ def test_apply_with_only_safety_data_is_the_recommended_preset_and_matches_libra
 
 def test_apply_fixed_weight_low_memory_equals_in_memory_and_unaligned_is_ignored_by_recommended(ckpts, tmp_path):  # noqa: F811
     paths, _ = ckpts
-    fixed = ["--safety_weight", "0.3", "--safety_tokens", "response"]
+    fixed = ["--safety_weight", "0.3", "--safety_tokens", "response", "--retain_weight", "0"]
     assert _apply(paths, tmp_path / "mem", *fixed) == 0
     assert _apply(paths, tmp_path / "low", *fixed, "--low-memory") == 0
     torch.testing.assert_close(_tensor(tmp_path / "low"), _tensor(tmp_path / "mem"), rtol=0, atol=0)
