@@ -117,7 +117,8 @@ def source_text(kind: str, info: dict[str, Any]) -> str:
         text = f"{what}`safety_dataset` {data}{answers}"
     elif source == "default":
         origin = f", {info['origin']}" if info.get("origin") else ""
-        text = f"the default safety prompts `{info.get('set')}` ({info.get('prompts')} prompts{origin}){answers}"
+        kind_of = "general" if kind.startswith("retain") else "safety"
+        text = f"the default {kind_of} prompts `{info.get('set')}` ({info.get('prompts')} prompts{origin}){answers}"
     elif source == "resumed":
         text = "computed at the first start of this (resumed) run"
     elif source == "safety_data":

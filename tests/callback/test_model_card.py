@@ -101,3 +101,15 @@ def test_base_model_is_a_hub_id_or_left_out(tmp_path, monkeypatch, base, expecte
     else:
         assert "base_model" not in header and "/home/me" not in card(report(), base=base)
     assert display_name(base) in card(report(), base=base)
+
+
+def test_source_lines_name_each_input_once_and_rightly():
+    """The safety stream points to `safety_data` (one description); the retain data are general prompts."""
+    from irr_callback.outputs.model_card import source_text
+
+    stream = source_text("safety_calibration", {"source": "safety_data", "examples": 114})
+    assert "114 rows of the safety data (`safety_data`)" in stream
+    retain = source_text("retain_data", {"source": "default", "set": "general_prompts.jsonl", "prompts": 64})
+    assert "default general prompts" in retain and "safety" not in retain
+    assert "default safety prompts" in source_text("safety_data", {"source": "default", "set": "s", "prompts": 8})
+    assert "identify_mode='none'" in source_text("safety_vector", {"source": "none"})
