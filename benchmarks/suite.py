@@ -80,9 +80,13 @@ def default_cache_dir() -> str:
     return os.environ.get("IRR_SUITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "irr_callback")
 
 
-def run_group(specs: list[Any], settings: list[str], cache_dir: str, build_only: bool = False) -> list[dict[str, Any]]:
+def run_group(
+    specs: list[Any], settings: list[str], cache_dir: str, build_only: bool = False, rows_dir: str | None = None
+) -> list[dict[str, Any]]:
     """Worker: the worlds of one base (built in turn: the base is trained once, then loaded), every setting
-    (`build_only`: only train and cache the models)."""
+    (`build_only`: only train and cache the models). With `rows_dir`, each world's rows are written there
+    as it finishes, and a world another runner holds (lock) or finished is skipped: several runners can
+    share a split, and a stopped run resumes."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers.utils import logging as hf_logging
@@ -95,6 +99,9 @@ def run_group(specs: list[Any], settings: list[str], cache_dir: str, build_only:
     hf_logging.set_verbosity_error()
     rows = []
     for spec in specs:
+        claim = _claim(rows_dir, spec.name) if rows_dir and not build_only else None
+        if claim is False:
+            continue
         t0, cpu0 = time.perf_counter(), time.process_time()
         world = build_world(spec, cache_dir=cache_dir)
         built = time.perf_counter() - t0
@@ -114,7 +121,44 @@ def run_group(specs: list[Any], settings: list[str], cache_dir: str, build_only:
         )
         for row in world_rows:
             print(f"    {row['setting']:24s} " + " ".join(f"{row[m]:.2f}" for m in METRICS), flush=True)
+        if claim is not None:
+            path = os.path.join(rows_dir, f"{spec.name}.json")
+            with open(f"{path}.tmp", "w", encoding="utf-8") as fh:
+                json.dump(world_rows, fh, default=str)
+            os.replace(f"{path}.tmp", path)
+            claim.close()  # releases the lock
         rows += world_rows
+    return rows
+
+
+def _claim(rows_dir: str, name: str) -> Any:
+    """An open, locked file while this runner owns world `name`; False when it is done or another runner has it."""
+    import fcntl
+
+    os.makedirs(rows_dir, exist_ok=True)
+    if os.path.isfile(os.path.join(rows_dir, f"{name}.json")):
+        return False
+    fh = open(os.path.join(rows_dir, f"{name}.lock"), "w")  # noqa: SIM115 (held until the rows are written)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return False
+    if os.path.isfile(os.path.join(rows_dir, f"{name}.json")):
+        fh.close()
+        return False
+    return fh
+
+
+def collect(rows_dir: str, specs: list[Any], poll: float = 10.0) -> list[dict[str, Any]]:
+    """Every world's rows from `rows_dir`, waiting for those another runner is still computing."""
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        path = os.path.join(rows_dir, f"{spec.name}.json")
+        while not os.path.isfile(path):
+            time.sleep(poll)
+        with open(path, encoding="utf-8") as fh:
+            rows += json.load(fh)
     return rows
 
 
@@ -302,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-only", action="store_true", help="Only train and cache the worlds' models.")
     p.add_argument("--rewrite", metavar="JSON", help="Only rewrite the .md and .png of a results file (next to it).")
     p.add_argument("--readme", metavar="JSON", help="Only write the README's suite table from a results file.")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Keep each world's rows in <output-dir>/.<prefix>.rows/ as it finishes; skip worlds done there or "
+        "held by another runner of the same command (several runners share a split; the tables wait for all).",
+    )
     args = p.parse_args(argv)
 
     from irr_callback.toy.scoring import SETTINGS, resolve
@@ -352,25 +402,30 @@ def main(argv: list[str] | None = None) -> int:
     machine = _common.machine()
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    prefix = args.prefix or f"suite_{args.split}"
+    rows_dir = os.path.join(args.output_dir, f".{prefix}.rows") if args.resume else None
     print(f"{len(specs)} worlds on {len(groups)} bases, settings {args.settings}, {args.workers} workers", flush=True)
     if args.workers <= 1:
         for group in ordered:
-            rows += run_group(group, args.settings, args.cache_dir, args.build_only)
+            rows += run_group(group, args.settings, args.cache_dir, args.build_only, rows_dir)
     else:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
-            futures = [pool.submit(run_group, g, args.settings, args.cache_dir, args.build_only) for g in ordered]
+            futures = [
+                pool.submit(run_group, g, args.settings, args.cache_dir, args.build_only, rows_dir) for g in ordered
+            ]
             for fut in as_completed(futures):
                 rows += fut.result()
     if args.build_only:
         print(f"built {len(specs)} worlds in {time.perf_counter() - started:.0f} s")
         return 0
+    if rows_dir:
+        rows = collect(rows_dir, specs)
     order = {s.name: i for i, s in enumerate(specs)}
     setting_order = {n: i for i, n in enumerate(["aligned", "finetuned", *args.settings])}
     rows.sort(key=lambda r: (order[r["world"]], setting_order[r["setting"]]))
-    prefix = args.prefix or f"suite_{args.split}"
     os.makedirs(args.output_dir, exist_ok=True)
     payload = {
         "benchmark": prefix,
