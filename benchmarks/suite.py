@@ -150,13 +150,16 @@ def _claim(rows_dir: str, name: str) -> Any:
     return fh
 
 
-def collect(rows_dir: str, specs: list[Any], poll: float = 10.0) -> list[dict[str, Any]]:
-    """Every world's rows from `rows_dir`, waiting for those another runner is still computing."""
+def collect(rows_dir: str, specs: list[Any], poll: float = 10.0, wait: bool = True) -> list[dict[str, Any]]:
+    """Every world's rows from `rows_dir`, waiting for those another runner is still computing
+    (`wait=False`: only the worlds finished so far)."""
     rows: list[dict[str, Any]] = []
     for spec in specs:
         path = os.path.join(rows_dir, f"{spec.name}.json")
-        while not os.path.isfile(path):
+        while wait and not os.path.isfile(path):
             time.sleep(poll)
+        if not os.path.isfile(path):
+            continue
         with open(path, encoding="utf-8") as fh:
             rows += json.load(fh)
     return rows
@@ -324,8 +327,15 @@ def markdown(payload: dict[str, Any]) -> str:
         "unattacked topics, downstream and old-task accuracy >= 0.9x the fine-tuned model's, over-refusal <= 0.05. "
         "Ratios are vs the fine-tuned model of the same world. Settings: "
         + "; ".join(f"`{k}` = {v}" for k, v in payload["setting_descriptions"].items())
-        + "\n\n"
-        f"## Summary\n\n{markdown_table(payload['summary'], summary_cols, floatfmt='.2f')}\n\n"
+        + "\n"
+        + (
+            f"- **PARTIAL: {len(payload['missing_worlds'])} worlds of the split did not finish before the deadline "
+            f"and are not in this table**: {', '.join(payload['missing_worlds'])} (which worlds finished depends only "
+            "on the order they were run in, heaviest models first, never on their results)\n"
+            if payload.get("missing_worlds")
+            else ""
+        )
+        + f"\n## Summary\n\n{markdown_table(payload['summary'], summary_cols, floatfmt='.2f')}\n\n"
         f"## Medians per fine-tuning mode\n\n{markdown_table(medians(payload['rows'], payload['settings']), MEDIAN_COLUMNS, floatfmt='.2f')}\n\n"
         f"![suite plot]({os.path.basename(payload['plot'])})\n\n"
         f"## Every world, every setting\n\n{markdown_table(rows, ROW_COLUMNS, floatfmt='.2f')}\n\n"
@@ -346,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-only", action="store_true", help="Only train and cache the worlds' models.")
     p.add_argument("--rewrite", metavar="JSON", help="Only rewrite the .md and .png of a results file (next to it).")
     p.add_argument("--readme", metavar="JSON", help="Only write the README's suite table from a results file.")
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="With --resume: compute nothing, write the tables from the worlds finished so far and name the "
+        "missing ones (a run stopped by a deadline).",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -405,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     prefix = args.prefix or f"suite_{args.split}"
     rows_dir = os.path.join(args.output_dir, f".{prefix}.rows") if args.resume else None
     print(f"{len(specs)} worlds on {len(groups)} bases, settings {args.settings}, {args.workers} workers", flush=True)
+    if args.partial:
+        if not rows_dir:
+            p.error("--partial needs --resume")
+        ordered = []
     if args.workers <= 1:
         for group in ordered:
             rows += run_group(group, args.settings, args.cache_dir, args.build_only, rows_dir)
@@ -421,8 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         print(f"built {len(specs)} worlds in {time.perf_counter() - started:.0f} s")
         return 0
+    missing: list[str] = []
     if rows_dir:
-        rows = collect(rows_dir, specs)
+        rows = collect(rows_dir, specs, wait=not args.partial)
+        done = {r["world"] for r in rows}
+        missing = [s.name for s in specs if s.name not in done]
+        specs = [s for s in specs if s.name in done]
     order = {s.name: i for i, s in enumerate(specs)}
     setting_order = {n: i for i, n in enumerate(["aligned", "finetuned", *args.settings])}
     rows.sort(key=lambda r: (order[r["world"]], setting_order[r["setting"]]))
@@ -442,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "worlds": [{**asdict(s)} for s in specs],
         "rows": [{k: v for k, v in r.items() if k != "spec"} | {"finetune": r["spec"]["finetune"]} for r in rows],
         "plot": os.path.join(args.output_dir, f"{prefix}.png"),
+        "missing_worlds": missing,
     }
     plot(rows, args.settings, payload["plot"], title=f"suite, {args.split} worlds ({len(specs)}), {payload['date']}")
     payload["plot"] = os.path.relpath(payload["plot"], _common.ROOT)
