@@ -218,8 +218,8 @@ README_NAMES = {
     "finetuned": "fine-tuned",
     "recommended": "`IRRConfig.recommended()` as shipped",
     "paper": "paper IRR (`IRRConfig()`)",
-    "recommended-before-retain": "recommended before issue 19 (ρ = 0)",
-    "retain-ρ0.3": "**recommended** (retain ρ = 0.3, auto λ)",
+    "recommended-before-retain": "recommended before issue 19 (retain ρ = 0)",
+    "retain-ρ0.3": "**`IRRConfig.recommended()`** (retain ρ = 0.3, auto λ)",
 }
 
 

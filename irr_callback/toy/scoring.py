@@ -63,7 +63,7 @@ register(
         "recommended",
         IRRConfig.recommended,
         ("calibration", "safety", "retain"),
-        description="IRRConfig.recommended() as the code ships it (the retain stream is given; unused at ρ = 0)",
+        description="IRRConfig.recommended() as the code ships it (retain stream given)",
     )
 )
 register(
@@ -95,7 +95,7 @@ for _rho in (0.3, 1.0, 3.0, 10.0):
             f"retain-ρ{_rho:g}",
             lambda rho=_rho: IRRConfig.recommended(retain_weight=rho),
             ("calibration", "safety", "retain"),
-            description=f"recommended + the retain stream with ρ = {_rho:g}",
+            description=f"auto λ + the retain stream with ρ = {_rho:g} (0.3: IRRConfig.recommended() since issue 19)",
         )
     )
 for _lam, _rho in ((0.2, 1.0), (0.2, 3.0), (0.3, 3.0)):
