@@ -77,7 +77,7 @@ for _lam in (0.05, 0.1, 0.2, 0.3):
     register(
         Setting(
             f"aligned-λ{_lam:g}",
-            lambda lam=_lam: IRRConfig.recommended(safety_weight=lam),
+            lambda lam=_lam: IRRConfig.recommended(safety_weight=lam, retain_weight=0.0),
             description=f"recommended with a fixed λ = {_lam:g}",
         )
     )
@@ -85,7 +85,7 @@ for _ridge in (0.01, 1.0):
     register(
         Setting(
             f"recommended-ridge{_ridge:g}",
-            lambda ridge=_ridge: IRRConfig.recommended(safety_ridge=ridge),
+            lambda ridge=_ridge: IRRConfig.recommended(safety_ridge=ridge, retain_weight=0.0),
             description=f"recommended with safety_ridge = {_ridge:g}",
         )
     )
@@ -110,7 +110,7 @@ for _lam, _rho in ((0.2, 1.0), (0.2, 3.0), (0.3, 3.0)):
 register(
     Setting(
         "delta-auto",
-        lambda: IRRConfig.recommended(safety_term="delta"),
+        lambda: IRRConfig.recommended(safety_term="delta", retain_weight=0.0),
         description="recommended with the delta safety term",
     )
 )
