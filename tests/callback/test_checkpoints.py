@@ -40,6 +40,7 @@ def watched(monkeypatch):
             safety_vector=self._safety,
             importance=self._importance,
             safety_calibration=self._safety_calibration,
+            retain_calibration=self._retain_calibration,
             config=self._run_config,
         )
         with monkeypatch.context() as m:
