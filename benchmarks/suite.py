@@ -80,6 +80,41 @@ def default_cache_dir() -> str:
     return os.environ.get("IRR_SUITE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "irr_callback")
 
 
+def quiet_worker() -> None:
+    """A suite worker process: offline, torch on one thread, the transformers logger and bars quiet."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def base_groups(specs: list[Any]) -> list[list[Any]]:
+    """The worlds grouped by aligned model (one worker trains or loads a base once), heaviest first (depth x
+    width x worlds), so that the workers finish together."""
+    groups: dict[Any, list[Any]] = defaultdict(list)
+    for spec in specs:
+        groups[spec.base_key].append(spec)
+    return sorted(groups.values(), key=lambda g: -g[0].layers * g[0].width * len(g))
+
+
+def run_workers(task: Any, groups: list[list[Any]], workers: int, *args: Any) -> list[dict[str, Any]]:
+    """`task(group, *args)` for every group, in this process (`workers` <= 1) or in `workers` spawned processes;
+    the concatenated rows."""
+    if workers <= 1:
+        return [row for group in groups for row in task(group, *args)]
+    import multiprocessing
+
+    rows: list[dict[str, Any]] = []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        for fut in as_completed([pool.submit(task, g, *args) for g in groups]):
+            rows += fut.result()
+    return rows
+
+
 def run_group(
     specs: list[Any], settings: list[str], cache_dir: str, build_only: bool = False, rows_dir: str | None = None
 ) -> list[dict[str, Any]]:
@@ -87,16 +122,10 @@ def run_group(
     (`build_only`: only train and cache the models). With `rows_dir`, each world's rows are written there
     as it finishes, and a world another runner holds (lock) or finished is skipped: several runners can
     share a split, and a stopped run resumes."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers.utils import logging as hf_logging
-
+    quiet_worker()
     from irr_callback.toy.scoring import reference_rows, resolve, run_setting
     from irr_callback.toy.suite import build_world
 
-    torch.set_num_threads(1)
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     rows = []
     for spec in specs:
         claim = _claim(rows_dir, spec.name) if rows_dir and not build_only else None
@@ -216,10 +245,10 @@ def medians(rows: list[dict[str, Any]], settings: list[str]) -> list[dict[str, A
 
 README_NAMES = {
     "finetuned": "fine-tuned",
-    "recommended": "`IRRConfig.recommended()` as shipped",
+    "recommended": "**`IRRConfig.recommended()`** (retain ρ = 0.3, auto λ)",
     "paper": "paper IRR (`IRRConfig()`)",
-    "recommended-before-retain": "recommended before issue 19 (retain ρ = 0)",
-    "retain-ρ0.3": "**`IRRConfig.recommended()`** (retain ρ = 0.3, auto λ)",
+    "recommended-before-retain": "recommended without the retain stream (ρ = 0, auto λ)",
+    "retain-ρ1": "retain ρ = 1, auto λ",
 }
 
 
@@ -409,35 +438,18 @@ def main(argv: list[str] | None = None) -> int:
     specs = [s for s in worlds(args.split) if not args.worlds or s.name in args.worlds]
     if not specs:
         p.error(f"no world of split {args.split!r} matches {args.worlds}")
-    groups: dict[Any, list[Any]] = defaultdict(list)
-    for spec in specs:
-        groups[spec.base_key].append(spec)
-    # heaviest bases first (depth x width), so the two workers finish together
-    ordered = sorted(groups.values(), key=lambda g: -g[0].layers * g[0].width * len(g))
+    ordered = base_groups(specs)
     command = "python benchmarks/suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = _common.machine()
     started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
     prefix = args.prefix or f"suite_{args.split}"
     rows_dir = os.path.join(args.output_dir, f".{prefix}.rows") if args.resume else None
-    print(f"{len(specs)} worlds on {len(groups)} bases, settings {args.settings}, {args.workers} workers", flush=True)
+    print(f"{len(specs)} worlds on {len(ordered)} bases, settings {args.settings}, {args.workers} workers", flush=True)
     if args.partial:
         if not rows_dir:
             p.error("--partial needs --resume")
         ordered = []
-    if args.workers <= 1:
-        for group in ordered:
-            rows += run_group(group, args.settings, args.cache_dir, args.build_only, rows_dir)
-    else:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
-            futures = [
-                pool.submit(run_group, g, args.settings, args.cache_dir, args.build_only, rows_dir) for g in ordered
-            ]
-            for fut in as_completed(futures):
-                rows += fut.result()
+    rows = run_workers(run_group, ordered, args.workers, args.settings, args.cache_dir, args.build_only, rows_dir)
     if args.build_only:
         print(f"built {len(specs)} worlds in {time.perf_counter() - started:.0f} s")
         return 0

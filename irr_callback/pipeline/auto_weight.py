@@ -7,19 +7,21 @@ batches, the safety batches and their aligned twin, the retain batches), so its 
 own realigned layers, as in the real run. Per layer and candidate, its solves are written into the layer
 for a moment, its streams and the held-out batches run through it, and the layer's weights are restored.
 Two references need no solve: λ = 0 (the fine-tuned model, F) and λ = ∞ (every target at W_A, A).
-From the held-out response tokens' next-token losses,
+From the held-out response tokens' next-token loss L and token accuracy a (argmax = the scored token),
 
     s(λ) = (L_safety(λ) − L_safety(A)) / (L_safety(F) − L_safety(A))   the safety damage left,
-    d(λ) = (L_task(λ) − L_task(F)) / (L_task(A) − L_task(F))           the task knowledge lost,
-    r(λ) = (L_retain(λ) − L*) / L*,  L* = max(L_retain(F), L_retain(A)) what is lost of the old abilities
-                                                                         that both references keep,
+    t(λ) = a_task(F) − a_task(λ)                                         the task accuracy lost,
+    r(λ) = min(a_retain(F), a_retain(A)) − a_retain(λ)                   the old abilities lost that both
+                                                                         references keep,
 
-a candidate passes when s(λ) <= `AUTO_TOLERANCE` and r(λ) <= `AUTO_RETAIN_TOLERANCE`; λ* is the smallest
-passing candidate that no other candidate beats on every loss, then the geometric midpoint below it (one
-significant digit) is tried. If fine-tuning left the safety loss within `AUTO_MIN_GAP` of A's, there is
-nothing to restore and the smallest candidate is taken. If nothing passes, a warning says so and λ* is
-the undominated candidate with the least safety damage among those within the retain tolerance. A candidate
-that another beats on every loss is never chosen (issue 23).
+a candidate passes when s(λ) <= `AUTO_TOLERANCE`, r(λ) <= `AUTO_RETAIN_TOLERANCE` and t(λ) <=
+`AUTO_TASK_TOLERANCE` (the three chosen on the suite's dev worlds, docs/safety-weight.md); λ* is the
+smallest passing candidate that no other candidate beats on every loss, then the geometric midpoint below
+it (one significant digit) is tried. If fine-tuning left the safety loss within `AUTO_MIN_GAP` of A's,
+there is nothing to restore and the smallest candidate is taken. If nothing passes, a warning says so and
+λ* is the undominated candidate with the least safety loss among those within the retain and task
+tolerances (the smallest undominated one when none is). A candidate that another beats on every loss is
+never chosen (issue 23).
 """
 
 from __future__ import annotations
@@ -49,16 +51,18 @@ logger = logging.get_logger(__name__)
 
 AUTO_CANDIDATES = (0.1, 0.3, 1.0)
 AUTO_FALLBACK = 3.0  # tried when no coarse candidate restores the safety loss
-AUTO_TOLERANCE = 0.01  # of the gap between F's and A's held-out safety loss
-AUTO_RETAIN_TOLERANCE = 0.02  # relative rise of the held-out retain loss above both references'
+AUTO_TOLERANCE = 0.005  # of the gap between F's and A's held-out safety loss
+AUTO_RETAIN_TOLERANCE = 0.01  # held-out retain token accuracy lost below both references'
+AUTO_TASK_TOLERANCE = 0.15  # held-out task token accuracy lost below the fine-tuned model's
 AUTO_MIN_GAP = 0.05  # nats per response token: below it fine-tuning did not damage safety
 #: share of each stream's (non held-out) batches that feeds the candidates' Hessians
 AUTO_SHARES = {CALIBRATION: 0.25, SAFETY: 0.5, RETAIN: 0.5}
 AUTO_CALIBRATION_SHARE, AUTO_SAFETY_SHARE = AUTO_SHARES[CALIBRATION], AUTO_SHARES[SAFETY]
 HELD_OUT_SHARE = 0.25  # of each stream's batches, held out to judge the candidates
 
-#: {λ: (held-out task loss, safety loss[, retain loss])}, the references at λ = 0 (F) and λ = inf (A)
-Losses = dict[float, tuple[float, ...]]
+#: {λ: ((task, safety[, retain]) held-out losses, (the same streams') token accuracies)}, with the
+#: references at λ = 0 (F) and λ = inf (A)
+Measures = dict[float, tuple[tuple[float, ...], tuple[float, ...]]]
 
 
 def split_held_out(batches: list[dict[str, torch.Tensor]], what: str) -> tuple[list, list]:
@@ -72,24 +76,23 @@ def split_held_out(batches: list[dict[str, torch.Tensor]], what: str) -> tuple[l
     return batches[:-held], batches[-held:]
 
 
-def search_weight(run_candidates: Callable[[Sequence[float], bool], Losses]) -> tuple[float, dict[str, Any]]:
+def search_weight(run_candidates: Callable[[Sequence[float], bool], Measures]) -> tuple[float, dict[str, Any]]:
     """Coarse-to-fine, four candidates at most: `AUTO_CANDIDATES` with the references, then one more:
     the geometric midpoint (to one significant digit) between the chosen λ and the candidate below it,
     or `AUTO_FALLBACK` when none passed (fine-tuning did damage safety, and the largest candidate is
-    still within the retain tolerance: a larger λ can only lose more of the old abilities)."""
-    losses = dict(run_candidates(AUTO_CANDIDATES, True))
-    weight, table = choose_weight(losses, warn=False)
+    still within the retain and task tolerances: a larger λ can only lose more)."""
+    measures = dict(run_candidates(AUTO_CANDIDATES, True))
+    weight, table = choose_weight(measures, warn=False)
     extra = None
     if table["passing"] and weight > AUTO_CANDIDATES[0]:
         lower = max(c for c in AUTO_CANDIDATES if c < weight)
         extra = float(f"{math.sqrt(lower * weight):.1g}")  # 0.1..0.3 -> 0.2
     elif not table["passing"] and table["candidates"][0]["safety_left"] is not None:
-        largest = table["candidates"][-1]
-        if largest["retain_lost"] is None or largest["retain_lost"] <= AUTO_RETAIN_TOLERANCE:
+        if _within_tolerances(table["candidates"][-1]):
             extra = AUTO_FALLBACK
     if extra is not None:
-        losses.update(run_candidates((extra,), False))
-    return choose_weight(losses)
+        measures.update(run_candidates((extra,), False))
+    return choose_weight(measures)
 
 
 def dominated(losses: Mapping[float, Sequence[float]]) -> set[float]:
@@ -103,99 +106,105 @@ def dominated(losses: Mapping[float, Sequence[float]]) -> set[float]:
     return out
 
 
-def choose_weight(losses: Mapping[float, Sequence[float]], *, warn: bool = True) -> tuple[float, dict[str, Any]]:
-    """λ* from {λ: (task loss, safety loss[, retain loss])} holding the references 0 (F) and inf (A).
-    `warn`: log a warning when no candidate passes (the search's last round only)."""
-    task_f, safe_f, *retain_f = losses[0.0]
-    task_a, safe_a, *retain_a = losses[math.inf]
+def _within_tolerances(row: dict[str, Any]) -> bool:
+    """Within the retain and task tolerances (a measure that could not be taken does not count against)."""
+    retain, task = row["retain_accuracy_lost"], row["task_accuracy_lost"]
+    return (retain is None or retain <= AUTO_RETAIN_TOLERANCE) and task <= AUTO_TASK_TOLERANCE
+
+
+def choose_weight(measures: Mapping[float, tuple[Sequence[float], Sequence[float]]], *, warn: bool = True):
+    """(λ*, the search table) from {λ: (losses, accuracies)} holding the references 0 (F) and inf (A);
+    losses and accuracies are (task, safety[, retain]) on the held-out batches. `warn`: log a warning when
+    no candidate passes (the search's last round only)."""
+    (task_f, safe_f, *retain_f), (acc_task_f, _, *acc_retain_f) = measures[0.0]
+    (task_a, safe_a, *retain_a), (_, _, *acc_retain_a) = measures[math.inf]
     gap_s, gap_d = safe_f - safe_a, task_a - task_f
-    retain_ref = max(retain_f[0], retain_a[0]) if retain_f else None
-    candidates = sorted(c for c in losses if 0 < c < math.inf)
-    beaten = dominated({c: tuple(losses[c]) for c in candidates})
+    has_retain = bool(retain_f)
+    retain_floor = min(acc_retain_f[0], acc_retain_a[0]) if has_retain else None
+    candidates = sorted(c for c in measures if 0 < c < math.inf)
+    beaten = dominated({c: tuple(measures[c][0]) for c in candidates})
     rows = []
     for c in candidates:
-        task, safe, *retain = losses[c]
+        (task, safe, *retain), (acc_task, acc_safe, *acc_retain) = measures[c]
         rows.append(
             {
                 "safety_weight": c,
                 "task_loss": task,
                 "safety_loss": safe,
                 "retain_loss": retain[0] if retain else None,
+                "task_accuracy": acc_task,
+                "safety_accuracy": acc_safe,
+                "retain_accuracy": acc_retain[0] if acc_retain else None,
                 "safety_left": (safe - safe_a) / gap_s if gap_s > AUTO_MIN_GAP else None,
                 "task_lost": (task - task_f) / gap_d if gap_d > 0 else None,
-                "retain_lost": (retain[0] - retain_ref) / retain_ref if retain and retain_ref > 0 else None,
+                "task_accuracy_lost": acc_task_f - acc_task,
+                "retain_accuracy_lost": retain_floor - acc_retain[0] if has_retain else None,
                 "dominated": c in beaten,
             }
         )
     undominated = [r for r in rows if not r["dominated"]]
-
-    def retain_ok(r: dict) -> bool:
-        return r["retain_lost"] is None or r["retain_lost"] <= AUTO_RETAIN_TOLERANCE
-
     passing = [
         r["safety_weight"]
         for r in undominated
-        if r["safety_left"] is not None and r["safety_left"] <= AUTO_TOLERANCE and retain_ok(r)
+        if r["safety_left"] is not None and r["safety_left"] <= AUTO_TOLERANCE and _within_tolerances(r)
     ]
+    limits = f"task accuracy lost <= {AUTO_TASK_TOLERANCE}" + (
+        f", retain accuracy lost <= {AUTO_RETAIN_TOLERANCE}" if has_retain else ""
+    )
     if gap_s <= AUTO_MIN_GAP:
-        chosen, reason = (
-            undominated[0]["safety_weight"],
-            f"fine-tuning left the safety loss within {AUTO_MIN_GAP} of the aligned one",
-        )
+        chosen = undominated[0]["safety_weight"]
+        reason = f"fine-tuning left the safety loss within {AUTO_MIN_GAP} of the aligned one"
     elif passing:
-        chosen, reason = (
-            passing[0],
-            (
-                f"the smallest undominated λ with safety damage left <= {AUTO_TOLERANCE}"
-                + (f" and retain loss lost <= {AUTO_RETAIN_TOLERANCE}" if retain_ref is not None else "")
-            ),
-        )
+        chosen = passing[0]
+        reason = f"the smallest undominated λ with safety damage left <= {AUTO_TOLERANCE}, {limits}"
     else:
-        kept = [r for r in undominated if retain_ok(r)]
+        kept = [r for r in undominated if _within_tolerances(r)]
         if kept:
-            best = min(kept, key=lambda r: (r["safety_loss"], r["safety_weight"]))
-            why = "the undominated λ with the least safety damage left" + (
-                f" within the retain tolerance {AUTO_RETAIN_TOLERANCE}" if retain_ref is not None else ""
-            )
+            chosen = min(kept, key=lambda r: (r["safety_loss"], r["safety_weight"]))["safety_weight"]
+            why = f"the undominated λ with the least safety damage left within {limits}"
         else:
-            best = min(undominated, key=lambda r: (r["retain_loss"], r["safety_weight"]))
-            why = "every undominated λ lost old abilities beyond the retain tolerance: the one that lost least"
-        chosen = best["safety_weight"]
+            chosen = undominated[0]["safety_weight"]
+            why = f"no undominated λ kept {limits}: the smallest one"
         reason = f"no candidate passed (safety damage left <= {AUTO_TOLERANCE}): {why}"
         if warn:
             left = ", ".join(
-                f"λ={r['safety_weight']:g}: {_fmt(r['safety_left'])} left, task lost {_fmt(r['task_lost'])}"
-                + (f", retain lost {_fmt(r['retain_lost'])}" if retain_ref is not None else "")
+                f"λ={r['safety_weight']:g}: {_fmt(r['safety_left'])} left, task accuracy lost "
+                f"{_fmt(r['task_accuracy_lost'])}"
+                + (f", retain accuracy lost {_fmt(r['retain_accuracy_lost'])}" if has_retain else "")
                 for r in rows
             )
             logger.warning(
                 f"IRR safety_weight='auto': no candidate restored the held-out safety loss to within "
-                f"{AUTO_TOLERANCE} of the aligned model's ({left}); took λ={chosen:g}, {why}. Refusals may not be "
-                "fully restored: give more varied safety data, or set safety_weight to a number."
+                f"{AUTO_TOLERANCE} of the aligned model's while keeping {limits} ({left}); took λ={chosen:g}, "
+                f"{why}. Refusals may not be fully restored: give more varied safety data, or set "
+                "safety_weight to a number (a larger λ restores more and keeps less of the task)."
             )
     table = {
         "criterion": (
-            f"smallest undominated λ with (L_safety(λ) - L_safety(A)) / (L_safety(F) - L_safety(A)) <= {AUTO_TOLERANCE}"
-            + (
-                f" and (L_retain(λ) - max(L_retain(F), L_retain(A))) / max(...) <= {AUTO_RETAIN_TOLERANCE}"
-                if retain_ref is not None
-                else ""
-            )
+            f"smallest undominated λ with (L_safety(λ) - L_safety(A)) / (L_safety(F) - L_safety(A)) <= "
+            f"{AUTO_TOLERANCE}, a_task(F) - a_task(λ) <= {AUTO_TASK_TOLERANCE}"
+            + (f" and min(a_retain(F), a_retain(A)) - a_retain(λ) <= {AUTO_RETAIN_TOLERANCE}" if has_retain else "")
+            + " (L: held-out next-token loss, a: token accuracy)"
         ),
         "reason": reason,
         "chosen": chosen,
         "passing": bool(passing),
         "candidates": rows,
         "references": {
-            "finetuned": _reference(task_f, safe_f, retain_f),
-            "aligned_targets": _reference(task_a, safe_a, retain_a),
+            "finetuned": _reference(measures[0.0]),
+            "aligned_targets": _reference(measures[math.inf]),
         },
     }
     return chosen, table
 
 
-def _reference(task: float, safety: float, retain: list[float]) -> dict[str, float]:
-    return {"task_loss": task, "safety_loss": safety, **({"retain_loss": retain[0]} if retain else {})}
+def _reference(measured: tuple[Sequence[float], Sequence[float]]) -> dict[str, float]:
+    names = ("task", "safety", "retain")
+    losses, accuracies = measured
+    return {
+        **{f"{n}_loss": v for n, v in zip(names, losses)},
+        **{f"{n}_accuracy": v for n, v in zip(names, accuracies)},
+    }
 
 
 def _fmt(value: float | None) -> str:
@@ -219,9 +228,9 @@ def held_out_losses(
     progress: bool = True,
     load_layer: LayerHook | None = None,
     drop_layer: LayerHook | None = None,
-) -> Losses:
-    """{λ: (held-out task loss, safety loss[, retain loss])} for every candidate (and with `references`
-    for λ = 0 and λ = ∞). `train`: the streams the candidates' H come from; `held`: the "calibration",
+) -> Measures:
+    """{λ: ((held-out task loss, safety loss[, retain loss]), (their token accuracies))} for every
+    candidate (and with `references` for λ = 0 and λ = ∞). `train`: the streams the candidates' H come from; `held`: the "calibration",
     "safety" (and "retain") held-out streams, in that order (their batches carry `irr_loss_mask`).
     Every weight is restored.
     The aligned twin's states do not depend on λ: one twin serves every candidate, propagated once.
@@ -265,7 +274,11 @@ def held_out_losses(
                 twin.hidden = propagate(layer, twin.hidden, twin.args[index])
         if drop_layer is not None:
             drop_layer(index, layer)
-    return {c: tuple(_loss(model, layers, stream, dist_ctx) for stream in held_state[c]) for c in levels}
+    out = {}
+    for c in levels:
+        scores = [_scores(model, layers, stream, dist_ctx) for stream in held_state[c]]
+        out[c] = (tuple(nll for nll, _ in scores), tuple(acc for _, acc in scores))
+    return out
 
 
 def write_aligned(targets: Sequence[Target], inputs: SafetyInputs, backup: Any, dist_ctx: Any) -> None:
@@ -291,13 +304,15 @@ class _BaseReader:
         self.inputs = inputs
 
 
-def _loss(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any) -> float:
-    """Mean next-token loss on the scored (response) tokens of `stream`, from its last layer's outputs:
+def _scores(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any) -> tuple[float, float]:
+    """(mean next-token loss, token accuracy) on the scored (response) tokens of `stream`, from its last
+    layer's outputs (accuracy: the share of scored tokens that are the argmax: what greedy decoding
+    would say there, the loss being a poor proxy for it where the references' losses are near zero):
     the model runs with every decoder layer stubbed out and the last one returning them, so whatever
     follows the layer loop (final norm, LM head, soft-capping) is the model's own. Where the model takes
     `logits_to_keep`, only the positions that predict a scored token go through the LM head (the prompt
     positions of the safety and retain rows cost nothing there)."""
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(3, dtype=torch.float64)  # loss sum, argmax hits, scored tokens
     originals = list(layers)
     device = next(model.parameters()).device
     select = accepts_argument(model, "logits_to_keep")
@@ -321,8 +336,10 @@ def _loss(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any
             ).logits.float()
             logits = logits if select else logits[:, :-1]
             scored, targets = scored.to(logits.device), targets.to(logits.device)
-            nll = torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="sum")
-            total += torch.tensor([float(nll), float(scored.sum())], dtype=torch.float64)
+            picked, wanted = logits[scored], targets[scored]
+            nll = torch.nn.functional.cross_entropy(picked, wanted, reduction="sum")
+            hits = (picked.argmax(dim=-1) == wanted).sum()
+            total += torch.tensor([float(nll), float(hits), float(scored.sum())], dtype=torch.float64)
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
@@ -330,7 +347,8 @@ def _loss(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any
         from ..distributed import all_reduce_sum_
 
         all_reduce_sum_(total)
-    return float(total[0] / total[1].clamp_min(1.0))
+    count = total[2].clamp_min(1.0)
+    return float(total[0] / count), float(total[1] / count)
 
 
 class _Replay(ArgsRecorder):
@@ -376,7 +394,7 @@ def resolve_auto_weight(
         held[s.name] = s.subset(list(range(n - held_out[s.name], n)))
         held[s.name].twin = None  # the held-out batches are scored, not paired
 
-    def run_candidates(candidates: Sequence[float], references: bool) -> Losses:
+    def run_candidates(candidates: Sequence[float], references: bool) -> Measures:
         return held_out_losses(
             model, layers, targets, train, held, inputs, config, candidates, dist_ctx,
             references=references, device=device, progress=progress, load_layer=load_layer, drop_layer=drop_layer,

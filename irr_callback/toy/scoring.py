@@ -70,7 +70,8 @@ register(
     Setting(
         "recommended-before-retain",
         lambda: IRRConfig.recommended(retain_weight=0.0),
-        description="the recommended setting before issue 19: IRRConfig.recommended(retain_weight=0)",
+        description="IRRConfig.recommended(retain_weight=0): auto λ without the retain stream (the setting before "
+        "issue 19, with today's auto rule)",
     )
 )
 for _lam in (0.05, 0.1, 0.2, 0.3):
@@ -95,7 +96,7 @@ for _rho in (0.3, 1.0, 3.0, 10.0):
             f"retain-ρ{_rho:g}",
             lambda rho=_rho: IRRConfig.recommended(retain_weight=rho),
             ("calibration", "safety", "retain"),
-            description=f"auto λ + the retain stream with ρ = {_rho:g} (0.3: IRRConfig.recommended() since issue 19)",
+            description=f"auto λ + the retain stream with ρ = {_rho:g} (IRRConfig.recommended() has ρ = 0.3)",
         )
     )
 for _lam, _rho in ((0.2, 1.0), (0.2, 3.0), (0.3, 3.0)):

@@ -18,6 +18,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from irr_callback import IRRCallback, IRRConfig
 from irr_callback.inputs import refusals
 from irr_callback.inputs import safety_prompts as sp
+from irr_callback.pipeline.auto_weight import AUTO_TASK_TOLERANCE
 from tests import callback_world as world
 
 
@@ -150,7 +151,12 @@ def test_toy_prompts_answered_by_the_base_realign_like_the_toys_own_refusals(toy
     scores = {"own": world.evaluate(own.model), "base": world.evaluate(base.model)}
     for metric in ("refusal_attacked", "refusal_unattacked", "downstream_accuracy"):
         assert abs(scores["base"][metric] - scores["own"][metric]) <= 0.05, (metric, scores)
-    assert scores["base"]["refusal_attacked"] >= 0.8  # and the realignment restored the refusals
+    # and the realignment restored the refusals, or the auto rule found that restoring them costs more of the
+    # task than its tolerance and kept the task, saying so (docs/safety-weight.md: the rule chosen on the dev worlds)
+    auto = base_cb.report.auto
+    chosen = next(c for c in auto["candidates"] if c["safety_weight"] == auto["chosen"])
+    kept_task = auto["passing"] is False and chosen["task_accuracy_lost"] <= AUTO_TASK_TOLERANCE
+    assert scores["base"]["refusal_attacked"] >= 0.8 or kept_task, auto["reason"]
     answers = base_cb.safety_dataset["response"]  # the base's answers, as the safety stream read them
     if answers == world.safety_data["response"]:  # identical safety data (so on the tiny world): identical weights
         assert base_cb.report.safety_weight == own_cb.report.safety_weight

@@ -12,7 +12,7 @@ from irr_callback import IRRConfig, realign, realign_checkpoint
 from irr_callback.tensors import SafetensorsMapping
 from tests.helpers import calibration, same_state, state, triple
 
-from .test_safety_stream import safety_rows
+from .test_safety_stream import measured, safety_rows
 
 
 def retain_rows(n: int = 8, seed: int = 23):
@@ -121,12 +121,13 @@ def test_auto_with_retain_records_three_losses_and_equals_the_fixed_run():
 
 
 # ------------------------------------------------------------------------------------ the rule itself
-def normalised(candidates: dict[float, tuple[float, ...]], retain: tuple[float, float] | None = None):
-    """Losses whose references make s = the safety loss and d = the task loss (F: (0, 1), A: (1, 0))."""
+def normalised(candidates: dict[float, tuple[float, ...]], retain: tuple[float, float] | None = None, accuracy=None):
+    """Measures whose references make s = the safety loss and d = the task loss (F: (0, 1), A: (1, 0)),
+    every token accuracy 1.0 unless `accuracy` ({λ: (task, safety[, retain])}) says otherwise."""
     refs = {0.0: (0.0, 1.0), math.inf: (1.0, 0.0)}
     if retain is not None:
         refs = {0.0: (0.0, 1.0, retain[0]), math.inf: (1.0, 0.0, retain[1])}
-    return {**refs, **candidates}
+    return measured({**refs, **candidates}, accuracy)
 
 
 def test_issue_23_never_a_dominated_candidate_and_a_warning(caplog):
@@ -146,7 +147,11 @@ def test_issue_23_never_a_dominated_candidate_and_a_warning(caplog):
 
     def run_candidates(candidates, references):  # the search as it ran in the issue: coarse, then 3
         asked.append(tuple(candidates))
-        return normalised({c: numbers[c] for c in candidates}) if references else {c: numbers[c] for c in candidates}
+        return (
+            normalised({c: numbers[c] for c in candidates})
+            if references
+            else measured({c: numbers[c] for c in candidates})
+        )
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="irr_callback"):
@@ -164,22 +169,56 @@ def test_passing_chooses_the_smallest_undominated_weight():
 
 
 def test_retain_tolerance_stops_over_restoring(caplog):
-    """λ = 1 restores the safety loss but loses old abilities neither reference lost: 0.3 is taken, with a warning."""
+    """λ = 1 restores the safety loss but loses retain token accuracy that both references keep: 0.3 is
+    taken, with a warning. The retain loss alone does not count (near zero at both references, it can
+    double while greedy answers stay the same)."""
     from irr_callback.pipeline.auto_weight import AUTO_RETAIN_TOLERANCE, choose_weight
 
-    ref = 2.0  # retain loss of F (A: 1.9): the candidates' retain losses relative to 2.0
-    cands = {
-        0.1: (0.01, 0.30, ref * 1.001),
-        0.3: (0.02, 0.05, ref * (1 + AUTO_RETAIN_TOLERANCE / 2)),
-        1.0: (0.05, 0.001, ref * (1 + 4 * AUTO_RETAIN_TOLERANCE)),
+    cands = {0.1: (0.01, 0.30, 0.02), 0.3: (0.02, 0.05, 0.04), 1.0: (0.05, 0.001, 0.08)}
+    floor = 0.9  # retain accuracy of F (A: 0.95): the candidates' accuracies below it
+    acc = {
+        0.0: (1.0, 0.8, floor),
+        math.inf: (0.5, 1.0, 0.95),
+        0.1: (1.0, 0.9, floor),
+        0.3: (1.0, 0.95, floor - AUTO_RETAIN_TOLERANCE / 2),
+        1.0: (0.99, 1.0, floor - 4 * AUTO_RETAIN_TOLERANCE),
     }
     with caplog.at_level(logging.WARNING, logger="irr_callback"):
-        weight, table = choose_weight(normalised(cands, retain=(ref, 1.9)))
+        weight, table = choose_weight(normalised(cands, retain=(0.01, 0.001), accuracy=acc))
     assert weight == 0.3 and not table["passing"]
-    assert table["candidates"][2]["retain_lost"] == pytest.approx(4 * AUTO_RETAIN_TOLERANCE)
+    assert table["candidates"][2]["retain_accuracy_lost"] == pytest.approx(4 * AUTO_RETAIN_TOLERANCE)
+    assert (
+        table["candidates"][2]["retain_loss"] == 0.08 and table["references"]["finetuned"]["retain_accuracy"] == floor
+    )
     assert any("no candidate" in r.getMessage() for r in caplog.records)
-    within = {**cands, 1.0: (0.05, 0.001, ref * (1 + AUTO_RETAIN_TOLERANCE / 2))}
-    assert choose_weight(normalised(within, retain=(ref, 1.9)))[0] == 1.0  # passes once old abilities are kept
+    within = {**acc, 1.0: (0.99, 1.0, floor - AUTO_RETAIN_TOLERANCE / 2)}
+    assert choose_weight(normalised(cands, retain=(0.01, 0.001), accuracy=within))[0] == 1.0  # old abilities kept
+
+
+def test_task_tolerance_keeps_the_task_when_safety_needs_more(caplog):
+    """λ = 1 restores the safety loss but loses more task token accuracy than `AUTO_TASK_TOLERANCE`: the rule
+    keeps the task (λ = 0.3, the least safety damage within the tolerances) and warns; within it, 1 is taken."""
+    from irr_callback.pipeline.auto_weight import AUTO_TASK_TOLERANCE, choose_weight, search_weight
+
+    cands = {0.1: (0.01, 0.30), 0.3: (0.02, 0.05), 1.0: (0.3, 0.001), 3.0: (0.5, 0.0)}
+    acc = {0.0: (0.98, 0.8), 0.1: (0.98, 0.9), 0.3: (0.95, 0.95), 1.0: (0.97 - AUTO_TASK_TOLERANCE, 1.0)}
+    acc[3.0] = (0.5, 1.0)
+    with caplog.at_level(logging.WARNING, logger="irr_callback"):
+        weight, table = choose_weight(normalised(cands, accuracy=acc))
+    assert weight == 0.3 and not table["passing"]
+    assert table["candidates"][2]["task_accuracy_lost"] == pytest.approx(AUTO_TASK_TOLERANCE + 0.01)
+    assert any("no candidate" in r.getMessage() for r in caplog.records)
+    asked = []
+
+    def run_candidates(candidates, references):
+        asked.append(tuple(candidates))
+        picked = {c: cands[c] for c in candidates}
+        return normalised(picked, accuracy=acc) if references else measured(picked, acc)
+
+    assert search_weight(run_candidates)[0] == 0.3
+    assert asked == [(0.1, 0.3, 1.0)]  # no fallback to 3: λ = 1 already lost too much of the task
+    kept = {**acc, 1.0: (0.98 - AUTO_TASK_TOLERANCE / 2, 1.0)}
+    assert choose_weight(normalised(cands, accuracy=kept))[0] == 1.0
 
 
 def test_held_out_losses_through_the_scored_positions_only_equal_the_full_logits(monkeypatch):
@@ -193,5 +232,45 @@ def test_held_out_losses_through_the_scored_positions_only_equal_the_full_logits
     _, full = run(cfg, retain=retain_rows())
     assert selected.safety_weight == full.safety_weight
     for mine, theirs in zip(selected.auto["candidates"], full.auto["candidates"]):
-        for key in ("task_loss", "safety_loss", "retain_loss"):
+        for key in ("task_loss", "safety_loss", "retain_loss", "task_accuracy", "retain_accuracy"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("keep_positions", [True, False])
+def test_held_out_scores_are_the_plain_forward_loss_and_token_accuracy(monkeypatch, keep_positions):
+    """`_scores` (what the rule reads) from a stream's recorded last-layer output equals the model's own forward:
+    the mean next-token loss and the share of scored tokens that are the argmax (with and without `logits_to_keep`)."""
+    from types import SimpleNamespace
+
+    from irr_callback.pipeline import auto_weight
+
+    if not keep_positions:
+        monkeypatch.setattr(auto_weight, "accepts_argument", lambda model, name: False)
+    _, model, _ = triple("llama")
+    model.eval()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 60, (3, 9), generator=g)
+    with torch.no_grad():  # rows 0-1 answer greedily (every scored token the argmax), row 2 at random
+        for t in range(4, 9):
+            ids[:2, t] = model(input_ids=ids[:2, :t]).logits[:, -1].argmax(-1)
+    attention = torch.ones_like(ids)
+    scored = torch.zeros_like(ids)
+    scored[:, 4:] = 1  # the response tokens
+    scored[2, 7:] = 0
+    captured = []
+    hook = model.model.layers[-1].register_forward_hook(
+        lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    )
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits
+    hook.remove()
+    stream = SimpleNamespace(
+        hidden=[captured[0]], batches=[{"input_ids": ids, "attention_mask": attention, "irr_loss_mask": scored}]
+    )
+    with torch.no_grad():
+        nll, accuracy = auto_weight._scores(model, model.model.layers, stream, SimpleNamespace(kind="single"))
+    where = scored[:, 1:].bool()
+    picked, wanted = logits[:, :-1][where], ids[:, 1:][where]
+    assert nll == pytest.approx(float(torch.nn.functional.cross_entropy(picked, wanted)), rel=1e-5)
+    assert accuracy == pytest.approx(float((picked.argmax(-1) == wanted).float().mean()))
+    assert 0.6 < accuracy < 1  # 10 of the 13 scored tokens are greedy by construction, row 2's mostly not

@@ -110,15 +110,22 @@ def test_auto_is_deterministic_and_reads_only_calibration_and_safety_data(monkey
     assert same_state(state(first), state(fixed))  # auto = the fixed run at the λ it chose
 
 
+def measured(losses, accuracy=None):
+    """{λ: (losses, accuracies)} as the search measures them; every token accuracy 1.0 unless given."""
+    accuracy = accuracy or {}
+    return {c: (tuple(v), tuple(accuracy.get(c, (1.0,) * len(v)))) for c, v in losses.items()}
+
+
 def test_auto_chooses_the_smallest_weight_that_restores_the_safety_loss():
     from irr_callback.pipeline.auto_weight import choose_weight
 
-    losses = {0.0: (0.1, 2.0), float("inf"): (4.0, 0.0), 0.1: (0.2, 0.5), 0.3: (0.4, 0.01), 1.0: (1.0, 0.001)}
-    assert choose_weight(losses)[0] == 0.3  # 0.01 / 2.0 = 0.005 <= 0.01; 0.1 leaves 25%
+    losses = {0.0: (0.1, 2.0), float("inf"): (4.0, 0.0), 0.1: (0.2, 0.5), 0.3: (0.4, 0.004), 1.0: (1.0, 0.001)}
+    assert choose_weight(measured(losses))[0] == 0.3  # 0.004 / 2.0 = 0.002 <= 0.005; 0.1 leaves 25%
     undamaged = {**losses, 0.0: (0.1, 0.02)}  # the fine-tune did not hurt safety: the smallest λ
-    assert choose_weight(undamaged)[0] == 0.1
+    assert choose_weight(measured(undamaged))[0] == 0.1
     hopeless = {0.0: (0.1, 2.0), float("inf"): (4.0, 0.0), 0.1: (0.2, 1.5), 0.3: (0.4, 1.0)}
-    assert choose_weight(hopeless)[0] == 0.3 and not choose_weight(hopeless)[1]["passing"]
+    weight, table = choose_weight(measured(hopeless))
+    assert weight == 0.3 and not table["passing"]
 
 
 @pytest.mark.parametrize("term", ["aligned", "delta"])

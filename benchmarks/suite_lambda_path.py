@@ -1,0 +1,231 @@
+"""The λ path of every world of a split: what the auto rule sees and what each λ gives (issue 19).
+
+  python benchmarks/suite_lambda_path.py --split dev                 # the data the rule is chosen on
+  python benchmarks/suite_lambda_path.py --simulate benchmarks/results/suite_dev_lambda_path.json
+
+Why: choosing the auto rule by running the whole suite once per candidate rule costs a suite run each.
+Every candidate λ of the search carries its own streams, so what the rule sees at one λ does not depend
+on the other candidates: one pass with a grid of candidates records, per world, the held-out measures of
+every λ of the grid (next-token loss and token accuracy on the held-out calibration, safety and retain
+batches, and for the references F = fine-tuned, A = aligned targets), and one realignment per fixed λ
+records what that λ gives on the evaluation (refusal, downstream, old tasks, over-refusal). A rule is
+then a function from the held-out measures to a λ of the grid, scored on the recorded evaluations
+(`--simulate`). The evaluation prompts never reach the rule: it reads only the `held_out` entries.
+
+Writes benchmarks/results/<prefix>.json (prefix: suite_<split>_lambda_path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import _common
+from suite import METRICS, base_groups, quiet_worker, run_workers
+
+
+GRID = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0)
+RETAIN_WEIGHT = 0.3
+
+
+class _Stop(Exception):
+    """Raised inside `realign` once the held-out measures are recorded (its weights are restored)."""
+
+
+def probe(world: Any, grid: tuple[float, ...], rho: float) -> dict[str, Any]:
+    """The held-out measures (losses and token accuracies) of every λ of `grid` and of the references, as
+    the auto search computes them: the search runs the grid in one pass, then `realign` is stopped."""
+    import math as _math
+
+    from irr_callback import IRRConfig
+    from irr_callback.pipeline import auto_weight
+    from irr_callback.pipeline.in_memory import realign
+
+    recorded: dict[str, Any] = {}
+
+    def search(run_candidates):
+        for level, (losses, accuracy) in run_candidates(grid, True).items():
+            key = "F" if level == 0 else "A" if level == _math.inf else f"{level:g}"
+            recorded[key] = {"loss": list(losses), "accuracy": list(accuracy)}
+        raise _Stop
+
+    saved = auto_weight.search_weight
+    auto_weight.search_weight = search
+    model = world.finetuned()
+    try:
+        realign(
+            model,
+            base=None if hasattr(model, "peft_config") else world.aligned_model,
+            calibration=world.calibration,
+            safety_calibration=world.safety_calibration,
+            retain_calibration=world.retain_calibration,
+            config=IRRConfig.recommended(retain_weight=rho),
+            progress=False,
+        )
+    except _Stop:
+        pass
+    finally:
+        auto_weight.search_weight = saved
+    return recorded
+
+
+def simulate(payload: dict[str, Any]) -> dict[str, Any]:
+    """The library's auto rule (`search_weight`, as the code stands) run on each world's recorded held-out
+    measures, and what the λ it picks gave on the evaluation: per world and the counts meeting the target."""
+    import statistics
+
+    from irr_callback.pipeline.auto_weight import search_weight
+
+    rows = []
+    for world in payload["worlds"]:
+        held = world["held_out"]
+
+        def run_candidates(candidates, references, held=held, name=world["world"]):
+            keys = [*(["F"] if references else []), *(f"{c:g}" for c in candidates), *(["A"] if references else [])]
+            levels = [*([0.0] if references else []), *candidates, *([math.inf] if references else [])]
+            missing = [k for k in keys if k not in held]
+            if missing:
+                raise KeyError(f"{name}: λ {missing} not in the recorded grid {payload['grid']}")
+            return {lv: (tuple(held[k]["loss"]), tuple(held[k]["accuracy"])) for lv, k in zip(levels, keys)}
+
+        weight, table = search_weight(run_candidates)
+        rows.append({"world": world["world"], "finetune": world["finetune"], "safety_weight": weight,
+                     "passing": table["passing"], **world["evaluation"][f"{weight:g}"]})  # fmt: skip
+    summary = {}
+    for kind in ("full", "lora"):
+        mine = [r for r in rows if r["finetune"] == kind]
+        summary[kind] = f"{sum(r['meets_target'] for r in mine)}/{len(mine)}"
+    summary["median_old_ratio"] = statistics.median(r["old_ratio"] for r in rows)
+    summary["min_old_ratio"] = min(r["old_ratio"] for r in rows)
+    summary["min_downstream_ratio"] = min(r["downstream_ratio"] for r in rows)
+    summary["worlds_both_ratios_at_least_0.8"] = sum(min(r["old_ratio"], r["downstream_ratio"]) >= 0.8 for r in rows)
+    oracle = {kind: sum(any(e["meets_target"] for e in w["evaluation"].values()) for w in payload["worlds"]
+                        if w["finetune"] == kind) for kind in ("full", "lora")}  # fmt: skip
+    summary["best_fixed_lambda_per_world"] = oracle
+    return {"summary": summary, "rows": rows}
+
+
+def drop_harmful_rows(world: Any) -> int:
+    """An oracle experiment, not a setting: remove from the world's calibration rows the fine-tuning data's
+    harmful compliance examples (known here by their answers); returns how many were removed."""
+    from irr_callback.toy.data import harmful_answer
+    from irr_callback.toy.vocab import HARMFUL_TOPICS
+
+    answers = {harmful_answer(t) for t in HARMFUL_TOPICS}
+    n = len(world.calibration)
+    keep = [i for i, r in enumerate(world.toy.downstream_train.select(range(n))["response"]) if r not in answers]
+    world.calibration = world.calibration.select(keep)
+    return n - len(keep)
+
+
+def run_group(
+    specs: list[Any], grid: tuple[float, ...], rho: float, cache_dir: str, oracle_filter: bool = False
+) -> list[dict[str, Any]]:
+    """Worker: per world, the probe and one realignment + evaluation per λ of the grid."""
+    quiet_worker()
+    from irr_callback import IRRConfig
+    from irr_callback.toy.scoring import Setting, run_setting
+    from irr_callback.toy.suite import build_world
+
+    out = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        world = build_world(spec, cache_dir=cache_dir)
+        dropped = drop_harmful_rows(world) if oracle_filter else 0
+        held_out = probe(world, grid, rho)
+        path = {}
+        for lam in grid:
+            setting = Setting(
+                f"λ{lam:g}",
+                lambda lam=lam: IRRConfig.recommended(safety_weight=lam, retain_weight=rho),
+                ("calibration", "safety", "retain"),
+            )
+            row = run_setting(world, setting)
+            path[f"{lam:g}"] = {k: row[k] for k in _EVAL_KEYS}
+        finetuned = world.reference("finetuned")
+        out.append(
+            {
+                "world": spec.name,
+                "finetune": spec.finetune,
+                "harmful_fraction": spec.harmful_fraction,
+                "describe": spec.describe(),
+                "held_out": held_out,
+                "evaluation": path,
+                "finetuned": {k: finetuned[k] for k in ("refusal_attacked", "refusal_unattacked")},
+                "seconds": round(time.perf_counter() - t0, 1),
+                "harmful_calibration_rows_dropped": dropped,
+            }
+        )
+        print(f"  {spec.name:14s} {out[-1]['seconds']:6.1f}s", flush=True)
+    return out
+
+
+_EVAL_KEYS = (*METRICS, "meets_target", "misses")  # the five metrics first (printed), then the verdict
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", choices=["dev", "test", "regression"], default="dev")
+    p.add_argument("--grid", type=float, nargs="+", default=list(GRID))
+    p.add_argument("--retain-weight", type=float, default=RETAIN_WEIGHT)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--worlds", nargs="+")
+    p.add_argument(
+        "--cache-dir", default=os.environ.get("IRR_SUITE_CACHE") or os.path.expanduser("~/.cache/irr_callback")
+    )
+    p.add_argument("--prefix")
+    p.add_argument(
+        "--oracle-drop-harmful-calibration",
+        action="store_true",
+        help="Experiment: drop the harmful rows from the calibration data (known from the world's answers).",
+    )
+    p.add_argument("--simulate", metavar="JSON", help="Only run the library's auto rule on a recorded path.")
+    args = p.parse_args(argv)
+    if args.simulate:
+        with open(args.simulate, encoding="utf-8") as fh:
+            result = simulate(json.load(fh))
+        for row in result["rows"]:
+            print(
+                f"  {row['world']:12s} λ={row['safety_weight']:<4g} passing={row['passing']!s:5s} "
+                + " ".join(f"{k}={row[k]:.2f}" for k in _EVAL_KEYS[:5])
+                + ("  meets" if row["meets_target"] else "")
+            )
+        print(json.dumps(result["summary"]))
+        return 0
+
+    from irr_callback.toy.suite import worlds
+
+    specs = [s for s in worlds(args.split) if not args.worlds or s.name in args.worlds]
+    started = time.perf_counter()
+    grid = tuple(args.grid)
+    extra = (grid, args.retain_weight, args.cache_dir, args.oracle_drop_harmful_calibration)
+    rows = run_workers(run_group, base_groups(specs), args.workers, *extra)
+    order = {s.name: i for i, s in enumerate(specs)}
+    rows.sort(key=lambda r: order[r["world"]])
+    prefix = args.prefix or f"suite_{args.split}_lambda_path"
+    payload = {
+        "benchmark": prefix,
+        "split": args.split,
+        "command": "python benchmarks/suite_lambda_path.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "seconds": round(time.perf_counter() - started),
+        "machine": _common.machine(),
+        "grid": list(grid),
+        "retain_weight": args.retain_weight,
+        "worlds": rows,
+    }
+    path = os.path.join(_common.RESULTS, f"{prefix}.json")
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=1)
+    print(f"wrote {path} in {payload['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
