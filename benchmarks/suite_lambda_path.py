@@ -124,8 +124,22 @@ def drop_harmful_rows(world: Any) -> int:
     return n - len(keep)
 
 
+def drop_refused_rows(world: Any) -> int:
+    """An experiment, not a setting: remove the calibration rows whose prompt the aligned model refuses (greedy
+    answer, keyword judge): a filter that needs only the base model and the calibration prompts; returns how many."""
+    from irr_callback.evaluation.judges import KeywordRefusalJudge
+
+    n = len(world.calibration)
+    prompts = world.toy.downstream_train.select(range(n))["prompt"]
+    judge = KeywordRefusalJudge()
+    answers = world.toy.generate(world.aligned_model, prompts)
+    keep = [i for i, a in enumerate(answers) if not judge.is_refusal(a)]
+    world.calibration = world.calibration.select(keep)
+    return n - len(keep)
+
+
 def run_group(
-    specs: list[Any], grid: tuple[float, ...], rho: float, cache_dir: str, oracle_filter: bool = False
+    specs: list[Any], grid: tuple[float, ...], rho: float, cache_dir: str, calibration_filter: str | None = None
 ) -> list[dict[str, Any]]:
     """Worker: per world, the probe and one realignment + evaluation per λ of the grid."""
     quiet_worker()
@@ -137,7 +151,8 @@ def run_group(
     for spec in specs:
         t0 = time.perf_counter()
         world = build_world(spec, cache_dir=cache_dir)
-        dropped = drop_harmful_rows(world) if oracle_filter else 0
+        filters = {"oracle": drop_harmful_rows, "refused-by-base": drop_refused_rows}
+        dropped = filters[calibration_filter](world) if calibration_filter else 0
         held_out = probe(world, grid, rho)
         path = {}
         for lam in grid:
@@ -181,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--prefix")
     p.add_argument(
-        "--oracle-drop-harmful-calibration",
-        action="store_true",
-        help="Experiment: drop the harmful rows from the calibration data (known from the world's answers).",
+        "--calibration-filter",
+        choices=["oracle", "refused-by-base"],
+        help="Experiment: drop calibration rows, the harmful ones (oracle: known from the world's answers) or those "
+        "whose prompt the aligned model refuses.",
     )
     p.add_argument("--simulate", metavar="JSON", help="Only run the library's auto rule on a recorded path.")
     args = p.parse_args(argv)
@@ -204,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = [s for s in worlds(args.split) if not args.worlds or s.name in args.worlds]
     started = time.perf_counter()
     grid = tuple(args.grid)
-    extra = (grid, args.retain_weight, args.cache_dir, args.oracle_drop_harmful_calibration)
+    extra = (grid, args.retain_weight, args.cache_dir, args.calibration_filter)
     rows = run_workers(run_group, base_groups(specs), args.workers, *extra)
     order = {s.name: i for i, s in enumerate(specs)}
     rows.sort(key=lambda r: order[r["world"]])
