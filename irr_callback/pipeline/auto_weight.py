@@ -112,7 +112,9 @@ def _within_tolerances(row: dict[str, Any]) -> bool:
     return (retain is None or retain <= AUTO_RETAIN_TOLERANCE) and task <= AUTO_TASK_TOLERANCE
 
 
-def choose_weight(measures: Mapping[float, tuple[Sequence[float], Sequence[float]]], *, warn: bool = True):
+def choose_weight(
+    measures: Mapping[float, tuple[Sequence[float], Sequence[float]]], *, warn: bool = True
+) -> tuple[float, dict[str, Any]]:
     """(λ*, the search table) from {λ: (losses, accuracies)} holding the references 0 (F) and inf (A);
     losses and accuracies are (task, safety[, retain]) on the held-out batches. `warn`: log a warning when
     no candidate passes (the search's last round only)."""
