@@ -41,8 +41,6 @@ class _Stop(Exception):
 def probe(world: Any, grid: tuple[float, ...], rho: float) -> dict[str, Any]:
     """The held-out measures (losses and token accuracies) of every λ of `grid` and of the references, as
     the auto search computes them: the search runs the grid in one pass, then `realign` is stopped."""
-    import math as _math
-
     from irr_callback import IRRConfig
     from irr_callback.pipeline import auto_weight
     from irr_callback.pipeline.in_memory import realign
@@ -51,7 +49,7 @@ def probe(world: Any, grid: tuple[float, ...], rho: float) -> dict[str, Any]:
 
     def search(run_candidates):
         for level, (losses, accuracy) in run_candidates(grid, True).items():
-            key = "F" if level == 0 else "A" if level == _math.inf else f"{level:g}"
+            key = "F" if level == 0 else "A" if level == math.inf else f"{level:g}"
             recorded[key] = {"loss": list(losses), "accuracy": list(accuracy)}
         raise _Stop
 

@@ -1,0 +1,64 @@
+"""`benchmarks/suite_lambda_path.py --simulate`: the replay the auto rule's tolerances were chosen with
+(docs/safety-weight.md) runs the library's own `search_weight` on recorded held-out measures and reads back what
+the chosen λ gave on the evaluation."""
+
+import os
+import sys
+
+import pytest
+
+
+@pytest.fixture
+def lambda_path():
+    here = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+    sys.path.insert(0, os.path.abspath(here))
+    try:
+        import suite_lambda_path
+
+        yield suite_lambda_path
+    finally:
+        sys.path.remove(os.path.abspath(here))
+
+
+def _measured(task_acc: float, safety_loss: float, retain_acc: float = 1.0) -> dict:
+    """The task loss rises as its accuracy falls (so no candidate beats another on every loss)."""
+    return {"loss": [1.0 - task_acc, safety_loss, 0.1], "accuracy": [task_acc, 0.9, retain_acc]}
+
+
+def _evaluation(meets: bool, old: float = 1.0, down: float = 1.0) -> dict:
+    refusal = 1.0 if meets else 0.2
+    return {"refusal_attacked": refusal, "refusal_unattacked": refusal, "over_refusal": 0.0,
+            "downstream_ratio": down, "old_ratio": old, "meets_target": meets, "misses": []}  # fmt: skip
+
+
+def test_replay_takes_the_rules_choice_and_its_recorded_evaluation(lambda_path):
+    # world a: λ = 0.1 leaves safety damage, 0.2 restores it within every tolerance, so the rule (coarse 0.1 / 0.3 / 1,
+    # then the midpoint 0.2) takes 0.2; world b: restoring needs λ = 1, which loses more task accuracy than the
+    # tolerance (so does 0.3), so the rule keeps the task at 0.1 (that λ did not meet the target; 1 did: the oracle
+    # counts it)
+    refs = {"F": _measured(1.0, 2.0), "A": _measured(0.5, 0.0)}
+    a = {**refs, "0.1": _measured(1.0, 0.5), "0.2": _measured(0.98, 0.001), "0.3": _measured(0.97, 0.0),
+         "1": _measured(0.9, 0.0)}  # fmt: skip
+    b = {**refs, "0.1": _measured(1.0, 1.0), "0.3": _measured(0.8, 0.5), "1": _measured(0.6, 0.0),
+         "3": _measured(0.5, 0.0)}  # fmt: skip
+    payload = {
+        "grid": [0.1, 0.2, 0.3, 1, 3],
+        "worlds": [
+            {"world": "a", "finetune": "full", "held_out": a,
+             "evaluation": {k: _evaluation(k == "0.2") for k in a if k not in "FA"}},
+            {"world": "b", "finetune": "lora", "held_out": b,
+             "evaluation": {k: _evaluation(k == "1", down=0.5 if k == "1" else 1.0) for k in b if k not in "FA"}},
+        ],
+    }  # fmt: skip
+    result = lambda_path.simulate(payload)
+    rows = {r["world"]: r for r in result["rows"]}
+    assert rows["a"]["safety_weight"] == 0.2 and rows["a"]["passing"] and rows["a"]["meets_target"]
+    assert rows["b"]["safety_weight"] == 0.1 and not rows["b"]["passing"] and not rows["b"]["meets_target"]
+    summary = result["summary"]
+    assert summary["full"] == "1/1" and summary["lora"] == "0/1"
+    assert summary["best_fixed_lambda_per_world"] == {"full": 1, "lora": 1}
+    assert summary["min_downstream_ratio"] == 1.0  # world b's replayed λ = 0.1, not the oracle's 1 (0.5)
+
+    del payload["worlds"][0]["held_out"]["0.2"]  # the rule asks for a λ the path did not record: a clear error
+    with pytest.raises(KeyError, match="a: λ"):
+        lambda_path.simulate(payload)
