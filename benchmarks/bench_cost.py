@@ -2,7 +2,8 @@
 
 A 4-layer, 512-wide Llama (random init from a `LlamaConfig`, vocabulary 32000), a "fine-tuned" copy
 (base + small noise) and a sign-only safety vector; realistic stream sizes: calibration 32 rows × 128
-tokens (all trained), safety 32 × 40 (a 24-token prompt and a 16-token refusal), retain 32 × 64 (a
+tokens (`--calibration-prompt` of them a prompt, default 0: all trained; the calibration filter judges only
+rows with a prompt), safety 32 × 40 (a 24-token prompt and a 16-token refusal), retain 32 × 64 (a
 32-token prompt and a 32-token answer). Each kind runs in a fresh process, rounds interleaved (the
 machine's speed drifts), best wall time per kind:
 
@@ -58,7 +59,7 @@ def build(workdir: str, args) -> dict:
     base.save_pretrained(os.path.join(workdir, "ft"))
     save_file(vector, os.path.join(workdir, "safety.safetensors"))
     streams = {
-        "calibration": (args.seqs, args.tokens, 0),
+        "calibration": (args.seqs, args.tokens, args.calibration_prompt),
         "safety": (args.safety_seqs, args.safety_tokens, args.safety_tokens * 3 // 5),
         "retain": (args.retain_seqs, args.retain_tokens, args.retain_tokens // 2),
     }
@@ -114,6 +115,8 @@ def worker(kind: str, workdir: str, args) -> dict:
         "kind": kind,
         "seconds": seconds,
         "search_seconds": (report.auto or {}).get("seconds"),
+        "filter_seconds": (report.calibration_filter or {}).get("seconds"),
+        "filter_judged": (report.calibration_filter or {}).get("judged"),
         "safety_weight": report.safety_weight,
         "candidates": [c["safety_weight"] for c in (report.auto or {}).get("candidates", [])],
     }
@@ -130,6 +133,7 @@ def main() -> None:
     parser.add_argument("--safety-tokens", type=int, default=40)
     parser.add_argument("--retain-seqs", type=int, default=32)
     parser.add_argument("--retain-tokens", type=int, default=64)
+    parser.add_argument("--calibration-prompt", type=int, default=0, help="prompt tokens of each calibration row")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kinds", default=",".join(KINDS))
@@ -163,14 +167,16 @@ def main() -> None:
         f"{sizes['target_params'] / 1e6:.1f} M target parameters, float32; streams: {streams}; batches of "
         f"{args.batch}; torch on {args.threads} threads. Best of {args.repeat} interleaved rounds, each kind "
         "in a fresh process.\n",
-        "| kind | wall (best) | / paper | of which the λ search | λ | all rounds |",
-        "|---|---|---|---|---|---|",
+        "| kind | wall (best) | / paper | of which the λ search | the calibration filter (rows judged) | λ | all rounds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for kind, r in best.items():
         ratio = f"{r['seconds'] / paper:.2f}×" if paper else "-"
         search = f"{r['search_seconds']:.1f} s" if r["search_seconds"] is not None else "-"
+        judged = r.get("filter_seconds")
+        judged = f"{judged:.1f} s ({r['filter_judged']})" if judged is not None else "-"
         md.append(
-            f"| {kind} | {r['seconds']:.1f} s | {ratio} | {search} | {r['safety_weight'] or '-'} | "
+            f"| {kind} | {r['seconds']:.1f} s | {ratio} | {search} | {judged} | {r['safety_weight'] or '-'} | "
             + " / ".join(f"{x['seconds']:.1f}" for x in every[kind])
             + " s |"
         )

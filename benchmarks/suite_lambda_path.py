@@ -38,7 +38,7 @@ class _Stop(Exception):
     """Raised inside `realign` once the held-out measures are recorded (its weights are restored)."""
 
 
-def probe(world: Any, grid: tuple[float, ...], rho: float) -> dict[str, Any]:
+def probe(world: Any, grid: tuple[float, ...], rho: float, calibration_filter: str = "none") -> dict[str, Any]:
     """The held-out measures (losses and token accuracies) of every λ of `grid` and of the references, as
     the auto search computes them: the search runs the grid in one pass, then `realign` is stopped."""
     from irr_callback import IRRConfig
@@ -63,7 +63,7 @@ def probe(world: Any, grid: tuple[float, ...], rho: float) -> dict[str, Any]:
             calibration=world.calibration,
             safety_calibration=world.safety_calibration,
             retain_calibration=world.retain_calibration,
-            config=IRRConfig.recommended(retain_weight=rho),
+            config=IRRConfig.recommended(retain_weight=rho, calibration_filter=calibration_filter),
             progress=False,
         )
     except _Stop:
@@ -150,17 +150,21 @@ def run_group(
         t0 = time.perf_counter()
         world = build_world(spec, cache_dir=cache_dir)
         filters = {"oracle": drop_harmful_rows, "refused-by-base": drop_refused_rows}
-        dropped = filters[calibration_filter](world) if calibration_filter else 0
-        held_out = probe(world, grid, rho)
+        dropped = filters[calibration_filter](world) if calibration_filter in filters else 0
+        library = "refused" if calibration_filter == "library" else "none"  # the library's own filter, in realign
+        held_out = probe(world, grid, rho, library)
         path = {}
         for lam in grid:
             setting = Setting(
                 f"λ{lam:g}",
-                lambda lam=lam: IRRConfig.recommended(safety_weight=lam, retain_weight=rho),
+                lambda lam=lam, library=library: IRRConfig.recommended(
+                    safety_weight=lam, retain_weight=rho, calibration_filter=library
+                ),
                 ("calibration", "safety", "retain"),
             )
             row = run_setting(world, setting)
             path[f"{lam:g}"] = {k: row[k] for k in _EVAL_KEYS}
+            dropped = row.get("calibration_filter", {}).get("dropped", dropped)
         finetuned = world.reference("finetuned")
         out.append(
             {
@@ -195,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix")
     p.add_argument(
         "--calibration-filter",
-        choices=["oracle", "refused-by-base"],
-        help="Experiment: drop calibration rows, the harmful ones (oracle: known from the world's answers) or those "
-        "whose prompt the aligned model refuses.",
+        choices=["oracle", "refused-by-base", "library"],
+        help="Drop calibration rows: the harmful ones (oracle: known from the world's answers, an experiment), those "
+        "whose prompt the aligned model refuses when generating (refused-by-base, an experiment), or the library's "
+        "IRRConfig.calibration_filter='refused' (library: every realignment of the path runs it).",
     )
     p.add_argument("--simulate", metavar="JSON", help="Only run the library's auto rule on a recorded path.")
     args = p.parse_args(argv)

@@ -15,6 +15,7 @@ from .core.settings import RealignSettings
 
 IDENTIFY_MODES = ("sign", "no_sign", "random", "none")
 SAFETY_TOKENS = ("all", "response", "prompt")
+CALIBRATION_FILTERS = ("none", "refused")
 SAFETY_TERMS = ("aligned", "delta")
 LORA_OUTPUTS = ("merged", "adapter", "both")
 LORA_RANK_MULTIPLE = 2  # the realigned adapter's rank / the trained rank (docs/lora.md, bench_lora_adapter)
@@ -42,6 +43,7 @@ class IRRConfig:
     Args (safety-regularised recalibration, beyond the paper; `IRRConfig.recommended()`):
         safety_weight ("auto" or λ >= 0; 0 is the paper's IRR), safety_term, safety_ridge, safety_tokens,
         num_safety_samples: the safety stream and how strongly it holds harmful prompts at the aligned model.
+        calibration_filter: drop the calibration rows whose prompt the aligned model refuses.
         retain_weight, retain_dataset (+ columns, num_retain_samples, retain_max_new_tokens): the retain stream
         of general prompts that keeps what the model could already do.
 
@@ -167,6 +169,16 @@ class IRRConfig:
     )
     num_safety_samples: int = field(
         default=128, metadata={"help": "Safety-stream sequences (harmful prompts with safe responses) used."}
+    )
+    calibration_filter: str = field(
+        default="none",
+        metadata={
+            "help": "'refused': before anything else, drop the calibration rows whose prompt the aligned reference "
+            "(every target at its base value) refuses: greedily, its answer would open with one of the safety "
+            "stream's refusals (harmful requests answered in the fine-tuning data would otherwise be protected as "
+            "the task). Needs the safety stream (safety_weight != 0) and labels (-100 on prompt tokens). "
+            "'none' (default): every row is used, as in the paper."
+        },
     )
     # ---- retain stream (beyond the paper; docs/safety-weight.md) ----------------------------
     retain_weight: float = field(
@@ -411,6 +423,18 @@ class IRRConfig:
         _check(self.safety_term in SAFETY_TERMS, "safety_term", self.safety_term, f"one of {SAFETY_TERMS}")
         _check(self.safety_tokens in SAFETY_TOKENS, "safety_tokens", self.safety_tokens, f"one of {SAFETY_TOKENS}")
         _check(
+            self.calibration_filter in CALIBRATION_FILTERS,
+            "calibration_filter",
+            self.calibration_filter,
+            f"one of {CALIBRATION_FILTERS}",
+        )
+        _check(
+            self.calibration_filter == "none" or self.safety_weight != 0,
+            "calibration_filter",
+            self.calibration_filter,
+            "'none' when safety_weight is 0 (the filter looks for the safety stream's refusals)",
+        )
+        _check(
             self.safety_weight == 0 or self.recalibrate,
             "recalibrate",
             self.recalibrate,
@@ -535,7 +559,8 @@ class IRRConfig:
         """The setting the README recommends: safety-regularised recalibration with the aligned-target
         safety term, λ chosen by `safety_weight="auto"`, and no removal by sign (`identify_mode="none"`),
         so it needs safety data (harmful prompts with safe responses) but no safety vector, no unaligned
-        model and no Fisher. On our toy world it restores refusals and keeps the task where the paper's
+        model and no Fisher; a retain weight (ρ = 0.3) and the calibration filter (the rows whose prompt the
+        aligned model refuses are dropped) are on. On our toy world it restores refusals and keeps the task where the paper's
         setting halves it (docs/recommended-setting.md). `overrides` are any other `IRRConfig` fields.
 
         Example:
@@ -546,6 +571,10 @@ class IRRConfig:
         ```
         """
         values = {**RECOMMENDED, "retain_weight": RECOMMENDED_RETAIN_WEIGHT, **overrides}
+        if "calibration_filter" not in overrides:  # the filter reads the safety stream's refusals
+            values["calibration_filter"] = (
+                RECOMMENDED_CALIBRATION_FILTER if _safety_weight(values["safety_weight"]) != 0 else "none"
+            )
         return cls(**values)
 
     @property
@@ -581,6 +610,9 @@ RECOMMENDED: dict[str, Any] = {"identify_mode": "none", "safety_weight": "auto",
 #: `IRRConfig.recommended()`'s retain weight ρ, chosen on the suite's dev worlds (docs/safety-weight.md); a run
 #: without retain data runs with the retain term off (a warning says so)
 RECOMMENDED_RETAIN_WEIGHT = 0.3
+#: `IRRConfig.recommended()`'s calibration filter, chosen on the suite's dev worlds (docs/safety-weight.md); 'none'
+#: when the preset is asked for safety_weight=0 (no safety stream to read refusals from)
+RECOMMENDED_CALIBRATION_FILTER = "refused"
 
 
 def _safety_weight(value: Any) -> Any:

@@ -35,6 +35,7 @@ class IRRReport:
     setting: str = "irr"  # IRRConfig.setting_name: 'irr' (the paper's), 'safety-regularised', 'recommended'
     safety_weight: float | None = None  # λ used (the one chosen when config.safety_weight == 'auto')
     auto: dict[str, Any] | None = None  # safety_weight='auto': candidates, criterion values, choice
+    calibration_filter: dict[str, Any] | None = None  # calibration_filter: rows judged, dropped (which), refusals
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -94,6 +95,7 @@ class IRRReport:
                 else {}
             ),
             **({"auto": self.auto} if self.auto else {}),
+            **({"calibration_filter": self.calibration_filter} if self.calibration_filter else {}),
             "seconds": self.seconds,
             "totals": self.totals,
             "per_layer": {str(k): v for k, v in sorted(self.per_layer().items())},
@@ -132,6 +134,9 @@ class IRRReport:
         """The setting in words, for log lines and the model card: 'setting irr (the paper's IRR)' or
         e.g. "setting recommended, safety weight λ=0.2 chosen by safety_weight='auto', retain weight ρ=1"."""
         retain = f", retain weight ρ={self._retain_weight:g}" if self._retain_weight else ""
+        if self.calibration_filter:
+            f = self.calibration_filter
+            retain += f", calibration filter dropped {f['dropped']} of {f['rows']} rows"
         if self.setting == "irr" and not self.safety_weight:
             return "setting irr (the paper's IRR)" if not retain else "setting irr" + retain
         weight = "not chosen" if self.safety_weight is None else f"{self.safety_weight:g}"

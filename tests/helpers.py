@@ -184,3 +184,57 @@ def margin(name: str, value: float, *, ge: float | None = None, le: float | None
         assert value >= ge, f"{name} = {value} < {ge}"
     if le is not None:
         assert value <= le, f"{name} = {value} > {le}"
+
+
+@torch.no_grad()
+def greedy_continuation(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """The model's greedy continuation of `prompt` (1-D), `n` tokens."""
+    ids = prompt.clone()
+    for _ in range(n):
+        ids = torch.cat([ids, model(input_ids=ids[None]).logits[0, -1].argmax()[None]])
+    return ids[len(prompt) :]
+
+
+def refused_calibration(
+    base, n_rows: int = 8, refused: tuple[int, ...] = (1, 4), seed: int = 0, safety_copies: int = 2
+):
+    """(calibration rows, safety rows) where, by construction, the base model refuses the prompts of the calibration
+    rows `refused`: each is a safety prompt whose "refusal" is the base model's own greedy continuation (6 tokens),
+    and the row answers it otherwise (harmful compliance). The other rows' prompts are random, and the base's greedy
+    opening of none of them is a refusal's (drawn again until so). Rows carry labels (-100 on the 5 prompt tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    harmful = [torch.randint(3, VOCAB, (5,), generator=g) for _ in refused]
+    refusals = [greedy_continuation(base, p, 6) for p in harmful]
+
+    def row(prompt, response):
+        ids = torch.cat([prompt, response])
+        labels = ids.clone()
+        labels[: len(prompt)] = -100
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    openings = {tuple(r[:4].tolist()) for r in refusals}
+    rows = []
+    for i in range(n_rows):
+        response = torch.randint(3, VOCAB, (6,), generator=g)
+        if i in refused:
+            rows.append(row(harmful[refused.index(i)], response))
+            continue
+        prompt = torch.randint(3, VOCAB, (5,), generator=g)
+        while tuple(greedy_continuation(base, prompt, 4).tolist()) in openings:  # by construction: not refused
+            prompt = torch.randint(3, VOCAB, (5,), generator=g)
+        rows.append(row(prompt, response))
+    safety = [row(p, r) for _ in range(safety_copies) for p, r in zip(harmful, refusals)]
+    return rows, safety
+
+
+def random_lora(base, scale: float = 0.05, seed: int = 5, target_modules: str | list[str] = "all-linear"):
+    """A PeftModel over a copy of `base` (LoRA r=4) whose adapter weights are random (lora_B too: a trained adapter)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=target_modules))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return lora

@@ -40,6 +40,7 @@ CORE_FIELDS = (
     "safety_ridge",
     "safety_tokens",
     "num_safety_samples",
+    "calibration_filter",
     "safety_max_new_tokens",
     "retain_weight",
     "num_retain_samples",

@@ -113,7 +113,7 @@ def context_for(model: torch.nn.Module, targets: Sequence[Any]) -> SingleProcess
     if kind == "fsdp2":
         from .fsdp2 import RowSharded
 
-        return RowSharded()
+        return RowSharded(model)
     if kind == "fsdp1":
         from .fsdp1 import FSDP1
 

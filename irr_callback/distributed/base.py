@@ -72,6 +72,10 @@ class SingleProcess:
         backup.restore()
 
     # -- temporary weights: the aligned twin's W_A, auto's trial weights ------------------------------
+    def settle(self) -> None:
+        """Before the parameters to swap are looked up: every module's parameters are the ones a write must
+        change (FSDP2: sharded again, the root keeps its gathered weights after a forward)."""
+
     @contextlib.contextmanager
     def swapped(self, swaps: Sequence[Swap]) -> Iterator[None]:
         """The parameters hold the given values inside (the aligned twin's layer): whole weights are swapped

@@ -41,8 +41,9 @@ class RowSharded(Replicated):
     kind = "fsdp2"
     stop_capture_early = False  # its forward hooks gather/release parameters: let every pass complete
 
-    def __init__(self) -> None:
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
         super().__init__()
+        self.model = model
         self._row_local: set[str] = set()
 
     def solve_layer(self, groups, solver) -> None:
@@ -78,8 +79,21 @@ class RowSharded(Replicated):
     def swapped(self, swaps: Sequence[Swap]) -> contextlib.AbstractContextManager:
         return swap_by_copy(swaps, self.write_scope, _rows_of)
 
+    def settle(self) -> None:
+        """Reshard every FSDP2 unit: the root keeps its gathered parameters after a forward (no reshard after
+        forward at the root), so a write to its shards (the embedding's W_A) would not reach the next forward and
+        a write to the gathered copy would be lost at the next reshard."""
+        if self.model is None:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     @contextlib.contextmanager
     def write_scope(self, params: Sequence[torch.Tensor]) -> Iterator[WriteView]:
+        self.settle()  # the shards are the weights: the next forward gathers what is written here
         yield lambda param: local_rows(param) if is_dtensor(param) else (param, None)
 
     # -- row-local path ---------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from ..tensors import canonical_name
 
 
 class AlignedWeights:
-    """`aligned(index)`: a context with layer `index` holding the aligned weights (-1: the embedding).
+    """`aligned(index)`: a context with layer `index` holding the aligned weights (-1: the embedding);
+    `aligned.head()`: the same for everything after the layers.
 
     Args:
         model: the model being realigned (for its input embedding).
@@ -57,7 +58,22 @@ class AlignedWeights:
             self.by_layer.setdefault(t.layer, []).append(t)
 
     def __call__(self, index: int) -> contextlib.AbstractContextManager:
+        self.dist_ctx.settle()  # the parameters looked up below are the ones a write must change
         return self.dist_ctx.swapped(self._swaps(index))
+
+    def head(self) -> contextlib.AbstractContextManager:
+        """A context with every tensor outside the decoder layers that the base holds (final norm, LM head,
+        embeddings) at its base value: next-token predictions judged as the aligned model makes them (the
+        calibration filter). A base holding the targets only (the callback's snapshot) swaps nothing."""
+        self.dist_ctx.settle()
+        base = self.base if self.base is not None else {}
+        inside = canonical_name(self.prefix) + "."
+        swaps = []
+        for name, param in self.model.named_parameters():
+            key = canonical_name(name)
+            if not key.startswith(inside) and "lora_" not in name and key in base:
+                swaps.append((param, lambda n=key: self._value(n)))
+        return self.dist_ctx.swapped(swaps)
 
     def _value(self, name: str) -> torch.Tensor:
         """W_A of one tensor: whole, or this rank's rows of a row-sharded snapshot; a snapshot held in flat

@@ -38,7 +38,8 @@ from transformers.utils import logging
 from ..config import IRRConfig
 from ..report import IRRReport
 from ..targets import Target
-from .capture import ArgsRecorder, accepts_argument, propagate
+from .capture import propagate
+from .head import scored_logits
 from .hessians import collect_hessians
 from .inputs import SafetyInputs
 from .loop import LayerHook
@@ -308,61 +309,21 @@ class _BaseReader:
 
 def _scores(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any) -> tuple[float, float]:
     """(mean next-token loss, token accuracy) on the scored (response) tokens of `stream`, from its last
-    layer's outputs (accuracy: the share of scored tokens that are the argmax: what greedy decoding
-    would say there, the loss being a poor proxy for it where the references' losses are near zero):
-    the model runs with every decoder layer stubbed out and the last one returning them, so whatever
-    follows the layer loop (final norm, LM head, soft-capping) is the model's own. Where the model takes
-    `logits_to_keep`, only the positions that predict a scored token go through the LM head (the prompt
-    positions of the safety and retain rows cost nothing there)."""
+    layer's outputs through the model's own head (`head.scored_logits`; accuracy: the share of scored tokens
+    that are the argmax: what greedy decoding would say there, the loss being a poor proxy for it where the
+    references' losses are near zero)."""
     total = torch.zeros(3, dtype=torch.float64)  # loss sum, argmax hits, scored tokens
-    originals = list(layers)
-    device = next(model.parameters()).device
-    select = accepts_argument(model, "logits_to_keep")
-    try:
-        for final, batch in zip(stream.hidden, stream.batches):
-            scored = batch["irr_loss_mask"][:, 1:].bool()  # position t predicts token t + 1
-            targets = batch["input_ids"][:, 1:]
-            extra = {}
-            if select:
-                keep = scored.any(dim=0).nonzero().flatten()  # the positions any row scores
-                keep = keep if keep.numel() else torch.zeros(1, dtype=torch.long)  # every rank runs every batch
-                extra["logits_to_keep"] = keep.to(device)
-                scored, targets = scored[:, keep], targets[:, keep]
-            for i, layer in enumerate(originals):
-                layers[i] = _Replay(layer, final if i == len(originals) - 1 else None)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-                **extra,
-            ).logits.float()
-            logits = logits if select else logits[:, :-1]
-            scored, targets = scored.to(logits.device), targets.to(logits.device)
-            picked, wanted = logits[scored], targets[scored]
-            nll = torch.nn.functional.cross_entropy(picked, wanted, reduction="sum")
-            hits = (picked.argmax(dim=-1) == wanted).sum()
-            total += torch.tensor([float(nll), float(hits), float(scored.sum())], dtype=torch.float64)
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
+    for scored, logits, targets in scored_logits(model, layers, stream):
+        picked, wanted = logits[scored], targets[scored]
+        nll = torch.nn.functional.cross_entropy(picked, wanted, reduction="sum")
+        hits = (picked.argmax(dim=-1) == wanted).sum()
+        total += torch.tensor([float(nll), float(hits), float(scored.sum())], dtype=torch.float64)
     if dist_ctx.kind != "single":
         from ..distributed import all_reduce_sum_
 
         all_reduce_sum_(total)
     count = total[2].clamp_min(1.0)
     return float(total[0] / count), float(total[1] / count)
-
-
-class _Replay(ArgsRecorder):
-    """`ArgsRecorder`'s identity stand-in, except that the last layer returns a candidate's recorded output."""
-
-    def __init__(self, layer: nn.Module, output: torch.Tensor | None):
-        super().__init__(layer)
-        object.__setattr__(self, "_output", output)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = object.__getattribute__(self, "_output")
-        return hidden_states if out is None else out.to(hidden_states.device, hidden_states.dtype)
 
 
 def resolve_auto_weight(

@@ -69,6 +69,16 @@ def calibration_batches(
     return batches
 
 
+def unbatch(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Each row of `calibration_batches`' right-padded batches, its tensors cut to its real tokens."""
+    rows = []
+    for batch in batches:
+        for r in range(batch["input_ids"].shape[0]):
+            length = int(batch["attention_mask"][r].sum())
+            rows.append({key: value[r, :length] for key, value in batch.items()})
+    return rows
+
+
 def _sequences(
     calibration: Any, max_samples: int, what: str = "calibration"
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

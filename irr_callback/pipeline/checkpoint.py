@@ -27,6 +27,7 @@ from ..targets import find_targets
 from ..tensors import SafetensorsMapping
 from .aligned import AlignedWeights
 from .auto_weight import resolve_auto_weight
+from .calibration_filter import filter_calibration
 from .in_memory import build_streams
 from .inputs import SafetyInputs
 from .loop import compute_device, run_layers
@@ -145,6 +146,13 @@ def realign_checkpoint(
             )
             with torch.no_grad():
                 aligned = AlignedWeights(model, layers, prefix, targets, inputs.base)
+                if config.calibration_filter != "none":  # one more layer-by-layer pass, the head in memory
+                    with outside_layers(model, prefix, weights, device):
+                        batches = filter_calibration(
+                            model, layers, batches, safety_batches, aligned, SingleProcess(), config, model_config,
+                            report, capture=lambda stream: stream.capture(model, layers, stubs=True),
+                            progress=progress, hooks=(storage.load, lambda index, layer: layer.to("meta")),
+                        )  # fmt: skip
                 streams, held_out = build_streams(
                     batches, safety_batches, config, SingleProcess(), aligned, retain_batches
                 )

@@ -20,6 +20,7 @@ from ..report import IRRReport
 from ..targets import find_targets
 from .aligned import AlignedWeights
 from .auto_weight import AUTO_SHARES, resolve_auto_weight, split_held_out
+from .calibration_filter import filter_calibration
 from .inputs import SafetyInputs
 from .loop import compute_device, run_layers
 from .lowrank import AdapterFactors
@@ -117,14 +118,23 @@ def realign(
     retain_batches = prepare_retain(retain_calibration, config, getattr(model, "config", None), report)
     dist_ctx = context_for(model, targets)  # SingleProcess without a process group: no collectives
     aligned = AlignedWeights(model, layers, prefix, targets, inputs.base, dist_ctx)
-    streams, held_out = build_streams(batches, safety_batches, config, dist_ctx, aligned, retain_batches)
     backup = make_backup(config.backup)
     was_training = model.training
     model.eval()
+
+    def capture(stream: Stream) -> None:  # one process: layers stubbed out, the capture costs the embedding only
+        stream.capture(model, layers, stubs=dist_ctx.stop_capture_early)
+
     try:
         with torch.no_grad():
-            for stream in streams:  # one process: layers stubbed out, the capture costs the embedding only
-                stream.capture(model, layers, stubs=dist_ctx.stop_capture_early)
+            if config.calibration_filter != "none":  # before the held-out split: no measure sees the dropped rows
+                batches = filter_calibration(
+                    model, layers, batches, safety_batches, aligned, dist_ctx, config,
+                    getattr(model, "config", None), report, capture=capture, progress=progress,
+                )  # fmt: skip
+            streams, held_out = build_streams(batches, safety_batches, config, dist_ctx, aligned, retain_batches)
+            for stream in streams:
+                capture(stream)
             if held_out:  # safety_weight="auto": choose λ on held-out batches, then realign with all of them
                 config = resolve_auto_weight(
                     model, layers, targets, streams, held_out, inputs, config, dist_ctx, report,

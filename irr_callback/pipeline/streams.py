@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import IRRConfig
 from ..report import IRRReport
-from .calibration import calibration_batches
+from .calibration import CalibrationError, calibration_batches, unbatch
 from .capture import capture_layer_inputs, capture_with_stub_layers, propagate
 
 
@@ -104,22 +104,57 @@ def prepare_calibration(
     calibration: Any, config: IRRConfig, model_config: Any, num_layers: int
 ) -> tuple[list[dict[str, torch.Tensor]], IRRReport]:
     """Padded calibration batches, and the report that will record what is done with them.
-    With `safety_weight="auto"` the batches carry `irr_loss_mask` (their held-out part is scored); with
+    With `safety_weight="auto"` or a `calibration_filter` the batches carry `irr_loss_mask` (the response
+    tokens: the held-out part is scored, the filter tells prompt from response); with
     `calibration_loss_tokens_only` an `irr_token_mask` lets only the tokens with labels (!= -100) into H."""
-    selection = "response" if config.calibration_loss_tokens_only else None
-    batches = _padded_batches(
-        calibration, config, model_config, config.num_calibration_samples, token_selection=selection
-    )
-    key = "attention_mask" if selection is None else "irr_token_mask"
+    batches = _calibration_batches(calibration, config, model_config)
     report = IRRReport(
         config=config.to_dict(),
         num_layers=num_layers,
-        calibration_sequences=sum(b["input_ids"].shape[0] for b in batches),
-        calibration_tokens=sum(int(b[key].sum()) for b in batches),
         setting=config.setting_name,
         safety_weight=None if config.safety_weight == "auto" else float(config.safety_weight) or None,
     )
+    _count_calibration(batches, config, report)
     return batches, report
+
+
+def keep_calibration_rows(
+    batches: list[dict[str, torch.Tensor]], keep: list[bool], config: IRRConfig, model_config: Any, report: IRRReport
+) -> list[dict[str, torch.Tensor]]:
+    """The calibration batches rebuilt from the rows `keep` marks (`calibration_filter`), as `prepare_calibration`
+    would have built them from those rows alone; the report's counts updated. Raises `CalibrationError` when no
+    row is left (nothing has been modified yet)."""
+    rows = [row for row, kept in zip(unbatch(batches), keep) if kept]
+    if not rows:
+        raise CalibrationError(
+            f"IRRConfig.calibration_filter={config.calibration_filter!r} dropped all {len(keep)} calibration rows: the "
+            "aligned model refuses every calibration prompt. Check the calibration data (harmful requests?), or set "
+            "calibration_filter='none'"
+        )
+    data = [
+        {
+            "input_ids": row["input_ids"],
+            "attention_mask": row["attention_mask"],
+            "labels": torch.where(row["irr_loss_mask"].bool(), row["input_ids"], -100),
+        }
+        for row in rows
+    ]
+    batches = _calibration_batches(data, config, model_config)
+    _count_calibration(batches, config, report)
+    return batches
+
+
+def _calibration_batches(calibration: Any, config: IRRConfig, model_config: Any) -> list[dict[str, torch.Tensor]]:
+    selection = "response" if config.calibration_loss_tokens_only else None
+    return _padded_batches(
+        calibration, config, model_config, config.num_calibration_samples, token_selection=selection
+    )
+
+
+def _count_calibration(batches: list[dict[str, torch.Tensor]], config: IRRConfig, report: IRRReport) -> None:
+    key = "irr_token_mask" if config.calibration_loss_tokens_only else "attention_mask"
+    report.calibration_sequences = sum(b["input_ids"].shape[0] for b in batches)
+    report.calibration_tokens = sum(int(b[key].sum()) for b in batches)
 
 
 def prepare_safety(
@@ -191,7 +226,8 @@ def prepare_retain(
 
 def _padded_batches(data: Any, config: IRRConfig, model_config: Any, samples: int, **kwargs: Any) -> list[dict]:
     """`calibration_batches` with the config's length and batch size, the model's pad id (else 0), and
-    `irr_loss_mask` when `safety_weight="auto"` scores the held-out part."""
+    `irr_loss_mask` (the response tokens) when `safety_weight="auto"` scores the held-out part or the
+    calibration filter looks for the prompts."""
     pad = getattr(model_config, "pad_token_id", None)
     return calibration_batches(
         data,
@@ -199,6 +235,6 @@ def _padded_batches(data: Any, config: IRRConfig, model_config: Any, samples: in
         max_length=config.calibration_max_length,
         batch_size=config.calibration_batch_size,
         pad_token_id=pad if isinstance(pad, int) else 0,
-        loss_mask=config.safety_weight == "auto",
+        loss_mask=config.safety_weight == "auto" or config.calibration_filter != "none",
         **kwargs,
     )

@@ -68,6 +68,15 @@ register(
 )
 register(
     Setting(
+        "recommended-before-filter",
+        lambda: IRRConfig.recommended(calibration_filter="none"),
+        ("calibration", "safety", "retain"),
+        description="IRRConfig.recommended(calibration_filter='none'): every calibration row used (the setting of "
+        "issue 19's third test round)",
+    )
+)
+register(
+    Setting(
         "recommended-before-retain",
         lambda: IRRConfig.recommended(retain_weight=0.0),
         description="IRRConfig.recommended(retain_weight=0): auto λ without the retain stream (the setting before "
@@ -181,6 +190,8 @@ def apply_setting(world: SuiteWorld, setting: Setting) -> tuple[torch.nn.Module,
     }
     if report.auto:
         info["auto"] = report.auto
+    if report.calibration_filter:
+        info["calibration_filter"] = {k: report.calibration_filter[k] for k in ("rows", "judged", "dropped")}
     return model, info
 
 

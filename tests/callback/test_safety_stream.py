@@ -145,3 +145,22 @@ def test_paper_setting_under_sharded_weights_is_refused_at_train_begin(tmp_path,
         _begin(IRRCallback(IRRConfig(unaligned_model=str(tmp_path / "never-read"))), tmp_path)
     monkeypatch.setattr(distributed, "sharding_kind", lambda model, targets: None)
     _begin(IRRCallback(IRRConfig.recommended(), safety_dataset=refusals()), tmp_path)
+
+
+def test_calibration_filter_drops_the_attack_rows_from_the_callbacks_calibration(tmp_path, monkeypatch):
+    """`calibration_filter="refused"` in the callback: the reference is the live model with the snapshot written
+    into its targets; of the attack's training rows (24 task rows, the 24 harmful requests answered, 24 task rows)
+    the harmful ones are dropped and no task row is."""
+    _no_safety_vector(monkeypatch)
+    cfg = IRRConfig.recommended(
+        safety_weight=0.5, calibration_filter="refused", num_calibration_samples=72, cache_dir=str(tmp_path / "cache")
+    )
+    trainer, cb, _ = run(tmp_path, world.aligned_model(), cfg, callback_kwargs={"safety_dataset": refusals()})
+    summary = cb.report.calibration_filter
+    harmful = set(range(24, 48))  # world.attack_dataset()'s order
+    assert summary["rows"] == summary["judged"] == 72
+    assert set(summary["dropped_rows"]) <= harmful  # no task row is refused by the aligned model
+    margin("cb filter harmful rows dropped", summary["dropped"] / len(harmful), ge=0.8)
+    assert cb.report.calibration_sequences == 72 - summary["dropped"]
+    saved = json.loads((tmp_path / "run" / "irr_report.json").read_text())
+    assert saved["calibration_filter"]["dropped_rows"] == summary["dropped_rows"]

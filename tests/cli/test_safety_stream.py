@@ -59,6 +59,7 @@ def test_apply_with_only_safety_data_is_the_recommended_preset_and_matches_libra
     assert report["auto"]["chosen"] == report["safety_weight"] > 0
     assert report["safety_sequences"] == 6 and report["totals"]["removed"] == 0
     assert report["extra"]["preset"] == "recommended"
+    assert report["config"]["calibration_filter"] == "refused" and report["calibration_filter"]["dropped"] == 0
     assert "--safety-data" in report["extra"]["safety_inputs"]["safety_calibration"]["source"]
     assert f"λ={report['safety_weight']:g} chosen by safety_weight='auto'" in printed
     card = (out / "README.md").read_text()
@@ -80,8 +81,9 @@ def test_apply_with_only_safety_data_is_the_recommended_preset_and_matches_libra
     assert lib.safety_weight == report["safety_weight"]
     torch.testing.assert_close(_tensor(out), dict(model.named_parameters())[NAME].detach(), rtol=0, atol=0)
     # --low-memory searches λ the same way, one layer at a time
-    assert _apply(paths, tmp_path / "low", "--low-memory", *no_retain) == 0
+    assert _apply(paths, tmp_path / "low", "--low-memory", "--calibration_filter", "none", *no_retain) == 0
     low = json.loads((tmp_path / "low" / "irr_report.json").read_text())
+    assert low["config"]["calibration_filter"] == "none" and "calibration_filter" not in low  # nothing was dropped
     assert low["safety_weight"] == report["safety_weight"] and low["auto"]["chosen"] == report["safety_weight"]
     torch.testing.assert_close(_tensor(tmp_path / "low"), _tensor(out), rtol=1e-5, atol=1e-6)
 

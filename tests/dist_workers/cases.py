@@ -18,7 +18,7 @@ from irr_callback.pipeline.calibration import calibration_batches
 from irr_callback.pipeline.capture import capture_layer_inputs
 from irr_callback.pipeline.hessians import collect_stream
 from irr_callback.targets import find_targets
-from tests.helpers import VOCAB, calibration, triple
+from tests.helpers import VOCAB, calibration, refused_calibration, triple
 
 
 CALIBRATION = dict(n=10, length=8, seed=3)  # batch size 2 -> 5 batches: 3 + 2 (+1 padding) on 2 ranks
@@ -124,6 +124,25 @@ def safety_case(weight, retain: bool = False, model_fn=None) -> tuple[dict[str, 
         **({"retain_tokens": report.retain_tokens} if retain else {}),
     }
     return weights, totals
+
+
+def filter_case(model_fn=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The recommended setting (auto λ) with `calibration_filter="refused"`: 12 calibration rows of which the base
+    refuses 2 (`refused_calibration`); every rank judges every row through the aligned weights and drops the same."""
+    base, ft, _ = triple("llama")
+    rows, safety = refused_calibration(base, n_rows=12, refused=(2, 9), safety_copies=4)
+    model = model_fn(ft) if model_fn else ft
+    report = realign(
+        model,
+        base=base,
+        calibration=rows,
+        safety_calibration=safety,
+        config=IRRConfig.recommended(calibration_filter="refused", retain_weight=0.0, **CONFIG),
+        progress=False,
+    )
+    _, _, targets = find_targets(model)
+    weights = {t.name: _full(t.weight, model).detach().clone() for t in targets}
+    return weights, {"dropped_rows": report.calibration_filter["dropped_rows"], "safety_weight": report.safety_weight}
 
 
 def lora_case(save_to: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:

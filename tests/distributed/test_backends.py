@@ -24,7 +24,7 @@ from tests.dist_workers import cases, trainer_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-ZERO3_CASES = ["zero3", "zero3_ranked", "zero3_failure", "zero3_safety", "zero3_safety_auto"]
+ZERO3_CASES = ["zero3", "zero3_ranked", "zero3_failure", "zero3_safety", "zero3_safety_auto", "zero3_filter_auto"]
 CASES = [
     "trainer",
     "fisher",
@@ -36,6 +36,8 @@ CASES = [
     "retain_auto",
     "fsdp2_safety",
     "fsdp2_safety_auto",
+    "filter_auto",
+    "fsdp2_filter_auto",
     "fsdp1",
     "fsdp1_safety",
     "fsdp1_safety_auto",
@@ -183,6 +185,27 @@ def test_recommended_setting_two_processes_equals_one(two_ranks, backend, weight
                 assert references[0][which][key] == pytest.approx(value, rel=1e-4)
     assert totals["safety_tokens"] == 84  # 12 sequences x 7 tokens ("all" tokens), padding excluded
     assert totals.get("retain_tokens", 84) == 84
+    for k, v in expected.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
+
+
+@functools.cache
+def filter_reference():
+    return cases.filter_case()
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero3"])
+def test_calibration_filter_two_processes_equals_one(two_ranks, backend):
+    """`calibration_filter="refused"`: every rank judges every calibration row through the aligned weights (swapped
+    in the backend's way, the head too) and the verdicts are summed, so every rank drops the rows one process
+    drops, and the realigned weights (auto λ) are one process's."""
+    if backend == "zero3" and not DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[test]' installs it)")
+    ranks, extras = two_ranks(BACKENDS[backend] + "filter_auto")
+    expected, totals = filter_reference()
+    assert totals["dropped_rows"] == [2, 9]  # by construction (refused_calibration)
+    assert_identical_ranks(ranks)
+    assert extras[0] == extras[1] == totals
     for k, v in expected.items():
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
 

@@ -224,11 +224,11 @@ def test_task_tolerance_keeps_the_task_when_safety_needs_more(caplog):
 def test_held_out_losses_through_the_scored_positions_only_equal_the_full_logits(monkeypatch):
     """`logits_to_keep` sends only the positions that predict a scored token through the LM head: the same
     held-out losses (float tolerance) as the full logits, so the same λ."""
-    from irr_callback.pipeline import auto_weight
+    from irr_callback.pipeline import head
 
     cfg = IRRConfig.recommended(retain_weight=1.0)
     _, selected = run(cfg, retain=retain_rows())
-    monkeypatch.setattr(auto_weight, "accepts_argument", lambda model, name: False)
+    monkeypatch.setattr(head, "accepts_argument", lambda model, name: False)
     _, full = run(cfg, retain=retain_rows())
     assert selected.safety_weight == full.safety_weight
     for mine, theirs in zip(selected.auto["candidates"], full.auto["candidates"]):
@@ -242,10 +242,10 @@ def test_held_out_scores_are_the_plain_forward_loss_and_token_accuracy(monkeypat
     the mean next-token loss and the share of scored tokens that are the argmax (with and without `logits_to_keep`)."""
     from types import SimpleNamespace
 
-    from irr_callback.pipeline import auto_weight
+    from irr_callback.pipeline import auto_weight, head
 
     if not keep_positions:
-        monkeypatch.setattr(auto_weight, "accepts_argument", lambda model, name: False)
+        monkeypatch.setattr(head, "accepts_argument", lambda model, name: False)
     _, model, _ = triple("llama")
     model.eval()
     g = torch.Generator().manual_seed(5)

@@ -9,7 +9,7 @@ import torch
 from irr_callback import IRRConfig, IRRConfigError, realign, realign_checkpoint
 from irr_callback.pipeline.calibration import CalibrationError
 from irr_callback.tensors import SafetensorsMapping
-from tests.helpers import VOCAB, calibration, same_state, state, triple
+from tests.helpers import VOCAB, calibration, random_lora, same_state, state, triple
 
 
 def safety_rows(n: int = 8, prompt: int = 4, response: int = 5, seed: int = 11, pad_left: int = 0):
@@ -264,15 +264,8 @@ def test_auto_needs_two_batches_of_each_stream():
 def test_lora_adapter_equals_its_merged_model(term):
     """A PeftModel is realigned like its merged dense model with the base as `base`: the aligned twin
     of a LoRA layer uses the frozen weight as it was before the layer's solve overwrote it."""
-    from peft import LoraConfig, get_peft_model
-
     base, _, _ = triple("llama", layers=3)
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    lora = random_lora(base)
     dense = copy.deepcopy(lora).merge_and_unload()
     cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term)
     realign(lora, calibration=calibration(n=16, length=10), safety_calibration=safety_rows(), config=cfg)
@@ -287,8 +280,6 @@ def test_lora_adapter_factors_solve_the_objective_the_solver_solved(term):
     """The adapter step rebuilds the group's objective from the layer's streams (H_d, H_s, C, H_A, W_A): at full
     rank its optimum is the solver's Δ′ exactly (same objective), at the trained rank it is the exact
     rank-constrained optimum (no mask) and costs a gap ≥ 0."""
-    from peft import LoraConfig, get_peft_model
-
     from irr_callback.pipeline.lowrank import AdapterFactors
     from irr_callback.targets import find_targets
 
@@ -298,14 +289,7 @@ def test_lora_adapter_factors_solve_the_objective_the_solver_solved(term):
     extra = {"retain_calibration": calibration(n=16, length=10, seed=3)} if retain else {}
     found = {}
     for rank in (None, 10_000):
-        lora = get_peft_model(
-            copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-        )
-        g = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for name, p in lora.named_parameters():
-                if "lora_" in name:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        lora = random_lora(base, target_modules=["q_proj", "down_proj"])
         factors = AdapterFactors(rank=rank)
         realign(lora, calibration=calibration(n=16, length=10), safety_calibration=safety_rows(), config=cfg,
                 lowrank=factors, **extra)  # fmt: skip
