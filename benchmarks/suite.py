@@ -245,7 +245,8 @@ def medians(rows: list[dict[str, Any]], settings: list[str]) -> list[dict[str, A
 
 README_NAMES = {
     "finetuned": "fine-tuned",
-    "recommended": "**`IRRConfig.recommended()`** (retain ρ = 0.3, auto λ)",
+    "recommended": "**`IRRConfig.recommended()`** (calibration filter, retain ρ = 0.3, auto λ)",
+    "recommended-before-filter": "recommended without the calibration filter (retain ρ = 0.3, auto λ)",
     "paper": "paper IRR (`IRRConfig()`)",
     "recommended-before-retain": "recommended without the retain stream (ρ = 0, auto λ)",
     "retain-ρ1": "retain ρ = 1, auto λ",
