@@ -248,7 +248,8 @@ README_NAMES = {
     "recommended": "**`IRRConfig.recommended()`** (calibration filter, retain ρ = 0.3, auto λ)",
     "recommended-before-filter": "recommended without the calibration filter (retain ρ = 0.3, auto λ)",
     "paper": "paper IRR (`IRRConfig()`)",
-    "recommended-before-retain": "recommended without the retain stream (ρ = 0, auto λ)",
+    "recommended-before-retain": "recommended without the retain stream or the filter (ρ = 0, auto λ)",
+    "recommended-ρ0": "recommended without the retain stream (calibration filter, ρ = 0, auto λ)",
     "retain-ρ1": "retain ρ = 1, auto λ",
 }
 

@@ -21,7 +21,14 @@ _SETTINGS = (
     "target_modules",
 )
 # shown when the run used the safety stream (IRRConfig.recommended() or another safety_weight != 0)
-_SAFETY_SETTINGS = ("safety_weight", "safety_term", "safety_ridge", "safety_tokens", "num_safety_samples")
+_SAFETY_SETTINGS = (
+    "safety_weight",
+    "safety_term",
+    "safety_ridge",
+    "safety_tokens",
+    "num_safety_samples",
+    "calibration_filter",
+)
 _HF_CACHE = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _IN_MEMORY = (None, "Dataset", "DatasetDict", "list")
@@ -300,5 +307,11 @@ def _safety_line(report: IRRReport) -> str:
             f"\nRetain stream: {report.retain_sequences} sequences, {report.retain_tokens} tokens of general prompts "
             f"with answers; each layer's outputs on them held at the fine-tuned model's with weight ρ = "
             f"{float(report.config.get('retain_weight') or 0):g}."
+        )
+    if report.calibration_filter:
+        f = report.calibration_filter
+        out += (
+            f"\nCalibration filter: {f['dropped']} of {f['rows']} calibration rows dropped, their prompt refused by the "
+            f"aligned model ({f['judged']} rows judged)."
         )
     return out

@@ -67,6 +67,8 @@ def realign(
     data and the recalibration minimises ‖Δ′ − Δ‖²_{H_d} + λ·‖W′X_r − W_A X_A‖² (the aligned model's
     outputs on its own activations; `safety_term="delta"`: λ‖Δ′X_r‖²); `safety_weight="auto"` picks λ
     from held-out data. With `identify_mode="none"` nothing is removed by sign and no safety vector is needed.
+    With `calibration_filter="refused"` (in `IRRConfig.recommended()`) the calibration rows whose prompt the aligned
+    model refuses (harmful requests the fine-tuning data answered) are dropped first; the report lists them.
 
     Args:
         model: the fine-tuned model (`PreTrainedModel`, a `PeftModel` with LoRA adapters, or wrapped by

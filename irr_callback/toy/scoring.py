@@ -78,9 +78,16 @@ register(
 register(
     Setting(
         "recommended-before-retain",
+        lambda: IRRConfig.recommended(retain_weight=0.0, calibration_filter="none"),
+        description="IRRConfig.recommended(retain_weight=0, calibration_filter='none'): auto λ without the retain "
+        "stream or the filter (the setting before issue 19, with today's auto rule)",
+    )
+)
+register(
+    Setting(
+        "recommended-ρ0",
         lambda: IRRConfig.recommended(retain_weight=0.0),
-        description="IRRConfig.recommended(retain_weight=0): auto λ without the retain stream (the setting before "
-        "issue 19, with today's auto rule)",
+        description="IRRConfig.recommended(retain_weight=0): the calibration filter without the retain stream",
     )
 )
 for _lam in (0.05, 0.1, 0.2, 0.3):

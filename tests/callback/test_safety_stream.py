@@ -164,3 +164,6 @@ def test_calibration_filter_drops_the_attack_rows_from_the_callbacks_calibration
     assert cb.report.calibration_sequences == 72 - summary["dropped"]
     saved = json.loads((tmp_path / "run" / "irr_report.json").read_text())
     assert saved["calibration_filter"]["dropped_rows"] == summary["dropped_rows"]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"Calibration filter: {summary['dropped']} of 72 calibration rows dropped" in card
+    assert "| `calibration_filter` | `refused` |" in card
