@@ -123,7 +123,7 @@ def keep_calibration_rows(
 ) -> list[dict[str, torch.Tensor]]:
     """The calibration batches rebuilt from the rows `keep` marks (`calibration_filter`), as `prepare_calibration`
     would have built them from those rows alone; the report's counts updated. Raises `CalibrationError` when no
-    row is left (nothing has been modified yet)."""
+    row is left, or too few for `safety_weight="auto"` (nothing has been modified yet)."""
     rows = [row for row, kept in zip(unbatch(batches), keep) if kept]
     if not rows:
         raise CalibrationError(
@@ -140,6 +140,13 @@ def keep_calibration_rows(
         for row in rows
     ]
     batches = _calibration_batches(data, config, model_config)
+    if config.safety_weight == "auto" and len(batches) < 2:
+        raise CalibrationError(
+            f"IRRConfig.calibration_filter={config.calibration_filter!r} dropped {len(keep) - len(rows)} of {len(keep)} "
+            f"calibration rows; the {len(rows)} left make one batch, and safety_weight='auto' holds out part of the "
+            "calibration data to choose λ: give more calibration rows, a smaller calibration_batch_size, a number for "
+            "safety_weight, or calibration_filter='none'"
+        )
     _count_calibration(batches, config, report)
     return batches
 

@@ -132,6 +132,15 @@ def test_every_row_refused_is_an_error_before_anything_changes():
     assert all(torch.equal(a, b) for a, b in zip(before.values(), state(ft).values()))
 
 
+def test_too_few_rows_left_for_auto_is_an_error_naming_the_filter():
+    base, ft, _ = triple("llama")
+    rows, safety = refused_calibration(base, n_rows=4, refused=(0, 1, 2), safety_copies=4)
+    before = state(ft)
+    with pytest.raises(CalibrationError, match="dropped 3 of 4 calibration rows.*calibration_filter='none'"):
+        run(ft, base, rows, safety, config(safety_weight="auto"))
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), state(ft).values()))
+
+
 def test_rows_without_labels_are_kept_with_a_warning(caplog):
     base, ft, _ = triple("llama")
     rows, safety = refused_calibration(base, refused=REFUSED)
