@@ -139,8 +139,8 @@ def keep_calibration_rows(
         }
         for row in rows
     ]
-    batches = _calibration_batches(data, config, model_config)
-    if config.safety_weight == "auto" and len(batches) < 2:
+    given, batches = len(batches), _calibration_batches(data, config, model_config)
+    if config.safety_weight == "auto" and len(batches) < 2 <= given:  # the filter, not the data, left one batch
         raise CalibrationError(
             f"IRRConfig.calibration_filter={config.calibration_filter!r} dropped {len(keep) - len(rows)} of {len(keep)} "
             f"calibration rows; the {len(rows)} left make one batch, and safety_weight='auto' holds out part of the "
