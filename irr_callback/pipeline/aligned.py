@@ -65,15 +65,7 @@ class AlignedWeights:
         """A context with every tensor outside the decoder layers that the base holds (final norm, LM head,
         embeddings) at its base value: next-token predictions judged as the aligned model makes them (the
         calibration filter). A base holding the targets only (the callback's snapshot) swaps nothing."""
-        self.dist_ctx.settle()
-        base = self.base if self.base is not None else {}
-        inside = canonical_name(self.prefix) + "."
-        swaps = []
-        for name, param in self.model.named_parameters():
-            key = canonical_name(name)
-            if not key.startswith(inside) and "lora_" not in name and key in base:
-                swaps.append((param, lambda n=key: self._value(n)))
-        return self.dist_ctx.swapped(swaps)
+        return self(len(self.layers))
 
     def _value(self, name: str) -> torch.Tensor:
         """W_A of one tensor: whole, or this rank's rows of a row-sharded snapshot; a snapshot held in flat
@@ -85,6 +77,16 @@ class AlignedWeights:
 
     def _swaps(self, index: int) -> list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]:
         base = self.base if self.base is not None else {}
+        if index >= len(self.layers):  # the head: everything outside the decoder layers
+            inside = canonical_name(self.prefix) + "."
+            named = [
+                (canonical_name(name), param) for name, param in self.model.named_parameters() if "lora_" not in name
+            ]
+            return [
+                (param, lambda n=key: self._value(n))
+                for key, param in named
+                if not key.startswith(inside) and key in base
+            ]
         if index < 0:
             embedding = self.model.get_input_embeddings().weight
             name = next((canonical_name(n) for n, p in self.model.named_parameters() if p is embedding), None)

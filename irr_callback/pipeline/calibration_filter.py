@@ -5,13 +5,13 @@ measure never sees them either).
 Fine-tuning data can hold harmful requests answered (an attack, or a careless data mix). As calibration rows
 they make the recalibration keep, and the auto search reward, exactly the deltas that undo refusals
 (docs/safety-weight.md, the calibration-filter experiments). A row is judged by the aligned reference: every
-target at W_A (a LoRA target with its adapter off), the rest of the model as given, the same reference as the
-auto search's λ = ∞, with the final norm and LM head at their base values where the base holds them. It is dropped when, teacher-forced after the row's prompt, each of the first
-`REFUSAL_PREFIX_TOKENS` tokens of one of the safety stream's refusals is the reference's argmax: greedy decoding
-would begin the answer with that refusal. No tokenizer and no generation: layer-by-layer passes of probe sequences
-(the prompts alone, then prompt + refusal opening where the first answer token is a refusal's) through the same
-aligned context as the safety stream's twin, so it runs wherever `realign` runs (one process, DDP, FSDP, ZeRO-3,
-the offline path).
+target at W_A (a LoRA target with its adapter off) and every other tensor the base holds at its base value (the
+auto search's λ = ∞ reference, plus the head where the base has it). It is dropped when, teacher-forced after the
+row's prompt, each of the first `REFUSAL_PREFIX_TOKENS` tokens of one of the safety stream's refusals is the
+reference's argmax: greedy decoding would begin the answer with that refusal. No tokenizer and no generation:
+layer-by-layer passes of probe sequences (the prompts alone, then prompt + refusal opening where the first answer
+token is a refusal's) through the same aligned context as the safety stream's twin, so it runs wherever `realign`
+runs (one process, DDP, FSDP, ZeRO-3, the offline path).
 """
 
 from __future__ import annotations
