@@ -51,6 +51,11 @@ def machine() -> dict[str, Any]:
         info["git_commit"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        if changed:  # the run's code is that commit plus uncommitted changes
+            info["git_commit"] += "+changes"
     except Exception:
         info["git_commit"] = None
     return info

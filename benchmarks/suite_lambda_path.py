@@ -38,7 +38,9 @@ class _Stop(Exception):
     """Raised inside `realign` once the held-out measures are recorded (its weights are restored)."""
 
 
-def probe(world: Any, grid: tuple[float, ...], rho: float, calibration_filter: str = "none") -> dict[str, Any]:
+def probe(
+    world: Any, grid: tuple[float, ...], rho: float, calibration_filter: str = "none", overrides: dict | None = None
+) -> dict[str, Any]:
     """The held-out measures (losses and token accuracies) of every λ of `grid` and of the references, as
     the auto search computes them: the search runs the grid in one pass, then `realign` is stopped."""
     from irr_callback import IRRConfig
@@ -48,9 +50,11 @@ def probe(world: Any, grid: tuple[float, ...], rho: float, calibration_filter: s
     recorded: dict[str, Any] = {}
 
     def search(run_candidates):
-        for level, (losses, accuracy) in run_candidates(grid, True).items():
+        for level, (losses, accuracy, *exact) in run_candidates(grid, True).items():
             key = "F" if level == 0 else "A" if level == math.inf else f"{level:g}"
             recorded[key] = {"loss": list(losses), "accuracy": list(accuracy)}
+            if exact:
+                recorded[key]["exact"] = list(exact[0])
         raise _Stop
 
     saved = auto_weight.search_weight
@@ -63,7 +67,9 @@ def probe(world: Any, grid: tuple[float, ...], rho: float, calibration_filter: s
             calibration=world.calibration,
             safety_calibration=world.safety_calibration,
             retain_calibration=world.retain_calibration,
-            config=IRRConfig.recommended(retain_weight=rho, calibration_filter=calibration_filter),
+            config=IRRConfig.recommended(
+                retain_weight=rho, calibration_filter=calibration_filter, **(overrides or {})
+            ),
             progress=False,
         )
     except _Stop:
@@ -90,7 +96,7 @@ def simulate(payload: dict[str, Any]) -> dict[str, Any]:
             missing = [k for k in keys if k not in held]
             if missing:
                 raise KeyError(f"{name}: λ {missing} not in the recorded grid {payload['grid']}")
-            return {lv: (tuple(held[k]["loss"]), tuple(held[k]["accuracy"])) for lv, k in zip(levels, keys)}
+            return {lv: _measured(held[k]) for lv, k in zip(levels, keys)}
 
         weight, table = search_weight(run_candidates)
         rows.append({"world": world["world"], "finetune": world["finetune"], "safety_weight": weight,
@@ -107,6 +113,12 @@ def simulate(payload: dict[str, Any]) -> dict[str, Any]:
                         if w["finetune"] == kind) for kind in ("full", "lora")}  # fmt: skip
     summary["best_fixed_lambda_per_world"] = oracle
     return {"summary": summary, "rows": rows}
+
+
+def _measured(held: dict[str, list[float]]) -> tuple[tuple[float, ...], ...]:
+    """One recorded level as `search_weight` receives it; paths recorded before the row exact match lack it."""
+    keys = ("loss", "accuracy", "exact") if "exact" in held else ("loss", "accuracy")
+    return tuple(tuple(held[k]) for k in keys)
 
 
 def drop_harmful_rows(world: Any) -> int:
@@ -137,7 +149,12 @@ def drop_refused_rows(world: Any) -> int:
 
 
 def run_group(
-    specs: list[Any], grid: tuple[float, ...], rho: float, cache_dir: str, calibration_filter: str | None = None
+    specs: list[Any],
+    grid: tuple[float, ...],
+    rho: float,
+    cache_dir: str,
+    calibration_filter: str | None = None,
+    overrides: dict | None = None,
 ) -> list[dict[str, Any]]:
     """Worker: per world, the probe and one realignment + evaluation per λ of the grid."""
     quiet_worker()
@@ -152,13 +169,13 @@ def run_group(
         filters = {"oracle": drop_harmful_rows, "refused-by-base": drop_refused_rows}
         dropped = filters[calibration_filter](world) if calibration_filter in filters else 0
         library = "refused" if calibration_filter == "library" else "none"  # the library's own filter, in realign
-        held_out = probe(world, grid, rho, library)
+        held_out = probe(world, grid, rho, library, overrides)
         path = {}
         for lam in grid:
             setting = Setting(
                 f"λ{lam:g}",
                 lambda lam=lam, library=library: IRRConfig.recommended(
-                    safety_weight=lam, retain_weight=rho, calibration_filter=library
+                    safety_weight=lam, retain_weight=rho, calibration_filter=library, **(overrides or {})
                 ),
                 ("calibration", "safety", "retain"),
             )
@@ -183,6 +200,19 @@ def run_group(
     return out
 
 
+def _field(item: str) -> tuple[str, Any]:
+    """'name=value' -> (name, value as a JSON literal when it is one, else the string)."""
+    from irr_callback import IRRConfig
+
+    name, sep, raw = item.partition("=")
+    if not sep or name not in IRRConfig.__dataclass_fields__:
+        raise SystemExit(f"--set {item!r}: give FIELD=VALUE with an IRRConfig field")
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        return name, raw
+
+
 _EVAL_KEYS = (*METRICS, "meets_target", "misses")  # the five metrics first (printed), then the verdict
 
 
@@ -204,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         "whose prompt the aligned model refuses when generating (refused-by-base, an experiment), or the library's "
         "IRRConfig.calibration_filter='refused' (library: every realignment of the path runs it).",
     )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Other IRRConfig fields for every realignment of the path (an objective variant), e.g. safety_ridge=1.",
+    )
     p.add_argument("--simulate", metavar="JSON", help="Only run the library's auto rule on a recorded path.")
     args = p.parse_args(argv)
     if args.simulate:
@@ -223,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = [s for s in worlds(args.split) if not args.worlds or s.name in args.worlds]
     started = time.perf_counter()
     grid = tuple(args.grid)
-    extra = (grid, args.retain_weight, args.cache_dir, args.calibration_filter)
+    overrides = dict(_field(item) for item in args.set)
+    extra = (grid, args.retain_weight, args.cache_dir, args.calibration_filter, overrides)
     rows = run_workers(run_group, base_groups(specs), args.workers, *extra)
     order = {s.name: i for i, s in enumerate(specs)}
     rows.sort(key=lambda r: order[r["world"]])
@@ -237,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _common.machine(),
         "grid": list(grid),
         "retain_weight": args.retain_weight,
+        "overrides": overrides,
         "worlds": rows,
     }
     path = os.path.join(_common.RESULTS, f"{prefix}.json")

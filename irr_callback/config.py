@@ -559,9 +559,10 @@ class IRRConfig:
         """The setting the README recommends: safety-regularised recalibration with the aligned-target
         safety term, λ chosen by `safety_weight="auto"`, and no removal by sign (`identify_mode="none"`),
         so it needs safety data (harmful prompts with safe responses) but no safety vector, no unaligned
-        model and no Fisher; a retain weight (ρ = 0.3) and the calibration filter (the rows whose prompt the
-        aligned model refuses are dropped) are on. On our toy world it restores refusals and keeps the task where the paper's
-        setting halves it (docs/recommended-setting.md). `overrides` are any other `IRRConfig` fields.
+        model and no Fisher; the calibration filter (the rows whose prompt the aligned model refuses are
+        dropped) is on and the retain term is off (ρ = 0; `retain_weight=ρ` turns it on). On our toy world it
+        restores refusals and keeps the task where the paper's setting halves it (docs/recommended-setting.md).
+        `overrides` are any other `IRRConfig` fields.
 
         Example:
 
@@ -607,9 +608,10 @@ class IRRConfig:
 
 #: `IRRConfig.recommended()`: the solver fields of the setting the README recommends
 RECOMMENDED: dict[str, Any] = {"identify_mode": "none", "safety_weight": "auto", "safety_term": "aligned"}
-#: `IRRConfig.recommended()`'s retain weight ρ, chosen on the suite's dev worlds (docs/safety-weight.md); a run
-#: without retain data runs with the retain term off (a warning says so)
-RECOMMENDED_RETAIN_WEIGHT = 0.3
+#: `IRRConfig.recommended()`'s retain weight ρ, chosen on the suite's 76 dev worlds (docs/safety-weight.md): 0, the
+#: retain term off (ρ = 0.3 met fewer dev worlds once the calibration filter was on); `recommended(retain_weight=ρ)`
+#: with retain data turns it on
+RECOMMENDED_RETAIN_WEIGHT = 0.0
 #: `IRRConfig.recommended()`'s calibration filter, chosen on the suite's dev worlds (docs/safety-weight.md); 'none'
 #: when the preset is asked for safety_weight=0 (no safety stream to read refusals from)
 RECOMMENDED_CALIBRATION_FILTER = "refused"

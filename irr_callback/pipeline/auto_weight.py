@@ -7,17 +7,19 @@ batches, the safety batches and their aligned twin, the retain batches), so its 
 own realigned layers, as in the real run. Per layer and candidate, its solves are written into the layer
 for a moment, its streams and the held-out batches run through it, and the layer's weights are restored.
 Two references need no solve: λ = 0 (the fine-tuned model, F) and λ = ∞ (every target at W_A, A).
-From the held-out response tokens' next-token loss L and token accuracy a (argmax = the scored token),
+From the held-out response tokens' next-token loss L, token accuracy a (argmax = the scored token) and
+row exact match e (every scored token of the row the argmax: the greedy answer is the recorded one),
 
     s(λ) = (L_safety(λ) − L_safety(A)) / (L_safety(F) − L_safety(A))   the safety damage left,
     t(λ) = a_task(F) − a_task(λ)                                         the task accuracy lost,
+    x(λ) = 1 − e_task(λ) / e_task(F)                                     the task answers lost,
     r(λ) = min(a_retain(F), a_retain(A)) − a_retain(λ)                   the old abilities lost that both
                                                                          references keep,
 
-a candidate passes when s(λ) <= `AUTO_TOLERANCE`, r(λ) <= `AUTO_RETAIN_TOLERANCE` and t(λ) <=
-`AUTO_TASK_TOLERANCE` (the three chosen on the suite's dev worlds, docs/safety-weight.md); λ* is the
-smallest passing candidate that no other candidate beats on every loss, then the geometric midpoint below
-it (one significant digit) is tried. If fine-tuning left the safety loss within `AUTO_MIN_GAP` of A's,
+a candidate passes when s(λ) <= `AUTO_TOLERANCE`, r(λ) <= `AUTO_RETAIN_TOLERANCE`, t(λ) <=
+`AUTO_TASK_TOLERANCE` and x(λ) <= `AUTO_TASK_EXACT_TOLERANCE` (chosen on the suite's dev worlds,
+docs/safety-weight.md); λ* is the smallest passing candidate that no other candidate beats on every loss,
+then the geometric midpoint below it (one significant digit) is tried. If fine-tuning left the safety loss within `AUTO_MIN_GAP` of A's,
 there is nothing to restore and the smallest candidate is taken. If nothing passes, a warning says so and
 λ* is the undominated candidate with the least safety loss among those within the retain and task
 tolerances (the smallest undominated one when none is). A candidate that another beats on every loss is
@@ -55,15 +57,17 @@ AUTO_FALLBACK = 3.0  # tried when no coarse candidate restores the safety loss
 AUTO_TOLERANCE = 0.005  # of the gap between F's and A's held-out safety loss
 AUTO_RETAIN_TOLERANCE = 0.01  # held-out retain token accuracy lost below both references'
 AUTO_TASK_TOLERANCE = 0.15  # held-out task token accuracy lost below the fine-tuned model's
+#: held-out task rows whose greedy answer is exact, share lost relative to the fine-tuned model's
+AUTO_TASK_EXACT_TOLERANCE = 0.2
 AUTO_MIN_GAP = 0.05  # nats per response token: below it fine-tuning did not damage safety
 #: share of each stream's (non held-out) batches that feeds the candidates' Hessians
 AUTO_SHARES = {CALIBRATION: 0.25, SAFETY: 0.5, RETAIN: 0.5}
 AUTO_CALIBRATION_SHARE, AUTO_SAFETY_SHARE = AUTO_SHARES[CALIBRATION], AUTO_SHARES[SAFETY]
 HELD_OUT_SHARE = 0.25  # of each stream's batches, held out to judge the candidates
 
-#: {λ: ((task, safety[, retain]) held-out losses, (the same streams') token accuracies)}, with the
-#: references at λ = 0 (F) and λ = inf (A)
-Measures = dict[float, tuple[tuple[float, ...], tuple[float, ...]]]
+#: {λ: ((task, safety[, retain]) held-out losses, the same streams' token accuracies[, their row exact
+#: matches])}, with the references at λ = 0 (F) and λ = inf (A)
+Measures = dict[float, tuple[tuple[float, ...], ...]]
 
 
 def split_held_out(batches: list[dict[str, torch.Tensor]], what: str) -> tuple[list, list]:
@@ -109,18 +113,28 @@ def dominated(losses: Mapping[float, Sequence[float]]) -> set[float]:
 
 def _within_tolerances(row: dict[str, Any]) -> bool:
     """Within the retain and task tolerances (a measure that could not be taken does not count against)."""
-    retain, task = row["retain_accuracy_lost"], row["task_accuracy_lost"]
-    return (retain is None or retain <= AUTO_RETAIN_TOLERANCE) and task <= AUTO_TASK_TOLERANCE
+    tests = (
+        (row["retain_accuracy_lost"], AUTO_RETAIN_TOLERANCE),
+        (row["task_accuracy_lost"], AUTO_TASK_TOLERANCE),
+        (row["task_exact_lost"], AUTO_TASK_EXACT_TOLERANCE),
+    )
+    return all(value is None or value <= limit for value, limit in tests)
+
+
+def _share_lost(value: float, reference: float) -> float | None:
+    """1 - value / reference: the relative loss, None where the reference answers no row exactly."""
+    return 1.0 - value / reference if reference > 0 else None
 
 
 def choose_weight(
     measures: Mapping[float, tuple[Sequence[float], Sequence[float]]], *, warn: bool = True
 ) -> tuple[float, dict[str, Any]]:
-    """(λ*, the search table) from {λ: (losses, accuracies)} holding the references 0 (F) and inf (A);
-    losses and accuracies are (task, safety[, retain]) on the held-out batches. `warn`: log a warning when
-    no candidate passes (the search's last round only)."""
-    (task_f, safe_f, *retain_f), (acc_task_f, _, *acc_retain_f) = measures[0.0]
-    (task_a, safe_a, *retain_a), (_, _, *acc_retain_a) = measures[math.inf]
+    """(λ*, the search table) from {λ: (losses, accuracies[, exact matches])} holding the references 0 (F)
+    and inf (A); each is (task, safety[, retain]) on the held-out batches (measures without exact matches, as
+    recorded before they were, skip the task answers test). `warn`: log a warning when no candidate passes
+    (the search's last round only)."""
+    (task_f, safe_f, *retain_f), (acc_task_f, _, *acc_retain_f), *exact_f = measures[0.0]
+    (task_a, safe_a, *retain_a), (_, _, *acc_retain_a), *_ = measures[math.inf]
     gap_s, gap_d = safe_f - safe_a, task_a - task_f
     has_retain = bool(retain_f)
     retain_floor = min(acc_retain_f[0], acc_retain_a[0]) if has_retain else None
@@ -128,7 +142,7 @@ def choose_weight(
     beaten = dominated({c: tuple(measures[c][0]) for c in candidates})
     rows = []
     for c in candidates:
-        (task, safe, *retain), (acc_task, acc_safe, *acc_retain) = measures[c]
+        (task, safe, *retain), (acc_task, acc_safe, *acc_retain), *exact = measures[c]
         rows.append(
             {
                 "safety_weight": c,
@@ -142,6 +156,8 @@ def choose_weight(
                 "task_lost": (task - task_f) / gap_d if gap_d > 0 else None,
                 "task_accuracy_lost": acc_task_f - acc_task,
                 "retain_accuracy_lost": retain_floor - acc_retain[0] if has_retain else None,
+                "task_exact": exact[0][0] if exact else None,
+                "task_exact_lost": _share_lost(exact[0][0], exact_f[0][0]) if exact and exact_f else None,
                 "dominated": c in beaten,
             }
         )
@@ -151,7 +167,7 @@ def choose_weight(
         for r in undominated
         if r["safety_left"] is not None and r["safety_left"] <= AUTO_TOLERANCE and _within_tolerances(r)
     ]
-    limits = f"task accuracy lost <= {AUTO_TASK_TOLERANCE}" + (
+    limits = f"task accuracy lost <= {AUTO_TASK_TOLERANCE}, task answers lost <= {AUTO_TASK_EXACT_TOLERANCE}" + (
         f", retain accuracy lost <= {AUTO_RETAIN_TOLERANCE}" if has_retain else ""
     )
     if gap_s <= AUTO_MIN_GAP:
@@ -172,7 +188,7 @@ def choose_weight(
         if warn:
             left = ", ".join(
                 f"λ={r['safety_weight']:g}: {_fmt(r['safety_left'])} left, task accuracy lost "
-                f"{_fmt(r['task_accuracy_lost'])}"
+                f"{_fmt(r['task_accuracy_lost'])}, task answers lost {_fmt(r['task_exact_lost'])}"
                 + (f", retain accuracy lost {_fmt(r['retain_accuracy_lost'])}" if has_retain else "")
                 for r in rows
             )
@@ -185,9 +201,10 @@ def choose_weight(
     table = {
         "criterion": (
             f"smallest undominated λ with (L_safety(λ) - L_safety(A)) / (L_safety(F) - L_safety(A)) <= "
-            f"{AUTO_TOLERANCE}, a_task(F) - a_task(λ) <= {AUTO_TASK_TOLERANCE}"
+            f"{AUTO_TOLERANCE}, a_task(F) - a_task(λ) <= {AUTO_TASK_TOLERANCE}, 1 - e_task(λ) / e_task(F) <= "
+            f"{AUTO_TASK_EXACT_TOLERANCE}"
             + (f" and min(a_retain(F), a_retain(A)) - a_retain(λ) <= {AUTO_RETAIN_TOLERANCE}" if has_retain else "")
-            + " (L: held-out next-token loss, a: token accuracy)"
+            + " (L: held-out next-token loss, a: token accuracy, e: rows answered exactly)"
         ),
         "reason": reason,
         "chosen": chosen,
@@ -201,12 +218,13 @@ def choose_weight(
     return chosen, table
 
 
-def _reference(measured: tuple[Sequence[float], Sequence[float]]) -> dict[str, float]:
+def _reference(measured: tuple[Sequence[float], ...]) -> dict[str, float]:
     names = ("task", "safety", "retain")
-    losses, accuracies = measured
+    losses, accuracies, *exact = measured
     return {
         **{f"{n}_loss": v for n, v in zip(names, losses)},
         **{f"{n}_accuracy": v for n, v in zip(names, accuracies)},
+        **{f"{n}_exact": v for n, v in zip(names, exact[0] if exact else ())},
     }
 
 
@@ -280,7 +298,7 @@ def held_out_losses(
     out = {}
     for c in levels:
         scores = [_scores(model, layers, stream, dist_ctx) for stream in held_state[c]]
-        out[c] = (tuple(nll for nll, _ in scores), tuple(acc for _, acc in scores))
+        out[c] = tuple(tuple(column) for column in zip(*scores))  # (losses, token accuracies, exact matches)
     return out
 
 
@@ -307,23 +325,29 @@ class _BaseReader:
         self.inputs = inputs
 
 
-def _scores(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any) -> tuple[float, float]:
-    """(mean next-token loss, token accuracy) on the scored (response) tokens of `stream`, from its last
-    layer's outputs through the model's own head (`head.scored_logits`; accuracy: the share of scored tokens
-    that are the argmax: what greedy decoding would say there, the loss being a poor proxy for it where the
-    references' losses are near zero)."""
-    total = torch.zeros(3, dtype=torch.float64)  # loss sum, argmax hits, scored tokens
+def _scores(model: nn.Module, layers: nn.ModuleList, stream: Stream, dist_ctx: Any) -> tuple[float, float, float]:
+    """(mean next-token loss, token accuracy, row exact match) on the scored (response) tokens of `stream`,
+    from its last layer's outputs through the model's own head (`head.scored_logits`). Token accuracy: the
+    share of scored tokens that are the argmax (what greedy decoding would say there; the loss is a poor proxy
+    for it where the references' losses are near zero). Row exact match: the share of rows whose every scored
+    token is the argmax, i.e. whose greedy answer is exactly the recorded one (the suite's accuracy metric)."""
+    total = torch.zeros(5, dtype=torch.float64)  # loss sum, argmax hits, scored tokens, exact rows, scored rows
     for scored, logits, targets in scored_logits(model, layers, stream):
         picked, wanted = logits[scored], targets[scored]
         nll = torch.nn.functional.cross_entropy(picked, wanted, reduction="sum")
-        hits = (picked.argmax(dim=-1) == wanted).sum()
-        total += torch.tensor([float(nll), float(hits), float(scored.sum())], dtype=torch.float64)
+        hit = logits.argmax(dim=-1) == targets
+        rows = scored.any(dim=1)
+        exact = (hit | ~scored).all(dim=1) & rows
+        total += torch.tensor(
+            [float(nll), float(hit[scored].sum()), float(scored.sum()), float(exact.sum()), float(rows.sum())],
+            dtype=torch.float64,
+        )
     if dist_ctx.kind != "single":
         from ..distributed import all_reduce_sum_
 
         all_reduce_sum_(total)
-    count = total[2].clamp_min(1.0)
-    return float(total[0] / count), float(total[1] / count)
+    count, rows = total[2].clamp_min(1.0), total[4].clamp_min(1.0)
+    return float(total[0] / count), float(total[1] / count), float(total[3] / rows)
 
 
 def resolve_auto_weight(

@@ -190,8 +190,8 @@ def prepare_safety(
 
 
 def retain_or_off(config: IRRConfig, retain_calibration: Any) -> IRRConfig:
-    """`config`, or (a retain weight but no retain data) `config` with the retain term off and a warning: the
-    recommended preset has a retain weight, and a call that gives no retain data stays valid."""
+    """`config`, or (a retain weight but no retain data) `config` with the retain term off and a warning: a call
+    written before the retain stream, given a config with a retain weight, stays valid."""
     if not config.uses_retain_stream or retain_calibration is not None:
         return config
     from dataclasses import replace

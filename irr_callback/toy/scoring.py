@@ -63,16 +63,16 @@ register(
         "recommended",
         IRRConfig.recommended,
         ("calibration", "safety", "retain"),
-        description="IRRConfig.recommended() as the code ships it (retain stream given)",
+        description="IRRConfig.recommended() as the code ships it (retain stream given: used where ρ > 0)",
     )
 )
 register(
     Setting(
         "recommended-before-filter",
-        lambda: IRRConfig.recommended(calibration_filter="none"),
+        lambda: IRRConfig.recommended(retain_weight=0.3, calibration_filter="none"),
         ("calibration", "safety", "retain"),
-        description="IRRConfig.recommended(calibration_filter='none'): every calibration row used (the setting of "
-        "issue 19's third test round)",
+        description="IRRConfig.recommended(retain_weight=0.3, calibration_filter='none'): every calibration row used, "
+        "retain ρ = 0.3 (the setting of issue 19's third test round, with today's auto rule)",
     )
 )
 register(
@@ -85,9 +85,11 @@ register(
 )
 register(
     Setting(
-        "recommended-ρ0",
-        lambda: IRRConfig.recommended(retain_weight=0.0),
-        description="IRRConfig.recommended(retain_weight=0): the calibration filter without the retain stream",
+        "recommended-ρ0.3",
+        lambda: IRRConfig.recommended(retain_weight=0.3),
+        ("calibration", "safety", "retain"),
+        description="IRRConfig.recommended(retain_weight=0.3): the calibration filter and the retain term at ρ = 0.3 "
+        "(issue 19's fourth-round default, with today's auto rule)",
     )
 )
 for _lam in (0.05, 0.1, 0.2, 0.3):
@@ -112,7 +114,7 @@ for _rho in (0.3, 1.0, 3.0, 10.0):
             f"retain-ρ{_rho:g}",
             lambda rho=_rho: IRRConfig.recommended(retain_weight=rho),
             ("calibration", "safety", "retain"),
-            description=f"auto λ + the retain stream with ρ = {_rho:g} (IRRConfig.recommended() has ρ = 0.3)",
+            description=f"auto λ + the retain stream with ρ = {_rho:g} (IRRConfig.recommended() has ρ = 0)",
         )
     )
 for _lam, _rho in ((0.2, 1.0), (0.2, 3.0), (0.3, 3.0)):

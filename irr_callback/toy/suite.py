@@ -141,10 +141,13 @@ def _split_specs(
 
 
 #: Chosen once (issue 19): dev worlds choose defaults, test worlds (seeds 101-110, three worlds per base:
-#: 30) report. The dev split grew once, never from the test worlds: seeds 1-8 (16 worlds, the first round)
-#: and seeds 11-20 (30 more, three per base, dev08-dev17: 16 dev worlds were too few to tell settings apart).
-DEV_WORLDS: tuple[WorldSpec, ...] = _split_specs("dev", list(range(1, 9)), rng_seed=1919) + _split_specs(
-    "dev", list(range(11, 21)), rng_seed=1921, per_base=3, first_base=8
+#: 30) report. The dev split grew twice, never from the test worlds: seeds 1-8 (16 worlds, the first round)
+#: and seeds 11-20 (30 more, three per base, dev08-dev17: 16 dev worlds were too few to tell settings apart),
+#: then once more: seeds 21-30 (dev18-dev27, the fourth round: one set of 46 dev worlds flipped the choice of ρ).
+DEV_WORLDS: tuple[WorldSpec, ...] = (
+    _split_specs("dev", list(range(1, 9)), rng_seed=1919)
+    + _split_specs("dev", list(range(11, 21)), rng_seed=1921, per_base=3, first_base=8)
+    + _split_specs("dev", list(range(21, 31)), rng_seed=1923, per_base=3, first_base=18)
 )
 TEST_WORLDS: tuple[WorldSpec, ...] = _split_specs("test", list(range(101, 111)), rng_seed=2020, per_base=3)
 #: The tests' regression subset: tiny, short-trained worlds on one base (tests/toy/test_suite.py).

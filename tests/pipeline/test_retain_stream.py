@@ -52,11 +52,11 @@ def test_zero_retain_weight_ignores_the_retain_data_bit_for_bit(config):
 
 
 def test_retain_weight_without_retain_data_warns_and_runs_with_the_term_off(caplog):
-    """`IRRConfig.recommended()` has a retain weight: a call without retain data stays valid (the term is off,
-    the report says retain_weight 0, a warning says why) and is bit for bit the run with ρ = 0."""
+    """A config with a retain weight: a call without retain data stays valid (the term is off, the report says
+    retain_weight 0, a warning says why) and is bit for bit the run with ρ = 0."""
     with caplog.at_level(logging.WARNING, logger="irr_callback"):
-        off, report = run(IRRConfig.recommended(safety_weight=0.5))
-    assert IRRConfig.recommended().retain_weight > 0 and report.config["retain_weight"] == 0.0
+        off, report = run(IRRConfig.recommended(safety_weight=0.5, retain_weight=0.3))
+    assert report.config["retain_weight"] == 0.0
     assert any("no retain_calibration" in r.getMessage() for r in caplog.records)
     zero, _ = run(IRRConfig.recommended(safety_weight=0.5, retain_weight=0.0))
     assert same_state(state(off), state(zero))
@@ -239,7 +239,8 @@ def test_held_out_losses_through_the_scored_positions_only_equal_the_full_logits
 @pytest.mark.parametrize("keep_positions", [True, False])
 def test_held_out_scores_are_the_plain_forward_loss_and_token_accuracy(monkeypatch, keep_positions):
     """`_scores` (what the rule reads) from a stream's recorded last-layer output equals the model's own forward:
-    the mean next-token loss and the share of scored tokens that are the argmax (with and without `logits_to_keep`)."""
+    the mean next-token loss, the share of scored tokens that are the argmax and the share of rows whose every
+    scored token is (with and without `logits_to_keep`)."""
     from types import SimpleNamespace
 
     from irr_callback.pipeline import auto_weight, head
@@ -268,9 +269,38 @@ def test_held_out_scores_are_the_plain_forward_loss_and_token_accuracy(monkeypat
         hidden=[captured[0]], batches=[{"input_ids": ids, "attention_mask": attention, "irr_loss_mask": scored}]
     )
     with torch.no_grad():
-        nll, accuracy = auto_weight._scores(model, model.model.layers, stream, SimpleNamespace(kind="single"))
+        nll, accuracy, exact = auto_weight._scores(model, model.model.layers, stream, SimpleNamespace(kind="single"))
     where = scored[:, 1:].bool()
     picked, wanted = logits[:, :-1][where], ids[:, 1:][where]
     assert nll == pytest.approx(float(torch.nn.functional.cross_entropy(picked, wanted)), rel=1e-5)
     assert accuracy == pytest.approx(float((picked.argmax(-1) == wanted).float().mean()))
     assert 0.6 < accuracy < 1  # 10 of the 13 scored tokens are greedy by construction, row 2's mostly not
+    hits = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~where
+    assert exact == pytest.approx(float(hits.all(dim=1).float().mean()))
+    assert exact == pytest.approx(2 / 3)  # rows 0-1 answer greedily; row 2 holds the misses (accuracy < 1)
+
+
+def test_task_answers_tolerance_counts_whole_answers_not_tokens(caplog):
+    """λ = 1 restores the safety loss and loses little task *token* accuracy, but the held-out task rows whose
+    greedy answer is exact fall by more than `AUTO_TASK_EXACT_TOLERANCE` of the fine-tuned model's: a token lost
+    in each of many answers. The rule keeps the task (λ = 0.3) and warns; within the tolerance, 1 is taken."""
+    from irr_callback.pipeline.auto_weight import AUTO_TASK_EXACT_TOLERANCE, AUTO_TASK_TOLERANCE, choose_weight
+
+    cands = {0.1: (0.01, 0.30), 0.3: (0.02, 0.05), 1.0: (0.05, 0.001)}
+    base = normalised(cands)
+    exact = {0.0: (1.0, 0.0), math.inf: (0.4, 1.0), 0.1: (1.0, 0.5), 0.3: (0.95, 0.8)}
+    lost = 1.0 - (AUTO_TASK_EXACT_TOLERANCE + 0.05)  # share of F's exact rows left at λ = 1
+    assert AUTO_TASK_TOLERANCE > 0.05  # the token accuracies alone (1.0 everywhere) would let λ = 1 pass
+
+    def with_exact(at_one):
+        return {c: (*base[c], {**exact, 1.0: (at_one, 1.0)}[c]) for c in base}
+
+    with caplog.at_level(logging.WARNING, logger="irr_callback"):
+        weight, table = choose_weight(with_exact(lost))
+    assert weight == 0.3 and not table["passing"]
+    assert table["candidates"][2]["task_exact_lost"] == pytest.approx(AUTO_TASK_EXACT_TOLERANCE + 0.05)
+    assert table["candidates"][2]["task_accuracy_lost"] == 0.0
+    assert table["references"]["finetuned"]["task_exact"] == 1.0
+    assert any("task answers lost" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert choose_weight(with_exact(1.0 - AUTO_TASK_EXACT_TOLERANCE / 2))[0] == 1.0
+    assert choose_weight(base)[0] == 1.0  # measures without exact matches (older recordings): not tested
