@@ -14,7 +14,7 @@ from .core.settings import RealignSettings
 
 
 IDENTIFY_MODES = ("sign", "no_sign", "random", "none")
-SAFETY_TOKENS = ("all", "response", "prompt")
+SAFETY_TOKENS = ("all", "response", "prompt", "answer")
 CALIBRATION_FILTERS = ("none", "refused")
 SAFETY_TERMS = ("aligned", "delta")
 LORA_OUTPUTS = ("merged", "adapter", "both")
@@ -164,7 +164,8 @@ class IRRConfig:
         default="all",
         metadata={
             "help": "Tokens of the safety stream that feed its Hessians: 'all' (prompt and response), 'response' "
-            "(labels != -100) or 'prompt' (labels == -100)."
+            "(labels != -100), 'prompt' (labels == -100) or 'answer' (the positions that predict a response token: "
+            "the last prompt token and the response but its last token)."
         },
     )
     num_safety_samples: int = field(

@@ -12,7 +12,7 @@ class CalibrationError(ValueError):
     """The calibration data cannot be used; the message says which column or batch."""
 
 
-TOKEN_SELECTIONS = ("all", "response", "prompt")
+TOKEN_SELECTIONS = ("all", "response", "prompt", "answer")
 
 
 def calibration_batches(
@@ -30,8 +30,9 @@ def calibration_batches(
 
     Keeps the first `max_samples` sequences, truncates each to `max_length` tokens, and builds an
     attention mask when none is given. Raises `CalibrationError` when no real token is left.
-    `token_selection` ('all', 'response' or 'prompt') adds `irr_token_mask`: the real tokens whose
-    `labels` are set ('response', -100 marks prompt tokens), unset ('prompt') or all of them; rows
+    `token_selection` ('all', 'response', 'prompt' or 'answer') adds `irr_token_mask`: the real tokens
+    whose `labels` are set ('response', -100 marks prompt tokens), unset ('prompt'), all of them, or the
+    positions that predict a response token ('answer': where greedy decoding decides the answer); rows
     without `labels` count as all response. `what` names the input in errors. `loss_mask` adds
     `irr_loss_mask`: the response tokens, whose next-token loss judges a held-out batch.
     """
@@ -53,7 +54,10 @@ def calibration_batches(
             input_ids[row, : len(ids)] = ids
             attention[row, : len(mask)] = mask
             if token_selection is not None:
-                keep = {"all": mask.bool(), "response": response, "prompt": ~response}[token_selection]
+                keep = {"all": mask.bool(), "response": response, "prompt": ~response}.get(token_selection)
+                if keep is None:  # "answer": the positions whose next token is a response token
+                    keep = torch.zeros_like(response)
+                    keep[:-1] = response[1:]
                 selected[row, : len(mask)] = (keep & mask.bool()).long()
             scored[row, : len(mask)] = (response & mask.bool()).long()
         batch = {"input_ids": input_ids, "attention_mask": attention}

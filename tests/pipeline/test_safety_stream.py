@@ -53,6 +53,28 @@ def test_safety_stream_sees_padding_free_tokens_only(term):
     assert report.safety_tokens == padded_report.safety_tokens == 8 * 9
     response_only = IRRConfig.recommended(safety_weight=0.5, safety_term=term, safety_tokens="response")
     assert run(response_only)[1].safety_tokens == 8 * 5
+    answer = IRRConfig.recommended(safety_weight=0.5, safety_term=term, safety_tokens="answer")
+    assert run(answer)[1].safety_tokens == 8 * 5  # the last prompt token and the response but its last token
+
+
+def test_answer_tokens_are_the_positions_that_predict_the_response():
+    """safety_tokens='answer': position p is selected when token p + 1 is a response token (labels set), so the
+    last prompt token, where greedy decoding opens the answer, is in and the last response token is out;
+    padding (left or right) is never selected."""
+    from irr_callback.pipeline.calibration import calibration_batches
+
+    rows = [
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, -100, 8, 9]},
+        {"input_ids": [0, 0, 5, 6, 7, 8], "attention_mask": [0, 0, 1, 1, 1, 1], "labels": [-100] * 4 + [7, 8]},
+    ]
+    masks = {
+        which: calibration_batches(rows, max_samples=2, max_length=8, batch_size=2, token_selection=which)[0][
+            "irr_token_mask"
+        ].tolist()
+        for which in ("response", "answer")
+    }
+    assert masks["response"] == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 0]]
+    assert masks["answer"] == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]]
 
 
 def test_zero_weight_ignores_the_safety_stream_and_is_the_paper():
