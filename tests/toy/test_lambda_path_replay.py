@@ -62,3 +62,30 @@ def test_replay_takes_the_rules_choice_and_its_recorded_evaluation(lambda_path):
     del payload["worlds"][0]["held_out"]["0.2"]  # the rule asks for a λ the path did not record: a clear error
     with pytest.raises(KeyError, match="a: λ"):
         lambda_path.simulate(payload)
+
+
+def test_replay_reads_the_recorded_exact_matches(lambda_path):
+    """Paths recorded with row exact matches feed the rule's task answers test: λ = 0.2 restores the safety loss
+    within the token tolerances but answers fewer than 1 - AUTO_TASK_EXACT_TOLERANCE of F's held-out rows exactly,
+    so the replay keeps the task at 0.1; the same path without the exact matches takes 0.2."""
+    from irr_callback.pipeline.auto_weight import AUTO_TASK_EXACT_TOLERANCE
+
+    def measured(task_acc, safety_loss, exact):
+        return {**_measured(task_acc, safety_loss), "exact": [exact, 0.5, 1.0]}
+
+    held = {"F": measured(1.0, 2.0, 1.0), "A": measured(0.5, 0.0, 0.0), "0.1": measured(1.0, 0.5, 1.0),
+            "0.2": measured(0.97, 0.001, 0.7 - AUTO_TASK_EXACT_TOLERANCE), "0.3": measured(0.96, 0.0, 0.4),
+            "1": measured(0.9, 0.0, 0.2)}  # fmt: skip
+    world = {"world": "a", "finetune": "full", "held_out": held,
+             "evaluation": {k: _evaluation(k == "0.1") for k in held if k not in "FA"}}  # fmt: skip
+    assert lambda_path.simulate({"grid": [0.1, 0.2, 0.3, 1], "worlds": [world]})["rows"][0]["safety_weight"] == 0.1
+    for level in held.values():
+        del level["exact"]
+    assert lambda_path.simulate({"grid": [0.1, 0.2, 0.3, 1], "worlds": [world]})["rows"][0]["safety_weight"] == 0.2
+
+
+def test_set_parses_config_fields_and_names_a_wrong_one(lambda_path):
+    assert lambda_path._field("safety_ridge=0.01") == ("safety_ridge", 0.01)
+    assert lambda_path._field("safety_tokens=answer") == ("safety_tokens", "answer")
+    with pytest.raises(SystemExit, match="no_such_field"):
+        lambda_path._field("no_such_field=1")
