@@ -148,6 +148,41 @@ def drop_refused_rows(world: Any) -> int:
     return n - len(keep)
 
 
+def drop_confidently_refused_rows(world: Any) -> int:
+    """An experiment, not a setting: the library's filter judges a row refused when greedy decoding opens its answer
+    with a safety refusal; this one also asks the refusal to be at least as confident as the aligned model's least
+    confident refusal of the safety prompts themselves (the opening's log-probability, teacher-forced), so task
+    prompts the base refuses hesitantly (template-sharing tasks) are kept. Returns how many rows were dropped."""
+    from collections import Counter
+
+    import torch
+
+    model = world.aligned_model.eval()
+
+    def split(row):
+        start = next(i for i, label in enumerate(row["labels"]) if label != -100)
+        return torch.tensor(row["input_ids"][:start]), tuple(row["input_ids"][start : start + 4])
+
+    @torch.no_grad()
+    def opening(prompt, tokens):
+        """(greedy opens with `tokens`, their summed log-probability after `prompt`)."""
+        ids = torch.cat([prompt, torch.tensor(tokens)])[None]
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        picked = logp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        return bool((logp.argmax(-1) == torch.tensor(tokens)).all()), float(picked.sum())
+
+    safety = [split(row) for row in world.safety_calibration]
+    openings = [o for o, _ in Counter(o for _, o in safety).most_common(4)]
+    floor = min(score for prompt, o in safety for greedy, score in [opening(prompt, o)] if greedy)
+    keep = []
+    for row in world.calibration:
+        prompt, _ = split(row)
+        judged = [opening(prompt, o) for o in openings]
+        keep.append(not any(greedy and score >= floor for greedy, score in judged))
+    world.calibration = world.calibration.select([i for i, k in enumerate(keep) if k])
+    return len(keep) - sum(keep)
+
+
 def run_group(
     specs: list[Any],
     grid: tuple[float, ...],
@@ -166,7 +201,11 @@ def run_group(
     for spec in specs:
         t0 = time.perf_counter()
         world = build_world(spec, cache_dir=cache_dir)
-        filters = {"oracle": drop_harmful_rows, "refused-by-base": drop_refused_rows}
+        filters = {
+            "oracle": drop_harmful_rows,
+            "refused-by-base": drop_refused_rows,
+            "confidently-refused": drop_confidently_refused_rows,
+        }
         dropped = filters[calibration_filter](world) if calibration_filter in filters else 0
         library = "refused" if calibration_filter == "library" else "none"  # the library's own filter, in realign
         held_out = probe(world, grid, rho, library, overrides)
@@ -229,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix")
     p.add_argument(
         "--calibration-filter",
-        choices=["oracle", "refused-by-base", "library"],
+        choices=["oracle", "refused-by-base", "confidently-refused", "library"],
         help="Drop calibration rows: the harmful ones (oracle: known from the world's answers, an experiment), those "
-        "whose prompt the aligned model refuses when generating (refused-by-base, an experiment), or the library's "
+        "whose prompt the aligned model refuses when generating (refused-by-base, an experiment), those it refuses "
+        "at least as confidently as the safety prompts (confidently-refused, an experiment), or the library's "
         "IRRConfig.calibration_filter='refused' (library: every realignment of the path runs it).",
     )
     p.add_argument(
