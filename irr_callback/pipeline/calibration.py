@@ -54,10 +54,11 @@ def calibration_batches(
             input_ids[row, : len(ids)] = ids
             attention[row, : len(mask)] = mask
             if token_selection is not None:
-                keep = {"all": mask.bool(), "response": response, "prompt": ~response}.get(token_selection)
-                if keep is None:  # "answer": the positions whose next token is a response token
-                    keep = torch.zeros_like(response)
-                    keep[:-1] = response[1:]
+                answer = torch.zeros_like(response)  # the positions whose next token is a response token
+                answer[:-1] = response[1:]
+                keep = {"all": mask.bool(), "response": response, "prompt": ~response, "answer": answer}[
+                    token_selection
+                ]
                 selected[row, : len(mask)] = (keep & mask.bool()).long()
             scored[row, : len(mask)] = (response & mask.bool()).long()
         batch = {"input_ids": input_ids, "attention_mask": attention}
