@@ -37,6 +37,8 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "ram_gb": round(_total_ram() / 2**30, 1),
         "load_average": list(os.getloadavg()),
+        # the CPU kernels torch dispatches to (ATEN_CPU_CAPABILITY can lower it): trained toy models depend on it
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

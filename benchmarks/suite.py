@@ -350,7 +350,8 @@ def markdown(payload: dict[str, Any]) -> str:
     return (
         f"# Benchmark suite: {payload['split']} worlds\n\n"
         f"- command: `{payload['command']}`\n"
-        f"- machine: {m['cpu']}, {m['cores']} cores (torch on 1 thread per worker, {payload['workers']} workers), "
+        f"- machine: {m['cpu']} ({m.get('cpu_capability', 'CPU kernels not recorded')}), {m['cores']} cores (torch on "
+        f"1 thread per worker, {payload['workers']} workers), "
         f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, commit {m['git_commit']}; "
         f"load average at start {m['load_average']}\n"
         f"- date: {payload['date']}, {payload['seconds']} s wall; {payload.get('cpu_seconds', '?')} CPU-seconds in the workers "

@@ -48,8 +48,9 @@ class IRRConfig:
         of general prompts that keeps what the model could already do.
 
     Args (calibration):
-        num_calibration_samples, calibration_max_length, calibration_loss_tokens_only, calibration_batch_size: the
-            data H is built from (packed rows are split into their sequences; a sample is one sequence).
+        num_calibration_samples, calibration_max_length, calibration_loss_tokens_only, calibration_answer_weight,
+            calibration_batch_size: the data H is built from (packed rows are split into their sequences; a sample
+            is one sequence).
         device: where the math runs. backup: where originals are kept for the all-or-nothing restore.
 
     Args (safety inputs, for the callback and the CLI):
@@ -226,6 +227,16 @@ class IRRConfig:
             "keys and values shape the completion); True only the tokens the training loss saw (labels != -100, "
             "e.g. TRL's completion_only_loss / assistant_only_loss). Every token still runs through the layers. "
             "Measured on the toy world: docs/trl.md."
+        },
+    )
+    calibration_answer_weight: int = field(
+        default=1,
+        metadata={
+            "help": "How many times each answer position of a calibration row counts in H_d: the positions that predict "
+            "a response token (the last prompt token, where the answer is decided, and the response but its last "
+            "token). 1 (default): every token once, as in the paper. k > 1 protects the task where its prompts share "
+            "inputs with the safety stream's; an experiment that met fewer of the suite's dev worlds (k = 4 and 16, "
+            "docs/safety-weight.md), kept so that result can be reproduced."
         },
     )
     calibration_batch_size: int = field(
@@ -456,6 +467,7 @@ class IRRConfig:
         for name in (
             "num_calibration_samples",
             "num_safety_samples",
+            "calibration_answer_weight",
             "calibration_max_length",
             "calibration_batch_size",
             "fisher_batch_size",

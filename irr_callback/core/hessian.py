@@ -22,21 +22,29 @@ class HessianAccumulator:
         self.block = block
 
     def add(self, inputs: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
-        """Add a batch of inputs (..., columns); `token_mask` (same leading shape) selects real tokens."""
+        """Add a batch of inputs (..., columns); `token_mask` (same leading shape) selects real tokens. An
+        integer mask may count a token k > 1 times (as if it were k tokens: `calibration_answer_weight`)."""
         x = inputs.reshape(-1, inputs.shape[-1])
+        count = None
         if token_mask is not None:
-            keep = token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+            weights = token_mask.reshape(-1).to(device=x.device)
+            keep = weights.bool()
             if keep.numel() != x.shape[0]:
                 raise ValueError(f"token mask has {keep.numel()} positions but the input has {x.shape[0]} tokens")
             if not bool(keep.all()):  # no copy of the activations when nothing is padding
-                x = x[keep]
+                x, weights = x[keep], weights[keep]
+            if weights.numel() and bool((weights > 1).any()):
+                if weights.is_floating_point() or bool((weights < 0).any()):
+                    raise ValueError("token mask weights must be non-negative integers")
+                count = int(weights.sum())
+                x = x.to(self.sum.dtype) * weights.to(self.sum.dtype).sqrt().unsqueeze(1)
         if x.shape[0] == 0:
             return
         x = x.to(self.sum.dtype)
         for b0 in range(0, x.shape[1], self.block):
             b1 = min(b0 + self.block, x.shape[1])
             self.sum[b0:b1, b0:].addmm_(x[:, b0:b1].t(), x[:, b0:])
-        self.tokens += x.shape[0]
+        self.tokens += x.shape[0] if count is None else count
 
     def merge(self, other: HessianAccumulator) -> None:
         self.sum += other.sum.to(self.sum.device)

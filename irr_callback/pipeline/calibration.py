@@ -25,6 +25,7 @@ def calibration_batches(
     token_selection: str | None = None,
     what: str = "calibration",
     loss_mask: bool = False,
+    answer_weight: int = 1,
 ) -> list[dict[str, torch.Tensor]]:
     """Normalise a `datasets.Dataset`, a list of examples or an iterable of batches (a DataLoader).
 
@@ -34,10 +35,15 @@ def calibration_batches(
     whose `labels` are set ('response', -100 marks prompt tokens), unset ('prompt'), all of them, or the
     positions that predict a response token ('answer': where greedy decoding decides the answer); rows
     without `labels` count as all response. `what` names the input in errors. `loss_mask` adds
-    `irr_loss_mask`: the response tokens, whose next-token loss judges a held-out batch.
+    `irr_loss_mask`: the response tokens, whose next-token loss judges a held-out batch. `answer_weight` k > 1
+    counts each answer position k times in the mask (the selection, 'all' when none is given, otherwise once).
     """
     if token_selection is not None and token_selection not in TOKEN_SELECTIONS:
         raise ValueError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {token_selection!r}")
+    if not isinstance(answer_weight, int) or answer_weight < 1:
+        raise ValueError(f"answer_weight must be an integer >= 1, got {answer_weight!r}")
+    if answer_weight > 1 and token_selection is None:
+        token_selection = "all"
     sequences = _sequences(calibration, max_samples, what)
     batches = []
     for start in range(0, len(sequences), batch_size):
@@ -59,7 +65,9 @@ def calibration_batches(
                 keep = {"all": mask.bool(), "response": response, "prompt": ~response, "answer": answer}[
                     token_selection
                 ]
-                selected[row, : len(mask)] = (keep & mask.bool()).long()
+                selected[row, : len(mask)] = (keep & mask.bool()).long() + (answer_weight - 1) * (
+                    answer & mask.bool()
+                ).long()
             scored[row, : len(mask)] = (response & mask.bool()).long()
         batch = {"input_ids": input_ids, "attention_mask": attention}
         if token_selection is not None:

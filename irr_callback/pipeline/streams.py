@@ -154,14 +154,19 @@ def keep_calibration_rows(
 def _calibration_batches(calibration: Any, config: IRRConfig, model_config: Any) -> list[dict[str, torch.Tensor]]:
     selection = "response" if config.calibration_loss_tokens_only else None
     return _padded_batches(
-        calibration, config, model_config, config.num_calibration_samples, token_selection=selection
+        calibration,
+        config,
+        model_config,
+        config.num_calibration_samples,
+        token_selection=selection,
+        answer_weight=config.calibration_answer_weight,
     )
 
 
 def _count_calibration(batches: list[dict[str, torch.Tensor]], config: IRRConfig, report: IRRReport) -> None:
-    key = "irr_token_mask" if config.calibration_loss_tokens_only else "attention_mask"
+    key = "irr_token_mask" if "irr_token_mask" in batches[0] else "attention_mask"
     report.calibration_sequences = sum(b["input_ids"].shape[0] for b in batches)
-    report.calibration_tokens = sum(int(b[key].sum()) for b in batches)
+    report.calibration_tokens = sum(int(b[key].bool().sum()) for b in batches)
 
 
 def prepare_safety(

@@ -75,6 +75,23 @@ def test_answer_tokens_are_the_positions_that_predict_the_response():
     }
     assert masks["response"] == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 0]]
     assert masks["answer"] == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]]
+    weighted = calibration_batches(rows, max_samples=2, max_length=8, batch_size=2, answer_weight=3)[0]
+    assert weighted["irr_token_mask"].tolist() == [[1, 1, 3, 3, 1], [1, 3, 3, 1, 0]]  # calibration_answer_weight
+    with pytest.raises(ValueError, match="answer_weight"):
+        calibration_batches(rows, max_samples=2, max_length=8, batch_size=2, answer_weight=0)
+
+
+def test_calibration_answer_weight_reweights_h_d_only():
+    """calibration_answer_weight=k: the answer positions of the calibration rows count k times in H_d (the Hessian
+    accumulator's integer weights, tests/core/test_hessian.py), so the solve moves; the rows and tokens used do not."""
+    cal = safety_rows(n=16, seed=3)  # labelled rows: -100 on the prompt
+    one, one_report = run(IRRConfig.recommended(safety_weight=0.5), cal=cal)
+    three, three_report = run(IRRConfig.recommended(safety_weight=0.5, calibration_answer_weight=3), cal=cal)
+    assert one_report.calibration_tokens == three_report.calibration_tokens == 16 * 9
+    moved = max(float((a - b).abs().max()) for a, b in zip(one.parameters(), three.parameters()))
+    assert moved > 1e-4
+    with pytest.raises(IRRConfigError, match="calibration_answer_weight"):
+        IRRConfig.recommended(calibration_answer_weight=0)
 
 
 def test_zero_weight_ignores_the_safety_stream_and_is_the_paper():

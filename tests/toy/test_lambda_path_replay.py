@@ -89,3 +89,24 @@ def test_set_parses_config_fields_and_names_a_wrong_one(lambda_path):
     assert lambda_path._field("safety_tokens=answer") == ("safety_tokens", "answer")
     with pytest.raises(SystemExit, match="no_such_field"):
         lambda_path._field("no_such_field=1")
+
+
+def test_rule_sweep_scores_patched_tolerances_and_restores_the_shipped_rule(lambda_path):
+    """`benchmarks/suite_rule_sweep.py`: a looser task tolerance lets world b take λ = 1 (which met the target there),
+    the shipped one keeps 0.1; the rule's constants are the shipped ones again afterwards."""
+    import suite_rule_sweep
+
+    from irr_callback.pipeline import auto_weight
+
+    refs = {"F": _measured(1.0, 2.0), "A": _measured(0.5, 0.0)}
+    b = {**refs, "0.1": _measured(1.0, 1.0), "0.3": _measured(0.8, 0.5), "0.5": _measured(0.7, 0.3),
+         "1": _measured(0.6, 0.0)}  # fmt: skip
+    payload = {"grid": [0.1, 0.3, 0.5, 1], "worlds": [
+        {"world": "b", "finetune": "lora", "held_out": b,
+         "evaluation": {k: _evaluation(k == "1", down=0.95 if k == "1" else 1.0) for k in b if k not in "FA"}}]}  # fmt: skip
+    shipped = {k: getattr(auto_weight, k) for k in suite_rule_sweep.SWEEP}
+    assert suite_rule_sweep.score([payload], shipped)["met"] == 0
+    looser = suite_rule_sweep.score([payload, payload], {**shipped, "AUTO_TASK_TOLERANCE": 0.5})
+    assert looser["met"] == 2 and looser["per_file"] == [1, 1] and looser["met_lora"] == 2
+    assert looser["min_downstream_ratio"] == 0.95
+    assert {k: getattr(auto_weight, k) for k in suite_rule_sweep.SWEEP} == shipped

@@ -1,0 +1,122 @@
+"""Replay the auto rule with other tolerances on recorded λ paths: which rule meets the most dev worlds (issue 19).
+
+    python benchmarks/suite_rule_sweep.py benchmarks/results/suite_dev76_lambda_path_rho0_filter.json \\
+        benchmarks/results/suite_dev76_build2_lambda_path_rho0_filter.json --name suite_dev_rule_sweep
+
+Why: a tolerance of the rule is a number chosen on dev worlds. One path file (`suite_lambda_path.py`) records, per
+world, the held-out measures of every λ of a grid and what each λ gives on the evaluation, so a rule is scored by
+replaying the library's own `search_weight` with the tolerances patched in (as `suite_lambda_path.py --simulate`
+does for the shipped ones). Several files (builds of the same worlds on different machines, other variants) are
+scored together: a rule counts the world-builds it meets over all of them.
+
+The criterion, fixed before the sweep is read: most world-builds meeting the target; then most with both the
+downstream and the old-task ratio >= 0.8; then the higher median old-task ratio. The shipped rule is always a row,
+and a rule is only worth a change when it beats the shipped one by more than one world-build per file.
+Writes benchmarks/results/<name>.json and .md (the best rules, the shipped one, and per-file counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import _common
+from suite_lambda_path import simulate
+
+
+#: the tolerances swept (names of `irr_callback.pipeline.auto_weight` constants) and their values
+SWEEP = {
+    "AUTO_TOLERANCE": (0.002, 0.005, 0.01, 0.02),
+    "AUTO_TASK_TOLERANCE": (0.05, 0.1, 0.15, 0.2),
+    "AUTO_TASK_EXACT_TOLERANCE": (0.1, 0.15, 0.2, 0.3, 1.0),
+}
+
+
+@contextmanager
+def patched(values: dict[str, Any]) -> Iterator[None]:
+    """The rule's constants set to `values` for a while."""
+    from irr_callback.pipeline import auto_weight
+
+    saved = {k: getattr(auto_weight, k) for k in values}
+    try:
+        for k, v in values.items():
+            setattr(auto_weight, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(auto_weight, k, v)
+
+
+def score(payloads: list[dict[str, Any]], values: dict[str, Any]) -> dict[str, Any]:
+    """One rule on every file: world-builds meeting the target (per file and in all), both ratios >= 0.8, median
+    old-task ratio, worst downstream and old-task ratios."""
+    rows, per_file = [], []
+    with patched(values):
+        for payload in payloads:
+            mine = simulate(payload)["rows"]  # a λ the path did not record: KeyError naming the world
+            per_file.append(sum(r["meets_target"] for r in mine))
+            rows += mine
+    return {
+        "met": sum(r["meets_target"] for r in rows),
+        "met_full": sum(r["meets_target"] for r in rows if r["finetune"] == "full"),
+        "met_lora": sum(r["meets_target"] for r in rows if r["finetune"] == "lora"),
+        "per_file": per_file,
+        "both_ratios_at_least_0.8": sum(min(r["old_ratio"], r["downstream_ratio"]) >= 0.8 for r in rows),
+        "median_old_ratio": statistics.median(r["old_ratio"] for r in rows),
+        "min_old_ratio": min(r["old_ratio"] for r in rows),
+        "min_downstream_ratio": min(r["downstream_ratio"] for r in rows),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="λ path files (suite_lambda_path.py), dev worlds only")
+    p.add_argument("--name", default=None, help="Write benchmarks/results/<name>.json and .md")
+    p.add_argument("--top", type=int, default=10)
+    args = p.parse_args(argv)
+    from irr_callback.pipeline import auto_weight
+
+    payloads = [json.loads(Path(path).read_text()) for path in args.paths]
+    bad = [path for path, pl in zip(args.paths, payloads) if pl["split"] != "dev"]
+    if bad:
+        raise SystemExit(f"rules are chosen on dev worlds only: {bad} are not dev paths")
+    shipped = {k: getattr(auto_weight, k) for k in SWEEP}
+    results = []
+    for combo in itertools.product(*SWEEP.values()):
+        values = dict(zip(SWEEP, combo))
+        changes = sum(values[k] != shipped[k] for k in SWEEP)
+        results.append({"rule": values, "changes": changes, **score(payloads, values)})
+    key = lambda r: (r["met"], r["both_ratios_at_least_0.8"], r["median_old_ratio"])  # noqa: E731
+    results.sort(key=key, reverse=True)
+    base = next(r for r in results if r["changes"] == 0)
+    lines = [
+        "| rule | changes | met (full/LoRA) | per file | both ≥ 0.8 | median old | min old | min downstream |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in [base, *results[: args.top]]:
+        rule = ", ".join(f"{k.removeprefix('AUTO_').lower()}={v}" for k, v in r["rule"].items())
+        lines.append(
+            f"| {rule} | {r['changes']} | {r['met']} ({r['met_full']}/{r['met_lora']}) | {r['per_file']} | "
+            f"{r['both_ratios_at_least_0.8']} | {r['median_old_ratio']:.2f} | {r['min_old_ratio']:.2f} | "
+            f"{r['min_downstream_ratio']:.2f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.name:
+        intro = (
+            f"{len(results)} rules on {len(payloads)} path files ({', '.join(Path(x).name for x in args.paths)}); "
+            "the first row is the shipped rule, then the best by (met, both ratios >= 0.8, median old ratio).\n\n"
+        )
+        payload = {"paths": args.paths, "sweep": {k: list(v) for k, v in SWEEP.items()}, "rules": len(results)}
+        _common.write_results(args.name, {**payload, "shipped": base, "best": results[: args.top]}, intro + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
