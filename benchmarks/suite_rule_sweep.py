@@ -35,6 +35,7 @@ SWEEP = {
     "AUTO_TOLERANCE": (0.002, 0.005, 0.01, 0.02),
     "AUTO_TASK_TOLERANCE": (0.05, 0.1, 0.15, 0.2),
     "AUTO_TASK_EXACT_TOLERANCE": (0.1, 0.15, 0.2, 0.3, 1.0),
+    "AUTO_FALLBACK_DOWN": (None, 0.05),
 }
 
 
@@ -79,22 +80,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="λ path files (suite_lambda_path.py), dev worlds only")
     p.add_argument("--name", default=None, help="Write benchmarks/results/<name>.json and .md")
     p.add_argument("--top", type=int, default=10)
+    p.add_argument(
+        "--fix",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Hold a swept constant at one value (JSON: 0.05, null), e.g. to score one pre-registered rule",
+    )
     args = p.parse_args(argv)
     from irr_callback.pipeline import auto_weight
+
+    sweep = dict(SWEEP)
+    for item in args.fix:
+        name, _, raw = item.partition("=")
+        if name not in SWEEP:
+            raise SystemExit(f"--fix {item!r}: NAME must be one of {sorted(SWEEP)}")
+        sweep[name] = (json.loads(raw),)
 
     payloads = [json.loads(Path(path).read_text()) for path in args.paths]
     bad = [path for path, pl in zip(args.paths, payloads) if pl["split"] != "dev"]
     if bad:
         raise SystemExit(f"rules are chosen on dev worlds only: {bad} are not dev paths")
     shipped = {k: getattr(auto_weight, k) for k in SWEEP}
+    base = {"rule": shipped, "changes": 0, **score(payloads, shipped)}
     results = []
-    for combo in itertools.product(*SWEEP.values()):
-        values = dict(zip(SWEEP, combo))
+    for combo in itertools.product(*sweep.values()):
+        values = dict(zip(sweep, combo))
         changes = sum(values[k] != shipped[k] for k in SWEEP)
         results.append({"rule": values, "changes": changes, **score(payloads, values)})
     key = lambda r: (r["met"], r["both_ratios_at_least_0.8"], r["median_old_ratio"])  # noqa: E731
     results.sort(key=key, reverse=True)
-    base = next(r for r in results if r["changes"] == 0)
     lines = [
         "| rule | changes | met (full/LoRA) | per file | both ≥ 0.8 | median old | min old | min downstream |",
         "|---|---|---|---|---|---|---|---|",
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(results)} rules on {len(payloads)} path files ({', '.join(Path(x).name for x in args.paths)}); "
             "the first row is the shipped rule, then the best by (met, both ratios >= 0.8, median old ratio).\n\n"
         )
-        payload = {"paths": args.paths, "sweep": {k: list(v) for k, v in SWEEP.items()}, "rules": len(results)}
+        payload = {"paths": args.paths, "sweep": {k: list(v) for k, v in sweep.items()}, "rules": len(results)}
         _common.write_results(args.name, {**payload, "shipped": base, "best": results[: args.top]}, intro + table)
     return 0
 

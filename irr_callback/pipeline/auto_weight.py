@@ -54,6 +54,10 @@ logger = logging.get_logger(__name__)
 
 AUTO_CANDIDATES = (0.1, 0.3, 1.0)
 AUTO_FALLBACK = 3.0  # tried when no coarse candidate restores the safety loss
+#: tried when no coarse candidate passes and even the smallest breaks the retain or task tolerances; None (shipped):
+#: never. An experiment of issue 19's sixth round (docs/safety-weight.md, "Round 6"), swept by
+#: benchmarks/suite_rule_sweep.py
+AUTO_FALLBACK_DOWN: float | None = None
 AUTO_TOLERANCE = 0.005  # of the gap between F's and A's held-out safety loss
 AUTO_RETAIN_TOLERANCE = 0.01  # held-out retain token accuracy lost below both references'
 AUTO_TASK_TOLERANCE = 0.15  # held-out task token accuracy lost below the fine-tuned model's
@@ -95,6 +99,8 @@ def search_weight(run_candidates: Callable[[Sequence[float], bool], Measures]) -
     elif not table["passing"] and table["candidates"][0]["safety_left"] is not None:
         if _within_tolerances(table["candidates"][-1]):
             extra = AUTO_FALLBACK
+        elif AUTO_FALLBACK_DOWN is not None and not _within_tolerances(table["candidates"][0]):
+            extra = AUTO_FALLBACK_DOWN
     if extra is not None:
         measures.update(run_candidates((extra,), False))
     return choose_weight(measures)
