@@ -36,7 +36,8 @@ def calibration_batches(
     positions that predict a response token ('answer': where greedy decoding decides the answer); rows
     without `labels` count as all response. `what` names the input in errors. `loss_mask` adds
     `irr_loss_mask`: the response tokens, whose next-token loss judges a held-out batch. `answer_weight` k > 1
-    counts each answer position k times in the mask (the selection, 'all' when none is given, otherwise once).
+    counts each answer position k times in the mask (selected or not) and every other selected token once ('all'
+    when no selection is given).
     """
     if token_selection is not None and token_selection not in TOKEN_SELECTIONS:
         raise ValueError(f"token_selection must be one of {TOKEN_SELECTIONS}, got {token_selection!r}")
@@ -65,9 +66,11 @@ def calibration_batches(
                 keep = {"all": mask.bool(), "response": response, "prompt": ~response, "answer": answer}[
                     token_selection
                 ]
-                selected[row, : len(mask)] = (keep & mask.bool()).long() + (answer_weight - 1) * (
-                    answer & mask.bool()
-                ).long()
+                real = mask.bool()
+                weight = (keep & real).long()
+                if answer_weight > 1:
+                    weight[answer & real] = answer_weight
+                selected[row, : len(mask)] = weight
             scored[row, : len(mask)] = (response & mask.bool()).long()
         batch = {"input_ids": input_ids, "attention_mask": attention}
         if token_selection is not None:

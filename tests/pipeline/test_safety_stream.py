@@ -77,6 +77,9 @@ def test_answer_tokens_are_the_positions_that_predict_the_response():
     assert masks["answer"] == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]]
     weighted = calibration_batches(rows, max_samples=2, max_length=8, batch_size=2, answer_weight=3)[0]
     assert weighted["irr_token_mask"].tolist() == [[1, 1, 3, 3, 1], [1, 3, 3, 1, 0]]  # calibration_answer_weight
+    response = calibration_batches(rows, max_samples=2, max_length=8, batch_size=2, answer_weight=3,
+                                   token_selection="response")[0]  # fmt: skip
+    assert response["irr_token_mask"].tolist() == [[0, 0, 3, 3, 1], [0, 3, 3, 1, 0]]  # the decision position too
     with pytest.raises(ValueError, match="answer_weight"):
         calibration_batches(rows, max_samples=2, max_length=8, batch_size=2, answer_weight=0)
 
