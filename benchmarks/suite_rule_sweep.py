@@ -2,6 +2,7 @@
 
     python benchmarks/suite_rule_sweep.py benchmarks/results/suite_dev76_lambda_path_rho0_filter.json \\
         benchmarks/results/suite_dev76_build2_lambda_path_rho0_filter.json --name suite_dev_rule_sweep
+    python benchmarks/suite_rule_sweep.py PATHS... --fix AUTO_FALLBACK_DOWN=0.05   # hold one constant (pre-registered rule)
 
 Why: a tolerance of the rule is a number chosen on dev worlds. One path file (`suite_lambda_path.py`) records, per
 world, the held-out measures of every λ of a grid and what each λ gives on the evaluation, so a rule is scored by
