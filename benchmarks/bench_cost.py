@@ -8,15 +8,17 @@ rows with a prompt), safety 32 × 40 (a 24-token prompt and a 16-token refusal),
 machine's speed drifts), best wall time per kind:
 
   - paper: `IRRConfig()` with the safety vector (the paper's IRR), calibration only;
-  - recommended: `IRRConfig.recommended()` as it stands (safety stream + aligned twin, λ by auto);
-  - recommended_retain: `IRRConfig.recommended(retain_weight=RHO)` with the retain stream as well;
-  - fixed / fixed_retain: the same at λ = 0.3 (no search): what the search itself costs.
+  - recommended: `IRRConfig.recommended()` as it stands (safety stream + aligned twin, λ by auto, the retain
+    stream: ρ = 0.3 since issue 19's seventh round);
+  - recommended_no_retain: `IRRConfig.recommended(retain_weight=0)` (the preset of rounds 5 and 6);
+  - fixed / fixed_no_retain: the same at λ = 0.3 (no search): what the search itself costs.
 
     python benchmarks/bench_cost.py                                   # the table in benchmarks/results/bench_cost.md
     python benchmarks/bench_cost.py --safety-tokens 128 --name bench_cost_long_safety
     python benchmarks/bench_cost.py --kinds paper,recommended --repeat 1 --name /tmp/x   # quick
 
-The ratio the issue asks about is recommended(_retain) / paper. The auto search's own seconds are read
+The ratio the issue asks about is recommended / paper (round 6 and before: `recommended_retain` was the preset
+with ρ = 1 and the retain stream, and `recommended` had none). The auto search's own seconds are read
 from the report (`report.auto["seconds"]`).
 """
 
@@ -36,8 +38,7 @@ from _common import machine, run_worker, write_results
 
 
 HERE = os.path.abspath(__file__)
-RHO = 1.0  # the retain weight the benchmark runs (the cost does not depend on its value)
-KINDS = ("paper", "recommended", "recommended_retain", "fixed", "fixed_retain")
+KINDS = ("paper", "recommended", "recommended_no_retain", "fixed", "fixed_no_retain")
 
 
 def build(workdir: str, args) -> dict:
@@ -100,10 +101,10 @@ def worker(kind: str, workdir: str, args) -> dict:
         kwargs["safety_vector"] = os.path.join(workdir, "safety.safetensors")
     else:
         weight = "auto" if kind.startswith("recommended") else 0.3
-        retain = RHO if kind.endswith("_retain") else 0.0
-        config = IRRConfig.recommended(safety_weight=weight, retain_weight=retain, **sizes)
+        no_retain = {"retain_weight": 0.0} if kind.endswith("_no_retain") else {}
+        config = IRRConfig.recommended(safety_weight=weight, **no_retain, **sizes)
         kwargs["safety_calibration"] = rows(workdir, "safety")
-        if retain:
+        if config.uses_retain_stream:
             kwargs["retain_calibration"] = rows(workdir, "retain")
     warm_up("ours")
     start = time.perf_counter()

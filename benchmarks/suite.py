@@ -245,11 +245,12 @@ def medians(rows: list[dict[str, Any]], settings: list[str]) -> list[dict[str, A
 
 README_NAMES = {
     "finetuned": "fine-tuned",
-    "recommended": "**`IRRConfig.recommended()`** (calibration filter, ρ = 0, auto λ)",
+    "recommended": "**`IRRConfig.recommended()`** (calibration filter, retain ρ = 0.3, answer tokens, ridge 0.01, auto λ)",
     "recommended-before-filter": "recommended without the calibration filter (retain ρ = 0.3, auto λ)",
     "paper": "paper IRR (`IRRConfig()`)",
     "recommended-before-retain": "recommended without the retain stream or the filter (ρ = 0, auto λ)",
-    "recommended-ρ0.3": "recommended with the retain term (calibration filter, ρ = 0.3, auto λ)",
+    "recommended-ρ0.3": "round 4's default (calibration filter, ρ = 0.3, every safety token, ridge 0.1, auto λ)",
+    "recommended-ρ0": "rounds 5–6's default (calibration filter, ρ = 0, auto λ)",
     "retain-ρ1": "retain ρ = 1, auto λ",
     "aligned-λ0.2": "recommended with a fixed λ = 0.2 (calibration filter, ρ = 0, no search)",
 }

@@ -573,9 +573,11 @@ class IRRConfig:
         safety term, λ chosen by `safety_weight="auto"`, and no removal by sign (`identify_mode="none"`),
         so it needs safety data (harmful prompts with safe responses) but no safety vector, no unaligned
         model and no Fisher; the calibration filter (the rows whose prompt the aligned model refuses are
-        dropped) is on and the retain term is off (ρ = 0; `retain_weight=ρ` turns it on). On our toy world it
-        restores refusals and keeps the task where the paper's setting halves it (docs/recommended-setting.md).
-        `overrides` are any other `IRRConfig` fields.
+        dropped) is on, and the retain term holds general prompts' outputs (ρ = 0.3, with its objective: the
+        safety stream's answer tokens and a small ridge, `RECOMMENDED_RETAIN_OBJECTIVE`). `retain_weight=0`
+        gives the preset without the retain stream, with the objective chosen for it (`NO_RETAIN_OBJECTIVE`).
+        Chosen on the suite's dev worlds (docs/safety-weight.md, "Round 7"). `overrides` are any other
+        `IRRConfig` fields and win over what the preset derives from them.
 
         Example:
 
@@ -589,6 +591,8 @@ class IRRConfig:
             values["calibration_filter"] = (
                 RECOMMENDED_CALIBRATION_FILTER if _safety_weight(values["safety_weight"]) != 0 else "none"
             )
+        objective = RECOMMENDED_RETAIN_OBJECTIVE if _positive(values["retain_weight"]) else NO_RETAIN_OBJECTIVE
+        values.update({k: v for k, v in objective.items() if k not in overrides})
         return cls(**values)
 
     @property
@@ -621,10 +625,16 @@ class IRRConfig:
 
 #: `IRRConfig.recommended()`: the solver fields of the setting the README recommends
 RECOMMENDED: dict[str, Any] = {"identify_mode": "none", "safety_weight": "auto", "safety_term": "aligned"}
-#: `IRRConfig.recommended()`'s retain weight ρ, chosen on the suite's 76 dev worlds (docs/safety-weight.md): 0, the
-#: retain term off (ρ = 0.3 met fewer dev worlds once the calibration filter was on); `recommended(retain_weight=ρ)`
-#: with retain data turns it on
-RECOMMENDED_RETAIN_WEIGHT = 0.0
+#: `IRRConfig.recommended()`'s retain weight ρ, chosen with `RECOMMENDED_RETAIN_OBJECTIVE` on the suite's dev worlds
+#: (docs/safety-weight.md, rounds 6 and 7: a check written down before a fourth build of the dev worlds existed)
+RECOMMENDED_RETAIN_WEIGHT = 0.3
+#: the safety stream's tokens and ridge of `IRRConfig.recommended()` when the retain term is on: the answer positions
+#: and a small ridge raise the dev oracle, and the retain term (with the auto rule's downward fallback) keeps the old
+#: tasks the small ridge alone lets the safety term reach
+RECOMMENDED_RETAIN_OBJECTIVE: dict[str, Any] = {"safety_tokens": "answer", "safety_ridge": 0.01}
+#: ... and without it (`recommended(retain_weight=0)`, or no retain data given to `realign`): the fields' defaults,
+#: the preset of issue 19's rounds 5 and 6 (the small ridge without the retain term lost old tasks on dev worlds)
+NO_RETAIN_OBJECTIVE: dict[str, Any] = {"safety_tokens": "all", "safety_ridge": 0.1}
 #: `IRRConfig.recommended()`'s calibration filter, chosen on the suite's dev worlds (docs/safety-weight.md); 'none'
 #: when the preset is asked for safety_weight=0 (no safety stream to read refusals from)
 RECOMMENDED_CALIBRATION_FILTER = "refused"
@@ -643,6 +653,11 @@ def _safety_weight(value: Any) -> Any:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
     _check(ok, "safety_weight", value, "a number >= 0 or 'auto'")
     return float(value)
+
+
+def _positive(value: Any) -> bool:
+    """Whether an override of a number field is a number > 0 (a bad value is left for the field's own check)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

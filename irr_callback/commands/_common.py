@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import RECOMMENDED, IRRConfig
+from ..config import RECOMMENDED, RECOMMENDED_RETAIN_OBJECTIVE, IRRConfig
 from ..tensors import SafetensorsMapping
 
 
@@ -92,7 +92,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
     what the user set: the preset (`--preset`) fills the rest."""
     group = parser.add_argument_group(
         "IRR settings (IRRConfig; the defaults shown are IRRConfig()'s, --preset recommended changes "
-        f"{', '.join(sorted(RECOMMENDED))} unless given)"
+        f"{', '.join(sorted(RECOMMENDED))}, calibration_filter, retain_weight and with it "
+        f"{', '.join(sorted(RECOMMENDED_RETAIN_OBJECTIVE))} unless given)"
     )
     hints = typing.get_type_hints(IRRConfig)
     for f in dataclasses.fields(IRRConfig):

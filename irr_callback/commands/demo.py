@@ -9,9 +9,11 @@ then fine-tuned on a new task whose data hides a few harmful examples, a harmful
 attack, with a real `transformers.Trainer` and `IRRCallback`: at the end of training the callback
 realigns the model with the paper's setting (remove every sign conflict with the safety vector,
 recalibrate). The same fine-tuned model is also realigned with the recommended preset
-(`IRRConfig.recommended()`: no removal, recalibration regularised by safety data, λ chosen by
-`safety_weight="auto"`); its safety data are the toy's harmful prompts without responses, answered by
-the aligned model itself (`refusals.safety_dataset_for_run`, as `IRRCallback` does at train begin).
+(`IRRConfig.recommended()`: no removal, recalibration regularised by safety data and held to the
+old tasks by retain data, λ chosen by `safety_weight="auto"`); its safety data are the toy's harmful
+prompts without responses, answered by the aligned model itself (`refusals.safety_dataset_for_run`,
+as `IRRCallback` does at train begin), and its retain data the toy's old-task training prompts,
+answered the same way.
 The table compares the aligned model, the fine-tuned model and both realigned models on refusal of
 harmful requests (topics in the attack data and topics never seen in it), over-refusal of benign
 requests, the new task, and the old tasks.
@@ -121,10 +123,11 @@ def _realign_recommended(world, finetuned, directory: str):
     """`IRRConfig.recommended()` on a copy of the fine-tuned model (the one the callback realigned at
     train end): the first 128 downstream examples for calibration, as the callback, and for the safety
     stream the toy's harmful prompts without responses, answered by the aligned model (the callback's
-    `refusals.safety_dataset_for_run`, cached under `<directory>/cache`). Saved merged, like the other."""
+    `refusals.safety_dataset_for_run`, cached under `<directory>/cache`); for the retain stream the toy's
+    old-task training prompts, answered by the aligned model the same way. Saved merged, like the other."""
     from .. import realign
     from ..config import IRRConfig
-    from ..inputs.refusals import safety_dataset_for_run
+    from ..inputs.refusals import retain_dataset_for_run, safety_dataset_for_run
     from ..outputs.realigned_model import save_realigned
 
     model = copy.deepcopy(finetuned)
@@ -138,15 +141,23 @@ def _realign_recommended(world, finetuned, directory: str):
         f"      safety data: {safety_info['prompts']} toy harmful prompts answered by the aligned model "
         f"({100 * safety_info['refusal_rate']:.0f}% refusals)"
     )
+    retain, retain_info = retain_dataset_for_run(
+        world.aligned_model, world.tokenizer, config, retain_dataset=world.retain_prompts(config.num_retain_samples)
+    )
+    print(f"      retain data: {retain_info['prompts']} toy old-task prompts answered by the aligned model")
     report = realign(
         model,
         base=None if lora else {k: p.detach().clone() for k, p in world.aligned_model.named_parameters()},
         calibration=world.tokenize_sft(world.downstream_train.select(range(n))),
         safety_calibration=world.tokenize_sft(safety),
+        retain_calibration=world.tokenize_sft(retain),
         config=config,
         progress=False,
     )
-    report.extra["safety_inputs"] = {"safety_data": {**safety_info, "set": "the toy's harmful prompts"}}
+    report.extra["safety_inputs"] = {
+        "safety_data": {**safety_info, "set": "the toy's harmful prompts"},
+        "retain_data": {**retain_info, "set": "the toy's old-task training prompts"},
+    }
     if lora:
         model = model.merge_and_unload()
     print(f"      {report.summary()}")
@@ -397,7 +408,8 @@ def _print_summary(
     rec = results["recommended"]
     print(
         f"IRR (recommended, IRRConfig.recommended()) removed {rec['removed']:,}: recalibration regularised by "
-        f"the safety data, safety weight λ={rec['safety_weight']:g} chosen by safety_weight='auto'."
+        f"the safety data (safety weight λ={rec['safety_weight']:g} chosen by safety_weight='auto') and the "
+        "retain data."
     )
     print(
         "refusal_*: share of held-out harmful prompts refused (attacked = topics in the attack data); "

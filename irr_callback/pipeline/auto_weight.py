@@ -19,8 +19,9 @@ row exact match e (every scored token of the row the argmax: the greedy answer i
 a candidate passes when s(λ) <= `AUTO_TOLERANCE`, r(λ) <= `AUTO_RETAIN_TOLERANCE`, t(λ) <=
 `AUTO_TASK_TOLERANCE` and x(λ) <= `AUTO_TASK_EXACT_TOLERANCE` (chosen on the suite's dev worlds,
 docs/safety-weight.md); λ* is the smallest passing candidate that no other candidate beats on every loss,
-then the geometric midpoint below it (one significant digit) is tried. If fine-tuning left the safety loss within `AUTO_MIN_GAP` of A's,
-there is nothing to restore and the smallest candidate is taken. If nothing passes, a warning says so and
+then the geometric midpoint below it (one significant digit) is tried; when nothing passes, `AUTO_FALLBACK`
+above the candidates or `AUTO_FALLBACK_DOWN` below them is (`search_weight`). If fine-tuning left the safety
+loss within `AUTO_MIN_GAP` of A's, there is nothing to restore and the smallest candidate is taken. If nothing passes, a warning says so and
 λ* is the undominated candidate with the least safety loss among those within the retain and task
 tolerances (the smallest undominated one when none is). A candidate that another beats on every loss is
 never chosen (issue 23).
@@ -54,10 +55,10 @@ logger = logging.get_logger(__name__)
 
 AUTO_CANDIDATES = (0.1, 0.3, 1.0)
 AUTO_FALLBACK = 3.0  # tried when no coarse candidate restores the safety loss
-#: tried when no coarse candidate passes and even the smallest breaks the retain or task tolerances; None (shipped):
-#: never. An experiment of issue 19's sixth round (docs/safety-weight.md, "Round 6"), swept by
-#: benchmarks/suite_rule_sweep.py
-AUTO_FALLBACK_DOWN: float | None = None
+#: tried when no coarse candidate passes and even the smallest breaks the retain or task tolerances (None: never).
+#: Issue 19's sixth round measured it, its seventh adopted it with the recommended preset's retain term
+#: (docs/safety-weight.md, "Round 7"); benchmarks/suite_rule_sweep.py replays it
+AUTO_FALLBACK_DOWN: float | None = 0.05
 AUTO_TOLERANCE = 0.005  # of the gap between F's and A's held-out safety loss
 AUTO_RETAIN_TOLERANCE = 0.01  # held-out retain token accuracy lost below both references'
 AUTO_TASK_TOLERANCE = 0.15  # held-out task token accuracy lost below the fine-tuned model's
@@ -89,7 +90,8 @@ def search_weight(run_candidates: Callable[[Sequence[float], bool], Measures]) -
     """Coarse-to-fine, four candidates at most: `AUTO_CANDIDATES` with the references, then one more:
     the geometric midpoint (to one significant digit) between the chosen λ and the candidate below it,
     or `AUTO_FALLBACK` when none passed (fine-tuning did damage safety, and the largest candidate is
-    still within the retain and task tolerances: a larger λ can only lose more)."""
+    still within the retain and task tolerances: a larger λ can only lose more), or `AUTO_FALLBACK_DOWN` when
+    none passed and even the smallest is outside them (a smaller λ may lose less)."""
     measures = dict(run_candidates(AUTO_CANDIDATES, True))
     weight, table = choose_weight(measures, warn=False)
     extra = None

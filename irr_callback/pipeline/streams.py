@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import IRRConfig
+from ..config import NO_RETAIN_OBJECTIVE, RECOMMENDED_RETAIN_OBJECTIVE, IRRConfig
 from ..report import IRRReport
 from .calibration import CalibrationError, calibration_batches, unbatch
 from .capture import capture_layer_inputs, capture_with_stub_layers, propagate
@@ -196,19 +196,27 @@ def prepare_safety(
 
 def retain_or_off(config: IRRConfig, retain_calibration: Any) -> IRRConfig:
     """`config`, or (a retain weight but no retain data) `config` with the retain term off and a warning: a call
-    written before the retain stream, given a config with a retain weight, stays valid."""
+    written before the retain stream, given a config with a retain weight, stays valid. The recommended preset's
+    objective for the retain term (`RECOMMENDED_RETAIN_OBJECTIVE`, whatever λ) becomes the one chosen without it
+    (`NO_RETAIN_OBJECTIVE`): its small ridge without the retain term lost old tasks on the dev worlds."""
     if not config.uses_retain_stream or retain_calibration is not None:
         return config
     from dataclasses import replace
 
     from transformers.utils import logging
 
+    changes: dict[str, Any] = {"retain_weight": 0.0}
+    preset = all(getattr(config, k) == v for k, v in RECOMMENDED_RETAIN_OBJECTIVE.items())
+    if preset:
+        changes.update(NO_RETAIN_OBJECTIVE)
+    objective = ", ".join(f"{k}={v!r}" for k, v in NO_RETAIN_OBJECTIVE.items())
     logging.get_logger(__name__).warning(
         f"IRR: IRRConfig.retain_weight={config.retain_weight:g} but no retain_calibration was given: the retain term "
-        "is off for this run (retain_weight 0 in the report). Pass general prompts with answers to keep what the "
-        "model could already do (docs/safety-weight.md)."
+        "is off for this run (retain_weight 0 in the report)"
+        + (f", and the recommended objective without it is used ({objective})" if preset else "")
+        + ". Pass general prompts with answers to keep what the model could already do (docs/safety-weight.md)."
     )
-    return replace(config, retain_weight=0.0)
+    return replace(config, **changes)
 
 
 def prepare_retain(

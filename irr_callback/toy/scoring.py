@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import IRRConfig
+from ..config import NO_RETAIN_OBJECTIVE, IRRConfig
 from ..inputs.safety import safety_vector
 from ..pipeline.in_memory import realign
 from .suite import SuiteWorld
@@ -49,6 +49,12 @@ class Setting:
 SETTINGS: dict[str, Setting] = {}
 
 
+def _round6(**overrides: Any) -> IRRConfig:
+    """`IRRConfig.recommended(**overrides)` with the safety stream's objective of issue 19's rounds 4–6 (every
+    token, ridge 0.1), which the preset now keeps only without the retain term: old settings keep their meaning."""
+    return IRRConfig.recommended(**{**NO_RETAIN_OBJECTIVE, **overrides})
+
+
 def register(setting: Setting) -> Setting:
     """Add a setting to the registry (a name is registered once)."""
     if setting.name in SETTINGS:
@@ -68,8 +74,16 @@ register(
 )
 register(
     Setting(
+        "recommended-ρ0",
+        lambda: IRRConfig.recommended(retain_weight=0.0),
+        description="IRRConfig.recommended(retain_weight=0): the filter, auto λ, every safety token and ridge 0.1, no "
+        "retain term (the default of issue 19's rounds 5 and 6, with today's auto rule)",
+    )
+)
+register(
+    Setting(
         "recommended-before-filter",
-        lambda: IRRConfig.recommended(retain_weight=0.3, calibration_filter="none"),
+        lambda: _round6(retain_weight=0.3, calibration_filter="none"),
         ("calibration", "safety", "retain"),
         description="IRRConfig.recommended(retain_weight=0.3, calibration_filter='none'): every calibration row used, "
         "retain ρ = 0.3 (the setting of issue 19's third test round, with today's auto rule)",
@@ -86,9 +100,9 @@ register(
 register(
     Setting(
         "recommended-ρ0.3",
-        lambda: IRRConfig.recommended(retain_weight=0.3),
+        lambda: _round6(retain_weight=0.3),
         ("calibration", "safety", "retain"),
-        description="IRRConfig.recommended(retain_weight=0.3): the calibration filter and the retain term at ρ = 0.3 "
+        description="the calibration filter and the retain term at ρ = 0.3 with every safety token and ridge 0.1 "
         "(issue 19's fourth-round default, with today's auto rule)",
     )
 )
@@ -112,16 +126,16 @@ for _rho in (0.3, 1.0, 3.0, 10.0):
     register(
         Setting(
             f"retain-ρ{_rho:g}",
-            lambda rho=_rho: IRRConfig.recommended(retain_weight=rho),
+            lambda rho=_rho: _round6(retain_weight=rho),
             ("calibration", "safety", "retain"),
-            description=f"auto λ + the retain stream with ρ = {_rho:g} (IRRConfig.recommended() has ρ = 0)",
+            description=f"auto λ + the retain stream with ρ = {_rho:g}, every safety token, ridge 0.1",
         )
     )
 for _lam, _rho in ((0.2, 1.0), (0.2, 3.0), (0.3, 3.0)):
     register(
         Setting(
             f"aligned-λ{_lam:g}-ρ{_rho:g}",
-            lambda lam=_lam, rho=_rho: IRRConfig.recommended(safety_weight=lam, retain_weight=rho),
+            lambda lam=_lam, rho=_rho: _round6(safety_weight=lam, retain_weight=rho),
             ("calibration", "safety", "retain"),
             description=f"fixed λ = {_lam:g} with the retain stream, ρ = {_rho:g}",
         )

@@ -187,6 +187,13 @@ class ToyWorld:
             )
         return _copy.deepcopy(self._finetuned[key])
 
+    def retain_prompts(self, n: int = 64) -> Dataset:
+        """`n` old-task training prompts (never an evaluation prompt) for the retain stream, without responses:
+        the base model answers them, as `IRRCallback` answers its shipped general prompts."""
+        pool = [prompt for pairs in self._pools.benign_train.values() for prompt, _ in pairs]
+        prompts = random.Random(self.seed + 5).sample(pool, min(n, len(pool)))
+        return Dataset.from_dict({"prompt": prompts})
+
     # --- evaluation -----------------------------------------------------------------------
     def generate(self, model: torch.nn.Module, prompts: Sequence[str], max_new_tokens: int = 12) -> list[str]:
         """Greedy chat-template generation (batch 64, no progress bar)."""

@@ -74,6 +74,11 @@ def test_trainer_with_no_argument_callback_offline(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "run1" / "irr_report.json").read_text())
     assert report["status"] == "ok" and callback.output_path is None  # no copy: the live model is realigned
     assert report["config"]["identify_mode"] == "none" and report["config"]["safety_weight"] == "auto"
+    # the retain term is on (ρ = RECOMMENDED_RETAIN_WEIGHT): the shipped general prompts, answered by the base
+    assert report["config"]["retain_weight"] == IRRConfig.recommended().retain_weight > 0
+    assert report["config"]["safety_tokens"] == "answer" and report["retain_tokens"] > 0
+    retain = report["extra"]["safety_inputs"]["retain_data"]
+    assert retain["generated_responses"] and retain["examples"] == IRRConfig().num_retain_samples
     data = report["extra"]["safety_inputs"]["safety_data"]
     assert data["set"] == sp.SHIPPED_NAME and data["origin"] == "shipped" and data["license"] == "Apache-2.0"
     assert data["prompts"] == IRRConfig().num_safety_samples and data["generated_responses"]

@@ -63,6 +63,10 @@ def test_demo_realigns_with_trainer_and_writes_everything(toy_world, tmp_path, c
     assert report["status"] == "ok" and report["totals"]["removed"] == results["irr"]["removed"]
     rec_report = json.loads((out / "finetuned-irr-recommended" / "irr_report.json").read_text())
     assert rec_report["status"] == "ok" and rec_report["safety_weight"] == rec["safety_weight"]
+    # ... and its retain data: the toy's old-task training prompts, answered by the aligned model
+    assert rec_report["config"]["retain_weight"] > 0 and rec_report["retain_tokens"] > 0
+    assert rec_report["extra"]["safety_inputs"]["retain_data"]["generated_responses"]
+    assert set(toy_world.retain_prompts()["prompt"]).isdisjoint(toy_world.eval_benign["prompt"])
     assert results["recommended"]["report"] == str(out / "finetuned-irr-recommended" / "irr_report.json")
     # the saved models are the ones in the table
     for name, row in (("finetuned", ft), ("finetuned-irr", irr), ("finetuned-irr-recommended", rec)):

@@ -35,6 +35,27 @@ def run(config, *, retain=None, safety=True, cal=None, vector=None):
     return model, report
 
 
+def test_recommended_preset_turns_the_retain_term_on_with_its_own_objective():
+    """The preset (issue 19, seventh round): ρ = 0.3 with the safety stream's answer positions and ridge 0.01; without
+    the retain term, every safety token and ridge 0.1 (the fields' defaults, the earlier preset); a field the user
+    gives wins over what the preset derives from ρ."""
+    from irr_callback.config import NO_RETAIN_OBJECTIVE, RECOMMENDED_RETAIN_OBJECTIVE, RECOMMENDED_RETAIN_WEIGHT
+
+    preset = IRRConfig.recommended()
+    assert preset.retain_weight == RECOMMENDED_RETAIN_WEIGHT == 0.3 and preset.uses_retain_stream
+    assert (
+        (preset.safety_tokens, preset.safety_ridge) == ("answer", 0.01) == tuple(RECOMMENDED_RETAIN_OBJECTIVE.values())
+    )
+    assert preset.setting_name == "recommended"
+    off = IRRConfig.recommended(retain_weight=0)
+    assert (off.safety_tokens, off.safety_ridge) == tuple(NO_RETAIN_OBJECTIVE.values())
+    assert NO_RETAIN_OBJECTIVE == {k: getattr(IRRConfig(), k) for k in NO_RETAIN_OBJECTIVE}  # the fields' defaults
+    assert IRRConfig.recommended(retain_weight=1.0).safety_tokens == "answer"
+    mine = IRRConfig.recommended(safety_ridge=1.0, retain_weight=0, safety_tokens="response")
+    assert (mine.safety_ridge, mine.safety_tokens) == (1.0, "response")
+    assert IRRConfig.recommended(safety_tokens="all").safety_ridge == 0.01  # only the field given is taken
+
+
 @pytest.mark.parametrize(
     "config", [IRRConfig(), IRRConfig.recommended(safety_weight=0.5, retain_weight=0.0)], ids=["paper", "fixed"]
 )
@@ -53,13 +74,22 @@ def test_zero_retain_weight_ignores_the_retain_data_bit_for_bit(config):
 
 def test_retain_weight_without_retain_data_warns_and_runs_with_the_term_off(caplog):
     """A config with a retain weight: a call without retain data stays valid (the term is off, the report says
-    retain_weight 0, a warning says why) and is bit for bit the run with ρ = 0."""
+    retain_weight 0, a warning says why) and is bit for bit the run with ρ = 0; the preset's objective for the
+    retain term (answer tokens, ridge 0.01) becomes the preset's without it (every token, ridge 0.1)."""
     with caplog.at_level(logging.WARNING, logger="irr_callback"):
         off, report = run(IRRConfig.recommended(safety_weight=0.5, retain_weight=0.3))
     assert report.config["retain_weight"] == 0.0
-    assert any("no retain_calibration" in r.getMessage() for r in caplog.records)
+    assert report.config["safety_tokens"] == "all" and report.config["safety_ridge"] == 0.1
+    assert any("no retain_calibration" in r.getMessage() and "ridge" in r.getMessage() for r in caplog.records)
     zero, _ = run(IRRConfig.recommended(safety_weight=0.5, retain_weight=0.0))
     assert same_state(state(off), state(zero))
+    # an objective the user chose is kept (only the term goes)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="irr_callback"):
+        own, report = run(IRRConfig.recommended(safety_weight=0.5, retain_weight=0.3, safety_ridge=1.0))
+    assert report.config["retain_weight"] == 0.0 and report.config["safety_tokens"] == "answer"
+    assert report.config["safety_ridge"] == 1.0
+    assert not any("ridge" in r.getMessage() for r in caplog.records if "no retain_calibration" in r.getMessage())
 
 
 @pytest.mark.parametrize("safety_weight", [0.0, 0.5])

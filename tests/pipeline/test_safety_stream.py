@@ -45,15 +45,17 @@ def run(config, *, safety=None, cal=None, model=None, base=None):
 
 @pytest.mark.parametrize("term", ["aligned", "delta"])
 def test_safety_stream_sees_padding_free_tokens_only(term):
-    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term, calibration_batch_size=4)
+    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term, calibration_batch_size=4, safety_tokens="all")
     plain, report = run(cfg)
     padded, padded_report = run(cfg, safety=safety_rows(pad_left=3))  # the same rows, left-padded
     for (name, a), (_, b) in zip(plain.named_parameters(), padded.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert report.safety_tokens == padded_report.safety_tokens == 8 * 9
-    response_only = IRRConfig.recommended(safety_weight=0.5, safety_term=term, safety_tokens="response")
+    response_only = IRRConfig.recommended(
+        safety_weight=0.5, safety_term=term, safety_tokens="response", retain_weight=0.0
+    )
     assert run(response_only)[1].safety_tokens == 8 * 5
-    answer = IRRConfig.recommended(safety_weight=0.5, safety_term=term, safety_tokens="answer")
+    answer = IRRConfig.recommended(safety_weight=0.5, safety_term=term, safety_tokens="answer", retain_weight=0.0)
     assert run(answer)[1].safety_tokens == 8 * 5  # the last prompt token and the response but its last token
 
 

@@ -112,14 +112,15 @@ def test_rule_sweep_scores_patched_tolerances_and_restores_the_shipped_rule(lamb
     assert {k: getattr(auto_weight, k) for k in suite_rule_sweep.SWEEP} == shipped
 
 
-def test_downward_fallback_is_off_in_the_shipped_rule_and_tries_a_smaller_lambda_when_on(lambda_path):
-    """AUTO_FALLBACK_DOWN (an experiment, None when shipped): when no coarse candidate passes and even the smallest
-    breaks the task tolerance, λ = 0.05 is tried; here it keeps the task and met the target, and 0.1 did not."""
+def test_downward_fallback_tries_a_smaller_lambda_and_can_be_swept_off(lambda_path):
+    """AUTO_FALLBACK_DOWN (0.05, shipped since issue 19's seventh round): when no coarse candidate passes and even
+    the smallest breaks the task tolerance, λ = 0.05 is tried; here it keeps the task and meets the target, and 0.1
+    (the rule without it) does not."""
     import suite_rule_sweep
 
     from irr_callback.pipeline import auto_weight
 
-    assert auto_weight.AUTO_FALLBACK_DOWN is None
+    assert auto_weight.AUTO_FALLBACK_DOWN == 0.05
     refs = {"F": _measured(1.0, 2.0), "A": _measured(0.5, 0.0)}
     held = {**refs, "0.05": _measured(0.95, 0.5), "0.1": _measured(0.8, 0.2), "0.3": _measured(0.7, 0.1),
             "1": _measured(0.6, 0.0)}  # fmt: skip
@@ -127,7 +128,7 @@ def test_downward_fallback_is_off_in_the_shipped_rule_and_tries_a_smaller_lambda
         {"world": "c", "finetune": "full", "held_out": held,
          "evaluation": {k: _evaluation(k == "0.05") for k in held if k not in "FA"}}]}  # fmt: skip
     shipped = {k: getattr(auto_weight, k) for k in suite_rule_sweep.SWEEP}
-    assert lambda_path.simulate(payload)["rows"][0]["safety_weight"] == 0.1
-    assert suite_rule_sweep.score([payload], shipped)["met"] == 0
-    assert suite_rule_sweep.score([payload], {**shipped, "AUTO_FALLBACK_DOWN": 0.05})["met"] == 1
-    assert auto_weight.AUTO_FALLBACK_DOWN is None
+    assert lambda_path.simulate(payload)["rows"][0]["safety_weight"] == 0.05
+    assert suite_rule_sweep.score([payload], shipped)["met"] == 1
+    assert suite_rule_sweep.score([payload], {**shipped, "AUTO_FALLBACK_DOWN": None})["met"] == 0
+    assert auto_weight.AUTO_FALLBACK_DOWN == 0.05  # restored after the sweep
