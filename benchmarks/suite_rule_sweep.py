@@ -3,6 +3,8 @@
     python benchmarks/suite_rule_sweep.py benchmarks/results/suite_dev76_lambda_path_rho0_filter.json \\
         benchmarks/results/suite_dev76_build2_lambda_path_rho0_filter.json --name suite_dev_rule_sweep
     python benchmarks/suite_rule_sweep.py PATHS... --fix AUTO_FALLBACK_DOWN=0.05   # hold one constant (pre-registered rule)
+    python benchmarks/suite_rule_sweep.py PATHS... --fix AUTO_CANDIDATES=[0.05,0.2,0.5]   # a candidate set
+    python benchmarks/suite_rule_sweep.py PATHS... --floor 0.7   # only rules that keep the tails
 
 Why: a tolerance of the rule is a number chosen on dev worlds. One path file (`suite_lambda_path.py`) records, per
 world, the held-out measures of every λ of a grid and what each λ gives on the evaluation, so a rule is scored by
@@ -37,6 +39,9 @@ SWEEP = {
     "AUTO_TASK_TOLERANCE": (0.05, 0.1, 0.15, 0.2),
     "AUTO_TASK_EXACT_TOLERANCE": (0.1, 0.15, 0.2, 0.3, 1.0),
     "AUTO_FALLBACK_DOWN": (None, 0.05),
+    "AUTO_RETAIN_TOLERANCE": (0.005, 0.01, 0.02, 0.05),
+    # candidate sets whose refining midpoints are on the paths' grid (0.05 0.1 0.2 0.3 0.5 1 2 3)
+    "AUTO_CANDIDATES": ((0.1, 0.3, 1.0), (0.05, 0.2, 0.5), (0.05, 0.3, 1.0), (0.1, 0.5, 2.0)),
 }
 
 
@@ -76,6 +81,14 @@ def score(payloads: list[dict[str, Any]], values: dict[str, Any]) -> dict[str, A
     }
 
 
+def _keeps_tails(rule: dict[str, Any], shipped: dict[str, Any], floor: float) -> bool:
+    """At least as many world-builds with both ratios >= 0.8 as the shipped rule, and no ratio under `floor`."""
+    return (
+        rule["both_ratios_at_least_0.8"] >= shipped["both_ratios_at_least_0.8"]
+        and min(rule["min_old_ratio"], rule["min_downstream_ratio"]) >= floor
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="λ path files (suite_lambda_path.py), dev worlds only")
@@ -88,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="Hold a swept constant at one value (JSON: 0.05, null), e.g. to score one pre-registered rule",
     )
+    p.add_argument(
+        "--floor",
+        type=float,
+        default=None,
+        help="Rank only the rules that keep at least as many world-builds with both ratios >= 0.8 as the shipped "
+        "rule and no ratio under FLOOR (e.g. 0.7): the count without giving up the tails",
+    )
     args = p.parse_args(argv)
     from irr_callback.pipeline import auto_weight
 
@@ -96,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, raw = item.partition("=")
         if name not in SWEEP:
             raise SystemExit(f"--fix {item!r}: NAME must be one of {sorted(SWEEP)}")
-        sweep[name] = (json.loads(raw),)
+        value = json.loads(raw)
+        sweep[name] = (tuple(value) if isinstance(value, list) else value,)  # a candidate set: a tuple, as shipped
 
     payloads = [json.loads(Path(path).read_text()) for path in args.paths]
     bad = [path for path, pl in zip(args.paths, payloads) if pl["split"] != "dev"]
@@ -109,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         values = dict(zip(sweep, combo))
         changes = sum(values[k] != shipped[k] for k in SWEEP)
         results.append({"rule": values, "changes": changes, **score(payloads, values)})
+    if args.floor is not None:
+        swept = len(results)
+        results = [r for r in results if _keeps_tails(r, base, args.floor)]
+        print(f"{len(results)} of {swept} rules keep the tails (both ratios >= 0.8 as often, none under {args.floor})")
     key = lambda r: (r["met"], r["both_ratios_at_least_0.8"], r["median_old_ratio"])  # noqa: E731
     results.sort(key=key, reverse=True)
     lines = [
@@ -125,11 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.name:
+        kept = "" if args.floor is None else f" that keep the tails (--floor {args.floor})"
         intro = (
-            f"{len(results)} rules on {len(payloads)} path files ({', '.join(Path(x).name for x in args.paths)}); "
+            f"{len(results)} rules{kept} on {len(payloads)} path files ({', '.join(Path(x).name for x in args.paths)}); "
             "the first row is the shipped rule, then the best by (met, both ratios >= 0.8, median old ratio).\n\n"
         )
-        payload = {"paths": args.paths, "sweep": {k: list(v) for k, v in sweep.items()}, "rules": len(results)}
+        payload = {
+            "paths": args.paths,
+            "sweep": {k: list(v) for k, v in sweep.items()},
+            "floor": args.floor,
+            "rules": len(results),
+        }
         _common.write_results(args.name, {**payload, "shipped": base, "best": results[: args.top]}, intro + table)
     return 0
 

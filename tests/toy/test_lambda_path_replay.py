@@ -2,6 +2,7 @@
 (docs/safety-weight.md) runs the library's own `search_weight` on recorded held-out measures and reads back what
 the chosen λ gave on the evaluation."""
 
+import json
 import os
 import sys
 
@@ -132,3 +133,62 @@ def test_downward_fallback_tries_a_smaller_lambda_and_can_be_swept_off(lambda_pa
     assert suite_rule_sweep.score([payload], shipped)["met"] == 1
     assert suite_rule_sweep.score([payload], {**shipped, "AUTO_FALLBACK_DOWN": None})["met"] == 0
     assert auto_weight.AUTO_FALLBACK_DOWN == 0.05  # restored after the sweep
+
+
+def test_rule_sweep_replays_another_candidate_set(lambda_path, tmp_path, capsys):
+    """AUTO_CANDIDATES is swept too: with (0.05, 0.2, 0.5) the coarse pass finds λ = 0.2, which restores the safety
+    loss within the task tolerance and met the target; the shipped (0.1, 0.3, 1) finds no passing candidate (0.3 and
+    up lose too much task accuracy) and keeps the task at 0.1. A set whose λ the path lacks: a KeyError naming the
+    world."""
+    import suite_rule_sweep
+
+    from irr_callback.pipeline import auto_weight
+
+    refs = {"F": _measured(1.0, 2.0), "A": _measured(0.5, 0.0)}
+    held = {**refs, "0.05": _measured(1.0, 1.0), "0.1": _measured(1.0, 0.5), "0.2": _measured(0.99, 0.001),
+            "0.3": _measured(0.8, 0.0), "0.5": _measured(0.75, 0.0), "1": _measured(0.7, 0.0)}  # fmt: skip
+    payload = {"grid": [0.05, 0.1, 0.2, 0.3, 0.5, 1], "worlds": [
+        {"world": "c", "finetune": "full", "held_out": held,
+         "evaluation": {k: _evaluation(k == "0.2") for k in held if k not in "FA"}}]}  # fmt: skip
+    shipped = {k: getattr(auto_weight, k) for k in suite_rule_sweep.SWEEP}
+    assert lambda_path.simulate(payload)["rows"][0]["safety_weight"] == 0.1
+    assert suite_rule_sweep.score([payload], shipped)["met"] == 0
+    other = {**shipped, "AUTO_CANDIDATES": (0.05, 0.2, 0.5)}
+    assert suite_rule_sweep.score([payload], other)["met"] == 1
+    with suite_rule_sweep.patched(other):
+        assert lambda_path.simulate(payload)["rows"][0]["safety_weight"] == 0.2
+    assert auto_weight.AUTO_CANDIDATES == (0.1, 0.3, 1.0)  # restored
+    with pytest.raises(KeyError, match="c: λ"):
+        suite_rule_sweep.score([payload], {**shipped, "AUTO_CANDIDATES": (0.1, 0.5, 2.0)})  # 2 is not on the path
+    # from the command line: a JSON list is a candidate set, one change from the shipped rule
+    path = tmp_path / "path.json"
+    path.write_text(json.dumps({**payload, "split": "dev"}))
+    fixed = [f"{k}={json.dumps(v)}" for k, v in shipped.items() if k != "AUTO_CANDIDATES"]
+    assert suite_rule_sweep.main([str(path), "--fix", *fixed, "AUTO_CANDIDATES=[0.05, 0.2, 0.5]"]) == 0
+    best = capsys.readouterr().out.splitlines()[3]  # header, rule line, the shipped rule, then the best
+    assert "candidates=(0.05, 0.2, 0.5) | 1 | 1 (1/0)" in best
+
+
+def test_rule_sweep_floor_drops_rules_that_give_up_the_tails(lambda_path, tmp_path, capsys):
+    """--floor: a rule that meets more worlds but leaves one under the floor (here the candidate set that takes
+    λ = 0.2, whose new task is 0.75×) is not ranked."""
+    import suite_rule_sweep
+
+    from irr_callback.pipeline import auto_weight
+
+    refs = {"F": _measured(1.0, 2.0), "A": _measured(0.5, 0.0)}
+    held = {**refs, "0.05": _measured(1.0, 1.0), "0.1": _measured(1.0, 0.5), "0.2": _measured(0.99, 0.001),
+            "0.3": _measured(0.8, 0.0), "0.5": _measured(0.75, 0.0), "1": _measured(0.7, 0.0),
+            "2": _measured(0.6, 0.0)}  # fmt: skip
+    evaluation = {k: _evaluation(k == "0.2", down=0.75 if k == "0.2" else 1.0) for k in held if k not in "FA"}
+    path = tmp_path / "path.json"
+    path.write_text(json.dumps({"split": "dev", "grid": [0.05, 0.1, 0.2, 0.3, 0.5, 1, 2],
+                                "worlds": [{"world": "c", "finetune": "full", "held_out": held,
+                                            "evaluation": evaluation}]}))  # fmt: skip
+    fixed = [f"{k}={json.dumps(v)}" for k, v in vars(auto_weight).items() if k in suite_rule_sweep.SWEEP]
+    fixed = [f for f in fixed if not f.startswith("AUTO_CANDIDATES")]
+    assert suite_rule_sweep.main([str(path), "--fix", *fixed]) == 0
+    assert "candidates=(0.05, 0.2, 0.5) | 1 | 1 (1/0)" in capsys.readouterr().out  # the most worlds met, unfiltered
+    assert suite_rule_sweep.main([str(path), "--fix", *fixed, "--floor", "0.8"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 4 rules keep the tails" in out and "candidates=(0.05, 0.2, 0.5)" not in out
