@@ -74,9 +74,9 @@ class ScriptArguments:
         metadata={
             "help": "'paper': the IRRConfig flags as given (IRRConfig(), the paper's IRR; needs --unaligned_model, "
             "--safety_vector or --harmful_dataset). 'recommended': IRRConfig.recommended() (identify_mode none, "
-            "safety_weight auto, safety_term aligned; --safety_dataset, or with none the default harmful prompts "
-            "answered by the base: IRRCallback()'s defaults); IRRConfig flags set to a non-default value override "
-            "it. 'auto' (default): paper when a sign-mask input (--unaligned_model, --safety_vector, "
+            "safety_weight auto, safety_term aligned, the retain stream; --safety_dataset, or with none the default "
+            "harmful prompts answered by the base: IRRCallback()'s defaults); IRRConfig flags given override it "
+            "(--retain_weight 0: no retain stream). 'auto' (default): paper when a sign-mask input (--unaligned_model, --safety_vector, "
             "--harmful_dataset) is given, else recommended.",
             "choices": ["auto", "paper", "recommended"],
         },
@@ -88,15 +88,21 @@ def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, IRRConfig, Tr
     parser = HfArgumentParser((ScriptArguments, IRRConfig, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        import yaml
+
         script, irr, args = parser.parse_yaml_file(argv[0])
+        with open(argv[0], encoding="utf-8") as fh:
+            given = set(yaml.safe_load(fh) or {})
     else:
         script, irr, args = parser.parse_args_into_dataclasses(argv)
-    return script, with_preset(irr, script.preset), args
+        given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return script, with_preset(irr, script.preset, given), args
 
 
-def with_preset(irr: IRRConfig, preset: str) -> IRRConfig:
-    """`irr` itself ('paper'), or `IRRConfig.recommended()` with the fields `irr` sets to a non-default value;
-    'auto': 'paper' when `irr` names a sign-mask input, else 'recommended'."""
+def with_preset(irr: IRRConfig, preset: str, given: set[str] = frozenset()) -> IRRConfig:
+    """`irr` itself ('paper'), or `IRRConfig.recommended()` with the fields given (`given`: the flags or YAML keys;
+    `--retain_weight 0` turns the preset's retain term off though 0 is the field's default) or set to a
+    non-default value; 'auto': 'paper' when `irr` names a sign-mask input, else 'recommended'."""
     if preset == "auto":
         preset = "paper" if irr.unaligned_model or irr.safety_vector or irr.harmful_dataset else "recommended"
     if preset == "paper":
@@ -104,7 +110,8 @@ def with_preset(irr: IRRConfig, preset: str) -> IRRConfig:
     if preset != "recommended":
         raise ValueError(f"--preset must be 'auto', 'paper' or 'recommended', got {preset!r}")
     defaults = IRRConfig().to_dict()
-    return IRRConfig.recommended(**{k: v for k, v in irr.to_dict().items() if v != defaults[k]})
+    values = irr.to_dict()
+    return IRRConfig.recommended(**{k: v for k, v in values.items() if k in given or v != defaults[k]})
 
 
 def build_trainer(script: ScriptArguments, irr: IRRConfig, args: TrainingArguments):

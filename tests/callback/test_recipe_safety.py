@@ -68,3 +68,21 @@ def test_recipe_preset_keeps_flags_given_and_paper_with_a_sign_mask_input(files,
     )
     assert irr.identify_mode == "none" and irr.safety_weight == 0.5 and irr.num_calibration_samples == 16
     assert irr.safety_term == "aligned" and irr.setting_name == "safety-regularised"
+
+
+def test_recipe_flag_given_at_its_field_default_still_overrides_the_preset(files, tmp_path):  # noqa: F811
+    """`--retain_weight 0` is IRRConfig()'s default but not the preset's: given, it turns the retain term off (and
+    the preset's objective becomes the one without it), from flags or from a YAML file."""
+    from irr_callback import IRRConfig
+
+    recipe = _recipe()
+    common = ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path)]
+    _, irr, _ = recipe.parse(common)
+    assert irr.retain_weight == IRRConfig.recommended().retain_weight > 0
+    for flag in (["--retain_weight", "0"], ["--retain-weight=0"]):
+        _, irr, _ = recipe.parse([*common, *flag])
+        assert irr == IRRConfig.recommended(retain_weight=0.0) and irr.safety_tokens == "all"
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: m\ndataset: d\noutput_dir: " + str(tmp_path) + "\nretain_weight: 0\n")
+    _, irr, _ = recipe.parse([str(config)])
+    assert irr == IRRConfig.recommended(retain_weight=0.0)
