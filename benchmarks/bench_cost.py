@@ -10,6 +10,9 @@ machine's speed drifts), best wall time per kind:
   - paper: `IRRConfig()` with the safety vector (the paper's IRR), calibration only;
   - recommended: `IRRConfig.recommended()` as it stands (safety stream + aligned twin, λ by auto, the retain
     stream: ρ = 0.3 since issue 19's seventh round);
+  - recommended_full_grid: the same with `auto_weight.AUTO_SMALLEST_FIRST = False` (the search of rounds 1–6: the
+    whole coarse grid in one pass; what the search costs where the smallest candidate does not pass, give or take
+    one pass's overhead);
   - recommended_no_retain: `IRRConfig.recommended(retain_weight=0)` (the preset of rounds 5 and 6);
   - fixed / fixed_no_retain: the same at λ = 0.3 (no search): what the search itself costs.
 
@@ -38,7 +41,7 @@ from _common import machine, run_worker, write_results
 
 
 HERE = os.path.abspath(__file__)
-KINDS = ("paper", "recommended", "recommended_no_retain", "fixed", "fixed_no_retain")
+KINDS = ("paper", "recommended", "recommended_full_grid", "recommended_no_retain", "fixed", "fixed_no_retain")
 
 
 def build(workdir: str, args) -> dict:
@@ -100,6 +103,10 @@ def worker(kind: str, workdir: str, args) -> dict:
         config = IRRConfig(**sizes)
         kwargs["safety_vector"] = os.path.join(workdir, "safety.safetensors")
     else:
+        if kind == "recommended_full_grid":
+            from irr_callback.pipeline import auto_weight
+
+            auto_weight.AUTO_SMALLEST_FIRST = False
         weight = "auto" if kind.startswith("recommended") else 0.3
         no_retain = {"retain_weight": 0.0} if kind.endswith("_no_retain") else {}
         config = IRRConfig.recommended(safety_weight=weight, **no_retain, **sizes)
@@ -168,8 +175,9 @@ def main() -> None:
         f"{sizes['target_params'] / 1e6:.1f} M target parameters, float32; streams: {streams}; batches of "
         f"{args.batch}; torch on {args.threads} threads. Best of {args.repeat} interleaved rounds, each kind "
         "in a fresh process.\n",
-        "| kind | wall (best) | / paper | of which the λ search | the calibration filter (rows judged) | λ | all rounds |",
-        "|---|---|---|---|---|---|---|",
+        "| kind | wall (best) | / paper | of which the λ search | the calibration filter (rows judged) | λ "
+        "| candidates run | all rounds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for kind, r in best.items():
         ratio = f"{r['seconds'] / paper:.2f}×" if paper else "-"
@@ -178,6 +186,7 @@ def main() -> None:
         judged = f"{judged:.1f} s ({r['filter_judged']})" if judged is not None else "-"
         md.append(
             f"| {kind} | {r['seconds']:.1f} s | {ratio} | {search} | {judged} | {r['safety_weight'] or '-'} | "
+            f"{', '.join(f'{c:g}' for c in r.get('candidates') or []) or '-'} | "
             + " / ".join(f"{x['seconds']:.1f}" for x in every[kind])
             + " s |"
         )

@@ -2,7 +2,8 @@
 (when given) retain data, never evaluation prompts (docs/safety-weight.md).
 
 A candidate λ is judged by what the whole realigned model does on held-out data. One layer-by-layer
-pass serves every candidate: each carries its own copies of the streams (a share of the calibration
+pass serves every candidate of a round (the smallest runs alone first: `search_weight`): each carries its
+own copies of the streams (a share of the calibration
 batches, the safety batches and their aligned twin, the retain batches), so its Hessians come from its
 own realigned layers, as in the real run. Per layer and candidate, its solves are written into the layer
 for a moment, its streams and the held-out batches run through it, and the layer's weights are restored.
@@ -54,6 +55,9 @@ from .writing import make_backup, write_weight
 logger = logging.get_logger(__name__)
 
 AUTO_CANDIDATES = (0.1, 0.3, 1.0)
+#: run the smallest candidate first and stop there when it passes (`search_weight`); False: the whole coarse grid in
+#: one pass (the rule of issue 19's rounds 1–6, the same λ in every recorded dev world)
+AUTO_SMALLEST_FIRST = True
 AUTO_FALLBACK = 3.0  # tried when no coarse candidate restores the safety loss
 #: tried when no coarse candidate passes and even the smallest breaks the retain or task tolerances (None: never).
 #: Issue 19's sixth round measured it, its seventh adopted it with the recommended preset's retain term
@@ -91,8 +95,21 @@ def search_weight(run_candidates: Callable[[Sequence[float], bool], Measures]) -
     the geometric midpoint (to one significant digit) between the chosen λ and the candidate below it,
     or `AUTO_FALLBACK` when none passed (fine-tuning did damage safety, and the largest candidate is
     still within the retain and task tolerances: a larger λ can only lose more), or `AUTO_FALLBACK_DOWN` when
-    none passed and even the smallest is outside them (a smaller λ may lose less)."""
-    measures = dict(run_candidates(AUTO_CANDIDATES, True))
+    none passed and even the smallest is outside them (a smaller λ may lose less).
+
+    With `AUTO_SMALLEST_FIRST` the smallest candidate runs first, with the references. When it passes (or
+    fine-tuning left nothing to restore) it is the choice and the rest of the grid is not run: the full grid
+    would only displace it by a larger candidate that beats it on every held-out loss, which happened in none of
+    the recorded dev worlds (docs/safety-weight.md, "Round 7"). A candidate's measures do not depend on which
+    others share its pass, so otherwise the result is the full grid's."""
+    if AUTO_SMALLEST_FIRST:
+        measures = dict(run_candidates(AUTO_CANDIDATES[:1], True))
+        weight, table = choose_weight(measures, warn=False)
+        if table["passing"] or table["candidates"][0]["safety_left"] is None:
+            return choose_weight(measures)
+        measures.update(run_candidates(AUTO_CANDIDATES[1:], False))
+    else:
+        measures = dict(run_candidates(AUTO_CANDIDATES, True))
     weight, table = choose_weight(measures, warn=False)
     extra = None
     if table["passing"] and weight > AUTO_CANDIDATES[0]:

@@ -139,6 +139,22 @@ def test_offline_equals_in_memory_with_the_retain_stream(tmp_path):
     assert report.retain_tokens == expected_report.retain_tokens > 0
 
 
+def test_smallest_first_measures_a_candidate_as_the_whole_grid_does(monkeypatch):
+    """A candidate's held-out measures do not depend on which candidates share its pass: the search that runs the
+    smallest first gives the full grid's measures for every candidate it runs, the same λ and the same weights."""
+    from irr_callback.pipeline import auto_weight
+
+    cfg = IRRConfig.recommended()
+    lazy_model, lazy = run(cfg, retain=retain_rows())
+    monkeypatch.setattr(auto_weight, "AUTO_SMALLEST_FIRST", False)
+    full_model, full = run(cfg, retain=retain_rows())
+    assert lazy.safety_weight == full.safety_weight and same_state(state(lazy_model), state(full_model))
+    by_weight = {r["safety_weight"]: r for r in full.auto["candidates"]}
+    for row in lazy.auto["candidates"]:
+        assert row == {**by_weight[row["safety_weight"]], "dominated": row["dominated"]}
+    assert lazy.auto["references"] == full.auto["references"]
+
+
 def test_auto_with_retain_records_three_losses_and_equals_the_fixed_run():
     cfg = IRRConfig.recommended(retain_weight=1.0)
     first, report = run(cfg, retain=retain_rows())
@@ -186,8 +202,40 @@ def test_issue_23_never_a_dominated_candidate_and_a_warning(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="irr_callback"):
         weight, table = search_weight(run_candidates)
-    assert asked == [(0.1, 0.3, 1.0), (3.0,)] and weight == 0.3
+    assert asked == [(0.1,), (0.3, 1.0), (3.0,)] and weight == 0.3  # the smallest first: it did not pass
     assert sum("no candidate" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == 1
+
+
+@pytest.mark.parametrize("smallest_first", [True, False])
+def test_search_runs_the_smallest_candidate_first_and_stops_when_it_passes(monkeypatch, smallest_first):
+    """AUTO_SMALLEST_FIRST: the smallest candidate runs first with the references; when it passes (or fine-tuning
+    left nothing to restore) the rest of the grid is not run, and λ is the one the whole grid gives."""
+    from irr_callback.pipeline import auto_weight
+
+    monkeypatch.setattr(auto_weight, "AUTO_SMALLEST_FIRST", smallest_first)
+    cases = {
+        "passes": {0.1: (0.01, 0.001), 0.3: (0.02, 0.0), 1.0: (0.05, 0.0)},
+        "nothing to restore": {0.1: (0.01, 0.001), 0.3: (0.02, 0.0), 1.0: (0.05, 0.0)},
+        "fails": {0.1: (0.01, 0.30), 0.3: (0.02, 0.003), 1.0: (0.05, 0.0), 0.2: (0.015, 0.004)},
+    }
+    for name, numbers in cases.items():
+        asked = []
+        refs = ((0.0, 0.02), (0.5, 0.0)) if name == "nothing to restore" else ((0.0, 1.0), (0.5, 0.0))
+
+        def run_candidates(candidates, references, numbers=numbers, refs=refs, asked=asked):
+            asked.append(tuple(candidates))
+            picked = {c: numbers[c] for c in candidates}
+            return measured({0.0: refs[0], math.inf: refs[1], **picked} if references else picked)
+
+        weight, table = auto_weight.search_weight(run_candidates)
+        full = auto_weight.choose_weight(measured({0.0: refs[0], math.inf: refs[1], **numbers}), warn=False)[0]
+        assert weight == full, name
+        if name == "fails":
+            assert weight == 0.2 and asked[-1] == (0.2,)  # the midpoint below 0.3, as without the shortcut
+        else:
+            assert weight == 0.1
+            assert asked == ([(0.1,)] if smallest_first else [(0.1, 0.3, 1.0)]), name
+            assert [r["safety_weight"] for r in table["candidates"]] == ([0.1] if smallest_first else [0.1, 0.3, 1.0])
 
 
 def test_passing_chooses_the_smallest_undominated_weight():
@@ -246,7 +294,7 @@ def test_task_tolerance_keeps_the_task_when_safety_needs_more(caplog):
         return normalised(picked, accuracy=acc) if references else measured(picked, acc)
 
     assert search_weight(run_candidates)[0] == 0.3
-    assert asked == [(0.1, 0.3, 1.0)]  # no fallback to 3: λ = 1 already lost too much of the task
+    assert asked == [(0.1,), (0.3, 1.0)]  # no fallback to 3: λ = 1 already lost too much of the task
     kept = {**acc, 1.0: (0.98 - AUTO_TASK_TOLERANCE / 2, 1.0)}
     assert choose_weight(normalised(cands, accuracy=kept))[0] == 1.0
 
