@@ -3,10 +3,10 @@
 
 A candidate λ is judged by what the whole realigned model does on held-out data. One layer-by-layer
 pass serves every candidate of a round (the smallest runs alone first: `search_weight`): each carries its
-own copies of the streams (a share of the calibration
-batches, the safety batches and their aligned twin, the retain batches), so its Hessians come from its
-own realigned layers, as in the real run. Per layer and candidate, its solves are written into the layer
-for a moment, its streams and the held-out batches run through it, and the layer's weights are restored.
+own copies of the streams (a share of the calibration batches, the safety batches and their aligned twin,
+the retain batches), so its Hessians come from its own realigned layers, as in the real run. Per layer
+and candidate, its solves are written into the layer for a moment, its streams and the held-out batches
+run through it, and the layer's weights are restored.
 Two references need no solve: λ = 0 (the fine-tuned model, F) and λ = ∞ (every target at W_A, A).
 From the held-out response tokens' next-token loss L, token accuracy a (argmax = the scored token) and
 row exact match e (every scored token of the row the argmax: the greedy answer is the recorded one),
@@ -22,10 +22,10 @@ a candidate passes when s(λ) <= `AUTO_TOLERANCE`, r(λ) <= `AUTO_RETAIN_TOLERAN
 docs/safety-weight.md); λ* is the smallest passing candidate that no other candidate beats on every loss,
 then the geometric midpoint below it (one significant digit) is tried; when nothing passes, `AUTO_FALLBACK`
 above the candidates or `AUTO_FALLBACK_DOWN` below them is (`search_weight`). If fine-tuning left the safety
-loss within `AUTO_MIN_GAP` of A's, there is nothing to restore and the smallest candidate is taken. If nothing passes, a warning says so and
-λ* is the undominated candidate with the least safety loss among those within the retain and task
-tolerances (the smallest undominated one when none is). A candidate that another beats on every loss is
-never chosen (issue 23).
+loss within `AUTO_MIN_GAP` of A's, there is nothing to restore and the smallest candidate is taken. If nothing
+passes, a warning says so and λ* is the undominated candidate with the least safety loss among those
+within the retain and task tolerances (the smallest undominated one when none is). A candidate that
+another beats on every loss is never chosen (issue 23).
 """
 
 from __future__ import annotations

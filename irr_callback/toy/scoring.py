@@ -85,8 +85,9 @@ register(
         "recommended-before-filter",
         lambda: _round6(retain_weight=0.3, calibration_filter="none"),
         ("calibration", "safety", "retain"),
-        description="IRRConfig.recommended(retain_weight=0.3, calibration_filter='none'): every calibration row used, "
-        "retain ρ = 0.3 (the setting of issue 19's third test round, with today's auto rule)",
+        description="IRRConfig.recommended(retain_weight=0.3, calibration_filter='none') with every safety token and "
+        "ridge 0.1: every calibration row used, retain ρ = 0.3 (the setting of issue 19's third test round, with "
+        "today's auto rule)",
     )
 )
 register(
