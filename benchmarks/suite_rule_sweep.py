@@ -42,6 +42,8 @@ SWEEP = {
     "AUTO_RETAIN_TOLERANCE": (0.005, 0.01, 0.02, 0.05),
     # candidate sets whose refining midpoints are on the paths' grid (0.05 0.1 0.2 0.3 0.5 1 2 3)
     "AUTO_CANDIDATES": ((0.1, 0.3, 1.0), (0.05, 0.2, 0.5), (0.05, 0.3, 1.0), (0.1, 0.5, 2.0)),
+    # the search's order (the smallest candidate alone first): the same λ as the whole grid on every recorded path
+    "AUTO_SMALLEST_FIRST": (True, False),
 }
 
 
@@ -62,7 +64,7 @@ def patched(values: dict[str, Any]) -> Iterator[None]:
 
 def score(payloads: list[dict[str, Any]], values: dict[str, Any]) -> dict[str, Any]:
     """One rule on every file: world-builds meeting the target (per file and in all), both ratios >= 0.8, median
-    old-task ratio, worst downstream and old-task ratios."""
+    old-task ratio, worst downstream and old-task ratios, and the λ chosen in each world-build."""
     rows, per_file = [], []
     with patched(values):
         for payload in payloads:
@@ -78,6 +80,7 @@ def score(payloads: list[dict[str, Any]], values: dict[str, Any]) -> dict[str, A
         "median_old_ratio": statistics.median(r["old_ratio"] for r in rows),
         "min_old_ratio": min(r["old_ratio"] for r in rows),
         "min_downstream_ratio": min(r["downstream_ratio"] for r in rows),
+        "choices": [r["safety_weight"] for r in rows],
     }
 
 
@@ -130,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         values = dict(zip(sweep, combo))
         changes = sum(values[k] != shipped[k] for k in SWEEP)
         results.append({"rule": values, "changes": changes, **score(payloads, values)})
+    shipped_choices = base.pop("choices")
+    base["other_lambda"] = 0
+    for r in results:  # world-builds where the rule takes another λ than the shipped one
+        r["other_lambda"] = sum(a != b for a, b in zip(r.pop("choices"), shipped_choices))
     if args.floor is not None:
         swept = len(results)
         results = [r for r in results if _keeps_tails(r, base, args.floor)]
@@ -137,15 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     key = lambda r: (r["met"], r["both_ratios_at_least_0.8"], r["median_old_ratio"])  # noqa: E731
     results.sort(key=key, reverse=True)
     lines = [
-        "| rule | changes | met (full/LoRA) | per file | both ≥ 0.8 | median old | min old | min downstream |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rule | changes | met (full/LoRA) | per file | both ≥ 0.8 | median old | min old | min downstream "
+        "| another λ |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in [base, *results[: args.top]]:
         rule = ", ".join(f"{k.removeprefix('AUTO_').lower()}={v}" for k, v in r["rule"].items())
         lines.append(
             f"| {rule} | {r['changes']} | {r['met']} ({r['met_full']}/{r['met_lora']}) | {r['per_file']} | "
             f"{r['both_ratios_at_least_0.8']} | {r['median_old_ratio']:.2f} | {r['min_old_ratio']:.2f} | "
-            f"{r['min_downstream_ratio']:.2f} |"
+            f"{r['min_downstream_ratio']:.2f} | {r['other_lambda']} |"
         )
     table = "\n".join(lines)
     print(table)

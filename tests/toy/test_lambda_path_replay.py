@@ -166,7 +166,13 @@ def test_rule_sweep_replays_another_candidate_set(lambda_path, tmp_path, capsys)
     fixed = [f"{k}={json.dumps(v)}" for k, v in shipped.items() if k != "AUTO_CANDIDATES"]
     assert suite_rule_sweep.main([str(path), "--fix", *fixed, "AUTO_CANDIDATES=[0.05, 0.2, 0.5]"]) == 0
     best = capsys.readouterr().out.splitlines()[3]  # header, rule line, the shipped rule, then the best
-    assert "candidates=(0.05, 0.2, 0.5) | 1 | 1 (1/0)" in best
+    assert "candidates=(0.05, 0.2, 0.5), smallest_first=True | 1 | 1 (1/0)" in best
+    assert best.endswith("| 1 |")  # another λ than the shipped rule's in the one world
+    # the search's order changes no λ: both orders give the shipped row
+    fixed = [f for f in fixed if not f.startswith("AUTO_SMALLEST_FIRST")]
+    assert suite_rule_sweep.main([str(path), "--fix", *fixed, "AUTO_CANDIDATES=[0.1, 0.3, 1.0]"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 3 and all(r.endswith("| 0 (0/0) | [0] | 1 | 1.00 | 1.00 | 1.00 | 0 |") for r in rows)
 
 
 def test_rule_sweep_floor_drops_rules_that_give_up_the_tails(lambda_path, tmp_path, capsys):
@@ -188,7 +194,7 @@ def test_rule_sweep_floor_drops_rules_that_give_up_the_tails(lambda_path, tmp_pa
     fixed = [f"{k}={json.dumps(v)}" for k, v in vars(auto_weight).items() if k in suite_rule_sweep.SWEEP]
     fixed = [f for f in fixed if not f.startswith("AUTO_CANDIDATES")]
     assert suite_rule_sweep.main([str(path), "--fix", *fixed]) == 0
-    assert "candidates=(0.05, 0.2, 0.5) | 1 | 1 (1/0)" in capsys.readouterr().out  # the most worlds met, unfiltered
+    assert "candidates=(0.05, 0.2, 0.5), smallest_first=True | 1 | 1 (1/0)" in capsys.readouterr().out  # unfiltered
     assert suite_rule_sweep.main([str(path), "--fix", *fixed, "--floor", "0.8"]) == 0
     out = capsys.readouterr().out
     assert "3 of 4 rules keep the tails" in out and "candidates=(0.05, 0.2, 0.5)" not in out
