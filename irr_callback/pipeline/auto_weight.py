@@ -106,7 +106,7 @@ def search_weight(run_candidates: Callable[[Sequence[float], bool], Measures]) -
         measures = dict(run_candidates(AUTO_CANDIDATES[:1], True))
         weight, table = choose_weight(measures, warn=False)
         if table["passing"] or table["candidates"][0]["safety_left"] is None:
-            return choose_weight(measures)
+            return weight, table  # neither case warns: the table is the one choose_weight would log for
         measures.update(run_candidates(AUTO_CANDIDATES[1:], False))
     else:
         measures = dict(run_candidates(AUTO_CANDIDATES, True))
