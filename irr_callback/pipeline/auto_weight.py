@@ -6,7 +6,9 @@ pass serves every candidate of a round (the smallest runs alone first: `search_w
 own copies of the streams (a share of the calibration batches, the safety batches and their aligned twin,
 the retain batches), so its Hessians come from its own realigned layers, as in the real run. Per layer
 and candidate, its solves are written into the layer for a moment, its streams and the held-out batches
-run through it, and the layer's weights are restored.
+run through it, and the layer's weights are restored. With `AUTO_KEEP_FIRST` the smallest candidate is no
+trial: it is the real run (every batch not held out), and the held-out copies ride along it (`HeldOutJudge`);
+when it is chosen its weights stay, so the common case costs one realignment plus the held-out copies.
 Two references need no solve: λ = 0 (the fine-tuned model, F) and λ = ∞ (every target at W_A, A).
 From the held-out response tokens' next-token loss L, token accuracy a (argmax = the scored token) and
 row exact match e (every scored token of the row the argmax: the greedy answer is the recorded one),
@@ -30,8 +32,10 @@ another beats on every loss is never chosen (issue 23).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any
 
@@ -58,6 +62,10 @@ AUTO_CANDIDATES = (0.1, 0.3, 1.0)
 #: run the smallest candidate first and stop there when it passes (`search_weight`); False: the whole coarse grid in
 #: one pass (the rule of issue 19's rounds 1–6, the same λ in every recorded dev world)
 AUTO_SMALLEST_FIRST = True
+#: with AUTO_SMALLEST_FIRST: the smallest candidate is not a trial but the real run, from every batch that is not
+#: held out, judged by held-out copies riding along (`HeldOutJudge`); when it is chosen its weights stay and no
+#: second pass runs. Otherwise its weights are put back and the search goes on as without it (issue 19, round 8)
+AUTO_KEEP_FIRST = True
 AUTO_FALLBACK = 3.0  # tried when no coarse candidate restores the safety loss
 #: tried when no coarse candidate passes and even the smallest breaks the retain or task tolerances (None: never).
 #: Issue 19's sixth round measured it, its seventh adopted it with the recommended preset's retain term
@@ -299,11 +307,14 @@ def held_out_losses(
         if load_layer is not None:
             load_layer(index, layer)
         for c in levels:
+            if c == math.inf:
+                with aligned_targets(layer_targets, inputs, dist_ctx):
+                    for stream in held_state[c]:
+                        stream.propagate(layer, index, twin=False)
+                continue
             backup = make_backup("cpu")
             try:
-                if layer_targets and c == math.inf:
-                    write_aligned(layer_targets, inputs, backup, dist_ctx)
-                elif layer_targets and c > 0:
+                if layer_targets and c > 0:
                     groups = collect_hessians(
                         layer, layer_targets, train_state[c], index, device=device, reduce=dist_ctx.reduce_hessian
                     )
@@ -320,11 +331,69 @@ def held_out_losses(
                 twin.hidden = propagate(layer, twin.hidden, twin.args[index])
         if drop_layer is not None:
             drop_layer(index, layer)
-    out = {}
-    for c in levels:
-        scores = [_scores(model, layers, stream, dist_ctx) for stream in held_state[c]]
-        out[c] = tuple(tuple(column) for column in zip(*scores))  # (losses, token accuracies, exact matches)
-    return out
+    return {c: _measure(model, layers, held_state[c], dist_ctx) for c in levels}
+
+
+def _measure(model: nn.Module, layers: nn.ModuleList, streams: Sequence[Stream], dist_ctx: Any) -> tuple:
+    """One level's (losses, token accuracies, exact matches), each over the held-out `streams` in order."""
+    scores = [_scores(model, layers, stream, dist_ctx) for stream in streams]
+    return tuple(tuple(column) for column in zip(*scores))
+
+
+class HeldOutJudge:
+    """The held-out copies that ride along the real layer loop (`run_layers(rider=...)`) when the smallest candidate
+    runs as the real run (`AUTO_KEEP_FIRST`): the reference F through each layer as it enters the loop, A through
+    the layer with every target at W_A for a moment (restored), and the candidate through the realigned layer.
+    Its `measures` are then those of the weights the run wrote, not of a trial re-solved from a share of the data."""
+
+    def __init__(
+        self, held: Mapping[str, Stream], targets: Sequence[Target], inputs: SafetyInputs, dist_ctx: Any, weight: float
+    ) -> None:
+        self.inputs, self.dist_ctx, self.weight = inputs, dist_ctx, weight
+        self.levels = {c: [stream.copy() for stream in held.values()] for c in (0.0, weight, math.inf)}
+        self.by_layer: dict[int, list[Target]] = {}
+        for t in targets:
+            self.by_layer.setdefault(t.layer, []).append(t)
+
+    def before(self, index: int, layer: nn.Module) -> None:
+        for stream in self.levels[0.0]:
+            stream.propagate(layer, index, twin=False)
+        with aligned_targets(self.by_layer.get(index, []), self.inputs, self.dist_ctx):
+            for stream in self.levels[math.inf]:
+                stream.propagate(layer, index, twin=False)
+
+    def after(self, index: int, layer: nn.Module) -> None:
+        for stream in self.levels[self.weight]:
+            stream.propagate(layer, index, twin=False)
+
+    def measures(self, model: nn.Module, layers: nn.ModuleList) -> Measures:
+        return {c: _measure(model, layers, streams, self.dist_ctx) for c, streams in self.levels.items()}
+
+
+def aligned_targets(targets: Sequence[Target], inputs: SafetyInputs, dist_ctx: Any) -> AbstractContextManager:
+    """λ = ∞ (the reference A) inside: every target of one layer at W_A, a LoRA target's adapter off. One process
+    or replicated weights: W_A swapped in by reference (`dist_ctx.swapped`), nothing copied; sharded weights:
+    written through the backend and restored (`write_aligned`)."""
+    if dist_ctx.kind not in ("single", "replicated"):
+        return _written_aligned(targets, inputs, dist_ctx)
+    swaps = []
+    for t in targets:
+        swaps.append((t.weight, lambda t=t: t.from_out_in(inputs.base_weight(t, t.weight.device, torch.float32))))
+        if t.kind == "lora":
+            lora_b = t.module.lora_B[t.adapter].weight
+            swaps.append((lora_b, lambda p=lora_b: torch.zeros_like(p)))
+    return dist_ctx.swapped(swaps)
+
+
+@contextlib.contextmanager
+def _written_aligned(targets: Sequence[Target], inputs: SafetyInputs, dist_ctx: Any) -> Iterator[None]:
+    backup = make_backup("cpu")
+    try:
+        if targets:
+            write_aligned(targets, inputs, backup, dist_ctx)
+        yield
+    finally:
+        dist_ctx.restore(backup)  # through each backend's gather
 
 
 def write_aligned(targets: Sequence[Target], inputs: SafetyInputs, backup: Any, dist_ctx: Any) -> None:
@@ -390,31 +459,68 @@ def resolve_auto_weight(
     progress: bool = True,
     load_layer: LayerHook | None = None,
     drop_layer: LayerHook | None = None,
-) -> IRRConfig:
+    first_run: Callable[[float, Sequence[Stream], HeldOutJudge], None] | None = None,
+    undo_first: Callable[[], None] | None = None,
+) -> tuple[IRRConfig, bool]:
     """Choose λ for `config` (safety_weight='auto') on the captured `streams` (calibration, safety[,
     retain]) whose last `held_out[name]` batches are held out and whose first `held_out[f"{name}_share"]`
     batches feed the candidates' Hessians; record the search in `report`; return the config with λ* in
-    place of 'auto'. `load_layer` / `drop_layer`: see `held_out_losses` (the offline path also
+    place of 'auto', and whether the run's weights are already written.
+
+    `first_run(λ, streams, judge)` (with `AUTO_KEEP_FIRST` and `AUTO_SMALLEST_FIRST`): runs the real layer loop at the
+    smallest candidate on `streams` (every batch that is not held out) with `judge` riding along; `streams` give up
+    their captured states first (`Stream.release`). When that λ is chosen its weights are the run's (True is
+    returned), otherwise `undo_first()` puts the fine-tuned weights back and captures `streams` again before any
+    other candidate runs. `load_layer` / `drop_layer`: see `held_out_losses` (the offline path also
     materialises everything outside the decoder layers: the losses run the model's head)."""
     import time
 
     started = time.perf_counter()
-    train = [s.subset(list(range(held_out[f"{s.name}_share"]))) for s in streams]
-    held = {}
-    for s in streams:
-        n = len(s.batches)
-        held[s.name] = s.subset(list(range(n - held_out[s.name], n)))
-        held[s.name].twin = None  # the held-out batches are scored, not paired
+
+    def split() -> tuple[list[Stream], dict[str, Stream]]:
+        """(the trial candidates' shares, the held-out parts) of the streams' captured states."""
+        train = [s.subset(list(range(held_out[f"{s.name}_share"]))) for s in streams]
+        held = {}
+        for s in streams:
+            n = len(s.batches)
+            held[s.name] = s.subset(list(range(n - held_out[s.name], n)))
+            held[s.name].twin = None  # the held-out batches are scored, not paired
+        return train, held
+
+    train, held = split()
+    keep_first = first_run is not None and AUTO_KEEP_FIRST and AUTO_SMALLEST_FIRST
+    written = False
 
     def run_candidates(candidates: Sequence[float], references: bool) -> Measures:
+        nonlocal written, train, held
+        if keep_first and references and not written:
+            judge = HeldOutJudge(held, targets, inputs, dist_ctx, candidates[0])
+            not_held = [s.subset(list(range(len(s.batches) - held_out[s.name]))) for s in streams]
+            for s in streams:  # the run frees each layer's inputs as it goes: no other reference holds them
+                s.release()
+            train, held = [], {}
+            first_run(candidates[0], not_held, judge)
+            written = True
+            return judge.measures(model, layers)
+        if written:
+            undo_first()  # the fine-tuned weights back, the streams captured again
+            train, held = split()
+            written = False
         return held_out_losses(
             model, layers, targets, train, held, inputs, config, candidates, dist_ctx,
             references=references, device=device, progress=progress, load_layer=load_layer, drop_layer=drop_layer,
         )  # fmt: skip
 
     weight, table = search_weight(run_candidates)
+    kept = written and weight == AUTO_CANDIDATES[0]
+    if written and not kept:
+        undo_first()
     table["seconds"] = time.perf_counter() - started
     table["held_out_batches"] = dict(held_out)
+    table["kept_written_weights"] = kept
     report.auto, report.safety_weight = table, weight
-    logger.info(f"IRR safety_weight='auto': λ={weight:g} ({table['reason']}), search {table['seconds']:.1f}s")
-    return replace(config, safety_weight=weight)
+    logger.info(
+        f"IRR safety_weight='auto': λ={weight:g} ({table['reason']}), search {table['seconds']:.1f}s"
+        + (" (the realignment it judged is the run's: no second pass)" if kept else "")
+    )
+    return replace(config, safety_weight=weight), kept

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -161,29 +162,34 @@ def realign_checkpoint(
                 for stream in streams:
                     stream.capture(model, layers, stubs=True)
                 embeddings.to("meta")
+
+                def realign_layers(weight: Any, run_streams: list, rider: Any = None) -> None:
+                    # no backup: a failure drops the temp dir
+                    settings = replace(config, safety_weight=weight).realign_settings()
+                    run_layers(
+                        prefix, layers, targets, run_streams, GroupSolver(inputs, settings, make_backup("none"), report),
+                        SingleProcess(), device=compute_device(config), load_layer=storage.load,
+                        store_layer=storage.store, progress=progress, desc="IRR layers (offline)", rider=rider,
+                    )  # fmt: skip
+
+                def put_back() -> None:  # the kept-first candidate was not chosen: its shards go, the streams again
+                    writer.discard()
+                    report.modules = []
+                    for stream in streams:  # inside `outside_layers`: the embeddings are in memory
+                        stream.capture(model, layers, stubs=True)
+
+                written = False
                 if held_out:  # safety_weight="auto": the same search as `realign`, one layer loaded at a time
                     with outside_layers(model, prefix, weights, device):
-                        config = resolve_auto_weight(
+                        config, written = resolve_auto_weight(
                             model, layers, targets, streams, held_out, inputs, config,
                             SingleProcess(), report, device=compute_device(config), progress=progress,
                             load_layer=storage.load, drop_layer=lambda index, layer: layer.to("meta"),
+                            first_run=realign_layers, undo_first=put_back,
                         )  # fmt: skip
-                # no backup: a failure drops the temp dir
-                solver = GroupSolver(inputs, config.realign_settings(), make_backup("none"), report)
-                run_layers(
-                    prefix,
-                    layers,
-                    targets,
-                    streams,
-                    solver,
-                    SingleProcess(),
-                    device=compute_device(config),
-                    load_layer=storage.load,
-                    store_layer=storage.store,
-                    progress=progress,
-                    desc="IRR layers (offline)",
-                )
-                del streams
+                if not written:
+                    realign_layers(config.safety_weight, streams)
+                streams.clear()  # the last layer's states
                 storage.store_rest()
             writer.finish()
             copy_side_files(finetuned_dir, tmp, adapter=from_mapping)

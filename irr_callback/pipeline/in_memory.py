@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -120,7 +121,7 @@ def realign(
     retain_batches = prepare_retain(retain_calibration, config, getattr(model, "config", None), report)
     dist_ctx = context_for(model, targets)  # SingleProcess without a process group: no collectives
     aligned = AlignedWeights(model, layers, prefix, targets, inputs.base, dist_ctx)
-    backup = make_backup(config.backup)
+    backups = [make_backup(config.backup)]  # the last one holds what the run wrote (a put-back candidate's: closed)
     was_training = model.training
     model.eval()
 
@@ -137,29 +138,41 @@ def realign(
             streams, held_out = build_streams(batches, safety_batches, config, dist_ctx, aligned, retain_batches)
             for stream in streams:
                 capture(stream)
-            if held_out:  # safety_weight="auto": choose λ on held-out batches, then realign with all of them
-                config = resolve_auto_weight(
-                    model, layers, targets, streams, held_out, inputs, config, dist_ctx, report,
-                    device=compute_device(config), progress=progress,
+
+            def realign_layers(weight: Any, run_streams: list[Stream], rider: Any = None) -> None:
+                solver = GroupSolver(
+                    inputs, replace(config, safety_weight=weight).realign_settings(), backups[-1], report
+                )
+                run_layers(
+                    prefix, layers, targets, run_streams, solver, dist_ctx,
+                    device=compute_device(config), progress=progress, lowrank=lowrank, rider=rider,
                 )  # fmt: skip
-            solver = GroupSolver(inputs, config.realign_settings(), backup, report)
-            run_layers(
-                prefix,
-                layers,
-                targets,
-                streams,
-                solver,
-                dist_ctx,
-                device=compute_device(config),
-                progress=progress,
-                lowrank=lowrank,
-            )
+
+            def put_back() -> (
+                None
+            ):  # the kept-first candidate was not chosen: the fine-tuned weights and streams again
+                dist_ctx.restore(backups[-1])
+                backups.append(make_backup(config.backup))
+                report.modules = []
+                if lowrank is not None:
+                    lowrank.factors.clear()
+                for stream in streams:
+                    capture(stream)
+
+            written = False
+            if held_out:  # safety_weight="auto": choose λ on held-out batches (the smallest candidate may be the run)
+                config, written = resolve_auto_weight(
+                    model, layers, targets, streams, held_out, inputs, config, dist_ctx, report,
+                    device=compute_device(config), progress=progress, first_run=realign_layers, undo_first=put_back,
+                )  # fmt: skip
+            if not written:  # every batch, the held-out ones included
+                realign_layers(config.safety_weight, streams)
     except BaseException as exc:
-        dist_ctx.restore(backup)
+        dist_ctx.restore(backups[-1])
         report.status, report.error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        backup.close()
+        backups[-1].close()
         model.train(was_training)
     report.modules = dist_ctx.merge_stats(report.modules, [t.name for t in targets])
     report.seconds = time.perf_counter() - started

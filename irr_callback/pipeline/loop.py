@@ -4,12 +4,13 @@
 Per decoder layer: [load it] → H of every stream from one pass of the unmodified layer → solve and
 write every group of targets → propagate every stream through the realigned layer (NaN/Inf check on
 real tokens) → [write it back and drop it]. Loading and writing back are options of the loop, not a
-second loop. Only one layer's Hessians live on the compute device at a time.
+second loop; so is a rider (`safety_weight="auto"`: held-out copies that score the weights being written). Only one layer's Hessians live on the compute device at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -29,6 +30,15 @@ from .streams import Stream
 LayerHook = Callable[[int, nn.Module], None]
 
 
+class LayerRider(Protocol):
+    """Work that rides along the loop, one layer at a time (`auto_weight.HeldOutJudge`: held-out copies that score
+    the weights being written): `before` sees the layer as it entered the loop, `after` the realigned layer."""
+
+    def before(self, index: int, layer: nn.Module) -> None: ...
+
+    def after(self, index: int, layer: nn.Module) -> None: ...
+
+
 def run_layers(
     prefix: str,
     layers: nn.ModuleList,
@@ -43,6 +53,7 @@ def run_layers(
     progress: bool = True,
     desc: str = "IRR layers",
     lowrank: AdapterFactors | None = None,
+    rider: LayerRider | None = None,
 ) -> None:
     """Realign `layers` in order, from the captured `streams` (their `hidden` enter layer 0).
 
@@ -58,6 +69,7 @@ def run_layers(
         store_layer: `store_layer(index, layer)` once it is realigned and propagated (the offline path
             writes it to a shard and drops it).
         lowrank: LoRA runs: factors each LoRA target's Δ′ under its H right after the layer's solve.
+        rider: called with every layer (the last included) before its solve and after it.
     """
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
@@ -70,6 +82,8 @@ def run_layers(
         if load_layer is not None:
             load_layer(index, layer)
         layer_targets = by_layer.get(index, [])
+        if rider is not None:
+            rider.before(index, layer)
         if layer_targets:
             groups = collect_hessians(
                 layer,
@@ -88,6 +102,8 @@ def run_layers(
                 lowrank.after(groups, solver.settings)
             del groups
             release_free_memory()  # the solver's buffers
+        if rider is not None:
+            rider.after(index, layer)
         if index + 1 < len(layers):
             for stream in streams:
                 stream.propagate(layer, index)  # and its aligned twin, through the aligned weights

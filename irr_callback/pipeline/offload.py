@@ -187,6 +187,12 @@ class ShardWriter:
             size += nbytes
         self.write(pending)
 
+    def discard(self) -> None:
+        """Delete every shard written so far (a realignment that was put back), to start again."""
+        for name, _ in self.shards:
+            os.remove(os.path.join(self.directory, name))
+        self.shards, self.total, self.largest = [], 0, 0
+
     def finish(self) -> None:
         n = len(self.shards)
         weight_map = {}

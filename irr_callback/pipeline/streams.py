@@ -80,6 +80,13 @@ class Stream:
         if twin and self.twin is not None:
             self.twin.propagate(layer, index)
 
+    def release(self) -> None:
+        """Drop the captured hidden states (and the twin's): a run on subsets then frees each layer's inputs as it
+        goes. `capture` makes them again."""
+        self.hidden = []
+        if self.twin is not None:
+            self.twin.release()
+
     def copy(self, *, share_twin: bool = False) -> Stream:
         """A stream with its own hidden-state list (tensors shared until replaced): for trial runs.
         `share_twin`: the copy keeps the same twin object (its states do not depend on the trial)."""

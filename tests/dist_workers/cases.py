@@ -6,6 +6,7 @@ see the same models and data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -94,21 +95,30 @@ SAFETY_CALIBRATION = dict(n=24, length=8, seed=3)
 SAFETY_BATCHES = 6
 
 
-def safety_case(weight, retain: bool = False, model_fn=None) -> tuple[dict[str, torch.Tensor], dict]:
+def safety_case(
+    weight, retain: bool = False, model_fn=None, put_back: bool = False
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The recommended setting (aligned twin, no sign mask) at λ = `weight` (or 'auto'); `retain`: with a retain
     stream (retain_weight 1); `model_fn`: the fine-tuned model sharded (FSDP2, FSDP1, ZeRO-3) or left as it is
-    (one process, DDP)."""
+    (one process, DDP); `put_back`: no candidate passes, so the smallest one, written as the run, is put back
+    through the backend and the search goes on (`AUTO_KEEP_FIRST`)."""
+    from unittest import mock
+
+    from irr_callback.pipeline import auto_weight
+
     base, ft, _ = triple("llama")
     model = model_fn(ft) if model_fn else ft
-    report = realign(
-        model,
-        base=base,
-        calibration=calibration(**SAFETY_CALIBRATION),
-        safety_calibration=safety_batches(n=SAFETY_BATCHES),
-        retain_calibration=safety_batches(n=SAFETY_BATCHES, seed=19) if retain else None,
-        config=IRRConfig.recommended(safety_weight=weight, retain_weight=1.0 if retain else 0.0, **CONFIG),
-        progress=False,
-    )
+    rule = dict(AUTO_TOLERANCE=-1.0, AUTO_MIN_GAP=float("-inf")) if put_back else {}
+    with mock.patch.multiple(auto_weight, **rule) if rule else contextlib.nullcontext():
+        report = realign(
+            model,
+            base=base,
+            calibration=calibration(**SAFETY_CALIBRATION),
+            safety_calibration=safety_batches(n=SAFETY_BATCHES),
+            retain_calibration=safety_batches(n=SAFETY_BATCHES, seed=19) if retain else None,
+            config=IRRConfig.recommended(safety_weight=weight, retain_weight=1.0 if retain else 0.0, **CONFIG),
+            progress=False,
+        )
     _, _, targets = find_targets(model)
     weights = {t.name: _full(t.weight, model).detach().clone() for t in targets}
     totals = {
@@ -121,6 +131,7 @@ def safety_case(weight, retain: bool = False, model_fn=None) -> tuple[dict[str, 
             [c["task_loss"], c["safety_loss"], c["retain_loss"]] for c in (report.auto or {}).get("candidates", [])
         ],
         "references": (report.auto or {}).get("references"),
+        "kept": (report.auto or {}).get("kept_written_weights"),
         **({"retain_tokens": report.retain_tokens} if retain else {}),
     }
     return weights, totals

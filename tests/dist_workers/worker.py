@@ -38,6 +38,11 @@ CASES = {
     "fsdp1_safety_auto": lambda: cases.safety_case("auto", model_fn=cases.fsdp1_wrap),
     "zero3_safety": lambda: cases.safety_case(0.5, model_fn=lambda m: cases.zero3_engine(m).module),
     "zero3_safety_auto": lambda: cases.safety_case("auto", model_fn=lambda m: cases.zero3_engine(m).module),
+    "safety_auto_put_back": lambda: cases.safety_case("auto", put_back=True),
+    "fsdp2_safety_auto_put_back": lambda: cases.safety_case("auto", model_fn=cases.fsdp2_shard, put_back=True),
+    "zero3_safety_auto_put_back": lambda: cases.safety_case(
+        "auto", model_fn=lambda m: cases.zero3_engine(m).module, put_back=True
+    ),
     "filter_auto": lambda: cases.filter_case(),
     "fsdp2_filter_auto": lambda: cases.filter_case(model_fn=cases.fsdp2_shard),
     "zero3_filter_auto": lambda: cases.filter_case(model_fn=lambda m: cases.zero3_engine(m).module),

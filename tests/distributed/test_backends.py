@@ -24,7 +24,15 @@ from tests.dist_workers import cases, trainer_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-ZERO3_CASES = ["zero3", "zero3_ranked", "zero3_failure", "zero3_safety", "zero3_safety_auto", "zero3_filter_auto"]
+ZERO3_CASES = [
+    "zero3",
+    "zero3_ranked",
+    "zero3_failure",
+    "zero3_safety",
+    "zero3_safety_auto",
+    "zero3_filter_auto",
+    "zero3_safety_auto_put_back",
+]
 CASES = [
     "trainer",
     "fisher",
@@ -36,6 +44,8 @@ CASES = [
     "retain_auto",
     "fsdp2_safety",
     "fsdp2_safety_auto",
+    "safety_auto_put_back",
+    "fsdp2_safety_auto_put_back",
     "filter_auto",
     "fsdp2_filter_auto",
     "fsdp1",
@@ -191,6 +201,24 @@ def test_recommended_setting_two_processes_equals_one(two_ranks, backend, weight
     # padding excluded
     assert totals["safety_tokens"] == (12 * 4 if retain else 84)
     assert totals.get("retain_tokens", 84) == 84
+    for k, v in expected.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero3"])
+def test_a_kept_first_candidate_put_back_two_processes_equals_one(two_ranks, backend):
+    """`AUTO_KEEP_FIRST` when the smallest candidate is not chosen (no candidate passes, by construction): every rank
+    puts the written weights back through its backend (DDP: the backup; FSDP2: each rank's rows; ZeRO-3: through a
+    gather), captures its streams again, runs the trial passes and the final realignment: the same λ, candidates and
+    weights as one process."""
+    if backend == "zero3" and not DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[test]' installs it)")
+    ranks, extras = two_ranks(BACKENDS[backend] + "safety_auto_put_back")
+    expected, totals = cases.safety_case("auto", put_back=True)
+    assert_identical_ranks(ranks)
+    assert extras[0]["kept"] is extras[1]["kept"] is totals["kept"] is False
+    assert extras[0]["candidates"] == totals["candidates"] and len(totals["candidates"]) > 1
+    assert extras[0]["safety_weight"] == totals["safety_weight"] and extras[0]["modules"] == totals["modules"]
     for k, v in expected.items():
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
 

@@ -12,22 +12,23 @@ from irr_callback import IRRConfig, realign, realign_checkpoint
 from irr_callback.tensors import SafetensorsMapping
 from tests.helpers import calibration, same_state, state, triple
 
-from .test_safety_stream import measured, safety_rows
+from .test_safety_stream import measured, safety_rows, written_rows
 
 
 def retain_rows(n: int = 8, seed: int = 23):
     return safety_rows(n=n, prompt=5, response=6, seed=seed)
 
 
-def run(config, *, retain=None, safety=True, cal=None, vector=None):
+def run(config, *, retain=None, safety=True, cal=None, vector=None, safety_rows=safety_rows, model=None):
+    """Realign a copy of the triple's fine-tuned model (`model`: that one, in place)."""
     base, ft, _ = triple("llama")
-    model = copy.deepcopy(ft)
+    model = model if model is not None else copy.deepcopy(ft)
     report = realign(
         model,
         base=base,
         safety_vector=vector,
         calibration=cal if cal is not None else calibration(n=16, length=10),
-        safety_calibration=safety_rows() if safety else None,
+        safety_calibration=(safety_rows() if callable(safety_rows) else safety_rows) if safety else None,
         retain_calibration=retain,
         config=config,
         progress=False,
@@ -141,9 +142,11 @@ def test_offline_equals_in_memory_with_the_retain_stream(tmp_path):
 
 def test_smallest_first_measures_a_candidate_as_the_whole_grid_does(monkeypatch):
     """A candidate's held-out measures do not depend on which candidates share its pass: the search that runs the
-    smallest first gives the full grid's measures for every candidate it runs, the same λ and the same weights."""
+    smallest first gives the full grid's measures for every candidate it runs, the same λ and the same weights
+    (trial candidates throughout: `AUTO_KEEP_FIRST` off)."""
     from irr_callback.pipeline import auto_weight
 
+    monkeypatch.setattr(auto_weight, "AUTO_KEEP_FIRST", False)
     cfg = IRRConfig.recommended()
     lazy_model, lazy = run(cfg, retain=retain_rows())
     monkeypatch.setattr(auto_weight, "AUTO_SMALLEST_FIRST", False)
@@ -162,8 +165,71 @@ def test_auto_with_retain_records_three_losses_and_equals_the_fixed_run():
     assert all(r["retain_loss"] is not None and "dominated" in r for r in rows)
     assert "retain_loss" in report.auto["references"]["finetuned"]
     assert report.auto["held_out_batches"]["retain"] >= 1
-    fixed, _ = run(IRRConfig.recommended(retain_weight=1.0, safety_weight=report.safety_weight), retain=retain_rows())
-    assert same_state(state(first), state(fixed))  # auto = the fixed run at the λ it chose
+    cal, safe, retain = written_rows(
+        report, calibration(n=16, length=10), ("safety", safety_rows()), ("retain", retain_rows())
+    )
+    fixed, _ = run(IRRConfig.recommended(retain_weight=1.0, safety_weight=report.safety_weight), retain=retain, cal=cal,
+                   safety_rows=safe)  # fmt: skip
+    assert same_state(state(first), state(fixed))  # auto = the fixed run at the λ it chose, on the rows it used
+
+
+def test_kept_first_candidate_is_judged_as_a_trial_on_the_same_rows(monkeypatch):
+    """`AUTO_KEEP_FIRST`: the smallest candidate is the run itself, judged by held-out copies riding along. Its
+    measures and the references' are those a trial pass gives when its Hessians come from the same rows (every row
+    not held out), so the rule sees the same numbers either way; only the second realignment is saved."""
+    from irr_callback.pipeline import auto_weight
+
+    cfg = IRRConfig.recommended()
+    kept_model, kept = run(cfg, retain=retain_rows())
+    assert kept.auto["kept_written_weights"] and [c["safety_weight"] for c in kept.auto["candidates"]] == [0.1]
+    assert len({m.name for m in kept.modules}) == len(kept.modules)  # one realignment's statistics
+    monkeypatch.setattr(auto_weight, "AUTO_KEEP_FIRST", False)
+    for stream in auto_weight.AUTO_SHARES:  # every row not held out feeds the trial's Hessians
+        monkeypatch.setitem(auto_weight.AUTO_SHARES, stream, 1.0)
+    trial_model, trial = run(cfg, retain=retain_rows())
+    assert not trial.auto["kept_written_weights"] and trial.safety_weight == kept.safety_weight
+    for mine, theirs in zip(kept.auto["candidates"], trial.auto["candidates"]):
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert mine[key] == (pytest.approx(value, rel=1e-5, abs=1e-7) if isinstance(value, float) else value), key
+    for which, values in trial.auto["references"].items():
+        assert kept.auto["references"][which] == pytest.approx(values, rel=1e-5, abs=1e-7), which
+    assert not same_state(state(kept_model), state(trial_model))  # the trial's run re-solved from every row
+
+
+@pytest.mark.parametrize("backup", ["cpu", "disk"])
+def test_a_kept_first_candidate_that_is_not_chosen_is_put_back(monkeypatch, backup):
+    """When the smallest candidate, written as the run, is not chosen, the fine-tuned weights are put back exactly
+    before the trial passes: the result is the fixed run at the chosen λ from every row, with one realignment's
+    statistics in the report, and a failure after that still restores the fine-tuned model."""
+    from irr_callback.pipeline import auto_weight
+
+    monkeypatch.setattr(auto_weight, "AUTO_TOLERANCE", -1.0)  # nothing passes
+    monkeypatch.setattr(auto_weight, "AUTO_MIN_GAP", -math.inf)  # and fine-tuning always left damage
+    cfg = IRRConfig.recommended(backup=backup)
+    model, report = run(cfg, retain=retain_rows())
+    assert not report.auto["kept_written_weights"] and len(report.auto["candidates"]) > 1
+    assert len({m.name for m in report.modules}) == len(report.modules)  # the put-back run's are gone
+    fixed, _ = run(IRRConfig.recommended(safety_weight=report.safety_weight), retain=retain_rows())
+    assert same_state(state(model), state(fixed))
+
+    from irr_callback.pipeline import in_memory
+
+    calls = []
+    original = in_memory.run_layers
+
+    def fail_on_the_final_run(*args, **kwargs):
+        calls.append(kwargs.get("rider"))
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(in_memory, "run_layers", fail_on_the_final_run)
+    _, ft, _ = triple("llama")
+    with pytest.raises(RuntimeError, match="boom"):
+        run(cfg, retain=retain_rows(), model=ft)
+    assert calls[0] is not None and calls[1] is None  # the kept candidate's run, then the final one
+    assert same_state(state(ft), state(triple("llama")[1]))  # nothing of either run is left
 
 
 # ------------------------------------------------------------------------------------ the rule itself

@@ -2,6 +2,9 @@
 `safety_weight="auto"` (data only, deterministic) and the checks before anything is written."""
 
 import copy
+import json
+import math
+import os
 
 import pytest
 import torch
@@ -27,6 +30,20 @@ def safety_rows(n: int = 8, prompt: int = 4, response: int = 5, seed: int = 11, 
             mask = torch.cat([torch.zeros(pad_left, dtype=torch.long), mask])
         rows.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return rows
+
+
+def written_rows(report, cal, *streams, batch_size: int = 4):
+    """The rows an auto run's written weights come from: every row, or (the smallest candidate kept as the run,
+    `AUTO_KEEP_FIRST`) those not held out. `cal`: one batch dict; `streams`: (name, list of rows) pairs."""
+    if not report.auto["kept_written_weights"]:
+        return cal, *(rows for _, rows in streams)
+    held = report.auto["held_out_batches"]
+
+    def kept(count: int, name: str) -> int:
+        return (math.ceil(count / batch_size) - held[name]) * batch_size
+
+    n = kept(cal[0]["input_ids"].shape[0], "calibration")
+    return [{k: v[:n] for k, v in cal[0].items()}], *(rows[: kept(len(rows), name)] for name, rows in streams)
 
 
 def run(config, *, safety=None, cal=None, model=None, base=None):
@@ -150,8 +167,10 @@ def test_auto_is_deterministic_and_reads_only_calibration_and_safety_data(monkey
     assert report.auto["candidates"] == again.auto["candidates"]
     assert {"criterion", "reason", "chosen", "references", "seconds"} <= set(report.auto)
     assert report.setting == "recommended" and "chosen by safety_weight='auto'" in report.summary()
-    fixed, _ = run(IRRConfig.recommended(safety_weight=report.safety_weight), cal=cal, safety=safe)
-    assert same_state(state(first), state(fixed))  # auto = the fixed run at the λ it chose
+    assert report.auto["kept_written_weights"]  # the tiny triple's fine-tune leaves nothing to restore (gap < 0)
+    written_cal, written_safe = written_rows(report, cal, ("safety", safe))
+    fixed, _ = run(IRRConfig.recommended(safety_weight=report.safety_weight), cal=written_cal, safety=written_safe)
+    assert same_state(state(first), state(fixed))  # auto = the fixed run at the λ it chose, on the rows it used
 
 
 def measured(losses, accuracy=None):
@@ -197,11 +216,19 @@ def test_offline_equals_in_memory_with_the_safety_stream(tmp_path, term):
     assert [m.error_safety for m in report.modules] == [m.error_safety for m in expected_report.modules]
 
 
-@pytest.mark.parametrize("term,tied", [("aligned", False), ("delta", True)])
-def test_offline_auto_equals_in_memory_auto(tmp_path, monkeypatch, term, tied):
+@pytest.mark.parametrize(
+    "term,tied,put_back", [("aligned", False, False), ("delta", True, False), ("aligned", False, True)]
+)
+def test_offline_auto_equals_in_memory_auto(tmp_path, monkeypatch, term, tied, put_back):
     """`safety_weight="auto"` on the offline path: the same search, one layer loaded at a time, the same λ and
-    weights; the checkpoint's tensors outside the layers (a tied LM head too) are back on meta afterwards."""
+    weights; the checkpoint's tensors outside the layers (a tied LM head too) are back on meta afterwards.
+    `put_back`: no candidate passes, so the smallest one, written as the run, is discarded (its shards deleted)
+    and the search goes on with trial passes; the output holds one realignment's shards only."""
     from irr_callback.pipeline import auto_weight
+
+    if put_back:  # every candidate fails the safety test, and fine-tuning always counts as damage
+        monkeypatch.setattr(auto_weight, "AUTO_TOLERANCE", -1.0)
+        monkeypatch.setattr(auto_weight, "AUTO_MIN_GAP", -math.inf)
 
     base, ft, _ = triple("llama")
     if tied:  # an LM head tied to the embeddings: absent from the checkpoint, scored through the embeddings
@@ -233,10 +260,16 @@ def test_offline_auto_equals_in_memory_auto(tmp_path, monkeypatch, term, tied):
         config=cfg,
         progress=False,
     )
-    monkeypatch.undo()
+    monkeypatch.setattr(auto_weight, "held_out_losses", original)
     expected = copy.deepcopy(ft)
     expected_report = realign(expected, base=base, calibration=cal, safety_calibration=safety_rows(), config=cfg)
-    assert loaded[:2] == [0, 1] and len(loaded) in (2, 4)  # one pass per search round
+    monkeypatch.undo()
+    kept = report.auto["kept_written_weights"]
+    assert kept == expected_report.auto["kept_written_weights"] == (not put_back)
+    assert (loaded == []) if kept else (loaded[:2] == [0, 1] and len(loaded) in (2, 4))  # one pass per trial round
+    files = {f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")}
+    with open(tmp_path / "out" / "model.safetensors.index.json") as fh:
+        assert files == set(json.load(fh)["weight_map"].values())  # no shard of the discarded run is left
     assert report.safety_weight == expected_report.safety_weight and report.auto["passing"] is not None
     assert [c["safety_weight"] for c in report.auto["candidates"]] == [
         c["safety_weight"] for c in expected_report.auto["candidates"]
