@@ -14,13 +14,19 @@ machine's speed drifts), best wall time per kind:
     whole coarse grid in one pass; what the search costs where the smallest candidate does not pass, give or take
     one pass's overhead);
   - recommended_no_retain: `IRRConfig.recommended(retain_weight=0)` (the preset of rounds 5 and 6);
-  - fixed / fixed_no_retain: the same at λ = 0.3 (no search): what the search itself costs.
+  - fixed / fixed_no_retain: the same at λ = 0.3 (no search): what the search itself costs;
+  - recommended_no_stop / recommended_no_stop_trial: the preset where no candidate passes (`AUTO_TOLERANCE` and
+    `AUTO_MIN_GAP` patched so that nothing does: this benchmark's fine-tune leaves nothing to restore), so the
+    search runs every round and the fallback; with the smallest candidate run as the real run and put back
+    (`AUTO_KEEP_FIRST`, issue 19's eighth round), and without it (`_trial`: the search of round 7). The cost of the
+    case where the smallest candidate is not chosen, at its largest.
 
     python benchmarks/bench_cost.py                                   # the table in benchmarks/results/bench_cost.md
     python benchmarks/bench_cost.py --safety-tokens 128 --name bench_cost_long_safety
     python benchmarks/bench_cost.py --kinds paper,recommended --repeat 1 --name /tmp/x   # quick
 
-The ratio the issue asks about is recommended / paper (round 6 and before: `recommended_retain` was the preset
+"Of which the λ search" includes, where the first candidate is kept as the run, that realignment. The ratio the
+issue asks about is recommended / paper (round 6 and before: `recommended_retain` was the preset
 with ρ = 1 and the retain stream, and `recommended` had none). The auto search's own seconds are read
 from the report (`report.auto["seconds"]`).
 """
@@ -41,7 +47,16 @@ from _common import machine, run_worker, write_results
 
 
 HERE = os.path.abspath(__file__)
-KINDS = ("paper", "recommended", "recommended_full_grid", "recommended_no_retain", "fixed", "fixed_no_retain")
+KINDS = (
+    "paper",
+    "recommended",
+    "recommended_full_grid",
+    "recommended_no_retain",
+    "fixed",
+    "fixed_no_retain",
+    "recommended_no_stop",
+    "recommended_no_stop_trial",
+)
 
 
 def build(workdir: str, args) -> dict:
@@ -103,10 +118,13 @@ def worker(kind: str, workdir: str, args) -> dict:
         config = IRRConfig(**sizes)
         kwargs["safety_vector"] = os.path.join(workdir, "safety.safetensors")
     else:
-        if kind == "recommended_full_grid":
-            from irr_callback.pipeline import auto_weight
+        from irr_callback.pipeline import auto_weight
 
+        if kind == "recommended_full_grid":
             auto_weight.AUTO_SMALLEST_FIRST = False
+        if kind.startswith("recommended_no_stop"):
+            auto_weight.AUTO_TOLERANCE, auto_weight.AUTO_MIN_GAP = -1.0, float("-inf")
+            auto_weight.AUTO_KEEP_FIRST = not kind.endswith("_trial")
         weight = "auto" if kind.startswith("recommended") else 0.3
         no_retain = {"retain_weight": 0.0} if kind.endswith("_no_retain") else {}
         config = IRRConfig.recommended(safety_weight=weight, **no_retain, **sizes)
@@ -127,6 +145,7 @@ def worker(kind: str, workdir: str, args) -> dict:
         "filter_judged": (report.calibration_filter or {}).get("judged"),
         "safety_weight": report.safety_weight,
         "candidates": [c["safety_weight"] for c in (report.auto or {}).get("candidates", [])],
+        "kept": (report.auto or {}).get("kept_written_weights"),
     }
 
 
@@ -186,7 +205,9 @@ def main() -> None:
         judged = f"{judged:.1f} s ({r['filter_judged']})" if judged is not None else "-"
         md.append(
             f"| {kind} | {r['seconds']:.1f} s | {ratio} | {search} | {judged} | {r['safety_weight'] or '-'} | "
-            f"{', '.join(f'{c:g}' for c in r.get('candidates') or []) or '-'} | "
+            f"{', '.join(f'{c:g}' for c in r.get('candidates') or []) or '-'}"
+            + (" (the first kept)" if r.get("kept") else "")
+            + " | "
             + " / ".join(f"{x['seconds']:.1f}" for x in every[kind])
             + " s |"
         )

@@ -11,6 +11,9 @@ world, the held-out measures of every λ of a grid and what each λ gives on the
 replaying the library's own `search_weight` with the tolerances patched in (as `suite_lambda_path.py --simulate`
 does for the shipped ones). Several files (builds of the same worlds on different machines, other variants) are
 scored together: a rule counts the world-builds it meets over all of them.
+The paths record trial candidates (each solved from its share of the rows). Since issue 19's eighth round the
+shipped search measures its first candidate on the real run instead (`AUTO_KEEP_FIRST`: three quarters of the rows),
+so a replay approximates that candidate's measures; the real runs (`suite.py`) are the reference.
 
 The criterion, fixed before the sweep is read: most world-builds meeting the target; then most with both the
 downstream and the old-task ratio >= 0.8; then the higher median old-task ratio. The shipped rule is always a row,
