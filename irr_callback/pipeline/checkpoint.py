@@ -81,9 +81,11 @@ def realign_checkpoint(
         output_dir: where the realigned model goes; must not exist or be empty.
         safety_calibration: harmful prompts with safe responses, as for `realign`, when
             `config.safety_weight` is not 0 (its aligned twin runs through the base weights, read
-            per layer). With `safety_weight="auto"` λ is chosen as `realign` chooses it, in one extra
-            layer-by-layer pass over the checkpoint; the embeddings, final norm and LM head stay in
-            memory during that pass (the candidates are scored with the model's own head).
+            per layer). With `safety_weight="auto"` λ is chosen as `realign` chooses it: the smallest
+            candidate is the run itself (its shards are deleted if it is not chosen), further candidates take
+            extra layer-by-layer passes over the checkpoint; the embeddings, final norm and LM head stay in
+            memory during those passes, the kept run's included (the candidates are scored with the model's own
+            head).
         importance: like `base`; required when `config.remove_ratio` < 1.
         config: the `IRRConfig` (default: the paper's settings).
         progress: show a progress bar over the layers.

@@ -148,9 +148,8 @@ def realign(
                     device=compute_device(config), progress=progress, lowrank=lowrank, rider=rider,
                 )  # fmt: skip
 
-            def put_back() -> (
-                None
-            ):  # the kept-first candidate was not chosen: the fine-tuned weights and streams again
+            def put_back() -> None:
+                """The kept-first candidate was not chosen: the fine-tuned weights and the streams again."""
                 dist_ctx.restore(backups[-1])
                 backups.append(make_backup(config.backup))
                 report.modules = []

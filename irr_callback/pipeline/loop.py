@@ -4,7 +4,8 @@
 Per decoder layer: [load it] → H of every stream from one pass of the unmodified layer → solve and
 write every group of targets → propagate every stream through the realigned layer (NaN/Inf check on
 real tokens) → [write it back and drop it]. Loading and writing back are options of the loop, not a
-second loop; so is a rider (`safety_weight="auto"`: held-out copies that score the weights being written). Only one layer's Hessians live on the compute device at a time.
+second loop; so is a rider (`safety_weight="auto"`: held-out copies that score the weights being written).
+Only one layer's Hessians live on the compute device at a time.
 """
 
 from __future__ import annotations
