@@ -109,6 +109,14 @@ class Target:
         return self.module.get_delta_weight(self.adapter)
 
 
+def targets_by_layer(targets: Sequence[Target]) -> dict[int, list[Target]]:
+    """{decoder layer index: its targets, in order}: the layer loops' grouping."""
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer, []).append(t)
+    return by_layer
+
+
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 

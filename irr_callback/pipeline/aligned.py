@@ -24,7 +24,7 @@ from torch import nn
 
 from ..distributed import SingleProcess
 from ..distributed.shards import ShardedSnapshot
-from ..targets import Target
+from ..targets import Target, targets_by_layer
 from ..tensors import canonical_name
 
 
@@ -53,9 +53,7 @@ class AlignedWeights:
         self.model, self.layers, self.prefix, self.base = model, layers, prefix, base
         self.dist_ctx = dist_ctx if dist_ctx is not None else SingleProcess()
         self._lora_bases: tuple[int, dict[str, torch.Tensor]] = (-1, {})  # (layer, W_A of its LoRA targets)
-        self.by_layer: dict[int, list[Target]] = {}
-        for t in targets:
-            self.by_layer.setdefault(t.layer, []).append(t)
+        self.by_layer = targets_by_layer(targets)
 
     def __call__(self, index: int) -> contextlib.AbstractContextManager:
         self.dist_ctx.settle()  # the parameters looked up below are the ones a write must change

@@ -45,7 +45,7 @@ from transformers.utils import logging
 
 from ..config import IRRConfig
 from ..report import IRRReport
-from ..targets import Target
+from ..targets import Target, targets_by_layer
 from .capture import propagate
 from .head import scored_logits
 from .hessians import collect_hessians
@@ -298,9 +298,7 @@ def held_out_losses(
         for stream in train_state[c]:
             if stream.twin is not None:
                 stream.twin = twins[0]
-    by_layer: dict[int, list[Target]] = {}
-    for t in targets:
-        by_layer.setdefault(t.layer, []).append(t)
+    by_layer = targets_by_layer(targets)
     settings = config.realign_settings()
     for index in logging.tqdm(range(len(layers)), desc="IRR auto λ", disable=not progress):
         layer, layer_targets = layers[index], by_layer.get(index, [])
@@ -351,9 +349,7 @@ class HeldOutJudge:
     ) -> None:
         self.inputs, self.dist_ctx, self.weight = inputs, dist_ctx, weight
         self.levels = {c: [stream.copy() for stream in held.values()] for c in (0.0, weight, math.inf)}
-        self.by_layer: dict[int, list[Target]] = {}
-        for t in targets:
-            self.by_layer.setdefault(t.layer, []).append(t)
+        self.by_layer = targets_by_layer(targets)
 
     def before(self, index: int, layer: nn.Module) -> None:
         for stream in self.levels[0.0]:
@@ -512,9 +508,7 @@ def resolve_auto_weight(
         )  # fmt: skip
 
     weight, table = search_weight(run_candidates)
-    kept = written and weight == AUTO_CANDIDATES[0]
-    if written and not kept:
-        undo_first()
+    kept = written  # still written only when the search stopped at that candidate: it is the choice
     table["seconds"] = time.perf_counter() - started
     table["held_out_batches"] = dict(held_out)
     table["kept_written_weights"] = kept

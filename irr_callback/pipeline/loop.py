@@ -20,7 +20,7 @@ from transformers.utils import logging
 from ..config import IRRConfig
 from ..core.obs import NumericalError
 from ..distributed import SingleProcess, raise_if_any_failed
-from ..targets import Target
+from ..targets import Target, targets_by_layer
 from .hessians import collect_hessians
 from .lowrank import AdapterFactors
 from .memory import release_free_memory
@@ -72,9 +72,7 @@ def run_layers(
         lowrank: LoRA runs: factors each LoRA target's Δ′ under its H right after the layer's solve.
         rider: called with every layer (the last included) before its solve and after it.
     """
-    by_layer: dict[int, list[Target]] = {}
-    for t in targets:
-        by_layer.setdefault(t.layer, []).append(t)
+    by_layer = targets_by_layer(targets)
     for stream in with_twins(streams):
         check_finite(stream, f"the input of decoder layer '{prefix}.0' (the embedding output)", dist_ctx)
     stop_plan: dict | None = {} if dist_ctx.stop_capture_early else None  # which target each layer calls last
