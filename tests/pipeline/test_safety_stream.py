@@ -383,3 +383,31 @@ def test_lora_adapter_factors_solve_the_objective_the_solver_solved(term):
                 assert abs(f.relative_gap) < 1e-5
     assert found[None] and all(f.exact and f.rank == f.trained_rank == 4 for f in found[None].values())
     assert all(f.objective_gap >= -1e-6 for f in found[None].values())
+
+
+def test_lora_put_back_candidate_leaves_the_adapter_factors_of_the_final_run(monkeypatch):
+    """A LoRA run whose kept-first candidate is put back (nothing passes, by construction): the frozen weights and
+    the adapters (B switched off by the candidate's writes) come back exactly, and the collected factors are the
+    final run's only, equal to those of a fixed run at the chosen λ."""
+    from irr_callback.pipeline import auto_weight
+    from irr_callback.pipeline.lowrank import AdapterFactors
+
+    base, _, _ = triple("llama", layers=2)
+    cal = calibration(n=16, length=10)
+
+    def lora_run(config):
+        lora = random_lora(base, target_modules=["q_proj", "down_proj"])
+        factors = AdapterFactors()
+        report = realign(lora, calibration=cal, safety_calibration=safety_rows(), config=config, lowrank=factors)
+        return lora, factors.factors, report
+
+    monkeypatch.setattr(auto_weight, "AUTO_TOLERANCE", -1.0)
+    monkeypatch.setattr(auto_weight, "AUTO_MIN_GAP", -math.inf)
+    auto_model, auto_factors, report = lora_run(IRRConfig.recommended())
+    monkeypatch.undo()
+    assert not report.auto["kept_written_weights"] and len(report.auto["candidates"]) > 1
+    fixed_model, fixed_factors, _ = lora_run(IRRConfig.recommended(safety_weight=report.safety_weight))
+    assert same_state(state(auto_model), state(fixed_model))
+    assert auto_factors.keys() == fixed_factors.keys() and auto_factors
+    for name, f in fixed_factors.items():
+        assert torch.equal(auto_factors[name].b, f.b) and torch.equal(auto_factors[name].a, f.a), name
