@@ -19,7 +19,10 @@ machine's speed drifts), best wall time per kind:
     `AUTO_MIN_GAP` patched so that nothing does: this benchmark's fine-tune leaves nothing to restore), so the
     search runs every round and the fallback; with the smallest candidate run as the real run and put back
     (`AUTO_KEEP_FIRST`, issue 19's eighth round), and without it (`_trial`: the search of round 7). The cost of the
-    case where the smallest candidate is not chosen, at its largest.
+    case where the smallest candidate is not chosen, at its largest;
+  - recommended_true_sequential / fixed_true_sequential: the preset (auto, or λ = 0.3) with `true_sequential=True`
+    (a pass of each layer per group of targets), and recommended_fine_tuned_task with `task_term="fine-tuned"`
+    (the calibration and retain streams' fine-tuned twins): the options of issue 19's ninth round.
 
     python benchmarks/bench_cost.py                                   # the table in benchmarks/results/bench_cost.md
     python benchmarks/bench_cost.py --safety-tokens 128 --name bench_cost_long_safety
@@ -56,6 +59,9 @@ KINDS = (
     "fixed_no_retain",
     "recommended_no_stop",
     "recommended_no_stop_trial",
+    "recommended_true_sequential",
+    "fixed_true_sequential",
+    "recommended_fine_tuned_task",
 )
 
 
@@ -126,8 +132,12 @@ def worker(kind: str, workdir: str, args) -> dict:
             auto_weight.AUTO_TOLERANCE, auto_weight.AUTO_MIN_GAP = -1.0, float("-inf")
             auto_weight.AUTO_KEEP_FIRST = not kind.endswith("_trial")
         weight = "auto" if kind.startswith("recommended") else 0.3
-        no_retain = {"retain_weight": 0.0} if kind.endswith("_no_retain") else {}
-        config = IRRConfig.recommended(safety_weight=weight, **no_retain, **sizes)
+        options = {"retain_weight": 0.0} if kind.endswith("_no_retain") else {}
+        if kind.endswith("_true_sequential"):
+            options["true_sequential"] = True
+        if kind.endswith("_fine_tuned_task"):
+            options["task_term"] = "fine-tuned"
+        config = IRRConfig.recommended(safety_weight=weight, **options, **sizes)
         kwargs["safety_calibration"] = rows(workdir, "safety")
         if config.uses_retain_stream:
             kwargs["retain_calibration"] = rows(workdir, "retain")

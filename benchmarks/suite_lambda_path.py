@@ -57,8 +57,9 @@ def probe(
                 recorded[key]["exact"] = list(exact[0])
         raise _Stop
 
-    saved = auto_weight.search_weight
+    saved, keep_first = auto_weight.search_weight, auto_weight.AUTO_KEEP_FIRST
     auto_weight.search_weight = search
+    auto_weight.AUTO_KEEP_FIRST = False  # every λ of the grid as a trial: the kept-first run would measure only one
     model = world.finetuned()
     try:
         realign(
@@ -75,7 +76,7 @@ def probe(
     except _Stop:
         pass
     finally:
-        auto_weight.search_weight = saved
+        auto_weight.search_weight, auto_weight.AUTO_KEEP_FIRST = saved, keep_first
     return recorded
 
 

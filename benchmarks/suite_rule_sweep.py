@@ -41,10 +41,10 @@ SWEEP = {
     "AUTO_TOLERANCE": (0.002, 0.005, 0.01, 0.02),
     "AUTO_TASK_TOLERANCE": (0.05, 0.1, 0.15, 0.2),
     "AUTO_TASK_EXACT_TOLERANCE": (0.1, 0.15, 0.2, 0.3, 1.0),
-    "AUTO_FALLBACK_DOWN": (None, 0.05),
+    "AUTO_FALLBACK_DOWN": (None, 0.05, 0.1),
     "AUTO_RETAIN_TOLERANCE": (0.005, 0.01, 0.02, 0.05),
     # candidate sets whose refining midpoints are on the paths' grid (0.05 0.1 0.2 0.3 0.5 1 2 3)
-    "AUTO_CANDIDATES": ((0.1, 0.3, 1.0), (0.05, 0.2, 0.5), (0.05, 0.3, 1.0), (0.1, 0.5, 2.0)),
+    "AUTO_CANDIDATES": ((0.1, 0.3, 1.0), (0.05, 0.2, 0.5), (0.05, 0.3, 1.0), (0.1, 0.5, 2.0), (0.2, 0.5, 2.0)),
     # the search's order (the smallest candidate alone first): the same λ as the whole grid on every recorded path
     "AUTO_SMALLEST_FIRST": (True, False),
 }

@@ -17,6 +17,7 @@ IDENTIFY_MODES = ("sign", "no_sign", "random", "none")
 SAFETY_TOKENS = ("all", "response", "prompt", "answer")
 CALIBRATION_FILTERS = ("none", "refused")
 SAFETY_TERMS = ("aligned", "delta")
+TASK_TERMS = ("delta", "fine-tuned")
 LORA_OUTPUTS = ("merged", "adapter", "both")
 LORA_RANK_MULTIPLE = 2  # the realigned adapter's rank / the trained rank (docs/lora.md, bench_lora_adapter)
 ON_ERROR = ("raise", "warn")
@@ -152,6 +153,25 @@ class IRRConfig:
             "aligned model's own activations, |W'X_r - W_A X_A|² (a second copy of the safety stream travels "
             "through the base weights; this also undoes drift from earlier layers and untouched weights), or "
             "'delta' for |Δ'X_r|², one stream only."
+        },
+    )
+    true_sequential: bool = field(
+        default=False,
+        metadata={
+            "help": "Solve a layer's groups of targets one at a time, in the order the layer calls them, each from a "
+            "pass of the layer with the groups before it already realigned (GPTQ's true-sequential): o_proj then "
+            "sees the realigned q/k/v's attention. False (default, the paper's code): one pass of the unmodified "
+            "layer for every group."
+        },
+    )
+    task_term: str = field(
+        default="delta",
+        metadata={
+            "help": "With safety_weight != 0: 'delta' (default) keeps each layer's outputs on the calibration (and "
+            "retain) tokens at the fine-tuned layer's on the realigned model's inputs, |(Δ'-Δ)X_d|²; 'fine-tuned' "
+            "asks for the fine-tuned model's outputs on its own activations, |W'X_d - W_F X_F|² (a copy of each "
+            "stream travels through the fine-tuned layers; this also undoes the drift that earlier layers' safety "
+            "changes leave in the task's inputs)."
         },
     )
     safety_ridge: float = field(
@@ -433,6 +453,20 @@ class IRRConfig:
             "True when retain_weight > 0 (the retain term is part of the recalibration)",
         )
         _check(self.safety_term in SAFETY_TERMS, "safety_term", self.safety_term, f"one of {SAFETY_TERMS}")
+        _check(self.task_term in TASK_TERMS, "task_term", self.task_term, f"one of {TASK_TERMS}")
+        _check(isinstance(self.true_sequential, bool), "true_sequential", self.true_sequential, "True or False")
+        _check(
+            self.task_term == "delta" or self.safety_weight != 0,
+            "task_term",
+            self.task_term,
+            "'delta' when safety_weight is 0 (the fine-tuned target is part of the safety-regularised recalibration)",
+        )
+        _check(
+            self.task_term == "delta" or not self.true_sequential,
+            "task_term",
+            self.task_term,
+            "'delta' with true_sequential (the fine-tuned twin runs each layer as it entered the loop)",
+        )
         _check(self.safety_tokens in SAFETY_TOKENS, "safety_tokens", self.safety_tokens, f"one of {SAFETY_TOKENS}")
         _check(
             self.calibration_filter in CALIBRATION_FILTERS,

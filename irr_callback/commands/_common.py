@@ -37,6 +37,8 @@ CORE_FIELDS = (
     "device",
     "safety_weight",
     "safety_term",
+    "task_term",
+    "true_sequential",
     "safety_ridge",
     "safety_tokens",
     "num_safety_samples",

@@ -43,6 +43,7 @@ def realign_matrix(
     safety_cross: torch.Tensor | None = None,
     aligned_hessian: torch.Tensor | None = None,
     retain_hessian: torch.Tensor | None = None,
+    fine_tuned: FineTunedTerms | None = None,
     **overrides: Any,
 ) -> tuple[torch.Tensor, ModuleStats]:
     """Identify, remove and recalibrate one delta matrix (rows = outputs, columns = inputs).
@@ -65,6 +66,7 @@ def realign_matrix(
         safety_cross=safety_cross,
         aligned_hessian=aligned_hessian,
         retain_hessian=retain_hessian,
+        fine_tuned=fine_tuned,
         **overrides,
     )
     return new_delta, stats
@@ -83,6 +85,7 @@ def realign_group(
     safety_cross: torch.Tensor | None = None,
     aligned_hessian: torch.Tensor | None = None,
     retain_hessian: torch.Tensor | None = None,
+    fine_tuned: FineTunedTerms | None = None,
     **overrides: Any,
 ) -> list[tuple[torch.Tensor, ModuleStats]]:
     """`realign_matrix` for matrices with the same input dimension and the same H.
@@ -95,6 +98,9 @@ def realign_group(
     `settings.retain_weight` ρ > 0 with `retain_hessian` (H_r of general prompts with answers) adds the
     retain term ρ‖(Δ′ − Δ)X_r‖²: H_d + ρH_r takes H_d's place in every step (factor, ridge, start point,
     sweep, errors). ρ = 0 (or no retain Hessian with ρ = 0) leaves every step bit for bit as without it.
+    `fine_tuned` (`FineTunedTerms`: each task-side token's input in the fine-tuned model paired with its input in the
+    model being realigned) with `bases` makes the task term ‖W′X_d − W_F X_F‖² (and the retain term
+    ρ‖W′X_r − W_F X_F‖²): the fine-tuned model's outputs on its own activations. With λ > 0 only.
     """
     settings = replace(settings or RealignSettings(), **overrides) if overrides else settings or RealignSettings()
     remove_ratio, remove_more, recalibrate = settings.remove_ratio, settings.remove_more, settings.recalibrate
@@ -106,7 +112,7 @@ def realign_group(
     weight = settings.safety_weight
     if weight != 0:  # a negative or NaN weight is refused here
         _validate_safety_hessian(safety_hessian, weight, settings.ridge, deltas[0].shape[1], names, recalibrate)
-        _validate_cross(safety_cross, aligned_hessian, bases, deltas, names)
+        _validate_cross(safety_cross, aligned_hessian, bases, deltas, names, fine_tuned)
     retain_weight = settings.retain_weight
     if retain_weight != 0:  # a negative or NaN weight is refused here
         _validate_retain(retain_hessian, retain_weight, deltas[0].shape[1], names, recalibrate)
@@ -159,11 +165,13 @@ def realign_group(
 
     damping, retries, dead = None, 0, torch.zeros(original.shape[1], dtype=torch.bool, device=device)
     if recalibrate and weight != 0:
-        terms = SafetyTerms(safety_hessian, bases, safety_cross, aligned_hessian)
+        paired = fine_tuned_totals(fine_tuned, settings)
+        terms = SafetyTerms(safety_hessian, bases, safety_cross, aligned_hessian, *paired)
         solved = _regularised(original, h, terms, make_select(column_major=True), settings, names, plain_mask)
-        new, mask, err_recal, safety_term, damping, retries, dead, _ = solved
+        new, mask, err_recal, safety_term, damping, retries, dead = solved[:7]
         if wants_error:  # plain removal is judged on the same objective: task + λ · safety
-            err_plain = err_plain + weight * solved.plain_safety
+            plain_task = err_plain if fine_tuned is None else solved.plain_task  # the fine-tuned target's own task
+            err_plain = plain_task + weight * solved.plain_safety
         del h
     elif recalibrate:
         factor = factor_hessian(h, percdamp=percdamp, max_retries=max_damping_retries, name=_group_name(names))
@@ -235,12 +243,40 @@ def realign_group(
 
 
 class SafetyTerms(NamedTuple):
-    """The safety stream's matrices of one group: H_s, and for the aligned target W_A, C and H_A."""
+    """The safety stream's matrices of one group: H_s, and for the aligned target W_A, C and H_A; for the
+    fine-tuned-target task term, C_F = C_d + ρC_r and H_F = H_Fd + ρH_Fr (`FineTunedTerms`, summed)."""
 
     hessian: torch.Tensor
     bases: Sequence[torch.Tensor] | None = None
     cross: torch.Tensor | None = None
     aligned_hessian: torch.Tensor | None = None
+    fine_tuned_cross: torch.Tensor | None = None
+    fine_tuned_hessian: torch.Tensor | None = None
+
+
+class FineTunedTerms(NamedTuple):
+    """`task_term="fine-tuned"`: the calibration stream's cross Gram C_d = 2·Σ x_F x_dᵀ/n (each token's input in the
+    fine-tuned model, x_F, paired with its input in the model being realigned) and H_Fd = 2·Σ x_F x_Fᵀ/n; the same
+    for the retain stream when there is a retain term."""
+
+    cross: torch.Tensor
+    hessian: torch.Tensor
+    retain_cross: torch.Tensor | None = None
+    retain_hessian: torch.Tensor | None = None
+
+
+def fine_tuned_totals(
+    terms: FineTunedTerms | None, settings: RealignSettings
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(C_d + ρC_r, H_Fd + ρH_Fr): the task metric's pair, as H_d + ρH_r is (ρ = 0 or no retain pair: C_d, H_Fd)."""
+    if terms is None:
+        return None, None
+    if settings.retain_weight == 0 or terms.retain_cross is None:
+        return terms.cross, terms.hessian
+    rho = settings.retain_weight
+    return torch.add(terms.cross, terms.retain_cross, alpha=rho), torch.add(
+        terms.hessian, terms.retain_hessian, alpha=rho
+    )
 
 
 class _Regularised(NamedTuple):
@@ -252,6 +288,7 @@ class _Regularised(NamedTuple):
     retries: int
     dead: torch.Tensor
     plain_safety: torch.Tensor | None
+    plain_task: torch.Tensor | None
 
 
 def _regularised(
@@ -266,13 +303,13 @@ def _regularised(
         new[:, factor.dead] = 0.0
     else:
         new, _, _, mask = obs_sweep(start, factor.root, select, dead=factor.dead, blocksize=settings.blocksize)
-    task = safety = plain_safety = None
+    task = safety = plain_safety = plain_task = None
     if settings.removal_error:  # the objective's two terms for the report (and the fallback below)
         task, safety = regularised_objective(new, original, h, h_s, weight=weight, **extra)
     if plain_mask is not None and settings.removal_error:
         plain = original.masked_fill(plain_mask, 0.0)
-        plain_safety = regularised_objective(plain, original, h, h_s, weight=weight, **extra)[1]
-    return _Regularised(new, mask, task, safety, factor.damping, factor.retries, factor.dead, plain_safety)
+        plain_task, plain_safety = regularised_objective(plain, original, h, h_s, weight=weight, **extra)
+    return _Regularised(new, mask, task, safety, factor.damping, factor.retries, factor.dead, plain_safety, plain_task)
 
 
 def _regularised_problem(original, h, terms: SafetyTerms, settings: RealignSettings, names):
@@ -287,12 +324,31 @@ def _regularised_problem(original, h, terms: SafetyTerms, settings: RealignSetti
             cross=terms.cross.to(device=device, dtype=dtype),
             aligned_hessian=terms.aligned_hessian.to(device=device, dtype=dtype),
         )
+    drift = None
+    if terms.fine_tuned_cross is not None:  # W_F = W_A + Δ, and the drift D = (H_d + ρH_r) − C_F
+        fine_tuned_cross = terms.fine_tuned_cross.to(device=device, dtype=dtype)
+        extra.update(
+            fine_tuned=one_matrix(terms.bases, dtype, device) + original,
+            fine_tuned_cross=fine_tuned_cross,
+            fine_tuned_hessian=terms.fine_tuned_hessian.to(device=device, dtype=dtype),
+        )
+        drift = h - fine_tuned_cross
     combined = regularised_hessian(h, h_s, weight=weight, ridge=settings.ridge)
     factor = factor_hessian(
         combined, percdamp=settings.percdamp, max_retries=settings.max_damping_retries, name=_group_name(names)
     )
     del combined
-    start = regularised_start(original, h_s, factor, weight=weight, base=extra.get("base"), cross=extra.get("cross"))
+    start = regularised_start(
+        original,
+        h_s,
+        factor,
+        weight=weight,
+        base=extra.get("base"),
+        cross=extra.get("cross"),
+        fine_tuned=extra.get("fine_tuned"),
+        drift=drift,
+    )
+    del drift
     return factor, start, h_s, extra
 
 
@@ -405,17 +461,22 @@ def _validate_term(what: str, hessian, weight, cols, names, recalibrate) -> None
         raise ValueError(f"{group}: the {what} Hessian contains NaN or Inf")
 
 
-def _validate_cross(cross, aligned_hessian, bases, deltas, names) -> None:
+def _validate_cross(cross, aligned_hessian, bases, deltas, names, fine_tuned=None) -> None:
     group, cols = _group_name(names), deltas[0].shape[1]
     given = [cross is not None, aligned_hessian is not None, bases is not None]
-    if any(given) and not all(given):
+    if (any(given[:2]) and not all(given)) or (bases is not None and cross is None and fine_tuned is None):
         raise ValueError(
             f"{group}: safety_cross, aligned_hessian and bases go together (the aligned-target safety term); "
             "got only some of them"
         )
-    if cross is None:
+    if fine_tuned is not None and bases is None:
+        raise ValueError(f"{group}: fine_tuned needs bases (the fine-tuned-target task term: W_F = W_A + Δ)")
+    if cross is None and fine_tuned is None:
         return
-    for label, t in (("safety_cross", cross), ("aligned_hessian", aligned_hessian)):
+    checked = (("safety_cross", cross), ("aligned_hessian", aligned_hessian))
+    if fine_tuned is not None:
+        checked += tuple((f"fine_tuned.{k}", v) for k, v in fine_tuned._asdict().items())
+    for label, t in ((label, t) for label, t in checked if t is not None):
         if tuple(t.shape) != (cols, cols):
             raise ValueError(f"{group}: {label} shape {tuple(t.shape)} != ({cols}, {cols})")
         if not all_finite(t):

@@ -52,6 +52,8 @@ def regularised_start(
     weight: float,
     base: torch.Tensor | None = None,
     cross: torch.Tensor | None = None,
+    fine_tuned: torch.Tensor | None = None,
+    drift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Δ̃ = Δ − λ (Δ H_s) H⁻¹: the unconstrained optimum, with H = V Vᵀ from `factor`.
 
@@ -61,6 +63,11 @@ def regularised_start(
     own activations, which also undoes drift that earlier layers and non-target weights left in
     X_r. Then Δ̃ = Δ − λ (Δ H_s + W_A (H_s − C)) H⁻¹; with X_A = X_r, C = H_s and it is the formula above.
 
+    With `fine_tuned` = W_F and `drift` = D = H_d − C_d (+ ρ(H_r − C_r)), C_d = 2·Σ x_F x_dᵀ/n pairing each
+    calibration token's input in the fine-tuned model with its input here, the task term is ‖W′X_d − W_F X_F‖²:
+    the fine-tuned model's outputs on its own activations. Then W_F D joins the right-hand side:
+    Δ̃ = Δ − (λ (Δ H_s + W_A (H_s − C)) + W_F D) H⁻¹.
+
     Uses the same damped factor the sweep uses, so the damping counts as part of the ridge toward
     Δ and sweep and start point solve one and the same objective. Two triangular solves
     (X V Vᵀ = B as Y Vᵀ = B, then X V = Y); no n×n inverse is formed.
@@ -69,6 +76,8 @@ def regularised_start(
     if cross is not None:
         rhs.addmm_(base, safety_hessian - cross)
     rhs.mul_(weight)
+    if drift is not None:
+        rhs.addmm_(fine_tuned, drift)
     root = factor.root
     rhs = torch.linalg.solve_triangular(root.t(), rhs, upper=False, left=False)
     rhs = torch.linalg.solve_triangular(root, rhs, upper=True, left=False)
@@ -85,17 +94,31 @@ def regularised_objective(
     base: torch.Tensor | None = None,
     cross: torch.Tensor | None = None,
     aligned_hessian: torch.Tensor | None = None,
+    fine_tuned: torch.Tensor | None = None,
+    fine_tuned_cross: torch.Tensor | None = None,
+    fine_tuned_hessian: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (task term ‖Δ′ − Δ‖²_{H_d}, safety term) without the ridge: what the report shows and
     what a plain-removal fallback is compared on (task + λ · safety). The safety term is ‖Δ′‖²_{H_s},
-    or with `cross` ‖W′X_r − W_A X_A‖² = y H_s yᵀ − 2 y Cᵀ aᵀ + a H_A aᵀ per row (y = W′, a = W_A)."""
-    task = output_error(new_delta - delta, hessian)
+    or with `cross` ‖W′X_r − W_A X_A‖² = y H_s yᵀ − 2 y Cᵀ aᵀ + a H_A aᵀ per row (y = W′, a = W_A).
+    With `fine_tuned` (W_F) the task term is ‖W′X_d − W_F X_F‖² = y H_d yᵀ − 2 y C_Fᵀ fᵀ + f H_F fᵀ (f = W_F)."""
+    if fine_tuned is not None:
+        new_weight = fine_tuned - delta + new_delta  # W_A + Δ′
+        task = _paired_term(new_weight, hessian, fine_tuned_cross, fine_tuned, fine_tuned_hessian)
+    else:
+        task = output_error(new_delta - delta, hessian)
     if weight <= 0:
         return task, torch.zeros_like(task)
     if cross is None:
         return task, output_error(new_delta, safety_hessian)
-    new_weight = base + new_delta
-    safety = torch.linalg.vecdot(new_weight @ safety_hessian, new_weight, dim=1)
-    safety -= 2.0 * torch.linalg.vecdot(new_weight @ cross.t(), base, dim=1)
-    safety += torch.linalg.vecdot(base @ aligned_hessian, base, dim=1)
-    return task, safety.clamp_min_(0.0)
+    return task, _paired_term(base + new_delta, safety_hessian, cross, base, aligned_hessian)
+
+
+def _paired_term(
+    new_weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, target: torch.Tensor, own: torch.Tensor
+) -> torch.Tensor:
+    """Per row ‖W′X − W_t X_t‖² = y H yᵀ − 2 y Cᵀ tᵀ + t H_t tᵀ (C = 2·Σ x_t xᵀ / n), floored at 0 (rounding)."""
+    term = torch.linalg.vecdot(new_weight @ hessian, new_weight, dim=1)
+    term -= 2.0 * torch.linalg.vecdot(new_weight @ cross.t(), target, dim=1)
+    term += torch.linalg.vecdot(target @ own, target, dim=1)
+    return term.clamp_min_(0.0)

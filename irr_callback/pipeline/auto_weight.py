@@ -48,9 +48,8 @@ from ..report import IRRReport
 from ..targets import Target, targets_by_layer
 from .capture import propagate
 from .head import scored_logits
-from .hessians import collect_hessians
 from .inputs import SafetyInputs
-from .loop import LayerHook
+from .loop import LayerHook, solve_layer
 from .solve import GroupSolver
 from .streams import CALIBRATION, RETAIN, SAFETY, Stream
 from .writing import make_backup, write_weight
@@ -293,11 +292,11 @@ def held_out_losses(
     levels = ([0.0] if references else []) + list(candidates) + ([math.inf] if references else [])
     held_state = {c: [stream.copy() for stream in held.values()] for c in levels}
     train_state = {c: [s.copy(share_twin=True) for s in train] for c in candidates}
-    twins = [s.twin.copy() for s in train if s.twin is not None]
-    for c in candidates:  # the copies share one twin
+    twins = {s.name: s.twin.copy() for s in train if s.twin is not None}
+    for c in candidates:  # the copies share one twin per stream
         for stream in train_state[c]:
             if stream.twin is not None:
-                stream.twin = twins[0]
+                stream.twin = twins[stream.name]
     by_layer = targets_by_layer(targets)
     settings = config.realign_settings()
     for index in logging.tqdm(range(len(layers)), desc="IRR auto λ", disable=not progress):
@@ -313,18 +312,17 @@ def held_out_losses(
             backup = make_backup("cpu")
             try:
                 if layer_targets and c > 0:
-                    groups = collect_hessians(
-                        layer, layer_targets, train_state[c], index, device=device, reduce=dist_ctx.reduce_hessian
-                    )
                     trial = replace(settings, safety_weight=c, removal_error=False, fallback_to_removal=False)
                     solver = GroupSolver(inputs, trial, backup, IRRReport())  # no report errors: weights only
-                    dist_ctx.solve_layer(groups, solver)  # each backend's own solve and write, as in the real run
-                    del groups
+                    solve_layer(  # each backend's own solve and write, as in the real run
+                        layer, layer_targets, train_state[c], index, solver, dist_ctx,
+                        device=device, sequential=config.true_sequential,
+                    )  # fmt: skip
                 for stream in held_state[c] + train_state.get(c, []):
                     stream.propagate(layer, index, twin=False)
             finally:
                 dist_ctx.restore(backup)  # sharded weights: through each backend's gather
-        for twin in twins:  # the aligned weights: the same for every candidate
+        for twin in twins.values():  # the aligned (or fine-tuned) weights: the same for every candidate
             with twin.layer_context(index):
                 twin.hidden = propagate(layer, twin.hidden, twin.args[index])
         if drop_layer is not None:

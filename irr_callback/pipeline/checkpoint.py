@@ -172,6 +172,7 @@ def realign_checkpoint(
                         prefix, layers, targets, run_streams, GroupSolver(inputs, settings, make_backup("none"), report),
                         SingleProcess(), device=compute_device(config), load_layer=storage.load,
                         store_layer=storage.store, progress=progress, desc="IRR layers (offline)", rider=rider,
+                        sequential=config.true_sequential,
                     )  # fmt: skip
 
                 def put_back() -> None:  # the kept-first candidate was not chosen: its shards go, the streams again

@@ -36,8 +36,12 @@ def collect_hessians(
     device: torch.device | None = None,
     reduce: Callable[[HessianAccumulator], None] = lambda acc: None,
     stop_plan: dict | None = None,
+    first_group: bool = False,
+    stop_early: bool = False,
 ) -> list[GroupHessians]:
-    """Per group of `targets` (the ones fed the same input), H of every stream at decoder layer `index`."""
+    """Per group of `targets` (the ones fed the same input), H of every stream at decoder layer `index`.
+    `first_group`: only the group the layer calls first (`stop_early`: each run stops at the first target fed
+    another input; see `collect_paired`)."""
     merged: list[GroupHessians] = []
     for stream in streams:
         twin = stream.twin
@@ -53,6 +57,8 @@ def collect_hessians(
             twin=None
             if twin is None
             else (twin.hidden, twin.args[index], functools.partial(twin.layer_context, index)),
+            first_group=first_group,
+            stop_early=stop_early,
         )
         labelled = [
             (group, {stream.name: h, **{stream.name + k: v for k, v in extra.items()}}) for group, h, extra in groups
@@ -100,6 +106,8 @@ def collect_paired(
     reduce=lambda accumulator: None,
     stop_plan: dict | None = None,
     twin: tuple | None = None,
+    first_group: bool = False,
+    stop_early: bool = False,
 ) -> list[tuple[list[Target], tuple[torch.Tensor, int], dict[str, tuple[torch.Tensor, int]]]]:
     """Run one stream's batches through the unmodified layer; one (H, tokens) per distinct input.
 
@@ -114,7 +122,10 @@ def collect_paired(
     `twin` = (hidden, args, weights context factory): the aligned copy of the stream; each of its batches runs
     (in the context) right before the stream's own, its target inputs x_A are held until the stream's
     x_r of the same tokens arrive, and the third element of each result holds H_A ("_aligned") and
-    C = 2·Σ x_A x_rᵀ / n ("_cross"). Without a twin it is empty."""
+    C = 2·Σ x_A x_rᵀ / n ("_cross"). Without a twin it is empty.
+    `first_group` (`IRRConfig.true_sequential`): only the targets fed the same input as the first one the layer
+    calls; with `stop_early` (one process or DDP: no sharded forward to leave half done) every run of a batch stops
+    at the first call of a target fed another input, else it runs on without recording it."""
     device = device if device is not None else targets[0].weight.device
     accumulators: dict[int, HessianAccumulator] = {}
     representative: dict[int, int] = {}  # target -> the target whose accumulator it shares
@@ -123,12 +134,14 @@ def collect_paired(
     names = [relative.get(id(t.module)) for t in targets]
     key = tuple(sorted(str(n) for n in names))
     can_stop = stop_plan is not None and None not in names and not _has_offload_hooks(layer)
+    may_stop = stop_early and not _has_offload_hooks(layer)
     state = {
         "batch": 0,
         "stop_at": stop_plan.get(key) if can_stop else None,
         "calls": [0] * len(targets),
         "order": [],
         "aligned": False,
+        "anchor": None,  # first_group: the input of the first target called in this run
     }
     aligned_acc: dict[int, HessianAccumulator] = {}
     crosses: dict[int, CrossAccumulator] = {}
@@ -147,6 +160,13 @@ def collect_paired(
     def make_hook(k: int, target: Target):
         def hook(module, inputs):
             x = inputs[0]
+            if first_group:  # the group ends at the first target fed another input
+                if state["anchor"] is None:
+                    state["anchor"] = weakref.ref(x)
+                elif state["anchor"]() is not x:
+                    if may_stop:
+                        raise StopForward
+                    return  # sharded or offloaded weights: the forward runs to its end, unrecorded
             if state["aligned"]:  # the twin's run: hold the input until the stream's run of the batch
                 pending[k] = x.detach()
                 if names[k] == state["stop_at"] and state["batch"] > 0:
@@ -177,6 +197,7 @@ def collect_paired(
             state["batch"] = b
             if twin is not None:
                 _run_twin(layer, twin, b, state)
+            state["anchor"] = None
             try:
                 run_layer(layer, x, *args[b])
             except StopForward:
@@ -185,7 +206,7 @@ def collect_paired(
             if b == 0:
                 seen.clear()
                 for k, t in enumerate(targets):
-                    if k not in representative:
+                    if k not in representative and not (first_group and representative):
                         raise TargetError(f"{t.name}: the module was not called during the layer's forward pass")
                 if can_stop:  # every target called once: stop later passes at the last one
                     once = all(c == 1 for c in state["calls"])
@@ -194,7 +215,7 @@ def collect_paired(
     finally:
         for h in handles:
             h.remove()
-    groups = [(k, [i for i in range(len(targets)) if representative[i] == k]) for k in sorted(accumulators)]
+    groups = [(k, [i for i in range(len(targets)) if representative.get(i) == k]) for k in sorted(accumulators)]
     for k, _ in groups:
         reduce(accumulators[k])
     extras: dict[int, dict[str, tuple[torch.Tensor, int]]] = {k: {} for k, _ in groups}
@@ -217,7 +238,7 @@ def collect_paired(
 def _run_twin(layer: nn.Module, twin: tuple, b: int, state: dict) -> None:
     """Run the twin's batch `b` with its weights (the hooks hold its inputs for the stream's batch b)."""
     hidden, args, context = twin
-    state["aligned"] = True
+    state["aligned"], state["anchor"] = True, None
     try:
         with context():
             run_layer(layer, hidden[b], *args[b])

@@ -146,6 +146,7 @@ def realign(
                 run_layers(
                     prefix, layers, targets, run_streams, solver, dist_ctx,
                     device=compute_device(config), progress=progress, lowrank=lowrank, rider=rider,
+                    sequential=config.true_sequential,
                 )  # fmt: skip
 
             def put_back() -> None:
@@ -218,4 +219,8 @@ def build_streams(
     streams = [Stream(CALIBRATION, joined[CALIBRATION]), Stream(SAFETY, joined[SAFETY], twin=twin)]
     if RETAIN in joined:
         streams.append(Stream(RETAIN, joined[RETAIN]))
+    if config.task_term == "fine-tuned":  # each task-side stream's copy through the fine-tuned layers
+        for stream in streams:
+            if stream.name != SAFETY:
+                stream.twin = Stream(stream.name + "(fine-tuned)", stream.batches, entry=True)
     return streams, held_out

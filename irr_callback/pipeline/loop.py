@@ -2,8 +2,8 @@
 `realign_checkpoint` (one layer loaded from the checkpoint at a time).
 
 Per decoder layer: [load it] → H of every stream from one pass of the unmodified layer → solve and
-write every group of targets → propagate every stream through the realigned layer (NaN/Inf check on
-real tokens) → [write it back and drop it]. Loading and writing back are options of the loop, not a
+write every group of targets (`true_sequential`: a pass and a solve per group, in call order) → propagate
+every stream through the realigned layer (NaN/Inf check on real tokens) → [write it back and drop it]. Loading and writing back are options of the loop, not a
 second loop; so is a rider (`safety_weight="auto"`: held-out copies that score the weights being written).
 Only one layer's Hessians live on the compute device at a time.
 """
@@ -55,6 +55,7 @@ def run_layers(
     desc: str = "IRR layers",
     lowrank: AdapterFactors | None = None,
     rider: LayerRider | None = None,
+    sequential: bool = False,
 ) -> None:
     """Realign `layers` in order, from the captured `streams` (their `hidden` enter layer 0).
 
@@ -83,24 +84,15 @@ def run_layers(
         layer_targets = by_layer.get(index, [])
         if rider is not None:
             rider.before(index, layer)
+        more = index + 1 < len(layers)
         if layer_targets:
-            groups = collect_hessians(
-                layer,
-                layer_targets,
-                streams,
-                index,
-                device=device,
-                reduce=dist_ctx.reduce_hessian,
-                stop_plan=stop_plan,
-            )
-            release_free_memory()  # the pass's activations: the solves below start from a trimmed heap
-            if lowrank is not None:
-                lowrank.before(layer_targets)
-            dist_ctx.solve_layer(groups, solver)
-            if lowrank is not None:
-                lowrank.after(groups, solver.settings)
-            del groups
-            release_free_memory()  # the solver's buffers
+            solve_layer(
+                layer, layer_targets, streams, index, solver, dist_ctx, device=device, stop_plan=stop_plan,
+                lowrank=lowrank, sequential=sequential, entry_twins=more,
+            )  # fmt: skip
+        elif more:
+            for stream in streams:
+                stream.propagate_entry_twin(layer, index)
         if rider is not None:
             rider.after(index, layer)
         if index + 1 < len(layers):
@@ -116,6 +108,55 @@ def run_layers(
         if store_layer is not None:
             store_layer(index, layer)
         release_free_memory()
+
+
+def solve_layer(
+    layer: nn.Module,
+    layer_targets: list[Target],
+    streams: Sequence[Stream],
+    index: int,
+    solver: GroupSolver,
+    dist_ctx: SingleProcess,
+    *,
+    device: torch.device | None = None,
+    stop_plan: dict | None = None,
+    lowrank: AdapterFactors | None = None,
+    sequential: bool = False,
+    entry_twins: bool = False,
+) -> None:
+    """Solve and write every group of one layer's targets. One pass of the unmodified layer gives every group's H;
+    `sequential` (`IRRConfig.true_sequential`): a pass per group instead, in the order the layer calls them, so that
+    each group's inputs come from the layer with the groups before it already realigned (o_proj then sees the
+    realigned q/k/v's attention, down_proj the realigned gate/up). `entry_twins`: the streams' fine-tuned twins go
+    through the layer after its first pass, before anything is written."""
+    remaining = list(layer_targets)
+    while remaining:
+        groups = collect_hessians(
+            layer,
+            remaining,
+            streams,
+            index,
+            device=device,
+            reduce=dist_ctx.reduce_hessian,
+            stop_plan=None if sequential else stop_plan,
+            first_group=sequential,
+            stop_early=dist_ctx.stop_capture_early,
+        )
+        release_free_memory()  # the pass's activations: the solves below start from a trimmed heap
+        if entry_twins:
+            for stream in streams:  # fine-tuned twins: through the layer before the first solve writes
+                stream.propagate_entry_twin(layer, index)
+            entry_twins = False
+        solved = [t for group, _ in groups for t in group]
+        if lowrank is not None:
+            lowrank.before(solved)
+        dist_ctx.solve_layer(groups, solver)
+        if lowrank is not None:
+            lowrank.after(groups, solver.settings)
+        del groups
+        release_free_memory()  # the solver's buffers
+        names = {t.name for t in solved}
+        remaining = [t for t in remaining if t.name not in names]
 
 
 def with_twins(streams: Sequence[Stream]) -> list[Stream]:

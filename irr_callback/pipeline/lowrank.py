@@ -15,9 +15,10 @@ import torch
 
 from ..core import RealignSettings
 from ..core.lowrank import LowRankFactors, rank_constrained_group
-from ..core.realign import SafetyTerms
+from ..core.realign import SafetyTerms, fine_tuned_totals
 from ..targets import Target
 from .hessians import GroupHessians
+from .solve import fine_tuned_terms
 from .streams import ALIGNED, CALIBRATION, CROSS, RETAIN, SAFETY
 
 
@@ -103,6 +104,9 @@ def _safety_terms(hessians, settings: RealignSettings, bases: list[torch.Tensor]
     """The safety stream's matrices as the group solver hands them to the solve (none when λ = 0)."""
     if not settings.safety_weight or SAFETY not in hessians:
         return None
+    paired = (None, None)
+    if CALIBRATION + CROSS in hessians:  # task_term="fine-tuned": summed as the solver sums them
+        paired = fine_tuned_totals(fine_tuned_terms(hessians, settings), settings)
     if SAFETY + CROSS not in hessians:
-        return SafetyTerms(hessians[SAFETY][0])
-    return SafetyTerms(hessians[SAFETY][0], bases, hessians[SAFETY + CROSS][0], hessians[SAFETY + ALIGNED][0])
+        return SafetyTerms(hessians[SAFETY][0], bases if paired[0] is not None else None, None, None, *paired)
+    return SafetyTerms(hessians[SAFETY][0], bases, hessians[SAFETY + CROSS][0], hessians[SAFETY + ALIGNED][0], *paired)

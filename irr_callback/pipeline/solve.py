@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..core import ModuleStats, RealignSettings, realign_group
-from ..core.realign import row_spans
+from ..core.realign import FineTunedTerms, row_spans
 from ..report import IRRReport
 from ..targets import Target
 from .inputs import SafetyInputs
@@ -94,13 +94,13 @@ class GroupSolver:
         if not settings.safety_weight or SAFETY not in hessians:
             return terms
         terms["safety_hessian"] = hessians[SAFETY][0]
+        spans = [local[k][1] if local is not None else None for k in range(len(group))]
+        if SAFETY + CROSS in hessians or CALIBRATION + CROSS in hessians:
+            terms["bases"] = [self.inputs.base_weight(t, device, dtype, rows=r) for t, r in zip(group, spans)]
         if SAFETY + CROSS in hessians:
-            spans = [local[k][1] if local is not None else None for k in range(len(group))]
-            terms.update(
-                safety_cross=hessians[SAFETY + CROSS][0],
-                aligned_hessian=hessians[SAFETY + ALIGNED][0],
-                bases=[self.inputs.base_weight(t, device, dtype, rows=r) for t, r in zip(group, spans)],
-            )
+            terms.update(safety_cross=hessians[SAFETY + CROSS][0], aligned_hessian=hessians[SAFETY + ALIGNED][0])
+        if CALIBRATION + CROSS in hessians:  # task_term="fine-tuned": the fine-tuned twins' pairs
+            terms["fine_tuned"] = fine_tuned_terms(hessians, settings)
         return terms
 
     def write(self, group: list[Target], results, hessians: StreamHessians, *, local: LocalRows | None = None) -> None:
@@ -125,6 +125,17 @@ class GroupSolver:
     @staticmethod
     def _num_rows(t: Target, local: LocalRows | None, k: int) -> int:
         return t.out_in_shape[0] if local is None else local[k][0].shape[0]
+
+
+def fine_tuned_terms(hessians: StreamHessians, settings: RealignSettings) -> FineTunedTerms:
+    """The calibration (and, with a retain term, the retain) stream's pairs with its fine-tuned twin."""
+    retain = settings.retain_weight != 0 and RETAIN + CROSS in hessians
+    return FineTunedTerms(
+        hessians[CALIBRATION + CROSS][0],
+        hessians[CALIBRATION + ALIGNED][0],
+        hessians[RETAIN + CROSS][0] if retain else None,
+        hessians[RETAIN + ALIGNED][0] if retain else None,
+    )
 
 
 def group_dtype(group: list[Target]) -> torch.dtype:

@@ -51,7 +51,8 @@ class Stream:
     args: list[list[tuple[tuple, dict, bool]]] = field(default_factory=list)
     masks: list[torch.Tensor] = field(default_factory=list)
     weights: WeightsContext | None = None  # runs of layer `index` use other weights (the aligned twin)
-    twin: Stream | None = None  # the same batches through the aligned weights
+    twin: Stream | None = None  # the same batches through the aligned weights (or, `entry`, the fine-tuned ones)
+    entry: bool = False  # a twin that runs through each layer as it entered the loop: propagated before the solve
 
     def capture(self, model: nn.Module, layers: nn.ModuleList, *, stubs: bool) -> None:
         """Record the layer-0 inputs and every layer's arguments (`stubs`: layers replaced by identities)."""
@@ -77,7 +78,13 @@ class Stream:
         (`twin`) its aligned twin's through the aligned weights."""
         with self.layer_context(index):
             self.hidden = propagate(layer, self.hidden, self.args[index])
-        if twin and self.twin is not None:
+        if twin and self.twin is not None and not self.twin.entry:
+            self.twin.propagate(layer, index)
+
+    def propagate_entry_twin(self, layer: nn.Module, index: int) -> None:
+        """A fine-tuned twin's next inputs: its batches through layer `index` as it entered the loop (call it
+        before the layer's solve writes)."""
+        if self.twin is not None and self.twin.entry:
             self.twin.propagate(layer, index)
 
     def release(self) -> None:
@@ -91,7 +98,9 @@ class Stream:
         """A stream with its own hidden-state list (tensors shared until replaced): for trial runs.
         `share_twin`: the copy keeps the same twin object (its states do not depend on the trial)."""
         twin = self.twin if share_twin or self.twin is None else self.twin.copy()
-        return Stream(self.name, self.batches, list(self.hidden), self.args, self.masks, self.weights, twin)
+        return Stream(
+            self.name, self.batches, list(self.hidden), self.args, self.masks, self.weights, twin, self.entry
+        )
 
     def subset(self, indices: list[int]) -> Stream:
         """The batches at `indices` only (their hidden states, arguments and masks)."""
@@ -104,6 +113,7 @@ class Stream:
             [self.masks[i] for i in indices],
             self.weights,
             twin,
+            self.entry,
         )
 
 

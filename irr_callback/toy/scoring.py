@@ -143,6 +143,24 @@ for _lam, _rho in ((0.2, 1.0), (0.2, 3.0), (0.3, 3.0)):
     )
 register(
     Setting(
+        "recommended-fine-tuned-task",
+        lambda: IRRConfig.recommended(task_term="fine-tuned"),
+        ("calibration", "safety", "retain"),
+        description="recommended with task_term='fine-tuned': the task and retain terms target the fine-tuned "
+        "model's outputs on its own activations (issue 19's ninth round)",
+    )
+)
+register(
+    Setting(
+        "recommended-true-sequential",
+        lambda: IRRConfig.recommended(true_sequential=True),
+        ("calibration", "safety", "retain"),
+        description="recommended with true_sequential=True: a pass per group of targets, each from the layer with the "
+        "groups before it realigned (issue 19's ninth round)",
+    )
+)
+register(
+    Setting(
         "delta-auto",
         lambda: IRRConfig.recommended(safety_term="delta", retain_weight=0.0),
         description="recommended with the delta safety term",

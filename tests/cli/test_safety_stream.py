@@ -90,13 +90,23 @@ def test_apply_with_only_safety_data_is_the_recommended_preset_and_matches_libra
 
 def test_apply_fixed_weight_low_memory_equals_in_memory_and_unaligned_is_ignored_by_recommended(ckpts, tmp_path):  # noqa: F811
     paths, _ = ckpts
-    fixed = ["--safety_weight", "0.3", "--safety_tokens", "response", "--retain_weight", "0"]
+    fixed = [
+        "--safety_weight",
+        "0.3",
+        "--safety_tokens",
+        "response",
+        "--retain_weight",
+        "0",
+        "--task_term",
+        "fine-tuned",
+    ]
     assert _apply(paths, tmp_path / "mem", *fixed) == 0
     assert _apply(paths, tmp_path / "low", *fixed, "--low-memory") == 0
     torch.testing.assert_close(_tensor(tmp_path / "low"), _tensor(tmp_path / "mem"), rtol=0, atol=0)
     report = json.loads((tmp_path / "low" / "irr_report.json").read_text())
     assert report["setting"] == "safety-regularised" and report["safety_weight"] == 0.3 and "auto" not in report
     assert report["config"]["safety_tokens"] == "response" and report["extra"]["preset"] == "recommended"
+    assert report["config"]["task_term"] == "fine-tuned"
     # --preset recommended with an unaligned model: the preset reads no safety vector (same weights)
     assert _apply(paths, tmp_path / "rec", *fixed, "--unaligned", paths["unaligned"], "--preset", "recommended") == 0
     torch.testing.assert_close(_tensor(tmp_path / "rec"), _tensor(tmp_path / "mem"), rtol=0, atol=0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from irr_callback.core import realign_matrix
+from irr_callback.core.realign import FineTunedTerms
 
 from .test_math import literal_irr, make_case
 from .test_regularised import literal_regularised
@@ -180,3 +181,86 @@ def test_retain_term_keeps_the_fine_tuned_layer_on_retain_inputs():
 def test_bad_retain_input_is_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         realign_matrix(torch.randn(4, 6), torch.randn(4, 6), None, torch.eye(6), **kwargs)
+
+
+def fine_tuned_pairs(x_d, x_r, seed=9):
+    """Each task-side stream's inputs in the fine-tuned model (drifted from the realigned model's), and the pairs."""
+    g = torch.Generator().manual_seed(seed)
+    x_fd = x_d + 0.2 * torch.randn(x_d.shape, generator=g, dtype=torch.float64)
+    x_fr = x_r + 0.2 * torch.randn(x_r.shape, generator=g, dtype=torch.float64)
+    terms = FineTunedTerms(
+        2 * x_fd.t() @ x_d / x_d.shape[0], gram(x_fd), 2 * x_fr.t() @ x_r / x_r.shape[0], gram(x_fr)
+    )
+    return x_fd, x_fr, terms
+
+
+@pytest.mark.parametrize("retain", [0.0, 0.7])
+@pytest.mark.parametrize("weight", [0.3, 2.0])
+def test_fine_tuned_target_equals_stacked_least_squares(retain, weight):
+    """`task_term="fine-tuned"`: ‖W′X_d − W_F X_F‖² (+ ρ‖W′X_r − W_F X_Fr‖²) against lstsq on the stacked rows, and
+    the reported task term is that literal value (not ‖Δ′ − Δ‖²_H)."""
+    delta, _, _, _ = make_case(rows=5, cols=12, seed=4)
+    x_d, x_r, x_s, x_a, w_a = streams()
+    x_fd, x_fr, terms = fine_tuned_pairs(x_d, x_r)
+    ours, stats = realign_matrix(
+        delta, None, None, gram(x_d), mode="none", percdamp=0.0, ridge=0.1, safety_weight=weight,
+        safety_hessian=gram(x_s), base=w_a, safety_cross=2 * x_a.t() @ x_s / x_s.shape[0], aligned_hessian=gram(x_a),
+        retain_weight=retain, retain_hessian=gram(x_r), fine_tuned=terms,
+    )  # fmt: skip
+    eps = 0.1 * float(torch.diag(gram(x_d) + retain * gram(x_r)).mean())
+    c_d, c_r, c_s = (2 / x_d.shape[0]) ** 0.5, (2 * retain / x_r.shape[0]) ** 0.5, (2 * weight / x_s.shape[0]) ** 0.5
+    design = torch.cat([c_d * x_d, c_r * x_r, eps**0.5 * torch.eye(12, dtype=torch.float64), c_s * x_s])
+    rows = []
+    for d, a in zip(delta, w_a):  # unknown: the row's Δ′ = x, W′ = a + x; W_F = a + d
+        f = a + d
+        target = torch.cat(
+            [c_d * (x_fd @ f - x_d @ a), c_r * (x_fr @ f - x_r @ a), eps**0.5 * d, c_s * (x_a @ a - x_s @ a)]
+        )
+        rows.append(torch.linalg.lstsq(design, target.unsqueeze(1), driver="gelsd").solution[:, 0])
+    ref = torch.stack(rows)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-8)
+    new, fine = w_a + ref, w_a + delta
+    task = (
+        c_d**2 * ((x_d @ new.t() - x_fd @ fine.t()) ** 2).sum()
+        + c_r**2 * ((x_r @ new.t() - x_fr @ fine.t()) ** 2).sum()
+    )
+    assert stats.error_recalibrated == pytest.approx(float(task), rel=1e-7)
+
+
+def test_fine_tuned_target_without_drift_is_the_delta_task_term():
+    """When the realigned model's inputs are still the fine-tuned model's (C_d = H_d = H_F), the term is
+    ‖(Δ′ − Δ)X_d‖²: the same solve as without it."""
+    delta, _, _, _ = make_case(rows=5, cols=12, seed=4)
+    x_d, x_r, x_s, x_a, w_a = streams()
+    common = dict(
+        mode="none", percdamp=0.01, ridge=0.1, safety_weight=0.5, safety_hessian=gram(x_s), base=w_a,
+        safety_cross=2 * x_a.t() @ x_s / x_s.shape[0], aligned_hessian=gram(x_a), retain_weight=0.7,
+        retain_hessian=gram(x_r),
+    )  # fmt: skip
+    plain, _ = realign_matrix(delta, None, None, gram(x_d), **common)
+    same = FineTunedTerms(gram(x_d), gram(x_d), gram(x_r), gram(x_r))
+    paired, _ = realign_matrix(delta, None, None, gram(x_d), fine_tuned=same, **common)
+    torch.testing.assert_close(paired, plain, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["sign", "random"])
+def test_fine_tuned_target_with_a_mask_is_the_masked_sweep_from_its_optimum(mode):
+    """With a removal mask the sweep starts from the fine-tuned target's unconstrained optimum Δ̃ under the same H:
+    it keeps Δ′ = 0 on the mask, and with nothing drifted it is the delta term's masked solve."""
+    delta, safety, _, _ = make_case(rows=5, cols=12, seed=6)
+    x_d, x_r, x_s, x_a, w_a = streams(seed=6)
+    _, _, drifted = fine_tuned_pairs(x_d, x_r)
+    kwargs = dict(
+        mode=mode, safety_weight=0.5, safety_hessian=gram(x_s), base=w_a, safety_cross=2 * x_a.t() @ x_s / x_s.shape[0],
+        aligned_hessian=gram(x_a), retain_weight=0.7, retain_hessian=gram(x_r), fallback_to_removal=False,
+        **(dict(remove_ratio=0.4) if mode == "random" else {}),
+    )  # fmt: skip
+    plain, plain_stats = realign_matrix(delta, safety, None, gram(x_d), **kwargs)
+    same = FineTunedTerms(gram(x_d), gram(x_d), gram(x_r), gram(x_r))
+    undrifted, _ = realign_matrix(delta, safety, None, gram(x_d), fine_tuned=same, **kwargs)
+    torch.testing.assert_close(undrifted, plain, rtol=1e-7, atol=1e-9)
+    moved, stats = realign_matrix(delta, safety, None, gram(x_d), fine_tuned=drifted, **kwargs)
+    assert stats.removed > 0 and plain_stats.removed > 0  # the sign mask follows the sweep: counts may differ
+    assert not torch.allclose(moved, plain)
+    removed = (moved == 0) & (delta != 0)
+    assert int(removed.sum()) >= stats.removed

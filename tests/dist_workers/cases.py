@@ -96,12 +96,18 @@ SAFETY_BATCHES = 6
 
 
 def safety_case(
-    weight, retain: bool = False, model_fn=None, put_back: bool = False
+    weight,
+    retain: bool = False,
+    model_fn=None,
+    put_back: bool = False,
+    task_term: str = "delta",
+    sequential: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """The recommended setting (aligned twin, no sign mask) at λ = `weight` (or 'auto'); `retain`: with a retain
     stream (retain_weight 1); `model_fn`: the fine-tuned model sharded (FSDP2, FSDP1, ZeRO-3) or left as it is
     (one process, DDP); `put_back`: no candidate passes, so the smallest one, written as the run, is put back
-    through the backend and the search goes on (`AUTO_KEEP_FIRST`)."""
+    through the backend and the search goes on (`AUTO_KEEP_FIRST`); `task_term`: "fine-tuned" adds the calibration
+    and retain streams' fine-tuned twins; `sequential`: a pass of each layer per group (`true_sequential`)."""
     from unittest import mock
 
     from irr_callback.pipeline import auto_weight
@@ -116,7 +122,13 @@ def safety_case(
             calibration=calibration(**SAFETY_CALIBRATION),
             safety_calibration=safety_batches(n=SAFETY_BATCHES),
             retain_calibration=safety_batches(n=SAFETY_BATCHES, seed=19) if retain else None,
-            config=IRRConfig.recommended(safety_weight=weight, retain_weight=1.0 if retain else 0.0, **CONFIG),
+            config=IRRConfig.recommended(
+                safety_weight=weight,
+                retain_weight=1.0 if retain else 0.0,
+                task_term=task_term,
+                true_sequential=sequential,
+                **CONFIG,
+            ),
             progress=False,
         )
     _, _, targets = find_targets(model)

@@ -43,6 +43,20 @@ CASES = {
     "zero3_safety_auto_put_back": lambda: cases.safety_case(
         "auto", model_fn=lambda m: cases.zero3_engine(m).module, put_back=True
     ),
+    "fine_tuned_task": lambda: cases.safety_case("auto", retain=True, put_back=True, task_term="fine-tuned"),
+    "fsdp2_fine_tuned_task": lambda: cases.safety_case(
+        "auto", retain=True, model_fn=cases.fsdp2_shard, put_back=True, task_term="fine-tuned"
+    ),
+    "zero3_fine_tuned_task": lambda: cases.safety_case(
+        "auto", retain=True, model_fn=lambda m: cases.zero3_engine(m).module, put_back=True, task_term="fine-tuned"
+    ),
+    "true_sequential": lambda: cases.safety_case("auto", retain=True, put_back=True, sequential=True),
+    "fsdp2_true_sequential": lambda: cases.safety_case(
+        "auto", retain=True, model_fn=cases.fsdp2_shard, put_back=True, sequential=True
+    ),
+    "zero3_true_sequential": lambda: cases.safety_case(
+        "auto", retain=True, model_fn=lambda m: cases.zero3_engine(m).module, put_back=True, sequential=True
+    ),
     "filter_auto": lambda: cases.filter_case(),
     "fsdp2_filter_auto": lambda: cases.filter_case(model_fn=cases.fsdp2_shard),
     "zero3_filter_auto": lambda: cases.filter_case(model_fn=lambda m: cases.zero3_engine(m).module),

@@ -32,6 +32,8 @@ ZERO3_CASES = [
     "zero3_safety_auto",
     "zero3_filter_auto",
     "zero3_safety_auto_put_back",
+    "zero3_fine_tuned_task",
+    "zero3_true_sequential",
 ]
 CASES = [
     "trainer",
@@ -46,6 +48,10 @@ CASES = [
     "fsdp2_safety_auto",
     "safety_auto_put_back",
     "fsdp2_safety_auto_put_back",
+    "fine_tuned_task",
+    "fsdp2_fine_tuned_task",
+    "true_sequential",
+    "fsdp2_true_sequential",
     "filter_auto",
     "fsdp2_filter_auto",
     "fsdp1",
@@ -219,6 +225,32 @@ def test_a_kept_first_candidate_put_back_two_processes_equals_one(two_ranks, bac
     assert extras[0]["kept"] is extras[1]["kept"] is totals["kept"] is False
     assert extras[0]["candidates"] == totals["candidates"] and len(totals["candidates"]) > 1
     assert extras[0]["safety_weight"] == totals["safety_weight"] and extras[0]["modules"] == totals["modules"]
+    for k, v in expected.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", ["fine_tuned_task", "true_sequential"])
+@pytest.mark.parametrize("backend", ["ddp", "fsdp2", "zero3"])
+def test_objective_options_two_processes_equal_one(two_ranks, backend, option):
+    """With the retain stream, the kept-first candidate put back and trial passes. `task_term="fine-tuned"`: the
+    calibration and retain streams' fine-tuned twins split across ranks, run through each layer before its solve
+    (a collective forward under FSDP2 and ZeRO-3), their pairs reduced like H_d. `true_sequential`: a collective
+    pass of the layer per group, the groups before it written through the backend. One process's λ and weights."""
+    if backend == "zero3" and not DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[test]' installs it)")
+    ranks, extras = two_ranks(BACKENDS[backend] + option)
+    expected, totals = cases.safety_case(
+        "auto",
+        retain=True,
+        put_back=True,
+        task_term="fine-tuned" if option == "fine_tuned_task" else "delta",
+        sequential=option == "true_sequential",
+    )
+    assert_identical_ranks(ranks)
+    assert extras[0]["kept"] is totals["kept"] is False and len(totals["candidates"]) > 1
+    assert extras[0]["candidates"] == totals["candidates"] and extras[0]["safety_weight"] == totals["safety_weight"]
+    for got, want in zip(extras[0]["losses"], totals["losses"]):
+        assert got == pytest.approx(want, rel=1e-4)
     for k, v in expected.items():
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-4, atol=1e-5)
 

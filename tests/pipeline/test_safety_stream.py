@@ -191,12 +191,17 @@ def test_auto_chooses_the_smallest_weight_that_restores_the_safety_loss():
     assert weight == 0.3 and not table["passing"]
 
 
-@pytest.mark.parametrize("term", ["aligned", "delta"])
-def test_offline_equals_in_memory_with_the_safety_stream(tmp_path, term):
+#: objective options on top of a safety term: the fine-tuned twins (task_term) and a pass per group (true_sequential)
+OPTIONS = {"": {}, "fine-tuned task": {"task_term": "fine-tuned"}, "true sequential": {"true_sequential": True}}
+
+
+@pytest.mark.parametrize("term,option", [("aligned", ""), ("delta", ""), ("aligned", "fine-tuned task"),
+                                         ("aligned", "true sequential")])  # fmt: skip
+def test_offline_equals_in_memory_with_the_safety_stream(tmp_path, term, option):
     base, ft, _ = triple("llama")
     ft.save_pretrained(tmp_path / "ft")
     base.save_pretrained(tmp_path / "base")
-    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term)
+    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term, **OPTIONS[option])
     cal = calibration(n=16, length=10)
     report = realign_checkpoint(
         str(tmp_path / "ft"),
@@ -337,14 +342,17 @@ def test_auto_needs_two_batches_of_each_stream():
         run(IRRConfig.recommended(calibration_batch_size=16), safety=safety_rows(n=8))
 
 
-@pytest.mark.parametrize("term", ["aligned", "delta"])
-def test_lora_adapter_equals_its_merged_model(term):
+@pytest.mark.parametrize("term,option", [("aligned", ""), ("delta", ""), ("aligned", "fine-tuned task"),
+                                         ("aligned", "true sequential")])  # fmt: skip
+def test_lora_adapter_equals_its_merged_model(term, option):
     """A PeftModel is realigned like its merged dense model with the base as `base`: the aligned twin
-    of a LoRA layer uses the frozen weight as it was before the layer's solve overwrote it."""
+    of a LoRA layer uses the frozen weight as it was before the layer's solve overwrote it; a fine-tuned twin runs
+    the layer with its adapter on (before the solve switches it off); with a pass per group, the later passes run
+    the earlier groups realigned (their adapters off)."""
     base, _, _ = triple("llama", layers=3)
     lora = random_lora(base)
     dense = copy.deepcopy(lora).merge_and_unload()
-    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term)
+    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term, **OPTIONS[option])
     realign(lora, calibration=calibration(n=16, length=10), safety_calibration=safety_rows(), config=cfg)
     realign(dense, base=base, calibration=calibration(n=16, length=10), safety_calibration=safety_rows(), config=cfg)
     merged = lora.merge_and_unload()
@@ -352,7 +360,9 @@ def test_lora_adapter_equals_its_merged_model(term):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("term", ["aligned", "delta", "aligned + retain"])
+@pytest.mark.parametrize(
+    "term", ["aligned", "delta", "aligned + retain", "aligned + fine-tuned task + retain", "aligned + true sequential"]
+)
 def test_lora_adapter_factors_solve_the_objective_the_solver_solved(term):
     """The adapter step rebuilds the group's objective from the layer's streams (H_d, H_s, C, H_A, W_A): at full
     rank its optimum is the solver's Δ′ exactly (same objective), at the trained rank it is the exact
@@ -362,7 +372,13 @@ def test_lora_adapter_factors_solve_the_objective_the_solver_solved(term):
 
     base, _, _ = triple("llama", layers=2)
     retain = term.endswith("retain")
-    cfg = IRRConfig.recommended(safety_weight=0.5, safety_term=term.split()[0], retain_weight=0.7 if retain else 0.0)
+    cfg = IRRConfig.recommended(
+        safety_weight=0.5,
+        safety_term=term.split()[0],
+        retain_weight=0.7 if retain else 0.0,
+        task_term="fine-tuned" if "fine-tuned" in term else "delta",
+        true_sequential="sequential" in term,
+    )
     extra = {"retain_calibration": calibration(n=16, length=10, seed=3)} if retain else {}
     found = {}
     for rank in (None, 10_000):
