@@ -176,7 +176,7 @@ def test_rule_sweep_replays_another_candidate_set(lambda_path, tmp_path, capsys)
 
 
 def test_rule_sweep_floor_drops_rules_that_give_up_the_tails(lambda_path, tmp_path, capsys):
-    """--floor: a rule that meets more worlds but leaves one under the floor (here the candidate set that takes
+    """--floor: a rule that meets more worlds but leaves one under the floor (here the candidate sets that take
     λ = 0.2, whose new task is 0.75×) is not ranked."""
     import suite_rule_sweep
 
@@ -197,4 +197,5 @@ def test_rule_sweep_floor_drops_rules_that_give_up_the_tails(lambda_path, tmp_pa
     assert "candidates=(0.05, 0.2, 0.5), smallest_first=True | 1 | 1 (1/0)" in capsys.readouterr().out  # unfiltered
     assert suite_rule_sweep.main([str(path), "--fix", *fixed, "--floor", "0.8"]) == 0
     out = capsys.readouterr().out
-    assert "3 of 4 rules keep the tails" in out and "candidates=(0.05, 0.2, 0.5)" not in out
+    assert "3 of 5 rules keep the tails" in out
+    assert "candidates=(0.05, 0.2, 0.5)" not in out and "candidates=(0.2, 0.5, 2.0)" not in out
