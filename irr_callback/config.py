@@ -47,6 +47,8 @@ class IRRConfig:
         calibration_filter: drop the calibration rows whose prompt the aligned model refuses.
         retain_weight, retain_dataset (+ columns, num_retain_samples, retain_max_new_tokens): the retain stream
         of general prompts that keeps what the model could already do.
+        true_sequential, task_term: options of the layer loop and the task term, off by default
+        (docs/safety-weight.md, "Round 9").
 
     Args (calibration):
         num_calibration_samples, calibration_max_length, calibration_loss_tokens_only, calibration_answer_weight,
